@@ -1,0 +1,110 @@
+"""The console adapter: a terminal chat with the relay, one line in, the answer out."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import stat
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TextIO
+
+from bridge.messages import Inbound, Outbound, OutboundKind
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "console"
+
+
+class ConsoleAdapter:
+    """Reads questions from a stream (stdin) and prints the answers; end of input ends it."""
+
+    name = "console"
+
+    def __init__(
+        self,
+        on_message: Callable[[Inbound], Awaitable[object]],
+        *,
+        stdin: TextIO | None = None,
+        stdout: TextIO | None = None,
+        user: str = "you",
+    ) -> None:
+        self._on_message = on_message
+        self._stdin = stdin or sys.stdin
+        self._stdout = stdout or sys.stdout
+        self._user = user
+        # Message ids must be unique across runs: the dedupe store outlives the process.
+        self._ids = (f"{time.time_ns()}-{n}" for n in itertools.count(1))
+        self._reader_task: asyncio.Task[None] | None = None
+        self.finished = asyncio.Event()  # set at end of input
+
+    async def start(self) -> None:
+        self._reader_task = asyncio.get_running_loop().create_task(self._read_loop(), name="console-reader")
+
+    async def stop(self) -> None:
+        if self._reader_task is not None and not self._reader_task.done():
+            self._reader_task.cancel()
+            await asyncio.gather(self._reader_task, return_exceptions=True)
+
+    async def send(self, outbound: Outbound) -> list[str]:
+        prefix = "bot" if outbound.kind is OutboundKind.ANSWER else "bot (notice)"
+        for part in outbound.parts:
+            self._stdout.write(f"{prefix}> {part}\n")
+        self._stdout.flush()
+        return [next(self._ids) for _ in outbound.parts]
+
+    @asynccontextmanager
+    async def working(self, inbound: Inbound) -> AsyncIterator[None]:
+        yield
+
+    async def _read_loop(self) -> None:
+        try:
+            async for line in _lines(self._stdin):
+                text = line.strip()
+                if not text:
+                    continue
+                inbound = Inbound(
+                    platform="console",
+                    workspace="",
+                    channel=CHANNEL,
+                    message_id=next(self._ids),
+                    author_id=self._user,
+                    author_name=self._user,
+                    text=text,
+                    is_dm=True,
+                )
+                # Answer in order, like a person typing one question after another.
+                await self._on_message(inbound)
+        finally:
+            self.finished.set()
+
+
+async def _lines(stream: TextIO) -> AsyncIterator[str]:
+    """Lines of a stream without blocking the loop and without a thread."""
+    mode = os.fstat(stream.fileno()).st_mode if _has_fileno(stream) else 0
+    if not mode or stat.S_ISREG(mode):
+        # Regular files (and in-memory streams) never block: read them directly.
+        for line in stream:
+            yield line
+            await asyncio.sleep(0)
+        return
+    reader = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stream)
+    try:
+        while line_bytes := await reader.readline():
+            yield line_bytes.decode("utf-8", errors="replace")
+    finally:
+        transport.close()
+
+
+def _has_fileno(stream: TextIO) -> bool:
+    try:
+        stream.fileno()
+    except (OSError, ValueError, AttributeError):
+        return False
+    return True

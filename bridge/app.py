@@ -1,0 +1,130 @@
+"""Wires config, state, InsiteChat clients, the relay, the adapters and the web server into one loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TextIO
+
+from aiohttp import web
+
+from adapters.base import Adapter
+from adapters.console import ConsoleAdapter
+from bridge.clock import Clock, SystemClock
+from bridge.config import Settings
+from bridge.insitechat import InsiteChatClient, RetryPolicy
+from bridge.limiter import SlidingWindowLimiter
+from bridge.relay import Relay
+from bridge.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+
+def build_clients(settings: Settings, clock: Clock) -> dict[str, InsiteChatClient]:
+    """One client and one limiter per API key: the upstream limit is per key, whatever the chatbot."""
+    ic = settings.insitechat
+    return {
+        name: InsiteChatClient(
+            ic.base_url,
+            key,
+            limiter=SlidingWindowLimiter(ic.rate_limit, ic.rate_window, clock=clock),
+            clock=clock,
+            policy=RetryPolicy(deadline=ic.deadline),
+            timeout=ic.timeout,
+            name=name,
+        )
+        for name, key in ic.all_keys.items()
+    }
+
+
+class BridgeApp:
+    """The running bridge: start everything, run until told to stop, stop everything once."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        store: Store | None = None,
+        console_in: TextIO | None = None,
+        console_out: TextIO | None = None,
+        grace: float = 10.0,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.store = store or open_store(settings.state.sqlite, clock=self.clock)
+        self.clients = build_clients(settings, self.clock)
+        self.relay = Relay(settings, self.store, self.clients, clock=self.clock)
+        self.grace = grace
+        self.adapters: list[Adapter] = []
+        self.console: ConsoleAdapter | None = None
+        if settings.console is not None and settings.console.enabled:
+            # The console awaits each answer (one line after another); submit() keeps the
+            # answer visible to drain() so a shutdown lets it finish.
+            self.console = ConsoleAdapter(self.relay.submit, stdin=console_in, stdout=console_out)
+            self.adapters.append(self.console)
+        self.web = web.Application()
+        self.web.router.add_get("/healthz", self._healthz)
+        # Platform adapters are imported only when configured: each pulls in a large SDK.
+        if settings.slack is not None:
+            from adapters.slack import SlackAdapter
+
+            self.adapters.append(SlackAdapter(settings, self.relay.submit, web=self.web, store=self.store, clock=self.clock))
+        if settings.discord is not None:
+            from adapters.discord_bot import DiscordAdapter
+
+            self.adapters.append(DiscordAdapter(settings, self.relay.submit, web=self.web, store=self.store, clock=self.clock))
+        self._runner: web.AppRunner | None = None
+        self.server_url = ""
+        self.stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        for adapter in self.adapters:
+            self.relay.register(adapter)
+        await self._start_server()
+        started: list[Adapter] = []
+        try:
+            for adapter in self.adapters:
+                await adapter.start()
+                started.append(adapter)
+                log.info("%s adapter started", adapter.name)
+        except BaseException:
+            for adapter in reversed(started):
+                await adapter.stop()
+            raise
+        if self.console is not None and self.settings.platforms == ["console"]:
+            # A console-only bridge (the sandbox) ends with its input.
+            asyncio.get_running_loop().create_task(self._stop_at_end_of_input(self.console))
+
+    async def _start_server(self) -> None:
+        self._runner = web.AppRunner(self.web, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.server.host, self.settings.server.port)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []  # the real port when listening on :0
+        port = sockets[0].getsockname()[1] if sockets else self.settings.server.port
+        self.server_url = f"http://{self.settings.server.host}:{port}"
+        log.info("web server listening on %s", self.server_url)
+
+    async def _stop_at_end_of_input(self, console: ConsoleAdapter) -> None:
+        await console.finished.wait()
+        log.info("end of input: stopping")
+        self.stopped.set()
+
+    async def stop(self) -> None:
+        """Stop taking messages, let answers in flight finish within the grace period, close all."""
+        await self.relay.drain(self.grace)
+        for adapter in reversed(self.adapters):
+            try:
+                await adapter.stop()
+            except Exception:
+                log.exception("stopping the %s adapter failed", adapter.name)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for client in self.clients.values():
+            await client.aclose()
+        await self.store.close()
+        self.stopped.set()
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})

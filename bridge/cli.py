@@ -1,0 +1,348 @@
+"""The insitechat-bridge command line: run, check, chatbots, sources, emulator."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bridge import __version__, config
+from bridge.config import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from bridge.app import BridgeApp
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+CONFIG_ENV = "INSITECHAT_BRIDGE_CONFIG"
+
+
+class CommandFailed(Exception):
+    """A command could not do its job; the message is for the user, already plain."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return asyncio.run(args.func(args))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CommandFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="insitechat-bridge",
+        description="Your InsiteChat chatbot in Slack and Discord, and its webhooks as team alerts.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, help_text: str, func: Callable[[argparse.Namespace], Awaitable[int]]) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        p.add_argument("--log-format", default=None, choices=["text", "json"], help="readable lines or JSON lines")
+        return p
+
+    run = command(
+        "run",
+        "Run the bridge. Without --config: a local sandbox (emulated InsiteChat + a terminal chat).",
+        _cmd_run,
+    )
+    run.add_argument("--config", "-c", default=os.environ.get(CONFIG_ENV), help=f"YAML config (or ${CONFIG_ENV})")
+    run.add_argument("--grace", type=float, default=10.0, help="seconds answers in flight get at shutdown (10)")
+
+    check = command(
+        "check",
+        "Validate the config; then list each key's chatbots and report routed ones missing or paused.",
+        _cmd_check,
+    )
+    check.add_argument("--config", "-c", default=os.environ.get(CONFIG_ENV), required=CONFIG_ENV not in os.environ)
+    check.add_argument("--offline", action="store_true", help="only validate the file; make no request")
+
+    chatbots = command("chatbots", "List the chatbots each API key reaches.", _cmd_chatbots)
+    chatbots.add_argument("--config", "-c", default=os.environ.get(CONFIG_ENV), help="default: INSITECHAT_API_KEY")
+
+    sources = command("sources", "List a chatbot's training sources and their status.", _cmd_sources)
+    sources.add_argument("chatbot", help="the chatbot id")
+    sources.add_argument("--config", "-c", default=os.environ.get(CONFIG_ENV), help="default: INSITECHAT_API_KEY")
+
+    manifest = command("slack-manifest", "Print a Slack app manifest for the configured options.", _cmd_slack_manifest)
+    manifest.add_argument("--config", "-c", default=os.environ.get(CONFIG_ENV), required=CONFIG_ENV not in os.environ)
+    manifest.add_argument("--request-url", default="", help="public base URL for HTTP mode, e.g. https://bridge.example.com")
+
+    invite = command("discord-invite", "Print the OAuth2 URL that invites the bot with the permissions it needs.", _cmd_discord_invite)
+    invite.add_argument("--config", "-c", default=os.environ.get(CONFIG_ENV), required=CONFIG_ENV not in os.environ)
+
+    emulator = command("emulator", "Serve a local InsiteChat-compatible API for development and tests.", _cmd_emulator)
+    emulator.add_argument("--host", default="127.0.0.1")
+    emulator.add_argument("--port", type=int, default=8765)
+    return parser
+
+
+def _setup_logs(args: argparse.Namespace, settings: Settings | None) -> None:
+    from bridge.logs import setup_logging
+
+    level = args.log_level or (settings.logging.level if settings else "INFO")
+    fmt = args.log_format or (settings.logging.format if settings else "text")
+    setup_logging(level, fmt, secrets=_secrets_of(settings))
+
+
+def _secrets_of(settings: Settings | None) -> list[str]:
+    if settings is None:
+        return [os.environ.get("INSITECHAT_API_KEY", "")]
+    found = list(settings.insitechat.all_keys.values())
+    found += [bot.webhook_secret or "" for bot in settings.chatbots]
+    if settings.slack:
+        found += [settings.slack.bot_token, settings.slack.app_token or "", settings.slack.signing_secret or ""]
+    if settings.discord:
+        found.append(settings.discord.token)
+    return found
+
+
+# --- run -------------------------------------------------------------------------------------
+
+
+async def _cmd_run(args: argparse.Namespace) -> int:
+    from bridge.app import BridgeApp
+
+    if args.config:
+        settings = config.load(args.config)
+        _setup_logs(args, settings)
+        app = BridgeApp(settings, grace=args.grace)
+        return await _run_until_signal(app)
+    return await _run_sandbox(args)
+
+
+async def _run_sandbox(args: argparse.Namespace) -> int:
+    from bridge.app import BridgeApp
+    from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
+
+    emulator = Emulator.sandbox()
+    base_url = await emulator.start("127.0.0.1", 0)
+    state_dir = Path(tempfile.mkdtemp(prefix="insitechat-sandbox-"))
+    print(
+        f"insitechat-bridge sandbox: local InsiteChat emulator at {base_url}, console chat, "
+        f"state in {state_dir}. Type a question; 'reset' starts over; Ctrl-D quits.",
+        flush=True,
+    )
+    settings = config.loads(
+        f"""
+insitechat:
+  base_url: {base_url}
+  api_key: ${{SANDBOX_KEY}}
+state: {{sqlite: "{state_dir / 'state.db'}"}}
+server: {{listen: "127.0.0.1:0"}}
+console: {{enabled: true}}
+routes:
+  - {{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}
+""",
+        source="<sandbox>",
+        env={"SANDBOX_KEY": SANDBOX_KEY},
+    )
+    # The sandbox keeps the terminal for the chat: only warnings and errors are logged.
+    args.log_level = args.log_level or "WARNING"
+    _setup_logs(args, settings)
+    try:
+        return await _run_until_signal(BridgeApp(settings, grace=args.grace))
+    finally:
+        await emulator.stop()
+
+
+async def _run_until_signal(app: BridgeApp) -> int:
+    loop = asyncio.get_running_loop()
+    stop = app.stopped
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        try:
+            await app.start()
+        except Exception as exc:
+            log.error("start-up failed: %s", exc)
+            await app.stop()
+            return EXIT_FAILURE
+        await stop.wait()
+        log.info("stopping")
+        stop.clear()
+        await app.stop()
+        return EXIT_OK
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+# --- check, chatbots, sources ----------------------------------------------------------------
+
+
+async def _cmd_check(args: argparse.Namespace) -> int:
+    settings = config.load(args.config)
+    _setup_logs(args, settings)
+    print(f"{args.config}: configuration is valid ({', '.join(settings.platforms) or 'no platform'})")
+    if args.offline:
+        return EXIT_OK
+    problems = await _check_chatbots(settings)
+    if settings.slack is not None:
+        from adapters import slack
+
+        problems += await slack.check(settings)
+    if settings.discord is not None:
+        from adapters import discord_bot
+
+        problems += await discord_bot.check(settings)
+    for problem in problems:
+        print(f"problem: {problem}")
+    return EXIT_FAILURE if problems else EXIT_OK
+
+
+async def _check_chatbots(settings: Settings) -> list[str]:
+    from bridge.app import build_clients
+    from bridge.clock import SystemClock
+    from bridge.insitechat import Chatbot, InsiteChatError
+
+    problems: list[str] = []
+    clients = build_clients(settings, SystemClock())
+    try:
+        chatbots_of: dict[str, dict[str, Chatbot]] = {}
+        for name, client in clients.items():
+            try:
+                bots = await client.list_chatbots()
+            except InsiteChatError as exc:
+                problems.append(f"insitechat key {name!r}: {exc}")
+                continue
+            chatbots_of[name] = {bot.id: bot for bot in bots}
+            print(f"key {name!r}: {len(bots)} chatbot(s)")
+            for bot in bots:
+                print(f"  {bot.id}  {bot.name}{'' if bot.is_active else '  (paused)'}")
+        for i, route in enumerate(settings.routes):
+            key = settings.chatbot_key(route.chatbot)
+            if key not in chatbots_of:
+                continue  # that key's failure is already reported
+            bot = chatbots_of[key].get(route.chatbot)
+            if bot is None:
+                problems.append(f"routes[{i}].chatbot: {route.chatbot} is not a chatbot of key {key!r}")
+            elif not bot.is_active:
+                problems.append(f"routes[{i}].chatbot: {bot.name} ({route.chatbot}) is paused in InsiteChat")
+    finally:
+        for client in clients.values():
+            await client.aclose()
+    return problems
+
+
+def _client_for(args: argparse.Namespace) -> tuple[Settings | None, dict[str, object]]:
+    """Clients from the config, or from INSITECHAT_API_KEY (+ INSITECHAT_BASE_URL) without one."""
+    from bridge.app import build_clients
+    from bridge.clock import SystemClock
+
+    if args.config:
+        settings = config.load(args.config)
+    else:
+        if not os.environ.get("INSITECHAT_API_KEY"):
+            raise ConfigError("<environment>", ["INSITECHAT_API_KEY is not set, and no --config was given"])
+        base = os.environ.get("INSITECHAT_BASE_URL", "https://backend.insitechat.ai/api")
+        settings = config.loads(
+            f"insitechat:\n  base_url: {base}\n  api_key: ${{INSITECHAT_API_KEY}}\n"
+            "console: {enabled: true}\nroutes: [{platform: console, chatbot: 00000000-0000-0000-0000-000000000000}]\n",
+            source="<environment>",
+        )
+    _setup_logs(args, settings)
+    return settings, build_clients(settings, SystemClock())  # type: ignore[return-value]
+
+
+async def _cmd_chatbots(args: argparse.Namespace) -> int:
+    from bridge.insitechat import InsiteChatError
+
+    _, clients = _client_for(args)
+    failed = False
+    for name, client in clients.items():
+        try:
+            bots = await client.list_chatbots()  # type: ignore[attr-defined]
+        except InsiteChatError as exc:
+            print(f"key {name!r}: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        finally:
+            await client.aclose()  # type: ignore[attr-defined]
+        for bot in bots:
+            state = "active" if bot.is_active else "paused"
+            print(f"{bot.id}  {state:6}  {bot.provider:10}  {bot.name}")
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+async def _cmd_sources(args: argparse.Namespace) -> int:
+    from bridge.insitechat import InsiteChatError
+
+    settings, clients = _client_for(args)
+    key = settings.chatbot_key(args.chatbot) if settings else config.DEFAULT_KEY
+    client = clients.get(key) or next(iter(clients.values()))
+    try:
+        sources = await client.list_sources(args.chatbot)  # type: ignore[attr-defined]
+    except InsiteChatError as exc:
+        raise CommandFailed(str(exc)) from None
+    finally:
+        for c in clients.values():
+            await c.aclose()  # type: ignore[attr-defined]
+    for src in sources:
+        print(f"{src.status:10}  {src.type:12}  {src.page_count:5}  {src.title}  {src.url}".rstrip())
+    if not sources:
+        print("no sources")
+    return EXIT_OK
+
+
+# --- platform set-up helpers ----------------------------------------------------------------
+
+
+async def _cmd_slack_manifest(args: argparse.Namespace) -> int:
+    import json
+
+    from adapters.slack import manifest
+
+    settings = config.load(args.config)
+    if settings.slack is None:
+        raise CommandFailed("the config has no slack section")
+    print(json.dumps(manifest(settings, request_url=args.request_url), indent=2))
+    return EXIT_OK
+
+
+async def _cmd_discord_invite(args: argparse.Namespace) -> int:
+    from adapters.discord_bot import invite_url
+
+    settings = config.load(args.config)
+    if settings.discord is None:
+        raise CommandFailed("the config has no discord section")
+    print(await invite_url(settings))
+    return EXIT_OK
+
+
+# --- emulator --------------------------------------------------------------------------------
+
+
+async def _cmd_emulator(args: argparse.Namespace) -> int:
+    from bridge.emulator import serve_forever
+
+    _setup_logs(args, None)
+    serving = asyncio.ensure_future(serve_forever(args.host, args.port))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, serving.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await serving
+    return EXIT_OK

@@ -1,0 +1,564 @@
+"""Async InsiteChat API client: typed results, typed errors, retries within a deadline, a circuit breaker.
+
+Errors (every one has ``.status``, the HTTP status or None; no text ever holds the API key)::
+
+    InsiteChatError            base; .status, .detail (the service's own words, readable)
+     ├─ Unauthorized           401: missing, invalid or revoked key
+     ├─ NotFound               404: no such chatbot, or another account's
+     ├─ BadRequest             400 / 422: malformed body (a list of {loc, msg, type} made readable)
+     ├─ RateLimited            429 "API rate limit exceeded...": .retry_after seconds
+     ├─ QuotaExhausted         429 with any other detail: the monthly message quota
+     ├─ ServerError            5xx (or a 2xx whose body is not what the API promises)
+     └─ Unavailable            network error, timeout, open circuit: .reason, .request_sent
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random as _random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Self, TypeVar
+from urllib.parse import quote
+
+import httpx
+
+from bridge import __version__
+from bridge.clock import Clock, SystemClock
+from bridge.limiter import SlidingWindowLimiter
+
+logger = logging.getLogger(__name__)
+
+MAX_MESSAGE_CHARS = 4000
+# The one 429 detail that means "slow down" rather than "the monthly quota is gone".
+_RATE_LIMIT_MARKER = "rate limit"
+# Failures that happen before any byte of the request left: safe to re-send even a POST.
+_NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_MAX_DETAIL_CHARS = 300
+
+T = TypeVar("T")
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+class InsiteChatError(Exception):
+    """Any failure talking to InsiteChat."""
+
+    def __init__(self, message: str, *, status: int | None = None, detail: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = detail
+
+
+class Unauthorized(InsiteChatError):
+    """401: the key is missing, invalid or revoked."""
+
+
+class NotFound(InsiteChatError):
+    """404: no such chatbot, or not one of this key's account."""
+
+
+class BadRequest(InsiteChatError):
+    """400 or 422: the service refused the request body."""
+
+
+class RateLimited(InsiteChatError):
+    """429 rate limit: too many requests for this key in the last minute."""
+
+    def __init__(self, message: str, *, retry_after: float, detail: str = "") -> None:
+        super().__init__(message, status=429, detail=detail)
+        self.retry_after = retry_after
+
+
+class QuotaExhausted(InsiteChatError):
+    """429 for anything but the rate limit: the plan's monthly message quota is spent."""
+
+
+class ServerError(InsiteChatError):
+    """5xx, or a success whose body is unusable."""
+
+
+class Unavailable(InsiteChatError):
+    """The service could not be reached or did not answer in time, or the circuit is open."""
+
+    def __init__(self, reason: str, *, request_sent: bool = False) -> None:
+        super().__init__(f"InsiteChat unavailable: {reason}")
+        self.reason = reason
+        # True when the request may have reached the service (a chat may have been spent).
+        self.request_sent = request_sent
+
+
+# --- results ------------------------------------------------------------------------------
+
+
+def _text(data: Mapping[str, Any], key: str, default: str = "") -> str:
+    value = data.get(key)
+    if value is None:
+        return default
+    return value if isinstance(value, str) else str(value)
+
+
+def _flag(data: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = data.get(key)
+    return value if isinstance(value, bool) else default
+
+
+def _count(data: Mapping[str, Any], key: str) -> int | None:
+    value = data.get(key)
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _timestamp(data: Mapping[str, Any], key: str) -> datetime | None:
+    value = data.get(key)
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value)  # 3.11 takes both "Z" and "+00:00" with microseconds
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class Chatbot:
+    """One chatbot of the account, as listed."""
+
+    id: str
+    name: str
+    slug: str
+    provider: str  # open set: gemini, chatgpt, ollama, ...
+    is_active: bool  # False: paused by its owner
+    created_at: datetime | None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        return cls(**_chatbot_fields(data))
+
+
+def _chatbot_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "id": _text(data, "id"),
+        "name": _text(data, "name"),
+        "slug": _text(data, "slug"),
+        "provider": _text(data, "provider"),
+        "is_active": _flag(data, "is_active", True),
+        "created_at": _timestamp(data, "created_at"),
+    }
+
+
+@dataclass(frozen=True)
+class ChatbotDetail(Chatbot):
+    """One chatbot with its prompt settings."""
+
+    system_prompt: str
+    fallback_message: str
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        return cls(
+            **_chatbot_fields(data),
+            system_prompt=_text(data, "system_prompt"),
+            fallback_message=_text(data, "fallback_message"),
+        )
+
+
+@dataclass(frozen=True)
+class Source:
+    """One training source of a chatbot."""
+
+    id: str
+    type: str  # open set: url, file, text, youtube, notion, ...
+    title: str
+    url: str  # "" for non-URL types
+    status: str  # pending | crawling | processing | done | failed
+    page_count: int | None
+    created_at: datetime | None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        return cls(
+            id=_text(data, "id"),
+            type=_text(data, "type"),
+            title=_text(data, "title"),
+            url=_text(data, "url"),
+            status=_text(data, "status"),
+            page_count=_count(data, "page_count"),
+            created_at=_timestamp(data, "created_at"),
+        )
+
+
+# --- policy and circuit ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard one call tries, and when the client stops trying at all."""
+
+    deadline: float = 120.0  # overall budget per call, seconds
+    base_backoff: float = 0.5  # jittered exponential backoff for connect errors / 5xx
+    max_backoff: float = 15.0
+    rate_limit_wait: float = 60.0  # when a 429 has no Retry-After
+    quota_cooldown: float = 3600.0  # chat stays blocked this long after QuotaExhausted
+    failure_threshold: int = 5  # consecutive failures that open the circuit
+    circuit_cooldown: float = 30.0
+
+
+class _Circuit:
+    """Consecutive 5xx / network failures open it; after a cooldown one trial call may pass."""
+
+    def __init__(self, clock: Clock, policy: RetryPolicy, name: str) -> None:
+        self._clock = clock
+        self._policy = policy
+        self._name = name
+        self._failures = 0
+        self._tripped = False
+        self._open_until = float("-inf")
+        self._trial_in_flight = False
+        self._quota_until = float("-inf")
+        self._quota_detail = ""
+
+    def state(self) -> str:
+        now = self._clock.monotonic()
+        # Quota first: it outlives any outage and is what users need to hear about.
+        if now < self._quota_until:
+            return "quota"
+        if self._tripped:
+            return "open" if now < self._open_until else "half-open"
+        return "closed"
+
+    def check(self, *, chat: bool) -> None:
+        """Raise at once, without network, if this call may not go out now."""
+        if chat and self._clock.monotonic() < self._quota_until:
+            raise QuotaExhausted(
+                f"InsiteChat monthly message quota exhausted: {self._quota_detail}", status=429, detail=self._quota_detail
+            )
+        if not self._tripped:
+            return
+        if self._clock.monotonic() < self._open_until:
+            raise Unavailable("circuit open")
+        if self._trial_in_flight:
+            raise Unavailable("circuit open (a trial call is in flight)")
+
+    def admit(self, *, chat: bool) -> bool:
+        """check(), and claim the single trial call when half-open; True if this call is that trial."""
+        self.check(chat=chat)
+        if not self._tripped:
+            return False
+        self._trial_in_flight = True
+        logger.info("[%s] InsiteChat circuit half-open: sending one trial call", self._name)
+        return True
+
+    def release_trial(self) -> None:
+        # A trial that ended without a verdict (cancelled) must not block the circuit forever.
+        self._trial_in_flight = False
+
+    @property
+    def closed(self) -> bool:
+        return not self._tripped
+
+    def record_success(self) -> None:
+        if self._tripped:
+            logger.info("[%s] InsiteChat circuit closed: the service answers again", self._name)
+        self._failures = 0
+        self._tripped = False
+        self._trial_in_flight = False
+
+    def record_failure(self) -> None:
+        self._failures += 1
+        if self._trial_in_flight or self._failures >= self._policy.failure_threshold:
+            self._tripped = True
+            self._trial_in_flight = False
+            self._open_until = self._clock.monotonic() + self._policy.circuit_cooldown
+            logger.warning(
+                "[%s] InsiteChat circuit open for %.0fs after %d consecutive failures",
+                self._name,
+                self._policy.circuit_cooldown,
+                self._failures,
+            )
+
+    def trip_quota(self, detail: str) -> None:
+        self._quota_until = self._clock.monotonic() + self._policy.quota_cooldown
+        self._quota_detail = detail
+        logger.error(
+            "[%s] InsiteChat monthly message quota exhausted (%s); chat paused for %.0fs",
+            self._name,
+            detail,
+            self._policy.quota_cooldown,
+        )
+
+
+# --- client -------------------------------------------------------------------------------
+
+
+class InsiteChatClient:
+    """One API key's view of InsiteChat. Share one per key: its limiter and circuit are per key."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        limiter: SlidingWindowLimiter | None = None,
+        clock: Clock | None = None,
+        policy: RetryPolicy | None = None,
+        timeout: float = 60.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        random: Callable[[], float] | None = None,
+        name: str = "default",
+    ) -> None:
+        if not api_key:
+            raise ValueError("the InsiteChat API key is empty")
+        self._base = base_url.rstrip("/")
+        self._api_key = api_key
+        self._limiter = limiter
+        self._clock: Clock = clock or SystemClock()
+        self._policy = policy or RetryPolicy()
+        self._random = random or _random.random
+        self._name = name
+        self._circuit = _Circuit(self._clock, self._policy, name)
+        self._http = httpx.AsyncClient(
+            headers={
+                "Authorization": f"Bearer {api_key}",
+                "Accept": "application/json",
+                "User-Agent": f"insitechat-bridge/{__version__}",
+            },
+            # A dead host should not eat half the deadline before the first retry.
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            transport=transport,
+        )
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def limiter(self) -> SlidingWindowLimiter | None:
+        return self._limiter
+
+    @property
+    def circuit_open(self) -> bool:
+        """True while chat() would fail at once: circuit open, or quota exhausted."""
+        return self.circuit_state() in ("open", "quota")
+
+    def circuit_state(self) -> str:
+        """"closed" | "open" | "half-open" | "quota"."""
+        return self._circuit.state()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # --- endpoints ---
+
+    async def list_chatbots(self) -> list[Chatbot]:
+        data = await self._call("GET", "/v1/chatbots")
+        return self._parse_list(data, Chatbot.from_json, "chatbot")
+
+    async def get_chatbot(self, chatbot_id: str) -> ChatbotDetail:
+        data = await self._call("GET", f"/v1/chatbots/{quote(chatbot_id, safe='')}")
+        if not isinstance(data, dict):
+            raise ServerError("InsiteChat sent a chatbot that is not a JSON object", status=200)
+        detail = ChatbotDetail.from_json(data)
+        return detail if detail.id else ChatbotDetail.from_json({**data, "id": chatbot_id})
+
+    async def list_sources(self, chatbot_id: str) -> list[Source]:
+        data = await self._call("GET", f"/v1/chatbots/{quote(chatbot_id, safe='')}/sources")
+        return self._parse_list(data, Source.from_json, "source")
+
+    async def chat(self, chatbot_id: str, message: str, session_id: str, *, lane: str = "") -> str:
+        """Send one message in a session; returns the reply text (may contain Markdown)."""
+        if len(message) > MAX_MESSAGE_CHARS:
+            logger.debug(
+                "[%s] chat message cut from %d to %d characters", self._name, len(message), MAX_MESSAGE_CHARS
+            )
+            message = message[:MAX_MESSAGE_CHARS]
+        data = await self._call(
+            "POST",
+            f"/v1/chatbots/{quote(chatbot_id, safe='')}/chat",
+            payload={"message": message, "session_id": session_id},
+            lane=lane,
+            chat=True,
+        )
+        reply = data.get("response") if isinstance(data, dict) else None
+        if not isinstance(reply, str):
+            raise ServerError("InsiteChat chat reply has no 'response' text", status=200)
+        return reply
+
+    # --- one call: attempts, retries, deadline ---
+
+    async def _call(
+        self, method: str, path: str, *, payload: dict[str, Any] | None = None, lane: str = "", chat: bool = False
+    ) -> Any:
+        self._circuit.check(chat=chat)  # fail fast, before waiting in the limiter's queue
+        deadline = self._clock.monotonic() + self._policy.deadline
+        backoffs = 0
+        while True:
+            try:
+                return await self._attempt(method, path, payload, lane, chat=chat)
+            except InsiteChatError as error:
+                delay = self._retry_delay(error, backoffs, resend_ok=not chat)
+                if delay is None or not self._circuit.closed:
+                    raise
+                if self._clock.monotonic() + delay > deadline:
+                    logger.warning("[%s] %s %s: giving up, no time left to retry: %s", self._name, method, path, error)
+                    raise
+                if not isinstance(error, RateLimited):
+                    backoffs += 1
+                logger.info("[%s] %s %s failed (%s); retrying in %.1fs", self._name, method, path, error, delay)
+                await self._clock.sleep(delay)
+
+    def _retry_delay(self, error: InsiteChatError, backoffs: int, *, resend_ok: bool) -> float | None:
+        """Seconds to wait before the next attempt, or None when this error must not be retried."""
+        if isinstance(error, RateLimited):
+            return error.retry_after
+        if isinstance(error, Unavailable):
+            # A request that may have reached the service is only re-sent when that is harmless.
+            return self._backoff(backoffs) if resend_ok or not error.request_sent else None
+        if isinstance(error, ServerError) and error.status is not None and error.status >= 500:
+            return self._backoff(backoffs)
+        return None
+
+    def _backoff(self, backoffs: int) -> float:
+        cap = min(self._policy.max_backoff, self._policy.base_backoff * 2**backoffs)
+        # Half fixed, half random: spreads retries without ever retrying at once.
+        return cap * (0.5 + 0.5 * self._random())
+
+    async def _attempt(self, method: str, path: str, payload: dict[str, Any] | None, lane: str, *, chat: bool) -> Any:
+        if self._limiter is not None:
+            await self._limiter.acquire(lane)  # the upstream limit counts every endpoint and every retry
+        # Checked again after the queue: the circuit may have opened while we waited (the slot is then unused).
+        trial = self._circuit.admit(chat=chat)
+        try:
+            try:
+                response = await self._http.request(method, self._base + path, json=payload)
+            except httpx.TransportError as exc:
+                self._circuit.record_failure()
+                raise self._transport_error(exc) from exc
+            return self._handle(response)
+        finally:
+            if trial:
+                self._circuit.release_trial()
+
+    def _transport_error(self, exc: httpx.TransportError) -> Unavailable:
+        kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "network error"
+        reason = f"{kind} ({type(exc).__name__}: {self._redact(str(exc)) or 'no details'})"
+        return Unavailable(reason, request_sent=not isinstance(exc, _NEVER_SENT))
+
+    def _handle(self, response: httpx.Response) -> Any:
+        status = response.status_code
+        if status >= 500:
+            self._circuit.record_failure()
+            detail = self._detail(response)
+            raise ServerError(f"InsiteChat server error {status}: {detail}", status=status, detail=detail)
+        # Anything below 500 proves the service is up, errors included.
+        self._circuit.record_success()
+        if 200 <= status < 300:
+            try:
+                return response.json()
+            except ValueError:
+                raise ServerError(f"InsiteChat answered {status} with a body that is not JSON", status=status) from None
+        raise self._client_error(response)
+
+    def _client_error(self, response: httpx.Response) -> InsiteChatError:
+        status = response.status_code
+        detail = self._detail(response)
+        if status == 401:
+            return Unauthorized(f"InsiteChat rejected the API key (401): {detail}", status=status, detail=detail)
+        if status == 404:
+            return NotFound(f"InsiteChat: not found (404): {detail}", status=status, detail=detail)
+        if status in (400, 422):
+            return BadRequest(f"InsiteChat refused the request ({status}): {detail}", status=status, detail=detail)
+        if status == 429:
+            return self._too_many(response, detail)
+        return InsiteChatError(f"InsiteChat answered {status}: {detail}", status=status, detail=detail)
+
+    def _too_many(self, response: httpx.Response, detail: str) -> InsiteChatError:
+        # A 429 without a JSON detail is most likely a proxy's rate limit: treating it as quota
+        # would block chat for an hour, so only the service's own non-rate-limit text is quota.
+        said = _json_detail(response)
+        if isinstance(said, str) and said.strip() and _RATE_LIMIT_MARKER not in said.lower():
+            self._circuit.trip_quota(detail)
+            return QuotaExhausted(f"InsiteChat monthly message quota exhausted: {detail}", status=429, detail=detail)
+        wait = self._retry_after(response)
+        if self._limiter is not None:
+            self._limiter.penalize(self._clock.monotonic() + wait)
+        logger.warning("[%s] InsiteChat rate limit hit; holding calls for %.0fs", self._name, wait)
+        return RateLimited(f"InsiteChat rate limit (429): {detail}", retry_after=wait, detail=detail)
+
+    def _retry_after(self, response: httpx.Response) -> float:
+        raw = response.headers.get("Retry-After", "").strip()
+        seconds: float | None = None
+        if raw:
+            try:
+                seconds = float(raw)
+            except ValueError:
+                try:
+                    seconds = parsedate_to_datetime(raw).timestamp() - self._clock.time()
+                except (TypeError, ValueError):
+                    seconds = None
+        if seconds is None or not math.isfinite(seconds):
+            return self._policy.rate_limit_wait
+        return max(0.0, seconds)
+
+    def _detail(self, response: httpx.Response) -> str:
+        """The error's own words, readable: a string detail, or a validation list flattened."""
+        detail = _json_detail(response)
+        if isinstance(detail, list):
+            text = "; ".join(_validation_item(item) for item in detail)
+        elif isinstance(detail, str):
+            text = detail
+        elif detail is not None:
+            text = str(detail)
+        else:
+            text = response.text.strip() or response.reason_phrase
+        text = " ".join(self._redact(text).split())
+        return text[:_MAX_DETAIL_CHARS]
+
+    def _redact(self, text: str) -> str:
+        # The service (or a proxy) might echo the key back; it must never reach a log or an error.
+        return text.replace(self._api_key, "[redacted]")
+
+    def _parse_list(self, data: Any, parse: Callable[[Mapping[str, Any]], T], what: str) -> list[T]:
+        if not isinstance(data, list):
+            raise ServerError(f"InsiteChat sent a {what} list that is not a JSON array", status=200)
+        items: list[T] = []
+        for entry in data:
+            if isinstance(entry, dict) and entry.get("id"):
+                items.append(parse(entry))
+            else:
+                logger.warning("[%s] skipped a %s entry without an id", self._name, what)
+        return items
+
+
+def _json_detail(response: httpx.Response) -> Any:
+    """The body's "detail" member, or None when the body is not the API's error JSON."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body.get("detail") if isinstance(body, dict) else None
+
+
+def _validation_item(item: Any) -> str:
+    """One {loc, msg, type} entry as "body.message: field required"."""
+    if not isinstance(item, dict):
+        return str(item)
+    loc = item.get("loc")
+    where = ".".join(str(part) for part in loc) if isinstance(loc, list) else str(loc or "")
+    msg = str(item.get("msg") or item.get("type") or "invalid")
+    return f"{where}: {msg}" if where else msg

@@ -1,0 +1,1 @@
+"""Fakes for the tests: loopback servers and a queue-backed adapter."""

@@ -1,0 +1,151 @@
+"""The command line as a user runs it: subprocesses, real stdin/stdout, signals, exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def run_cli(*args: str, stdin: str = "", env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args], input=stdin, capture_output=True, text=True,
+        env=env or ENV, timeout=timeout,
+    )
+
+
+def test_sandbox_answers_keeps_context_resets_and_ends_with_input() -> None:
+    result = run_cli("run", stdin="What are your opening hours?\nAnd on Sunday?\nreset\nWhat did I ask?\n")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("insitechat-bridge sandbox:")  # says what it is, first
+    answers = [line for line in lines if line.startswith("bot> ")]
+    assert len(answers) == 3
+    assert "opening hours" in answers[1] and "And on Sunday" in answers[1]  # context kept
+    assert any(line.startswith("bot (notice)> Starting a new conversation") for line in lines)
+    assert "opening hours" not in answers[2]  # reset forgot it
+    assert "Traceback" not in result.stderr
+
+
+def test_help_and_usage_errors_exit_2() -> None:
+    assert run_cli("--help").returncode == 0
+    assert run_cli().returncode == 2
+    bad = run_cli("nonsense")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
+    result = run_cli("check", "--offline", "--config", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert "nope.yaml: 1 problem(s)" in result.stderr and "cannot read the file" in result.stderr
+
+
+@pytest.fixture
+async def emulator():  # type: ignore[no-untyped-def]
+    emu = Emulator.sandbox()
+    await emu.start()
+    yield emu
+    await emu.stop()
+
+
+async def _cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_chatbots_sources_and_check_against_the_emulator(emulator: Emulator, tmp_path: Path) -> None:
+    env = {**ENV, "INSITECHAT_API_KEY": SANDBOX_KEY, "INSITECHAT_BASE_URL": emulator.base_url}
+    code, out, err = await _cli("chatbots", env=env)
+    assert code == 0, err
+    assert SANDBOX_CHATBOT_ID in out and "Sandbox Bot" in out and "active" in out
+    code, out, err = await _cli("sources", SANDBOX_CHATBOT_ID, env=env)
+    assert code == 0, err
+    assert "Help Center" in out and "done" in out
+    code, out, err = await _cli("sources", "99999999-9999-4999-8999-999999999999", env=env)
+    assert code == 1 and "Traceback" not in err
+
+    cfg = tmp_path / "bridge.yaml"
+    paused = emulator.add_chatbot(next(iter(emulator.accounts.values())), "Paused Bot", is_active=False)
+    cfg.write_text(
+        f"insitechat: {{base_url: '{emulator.base_url}', api_key: '${{INSITECHAT_API_KEY}}'}}\n"
+        "console: {enabled: true}\n"
+        "routes:\n"
+        f"  - {{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}\n"
+        f"  - {{platform: console, channel: other, chatbot: {paused.id}}}\n"
+        "  - {platform: console, channel: gone, chatbot: 99999999-9999-4999-8999-999999999999}\n"
+    )
+    code, out, err = await _cli("check", "--config", str(cfg), env=env)
+    assert code == 1, out + err
+    assert "routes[1].chatbot: Paused Bot" in out and "is paused" in out
+    assert "routes[2].chatbot: 99999999-9999-4999-8999-999999999999 is not a chatbot" in out
+    assert SANDBOX_KEY not in out + err
+
+    env_bad = {**env, "INSITECHAT_API_KEY": "ic_wrong_key_here"}
+    code, out, err = await _cli("chatbots", env=env_bad)
+    assert code == 1 and "ic_wrong_key_here" not in out + err
+
+
+async def test_run_with_config_stops_cleanly_on_sigterm(emulator: Emulator, tmp_path: Path) -> None:
+    cfg = tmp_path / "bridge.yaml"
+    cfg.write_text(
+        f"insitechat: {{base_url: '{emulator.base_url}', api_key: '${{INSITECHAT_API_KEY}}'}}\n"
+        f"state: {{sqlite: '{tmp_path / 'state.db'}'}}\n"
+        "server: {listen: '127.0.0.1:0'}\n"
+        "console: {enabled: true}\n"
+        f"routes: [{{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}]\n"
+    )
+    env = {**ENV, "INSITECHAT_API_KEY": SANDBOX_KEY}
+    read_fd, write_fd = os.pipe()  # stdin stays open: only the signal can end this run
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "run", "--config", str(cfg), env=env, stdin=read_fd,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    os.close(read_fd)
+    try:
+        os.write(write_fd, b"hello over a pipe\n")
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)  # type: ignore[union-attr]
+        assert line.decode().startswith("bot> ") and "hello over a pipe" in line.decode()
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        os.close(write_fd)
+    assert proc.returncode == 0, err.decode()
+    assert "Traceback" not in err.decode()
+
+
+async def test_emulator_command_serves_the_api(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "emulator", "--port", str(port), env=ENV,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        first = await asyncio.wait_for(proc.stdout.readline(), 30)  # type: ignore[union-attr]
+        assert f"127.0.0.1:{port}/api" in first.decode()
+        async with httpx.AsyncClient() as http:
+            r = await http.get(f"http://127.0.0.1:{port}/api/v1/chatbots", headers={"Authorization": f"Bearer {SANDBOX_KEY}"})
+        assert r.status_code == 200 and r.json()[0]["id"] == SANDBOX_CHATBOT_ID
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()

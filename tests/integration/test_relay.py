@@ -1,0 +1,280 @@
+"""The relay end to end: a queue adapter in, the InsiteChat emulator over loopback, posts out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from bridge import config
+from bridge.app import build_clients
+from bridge.clock import ManualClock, SystemClock
+from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
+from bridge.insitechat import InsiteChatClient
+from bridge.messages import Inbound, OutboundKind
+from bridge.relay import NOTICES, Outcome, Relay
+from bridge.store import SQLiteStore
+from tests.fakes.queue_adapter import QueueAdapter
+
+BOT = SANDBOX_CHATBOT_ID
+
+
+def settings_for(base_url: str, *, key: str = SANDBOX_KEY, extra: str = "", rate_limit: int = 55, deadline: float = 30):
+    return config.loads(
+        f"""
+insitechat:
+  base_url: {base_url}
+  api_key: ${{KEY}}
+  rate_limit: {rate_limit}
+  deadline: {deadline}
+slack: {{bot_token: "${{KEY}}", app_token: "${{KEY}}"}}
+routes:
+  - {{platform: slack, chatbot: {BOT}, reply: mention}}
+  - {{platform: slack, channel: CALL, chatbot: {BOT}, reply: all}}
+  - {{platform: slack, channel: COFF, chatbot: {BOT}, reply: off}}
+{extra}
+""",
+        env={"KEY": key},
+    )
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    emu = Emulator.sandbox()
+    await emu.start()
+    yield emu
+    await emu.stop()
+
+
+class Harness:
+    """A relay wired to the emulator and a queue adapter named "slack"."""
+
+    def __init__(self, settings: config.Settings, store: SQLiteStore, clock=None, clients=None) -> None:  # type: ignore[no-untyped-def]
+        self.clock = clock or SystemClock()
+        self.store = store
+        self.clients: dict[str, InsiteChatClient] = clients or build_clients(settings, self.clock)
+        self.relay = Relay(settings, store, self.clients, clock=self.clock, queue_notice_after=10)
+        self.adapter = QueueAdapter("slack")
+        self.relay.register(self.adapter)
+
+    async def close(self) -> None:
+        for client in self.clients.values():
+            await client.aclose()
+
+
+@pytest.fixture
+async def make_harness(emulator: Emulator, tmp_path: Path) -> AsyncIterator[Callable[..., Harness]]:
+    made: list[Harness] = []
+
+    def make(**kw: object) -> Harness:
+        store = SQLiteStore(tmp_path / "state.db")
+        harness = Harness(settings_for(emulator.base_url, **kw), store)  # type: ignore[arg-type]
+        made.append(harness)
+        return harness
+
+    yield make
+    for harness in made:
+        await harness.close()
+
+
+def msg(text: str, *, id: str = "100.1", channel: str = "C1", **kw: object) -> Inbound:
+    fields = dict(platform="slack", workspace="T1", channel=channel, message_id=id, author_id="U1", text=text)
+    fields.update(kw)
+    return Inbound(**fields)  # type: ignore[arg-type]
+
+
+def chat_calls(emulator: Emulator) -> list:  # type: ignore[type-arg]
+    return [r for r in emulator.requests if r.path.endswith("/chat")]
+
+
+async def test_mention_is_answered_in_its_thread_with_working_signal(make_harness, emulator: Emulator) -> None:
+    h = make_harness()
+    outcome = await h.relay.handle(msg("What is the refund policy?", mentions_bot=True))
+    assert outcome is Outcome.ANSWERED
+    [post] = h.adapter.sent
+    assert post.kind is OutboundKind.ANSWER
+    assert post.conversation.thread == "100.1" and post.reply_to == "100.1"
+    assert "refund policy" in "".join(post.parts)
+    assert h.adapter.working_events == [("enter", "100.1"), ("exit", "100.1")]
+    [call] = chat_calls(emulator)
+    assert call.json["session_id"] == post.conversation.session_id(0)
+
+
+async def test_follow_up_in_thread_keeps_context_without_mention(make_harness, emulator: Emulator) -> None:
+    h = make_harness()
+    await h.relay.handle(msg("first question about pricing", mentions_bot=True))
+    outcome = await h.relay.handle(msg("and the second one?", id="100.2", thread="100.1"))
+    assert outcome is Outcome.ANSWERED
+    second = "".join(h.adapter.sent[1].parts)
+    assert "second one" in second and "first question about pricing" in second  # emulator echoes history
+    assert h.adapter.sent[1].conversation == h.adapter.sent[0].conversation
+
+
+@pytest.mark.parametrize(
+    ("inbound", "reason"),
+    [
+        (msg("hello everyone"), "not addressed in a mention-mode channel"),
+        (msg("hi", author_is_bot=True, mentions_bot=True), "from a bot"),
+        (msg("hi", author_is_self=True, mentions_bot=True), "own message"),
+        (msg("hi", channel="COFF", mentions_bot=True), "route is off"),
+        (msg("some reply", id="9.9", thread="1.1"), "thread the bot is not in"),
+    ],
+)
+async def test_messages_the_bot_must_ignore(make_harness, emulator: Emulator, inbound: Inbound, reason: str) -> None:
+    h = make_harness()
+    assert await h.relay.handle(inbound) is Outcome.IGNORED, reason
+    assert h.adapter.sent == [] and chat_calls(emulator) == []
+
+
+async def test_follow_ups_for_someone_else_or_marked_are_ignored(make_harness, emulator: Emulator) -> None:
+    h = make_harness()
+    await h.relay.handle(msg("question", mentions_bot=True))
+    assert await h.relay.handle(msg("@bob what do you think?", id="100.2", thread="100.1", mentions_others=True)) is Outcome.IGNORED
+    assert await h.relay.handle(msg("!note to self", id="100.3", thread="100.1")) is Outcome.IGNORED
+    assert len(chat_calls(emulator)) == 1
+
+
+async def test_no_route_means_no_answer(emulator: Emulator, tmp_path: Path) -> None:
+    settings = settings_for(emulator.base_url)
+    h = Harness(settings, SQLiteStore(tmp_path / "s.db"))
+    h.adapter.name = "discord"
+    h.relay.register(h.adapter)
+    assert await h.relay.handle(msg("hi", platform="discord", mentions_bot=True)) is Outcome.IGNORED
+    await h.close()
+
+
+async def test_all_mode_answers_top_level_messages(make_harness) -> None:
+    h = make_harness()
+    assert await h.relay.handle(msg("anyone know the opening hours?", channel="CALL")) is Outcome.ANSWERED
+    assert await h.relay.handle(msg("!skip this", id="100.5", channel="CALL")) is Outcome.IGNORED
+
+
+async def test_dm_is_answered_and_is_one_conversation(make_harness, emulator: Emulator) -> None:
+    h = make_harness()
+    await h.relay.handle(msg("dm one", channel="D1", is_dm=True))
+    await h.relay.handle(msg("dm two", id="100.2", channel="D1", is_dm=True))
+    sessions = {c.json["session_id"] for c in chat_calls(emulator)}
+    assert len(sessions) == 1
+    assert "dm one" in "".join(h.adapter.sent[1].parts)
+
+
+async def test_duplicates_concurrent_and_after_restart_give_one_answer(make_harness, emulator: Emulator, tmp_path: Path) -> None:
+    h = make_harness()
+    # The message + app_mention pair, and a retry arriving while the first is answered.
+    emulator.latency = 0.2
+    same = msg("only once please", mentions_bot=True)
+    outcomes = await asyncio.gather(h.relay.handle(same), h.relay.handle(same), h.relay.handle(same))
+    assert sorted(o.value for o in outcomes) == ["answered", "duplicate", "duplicate"]
+    # A restart: a new relay and store over the same file; the retry comes in again.
+    h2 = make_harness()
+    assert await h2.relay.handle(same) is Outcome.DUPLICATE
+    assert len(chat_calls(emulator)) == 1 and len(h.adapter.sent) == 1 and h2.adapter.sent == []
+
+
+async def test_reset_starts_a_fresh_session(make_harness, emulator: Emulator) -> None:
+    h = make_harness()
+    await h.relay.handle(msg("remember the word pineapple", channel="D1", is_dm=True))
+    assert await h.relay.handle(msg("reset", id="100.2", channel="D1", is_dm=True)) is Outcome.RESET
+    assert "".join(h.adapter.sent[-1].parts) == NOTICES["reset"]
+    await h.relay.handle(msg("what word?", id="100.3", channel="D1", is_dm=True))
+    assert "pineapple" not in "".join(h.adapter.sent[-1].parts)
+    first, last = chat_calls(emulator)[0], chat_calls(emulator)[-1]
+    assert first.json["session_id"] != last.json["session_id"]
+
+
+async def test_bare_mention_gets_a_greeting_not_silence(make_harness, emulator: Emulator) -> None:
+    h = make_harness()
+    assert await h.relay.handle(msg("   ", mentions_bot=True)) is Outcome.NOTICE
+    assert "".join(h.adapter.sent[0].parts) == NOTICES["hello"]
+    assert chat_calls(emulator) == []
+
+
+async def test_quota_exhausted_tells_the_user(emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    account = emulator.add_account("Tiny plan", monthly_quota=1)
+    key = emulator.add_key(account, "ic_tiny_plan_key")
+    emulator.add_chatbot(account, "Tiny", chatbot_id="22222222-3333-4444-8555-666666666666")
+    settings = settings_for(emulator.base_url, key=key).model_copy(
+        update={"routes": (config.RouteSettings(chatbot="22222222-3333-4444-8555-666666666666", channel="dm"),)}
+    )
+    h = Harness(settings, SQLiteStore(tmp_path / "s.db"))
+    assert await h.relay.handle(msg("one", channel="D1", is_dm=True)) is Outcome.ANSWERED
+    with caplog.at_level(logging.ERROR):
+        assert await h.relay.handle(msg("two", id="2", channel="D1", is_dm=True)) is Outcome.NOTICE
+    assert "".join(h.adapter.sent[-1].parts) == NOTICES["quota"]
+    assert "quota" in caplog.text
+    # The circuit is open now: the next message gets the notice without another API call.
+    calls = len(chat_calls(emulator))
+    assert await h.relay.handle(msg("three", id="3", channel="D1", is_dm=True)) is Outcome.NOTICE
+    assert len(chat_calls(emulator)) == calls
+    await h.close()
+
+
+async def test_service_down_gives_unavailable_notice(make_harness, emulator: Emulator) -> None:
+    h = make_harness(deadline=1.5)
+    emulator.inject(status=503, count=None, path_contains="/chat")
+    assert await h.relay.handle(msg("anyone there?", channel="D1", is_dm=True)) is Outcome.NOTICE
+    assert "".join(h.adapter.sent[-1].parts) == NOTICES["unavailable"]
+
+
+async def test_bad_key_gives_misconfigured_notice_and_log_without_key(make_harness, caplog: pytest.LogCaptureFixture) -> None:
+    h = make_harness(key="ic_revoked_or_wrong")
+    with caplog.at_level(logging.INFO):
+        assert await h.relay.handle(msg("hi", channel="D1", is_dm=True)) is Outcome.NOTICE
+    assert "".join(h.adapter.sent[-1].parts) == NOTICES["misconfigured"]
+    assert "ic_revoked_or_wrong" not in caplog.text
+
+
+async def test_failed_post_is_reported_to_the_user_and_logged(make_harness, caplog: pytest.LogCaptureFixture) -> None:
+    h = make_harness()
+    h.adapter.fail_next_sends = 1
+    with caplog.at_level(logging.ERROR):
+        assert await h.relay.handle(msg("hi", channel="D1", is_dm=True)) is Outcome.SEND_FAILED
+    assert "".join(h.adapter.sent[-1].parts) == NOTICES["error"]
+    assert "posting the answer" in caplog.text
+
+
+async def test_queue_notice_when_the_limiter_is_saturated(emulator: Emulator, tmp_path: Path) -> None:
+    clock = ManualClock()
+    settings = settings_for(emulator.base_url, rate_limit=2)
+    h = Harness(settings, SQLiteStore(tmp_path / "s.db"), clock=clock)
+    first = asyncio.create_task(h.relay.handle(msg("q1", id="1", channel="D1", is_dm=True)))
+    second = asyncio.create_task(h.relay.handle(msg("q2", id="2", channel="D2", is_dm=True)))
+    assert [o.value for o in await asyncio.gather(first, second)] == ["answered", "answered"]
+    while not h.adapter.posted.empty():
+        h.adapter.posted.get_nowait()
+    third = asyncio.create_task(h.relay.handle(msg("q3", id="3", channel="D3", is_dm=True)))
+    notice = await h.adapter.next_post()
+    assert notice.kind is OutboundKind.NOTICE and "number 1 in the queue" in notice.parts[0]
+    assert not third.done()
+    while not third.done():  # the window slides on the injected clock, never on real time
+        clock.advance(5)
+        await asyncio.sleep(0.01)
+    assert third.result() is Outcome.ANSWERED
+    assert len(chat_calls(emulator)) == 3
+    await h.close()
+
+
+async def test_drain_lets_answers_finish_and_refuses_new_ones(make_harness, emulator: Emulator) -> None:
+    h = make_harness()
+    emulator.latency = 0.3
+    task = h.relay.submit(msg("slow one", channel="D1", is_dm=True))
+    await asyncio.sleep(0.05)
+    await h.relay.drain(grace=5)
+    assert task.result() is Outcome.ANSWERED
+    late = msg("too late", id="2", channel="D1", is_dm=True)
+    assert await h.relay.handle(late) is Outcome.SHUTTING_DOWN
+    assert await h.store.claim(late.dedupe_key)  # left unclaimed for the retry after restart
+
+
+async def test_drain_cancels_after_grace_and_releases_the_claim(make_harness, emulator: Emulator) -> None:
+    h = make_harness()
+    emulator.inject("hang", seconds=30, path_contains="/chat")
+    slow = msg("never answered in time", channel="D1", is_dm=True)
+    task = h.relay.submit(slow)
+    await asyncio.sleep(0.1)
+    await h.relay.drain(grace=0.2)
+    assert task.cancelled()
+    assert await h.store.claim(slow.dedupe_key)  # the platform's retry after restart is answered
