@@ -62,10 +62,13 @@ class ConsoleAdapter:
         yield
 
     async def _read_loop(self) -> None:
+        interactive = _is_tty(self._stdin)
         try:
+            self._prompt(interactive)
             async for line in _lines(self._stdin):
                 text = line.strip()
                 if not text:
+                    self._prompt(interactive)
                     continue
                 inbound = Inbound(
                     platform="console",
@@ -79,8 +82,15 @@ class ConsoleAdapter:
                 )
                 # Answer in order, like a person typing one question after another.
                 await self._on_message(inbound)
+                self._prompt(interactive)
         finally:
             self.finished.set()
+
+    def _prompt(self, interactive: bool) -> None:
+        # Piped input gets clean output (one line per answer); a terminal gets a prompt.
+        if interactive:
+            self._stdout.write(f"{self._user}> ")
+            self._stdout.flush()
 
 
 async def _lines(stream: TextIO) -> AsyncIterator[str]:
@@ -100,6 +110,13 @@ async def _lines(stream: TextIO) -> AsyncIterator[str]:
             yield line_bytes.decode("utf-8", errors="replace")
     finally:
         transport.close()
+
+
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _has_fileno(stream: TextIO) -> bool:
