@@ -93,6 +93,10 @@ class ManualClock:
             return
         self._now = max(self._now, self._sleepers[0][0])
         self._wake_due()
+        if self._sleepers:
+            # Other sleepers must not depend on the woken task sleeping again.
+            self._jump_scheduled = True
+            loop.call_soon(self._autojump_step)
 
     def _drop_cancelled(self) -> None:
         self._sleepers = [s for s in self._sleepers if not s[2].done()]

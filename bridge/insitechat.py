@@ -239,9 +239,8 @@ class _Circuit:
     def check(self, *, chat: bool) -> None:
         """Raise at once, without network, if this call may not go out now."""
         if chat and self._clock.monotonic() < self._quota_until:
-            raise QuotaExhausted(
-                f"InsiteChat monthly message quota exhausted: {self._quota_detail}", status=429, detail=self._quota_detail
-            )
+            detail = self._quota_detail
+            raise QuotaExhausted(f"InsiteChat monthly message quota exhausted: {detail}", status=429, detail=detail)
         if not self._tripped:
             return
         if self._clock.monotonic() < self._open_until:
@@ -351,7 +350,7 @@ class InsiteChatClient:
         return self.circuit_state() in ("open", "quota")
 
     def circuit_state(self) -> str:
-        """"closed" | "open" | "half-open" | "quota"."""
+        """One of closed, open, half-open (one trial call may pass) or quota (chat blocked)."""
         return self._circuit.state()
 
     async def aclose(self) -> None:

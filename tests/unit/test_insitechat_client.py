@@ -1,0 +1,636 @@
+"""The InsiteChat client against exact response sequences (respx) and a few real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime, timezone
+from email.utils import format_datetime
+from typing import Any
+
+import httpx
+import pytest
+import respx
+from aiohttp import web
+
+from bridge.clock import ManualClock
+from bridge.insitechat import (
+    MAX_MESSAGE_CHARS,
+    BadRequest,
+    Chatbot,
+    ChatbotDetail,
+    InsiteChatClient,
+    InsiteChatError,
+    NotFound,
+    QuotaExhausted,
+    RateLimited,
+    RetryPolicy,
+    ServerError,
+    Source,
+    Unauthorized,
+    Unavailable,
+)
+from bridge.limiter import SlidingWindowLimiter
+
+BASE = "https://ic.test/api"
+KEY = "ic_" + "Zq8-tV3_" * 5 + "kP4w"  # 44 characters after the prefix, like a real key
+BOT = "0a1b2c3d-4e5f-6789-abcd-ef0123456789"
+CHAT = f"/v1/chatbots/{BOT}/chat"
+START = 1_000_000.0
+MakeClient = Callable[..., InsiteChatClient]
+RATE_LIMIT = {"detail": "API rate limit exceeded. Max 60 requests per minute."}
+QUOTA = {"detail": "Monthly message limit reached."}
+
+
+def reply(text: str = "hello") -> httpx.Response:
+    return httpx.Response(200, json={"response": text})
+
+
+def fail(status: int, detail: Any = "boom", **headers: str) -> httpx.Response:
+    return httpx.Response(status, json={"detail": detail}, headers=headers)
+
+
+class RecordingLimiter(SlidingWindowLimiter):
+    """The real limiter, remembering what the client asked of it."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(55, 60.0, clock=clock)
+        self.lanes: list[str] = []
+        self.penalties: list[float] = []
+
+    async def acquire(self, lane: str = "") -> None:
+        self.lanes.append(lane)
+        await super().acquire(lane)
+
+    def penalize(self, until: float) -> None:
+        self.penalties.append(until)
+        super().penalize(until)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(START, autojump=True)
+
+
+@pytest.fixture
+def api() -> Iterator[respx.MockRouter]:
+    with respx.mock(base_url=BASE, assert_all_called=False) as router:
+        yield router
+
+
+@pytest.fixture
+async def make_client(clock: ManualClock) -> AsyncIterator[MakeClient]:
+    made: list[InsiteChatClient] = []
+
+    def make(base_url: str = BASE, **kwargs: Any) -> InsiteChatClient:
+        kwargs.setdefault("clock", clock)
+        kwargs.setdefault("random", lambda: 0.5)  # backoff = 0.75 x the cap
+        made.append(InsiteChatClient(base_url, KEY, **kwargs))
+        return made[-1]
+
+    yield make
+    for client in made:
+        await client.aclose()
+
+
+# --- requests and results ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("base_url", [BASE, BASE + "/"])
+async def test_chat_sends_bearer_key_and_json_body(
+    api: respx.MockRouter, make_client: MakeClient, base_url: str
+) -> None:
+    route = api.post(CHAT).mock(return_value=reply("**Hi** there"))
+    client = make_client(base_url)
+    assert await client.chat(BOT, "What are your hours?", "icb-abc") == "**Hi** there"
+    request = route.calls.last.request
+    assert request.url == f"{BASE}{CHAT}"
+    assert request.headers["Authorization"] == f"Bearer {KEY}"
+    assert json.loads(request.content) == {"message": "What are your hours?", "session_id": "icb-abc"}
+
+
+async def test_chatbot_id_cannot_escape_its_path_segment(
+    api: respx.MockRouter, make_client: MakeClient
+) -> None:
+    route = api.get("/v1/chatbots/..%2Fkeys").mock(return_value=httpx.Response(200, json={"id": "x"}))
+    await make_client().get_chatbot("../keys")
+    assert route.call_count == 1
+
+
+async def test_list_chatbots_parses_loosely(api: respx.MockRouter, make_client: MakeClient) -> None:
+    api.get("/v1/chatbots").mock(
+        return_value=httpx.Response(
+            200,
+            json=[
+                {
+                    "id": "b1",
+                    "name": "Support Bot",
+                    "slug": "support-bot",
+                    "provider": "gemini",
+                    "is_active": False,
+                    "created_at": "2026-03-15T10:30:00.123456+00:00",
+                    "brand_new_field": {"x": 1},
+                },
+                {"id": "b2", "name": "Sales", "created_at": "2026-03-15T10:30:00Z"},
+                {"name": "no id, useless"},
+                "not even an object",
+            ],
+        )
+    )
+    bots = await make_client().list_chatbots()
+    assert bots == [
+        Chatbot(
+            "b1", "Support Bot", "support-bot", "gemini", False, datetime(2026, 3, 15, 10, 30, 0, 123456, timezone.utc)
+        ),
+        Chatbot("b2", "Sales", "", "", True, datetime(2026, 3, 15, 10, 30, tzinfo=timezone.utc)),
+    ]
+
+
+async def test_get_chatbot_and_list_sources(api: respx.MockRouter, make_client: MakeClient) -> None:
+    api.get(f"/v1/chatbots/{BOT}").mock(
+        return_value=httpx.Response(
+            200,
+            json={
+                "id": BOT,
+                "name": "Support Bot",
+                "slug": "support-bot",
+                "provider": "chatgpt",
+                "system_prompt": "Be kind.",
+                "fallback_message": None,
+                "temperature": 0.2,
+            },
+        )
+    )
+    api.get(f"/v1/chatbots/{BOT}/sources").mock(
+        return_value=httpx.Response(
+            200,
+            json=[
+                {"id": "s1", "type": "url", "title": "Help", "url": "https://x/help", "status": "done",
+                 "page_count": 42, "created_at": "2026-04-01T00:00:00+00:00"},
+                {"id": "s2", "type": "notion", "title": "Wiki", "status": "crawling", "page_count": None},
+            ],
+        )
+    )
+    client = make_client()
+    detail = await client.get_chatbot(BOT)
+    assert isinstance(detail, ChatbotDetail)
+    assert (detail.id, detail.provider, detail.system_prompt) == (BOT, "chatgpt", "Be kind.")
+    assert detail.fallback_message == ""  # null in the JSON
+    assert detail.is_active and detail.created_at is None
+    sources = await client.list_sources(BOT)
+    april = datetime(2026, 4, 1, tzinfo=timezone.utc)
+    assert sources[0] == Source("s1", "url", "Help", "https://x/help", "done", 42, april)
+    assert sources[1] == Source("s2", "notion", "Wiki", "", "crawling", None, None)
+
+
+async def test_chat_message_is_capped_and_the_cut_is_logged(
+    api: respx.MockRouter, make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    route = api.post(CHAT).mock(return_value=reply())
+    caplog.set_level(logging.DEBUG, logger="bridge.insitechat")
+    await make_client().chat(BOT, "x" * (MAX_MESSAGE_CHARS + 1000), "s")
+    assert len(json.loads(route.calls.last.request.content)["message"]) == MAX_MESSAGE_CHARS
+    assert "cut from 5000 to 4000" in caplog.text
+
+
+async def test_a_success_without_reply_text_is_a_server_error_and_not_resent(
+    api: respx.MockRouter, make_client: MakeClient
+) -> None:
+    route = api.post(CHAT).mock(side_effect=[httpx.Response(200, json={"answer": "?"}), reply()])
+    with pytest.raises(ServerError):
+        await make_client().chat(BOT, "hi", "s")
+    assert route.call_count == 1
+
+
+# --- errors that never retry ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "detail", "error", "text"),
+    [
+        (401, "Invalid API key", Unauthorized, "Invalid API key"),
+        (404, "Chatbot not found", NotFound, "Chatbot not found"),
+        (400, "message is required", BadRequest, "message is required"),
+        (
+            422,
+            [
+                {"loc": ["body", "payload", "message"], "msg": "Field required", "type": "missing"},
+                {"loc": ["body", "payload", "session_id"], "msg": "Input should be a valid string", "type": "x"},
+            ],
+            BadRequest,
+            "body.payload.message: Field required; body.payload.session_id: Input should be a valid string",
+        ),
+    ],
+)
+async def test_client_errors_raise_at_once(
+    api: respx.MockRouter,
+    make_client: MakeClient,
+    status: int,
+    detail: Any,
+    error: type[InsiteChatError],
+    text: str,
+) -> None:
+    route = api.post(CHAT).mock(side_effect=[fail(status, detail), reply()])
+    with pytest.raises(error) as caught:
+        await make_client().chat(BOT, "hi", "s")
+    assert route.call_count == 1
+    assert caught.value.status == status
+    assert text in str(caught.value)
+
+
+async def test_a_proxy_error_page_still_gives_a_readable_error(
+    api: respx.MockRouter, make_client: MakeClient
+) -> None:
+    api.get("/v1/chatbots").mock(return_value=httpx.Response(403, text="Forbidden by policy"))
+    with pytest.raises(InsiteChatError) as caught:
+        await make_client().list_chatbots()
+    assert type(caught.value) is InsiteChatError
+    assert (caught.value.status, "Forbidden by policy" in str(caught.value)) == (403, True)
+
+
+# --- retries ---------------------------------------------------------------------------------
+
+
+async def test_5xx_is_retried_with_jittered_backoff(
+    api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
+) -> None:
+    route = api.post(CHAT).mock(side_effect=[fail(500), fail(502), reply("ok")])
+    jitter = iter([0.0, 1.0])
+    client = make_client(random=lambda: next(jitter))
+    assert await client.chat(BOT, "hi", "s") == "ok"
+    assert route.call_count == 3
+    # Caps 0.5 s then 1 s; the jitter takes half and all of them.
+    assert clock.monotonic() - START == pytest.approx(0.25 + 1.0)
+    assert client.circuit_state() == "closed"
+
+
+async def test_backoff_never_exceeds_max_backoff(
+    api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
+) -> None:
+    route = api.get("/v1/chatbots").mock(side_effect=[fail(503)] * 6 + [httpx.Response(200, json=[])])
+    policy = RetryPolicy(base_backoff=1.0, max_backoff=2.0, failure_threshold=100)
+    assert await make_client(policy=policy, random=lambda: 1.0).list_chatbots() == []
+    assert route.call_count == 7
+    assert clock.monotonic() - START == pytest.approx(1.0 + 2.0 * 5)
+
+
+@pytest.mark.parametrize("error", [httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout])
+async def test_chat_is_resent_when_the_request_never_left(
+    api: respx.MockRouter, make_client: MakeClient, error: type[Exception]
+) -> None:
+    route = api.post(CHAT).mock(side_effect=[error, reply("ok")])
+    assert await make_client().chat(BOT, "hi", "s") == "ok"
+    assert route.call_count == 2
+
+
+@pytest.mark.parametrize("error", [httpx.ReadTimeout, httpx.RemoteProtocolError, httpx.ReadError])
+async def test_chat_is_not_resent_once_the_request_may_have_arrived(
+    api: respx.MockRouter, make_client: MakeClient, error: type[Exception]
+) -> None:
+    route = api.post(CHAT).mock(side_effect=[error, reply("ok")])
+    with pytest.raises(Unavailable) as caught:
+        await make_client().chat(BOT, "hi", "s")
+    assert route.call_count == 1
+    assert caught.value.request_sent
+
+
+async def test_a_get_is_retried_after_a_read_timeout(
+    api: respx.MockRouter, make_client: MakeClient
+) -> None:
+    route = api.get(f"/v1/chatbots/{BOT}/sources").mock(side_effect=[httpx.ReadTimeout, httpx.Response(200, json=[])])
+    assert await make_client().list_sources(BOT) == []
+    assert route.call_count == 2
+
+
+async def test_retries_stop_at_the_deadline(
+    api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
+) -> None:
+    route = api.post(CHAT).mock(return_value=fail(500))
+    policy = RetryPolicy(deadline=10.0, base_backoff=1.0, max_backoff=4.0, failure_threshold=100)
+    with pytest.raises(ServerError) as caught:
+        await make_client(policy=policy).chat(BOT, "hi", "s")
+    # Backoffs 0.75, 1.5, 3, 3 (total 8.25); the next 3 would end past 10 s.
+    assert route.call_count == 5
+    assert clock.monotonic() - START == pytest.approx(8.25)
+    assert caught.value.status == 500
+
+
+# --- 429: rate limit and quota ---------------------------------------------------------------
+
+
+async def test_rate_limit_without_retry_after_waits_the_default_and_holds_the_limiter(
+    api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
+) -> None:
+    limiter = RecordingLimiter(clock)
+    route = api.post(CHAT).mock(side_effect=[fail(429, RATE_LIMIT["detail"]), reply("ok")])
+    assert await make_client(limiter=limiter).chat(BOT, "hi", "s", lane="slack:C1") == "ok"
+    assert route.call_count == 2
+    assert limiter.penalties == [START + 60.0]
+    assert clock.monotonic() - START == pytest.approx(60.0)
+    assert limiter.lanes == ["slack:C1", "slack:C1"]  # every attempt queued in the caller's lane
+
+
+@pytest.mark.parametrize(
+    "retry_after",
+    ["7", format_datetime(datetime.fromtimestamp(ManualClock(START).time() + 7, timezone.utc), usegmt=True)],
+    ids=["seconds", "http-date"],
+)
+async def test_rate_limit_honours_retry_after(
+    api: respx.MockRouter, make_client: MakeClient, clock: ManualClock, retry_after: str
+) -> None:
+    route = api.post(CHAT).mock(side_effect=[fail(429, RATE_LIMIT["detail"], **{"Retry-After": retry_after}), reply()])
+    await make_client().chat(BOT, "hi", "s")
+    assert route.call_count == 2
+    assert clock.monotonic() - START == pytest.approx(7.0)
+
+
+async def test_rate_limit_longer_than_the_deadline_raises_and_still_holds_the_limiter(
+    api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
+) -> None:
+    limiter = RecordingLimiter(clock)
+    route = api.post(CHAT).mock(side_effect=[fail(429, RATE_LIMIT["detail"]), reply()])
+    client = make_client(limiter=limiter, policy=RetryPolicy(deadline=30.0))
+    with pytest.raises(RateLimited) as caught:
+        await client.chat(BOT, "hi", "s")
+    assert route.call_count == 1
+    assert caught.value.retry_after == 60.0
+    assert clock.monotonic() == START  # gave up at once instead of sleeping into the deadline
+    assert limiter.estimated_wait("other") == 60.0  # the rest of the process backs off too
+
+
+async def test_a_429_without_the_api_detail_is_a_rate_limit_not_quota(
+    api: respx.MockRouter, make_client: MakeClient
+) -> None:
+    # A proxy's bare 429 must not block chat for an hour.
+    route = api.post(CHAT).mock(side_effect=[httpx.Response(429, text="<html>slow down</html>"), reply()])
+    client = make_client()
+    assert await client.chat(BOT, "hi", "s") == "hello"
+    assert route.call_count == 2
+    assert client.circuit_state() == "closed"
+
+
+async def test_quota_is_never_retried_and_blocks_chat_until_the_cooldown(
+    api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
+) -> None:
+    chat = api.post(CHAT).mock(side_effect=[fail(429, QUOTA["detail"]), reply("back")])
+    listing = api.get("/v1/chatbots").mock(return_value=httpx.Response(200, json=[]))
+    client = make_client(policy=RetryPolicy(quota_cooldown=3600.0))
+    with pytest.raises(QuotaExhausted) as caught:
+        await client.chat(BOT, "hi", "s")
+    assert "Monthly message limit reached." in str(caught.value)
+    assert chat.call_count == 1
+    assert (client.circuit_state(), client.circuit_open) == ("quota", True)
+    with pytest.raises(QuotaExhausted):
+        await client.chat(BOT, "again", "s")
+    assert chat.call_count == 1  # refused without a request
+    assert await client.list_chatbots() == []  # the quota is about messages: reads still work
+    assert listing.call_count == 1
+    clock.advance(3600.0)
+    assert client.circuit_state() == "closed"
+    assert await client.chat(BOT, "hi", "s") == "back"
+
+
+# --- circuit breaker -------------------------------------------------------------------------
+
+
+async def test_circuit_opens_after_consecutive_failures_and_half_opens_after_the_cooldown(
+    api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
+) -> None:
+    route = api.post(CHAT).mock(side_effect=[fail(500), httpx.ConnectError, fail(503), reply("up")])
+    # deadline=0: no retries, so each call is one attempt.
+    client = make_client(policy=RetryPolicy(deadline=0.0, failure_threshold=3, circuit_cooldown=30.0))
+    for expected in (ServerError, Unavailable, ServerError):
+        with pytest.raises(expected):
+            await client.chat(BOT, "hi", "s")
+    assert (client.circuit_state(), client.circuit_open) == ("open", True)
+    with pytest.raises(Unavailable, match="circuit open"):
+        await client.chat(BOT, "hi", "s")
+    assert route.call_count == 3  # no network while open
+    clock.advance(29.0)
+    assert client.circuit_state() == "open"
+    clock.advance(1.0)
+    assert (client.circuit_state(), client.circuit_open) == ("half-open", False)
+    assert await client.chat(BOT, "hi", "s") == "up"
+    assert client.circuit_state() == "closed"
+
+
+async def test_a_failed_trial_reopens_the_circuit(
+    api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
+) -> None:
+    route = api.get("/v1/chatbots").mock(side_effect=[fail(500), fail(500), httpx.Response(200, json=[])])
+    client = make_client(policy=RetryPolicy(deadline=0.0, failure_threshold=1, circuit_cooldown=30.0))
+    with pytest.raises(ServerError):
+        await client.list_chatbots()
+    clock.advance(30.0)
+    with pytest.raises(ServerError):
+        await client.list_chatbots()  # the trial
+    assert client.circuit_state() == "open"
+    clock.advance(30.0)
+    assert await client.list_chatbots() == []
+    assert route.call_count == 3
+
+
+async def test_success_resets_the_count_of_consecutive_failures(
+    api: respx.MockRouter, make_client: MakeClient
+) -> None:
+    api.post(CHAT).mock(side_effect=[fail(500), reply(), fail(500), reply()])
+    client = make_client(policy=RetryPolicy(deadline=0.0, failure_threshold=2))
+    with pytest.raises(ServerError):
+        await client.chat(BOT, "hi", "s")
+    await client.chat(BOT, "hi", "s")
+    with pytest.raises(ServerError):
+        await client.chat(BOT, "hi", "s")
+    assert client.circuit_state() == "closed"
+
+
+async def test_only_one_trial_call_goes_out_while_half_open(
+    api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
+) -> None:
+    release = asyncio.Event()
+
+    async def slow_success(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return httpx.Response(200, json=[])
+
+    route = api.get("/v1/chatbots").mock(side_effect=[fail(500), slow_success, httpx.Response(200, json=[])])
+    client = make_client(policy=RetryPolicy(deadline=0.0, failure_threshold=1, circuit_cooldown=30.0))
+    with pytest.raises(ServerError):
+        await client.list_chatbots()
+    clock.advance(30.0)
+    trial = asyncio.create_task(client.list_chatbots())
+    await asyncio.sleep(0.01)  # let the trial reach the (fake) network; no clock time passes
+    with pytest.raises(Unavailable, match="trial"):
+        await client.list_chatbots()
+    release.set()
+    assert await trial == []
+    assert await client.list_chatbots() == []
+    assert route.call_count == 3
+
+
+async def test_a_cancelled_trial_does_not_wedge_the_circuit(
+    api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
+) -> None:
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    api.get("/v1/chatbots").mock(side_effect=[fail(500), hang, httpx.Response(200, json=[])])
+    client = make_client(policy=RetryPolicy(deadline=0.0, failure_threshold=1, circuit_cooldown=30.0))
+    with pytest.raises(ServerError):
+        await client.list_chatbots()
+    clock.advance(30.0)
+    trial = asyncio.create_task(client.list_chatbots())
+    await asyncio.sleep(0.01)
+    trial.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await trial
+    assert client.circuit_state() == "half-open"
+    assert await client.list_chatbots() == []
+
+
+async def test_an_opening_circuit_ends_the_retries_of_the_call_in_progress(
+    api: respx.MockRouter, make_client: MakeClient
+) -> None:
+    route = api.post(CHAT).mock(side_effect=[fail(500), fail(500), fail(500), reply()])
+    client = make_client(policy=RetryPolicy(failure_threshold=2))
+    with pytest.raises(ServerError):
+        await client.chat(BOT, "hi", "s")
+    assert route.call_count == 2
+    assert client.circuit_state() == "open"
+
+
+async def test_client_errors_do_not_count_as_failures(
+    api: respx.MockRouter, make_client: MakeClient
+) -> None:
+    api.get(f"/v1/chatbots/{BOT}").mock(return_value=fail(404))
+    client = make_client(policy=RetryPolicy(failure_threshold=1))
+    for _ in range(3):
+        with pytest.raises(NotFound):
+            await client.get_chatbot(BOT)
+    assert client.circuit_state() == "closed"
+
+
+# --- limiter ---------------------------------------------------------------------------------
+
+
+async def test_every_attempt_on_every_endpoint_goes_through_the_limiter(
+    api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
+) -> None:
+    limiter = RecordingLimiter(clock)
+    api.post(CHAT).mock(side_effect=[fail(500), httpx.ConnectError, reply()])
+    api.get("/v1/chatbots").mock(return_value=httpx.Response(200, json=[]))
+    api.get(f"/v1/chatbots/{BOT}").mock(return_value=httpx.Response(200, json={"id": BOT}))
+    api.get(f"/v1/chatbots/{BOT}/sources").mock(return_value=httpx.Response(200, json=[]))
+    client = make_client(limiter=limiter)
+    assert client.limiter is limiter
+    await client.chat(BOT, "hi", "s", lane="discord:42")
+    await client.list_chatbots()
+    await client.get_chatbot(BOT)
+    await client.list_sources(BOT)
+    assert limiter.lanes == ["discord:42"] * 3 + [""] * 3
+
+
+async def test_calls_wait_for_the_limiter_before_any_request(
+    api: respx.MockRouter, make_client: MakeClient
+) -> None:
+    clock = ManualClock(START)
+    limiter = SlidingWindowLimiter(1, 60.0, clock=clock)
+    route = api.post(CHAT).mock(return_value=reply())
+    client = make_client(limiter=limiter, clock=clock)
+    await client.chat(BOT, "first", "s")
+    second = asyncio.create_task(client.chat(BOT, "second", "s"))
+    await asyncio.sleep(0.01)
+    assert route.call_count == 1
+    clock.advance(60.0)
+    assert await second == "hello"
+    assert route.call_count == 2
+
+
+# --- secrets ---------------------------------------------------------------------------------
+
+
+async def test_the_api_key_never_reaches_an_error_or_a_log_line(
+    api: respx.MockRouter, make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    echo = f"bad key {KEY}"
+    api.get("/v1/chatbots").mock(return_value=fail(401, echo))
+    api.get(f"/v1/chatbots/{BOT}").mock(return_value=httpx.Response(500, text=echo))
+    api.get(f"/v1/chatbots/{BOT}/sources").mock(side_effect=httpx.ConnectError(echo))
+    api.post(CHAT).mock(side_effect=[fail(429, [{"loc": ["header"], "msg": echo}]), fail(429, echo)])
+    client = make_client(policy=RetryPolicy(failure_threshold=100, max_backoff=1.0, deadline=5.0, rate_limit_wait=1.0))
+    errors: list[InsiteChatError] = []
+    for call in (client.list_chatbots(), client.get_chatbot(BOT), client.list_sources(BOT), client.chat(BOT, "x", "s")):
+        with pytest.raises(InsiteChatError) as caught:
+            await call
+        errors.append(caught.value)
+    assert [type(e) for e in errors] == [Unauthorized, ServerError, Unavailable, QuotaExhausted]
+    with pytest.raises(QuotaExhausted) as again:
+        await client.chat(BOT, "x", "s")
+    errors.append(again.value)
+    assert "retrying" in caplog.text  # the retry paths did log
+    for error in errors:
+        text = f"{error} {error!r} {error.detail} {getattr(error, 'reason', '')}"
+        assert KEY not in text
+        assert "[redacted]" in text
+    assert KEY not in caplog.text
+
+
+def test_an_empty_key_is_refused_without_echoing_anything() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        InsiteChatClient(BASE, "")
+
+
+# --- real sockets on loopback: what httpx itself raises ----------------------------------------
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_connection_refused_is_retried_until_the_deadline(
+    make_client: MakeClient, clock: ManualClock
+) -> None:
+    policy = RetryPolicy(deadline=5.0, failure_threshold=100)
+    client = make_client(f"http://127.0.0.1:{closed_port()}/api", policy=policy)
+    with pytest.raises(Unavailable) as caught:
+        await client.chat(BOT, "hi", "s")
+    assert not caught.value.request_sent
+    assert 0 < clock.monotonic() - START <= 5.0  # it did back off, within the budget
+
+
+@pytest.fixture
+async def hanging_server() -> AsyncIterator[tuple[str, list[str]]]:
+    """A loopback server that takes requests and never answers them."""
+    seen: list[str] = []
+
+    async def hang(request: web.Request) -> web.Response:
+        seen.append(f"{request.method} {request.path}")
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", hang)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}/api", seen
+    await runner.cleanup()
+
+
+async def test_a_real_read_timeout_on_chat_is_not_resent(
+    make_client: MakeClient, hanging_server: tuple[str, list[str]]
+) -> None:
+    base_url, seen = hanging_server
+    client = make_client(base_url, timeout=0.05)  # the one real wait in this file: 50 ms
+    with pytest.raises(Unavailable, match="ReadTimeout") as caught:
+        await client.chat(BOT, "hi", "s")
+    assert caught.value.request_sent
+    assert seen == [f"POST /api{CHAT}"]
