@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-from bridge.messages import Inbound, Outbound
+from bridge.messages import Conversation, Inbound, Outbound
 
 
 @runtime_checkable
@@ -30,3 +30,25 @@ class Adapter(Protocol):
 
     def working(self, inbound: Inbound) -> AbstractAsyncContextManager[None]:
         """Show that an answer is being prepared (reaction, typing...) while inside."""
+
+
+@runtime_checkable
+class AlertPoster(Adapter, Protocol):
+    """A platform that can also carry alert cards (Slack, Discord)."""
+
+    async def post_alert(self, channel: str, card: dict[str, Any], *, thread: str, broadcast: bool, key: str) -> str:
+        """Post a rendered card (bridge.cards) to a channel, in `thread` if given; return its reference.
+
+        `key` identifies the delivery: store it with the message (Slack metadata, Discord
+        nonce or embed footer) so `find_alert` can recognise it after a crash.
+        `broadcast`: an escalation inside a thread is also shown in the channel itself.
+        """
+
+    async def find_alert(self, channel: str, key: str, *, since: float, thread: str) -> str | None:
+        """The reference of a card already posted with `key` since the epoch time `since`, if any."""
+
+    async def update_alert(self, channel: str, reference: str, card: dict[str, Any]) -> None:
+        """Replace a posted card in place (claim / resolve)."""
+
+    async def permalink(self, conversation: Conversation) -> str | None:
+        """A link to a conversation's thread, for alerts about it."""

@@ -8,14 +8,17 @@ from typing import TextIO
 
 from aiohttp import web
 
-from adapters.base import Adapter
+from adapters.base import Adapter, AlertPoster
 from adapters.console import ConsoleAdapter
 from bridge.clock import Clock, SystemClock
 from bridge.config import Settings
+from bridge.desk import AlertDesk
 from bridge.insitechat import InsiteChatClient, RetryPolicy
 from bridge.limiter import SlidingWindowLimiter
+from bridge.outbox import Outbox
 from bridge.relay import Relay
 from bridge.store import Store, open_store
+from bridge.webhooks import WebhookReceiver
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,8 @@ class BridgeApp:
         self.clock = clock or SystemClock()
         self.store = store or open_store(settings.state.sqlite, clock=self.clock)
         self.clients = build_clients(settings, self.clock)
-        self.relay = Relay(settings, self.store, self.clients, clock=self.clock)
+        self.desk = AlertDesk(settings, self.store, self.clock)
+        self.relay = Relay(settings, self.store, self.clients, clock=self.clock, desk=self.desk)
         self.grace = grace
         self.adapters: list[Adapter] = []
         self.console: ConsoleAdapter | None = None
@@ -74,6 +78,9 @@ class BridgeApp:
             from adapters.discord_bot import DiscordAdapter
 
             self.adapters.append(DiscordAdapter(settings, self.relay.submit, web=self.web, store=self.store, clock=self.clock))
+        posters = {a.name: a for a in self.adapters if isinstance(a, AlertPoster)}
+        self.outbox = Outbox(self.store, self.desk, posters, self.clock)
+        WebhookReceiver(settings, self.desk, self.clock, on_stored=self.outbox.wake).add_routes(self.web)
         self._runner: web.AppRunner | None = None
         self.server_url = ""
         self.stopped = asyncio.Event()
@@ -92,6 +99,8 @@ class BridgeApp:
             for adapter in reversed(started):
                 await adapter.stop()
             raise
+        # Alerts start flowing once the platforms are up; undelivered ones from before wait in the store.
+        self.outbox.start()
         if self.console is not None and self.settings.platforms == ["console"]:
             # A console-only bridge (the sandbox) ends with its input.
             asyncio.get_running_loop().create_task(self._stop_at_end_of_input(self.console))
@@ -114,6 +123,7 @@ class BridgeApp:
     async def stop(self) -> None:
         """Stop taking messages, let answers in flight finish within the grace period, close all."""
         await self.relay.drain(self.grace)
+        await self.outbox.stop()
         for adapter in reversed(self.adapters):
             try:
                 await adapter.stop()

@@ -187,6 +187,7 @@ class RouteSettings(_Model):
     chatbot: str
     reply: ReplyMode = ReplyMode.MENTION
     threads: bool | None = None  # Discord: answer in a new thread (default from discord.threads)
+    human_button: bool = True  # a "Talk to a human" button under answers (when escalations are routed)
 
     @field_validator("reply", mode="before")
     @classmethod
@@ -302,6 +303,12 @@ class Settings(_Model):
             if self.chatbot_key(route.chatbot) not in keys:
                 yield f"routes[{i}].chatbot: no insitechat key for it; add it under chatbots with a key"
         for i, rule in enumerate(self.alerts):
+            bot = self.chatbot_settings(rule.chatbot)
+            if self.webhooks.verify_signatures and not (bot and bot.webhook_secret):
+                yield (
+                    f"alerts[{i}].chatbot: {rule.chatbot} has no webhook_secret under chatbots: "
+                    "its webhooks cannot be verified (or set webhooks.verify_signatures: false)"
+                )
             for j, dest in enumerate(rule.to):
                 platform = dest.split(":", 1)[0]
                 if self._platform(platform) is None:

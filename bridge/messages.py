@@ -98,4 +98,5 @@ class Outbound:
     parts: tuple[str, ...]
     kind: OutboundKind = OutboundKind.ANSWER
     reply_to: str = ""  # the message being answered (for thread creation and nonces)
+    offer_human: bool = False  # show a "Talk to a human" button under the last part
     metadata: dict[str, str] = field(default_factory=dict, compare=False, hash=False)

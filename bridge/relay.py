@@ -13,6 +13,7 @@ from adapters.base import Adapter
 from bridge import formatting
 from bridge.clock import Clock, SystemClock
 from bridge.config import ReplyMode, RouteSettings, Settings
+from bridge.desk import AlertDesk
 from bridge.insitechat import (
     BadRequest,
     InsiteChatClient,
@@ -29,11 +30,13 @@ from bridge.store import Store
 log = logging.getLogger(__name__)
 
 RESET_WORDS = frozenset({"reset", "new conversation", "new chat", "start over"})
+RESUME_WORDS = frozenset({"resume", "come back"})
 
 # What the user reads. Kind and short; the cause goes to the operator's log.
 NOTICES = {
     "hello": "Hi! Ask me a question and I'll answer here.",
     "reset": "Starting a new conversation: I've forgotten what we said before in this thread.",
+    "resumed": "I'm back: ask me anything.",
     "queued": "Lots of questions right now: you're number {position} in the queue. "
     "I'll answer in about {seconds} seconds.",
     "quota": "The chatbot has used up its monthly message allowance, so I can't answer right now. "
@@ -51,6 +54,11 @@ RENDERERS: dict[str, Renderer] = {
     "discord": formatting.to_discord,
     "console": formatting.to_plain,
 }
+
+
+def _words(text: str) -> str:
+    """A message reduced for command matching: "Reset!" and "reset" are the same."""
+    return " ".join(text.lower().strip(" .!?").split())
 
 
 class Outcome(str, enum.Enum):
@@ -84,9 +92,11 @@ class Relay:
         clients: Mapping[str, InsiteChatClient],
         *,
         clock: Clock | None = None,
+        desk: AlertDesk | None = None,
         queue_notice_after: float = 10.0,
     ) -> None:
         self._settings = settings
+        self._desk = desk
         self._store = store
         self._clients = clients
         self._clock = clock or SystemClock()
@@ -145,7 +155,15 @@ class Relay:
         return outcome
 
     async def decide(self, inbound: Inbound) -> Decision:
-        """Whether the bot should answer: the trigger rules, in one place."""
+        """Whether the bot should answer: the trigger rules, then a human's hand-over."""
+        decision = await self._triggered(inbound)
+        if decision.answer and self._desk is not None and await self._desk.paused(inbound.conversation):
+            if _words(inbound.text) not in RESUME_WORDS:
+                return Decision(False, "a human has taken over this thread", decision.route)
+        return decision
+
+    async def _triggered(self, inbound: Inbound) -> Decision:
+        """The trigger rules, in one place."""
         if inbound.author_is_self:
             return Decision(False, "own message")
         if inbound.author_is_bot:
@@ -177,7 +195,10 @@ class Relay:
         adapter = self._adapters[inbound.platform]
         conversation = inbound.conversation
         text = inbound.text.strip()
-        if text.lower().strip(" .!") in RESET_WORDS:
+        if self._desk is not None and _words(text) in RESUME_WORDS and await self._desk.paused(conversation):
+            await self._desk.resume(conversation)
+            return await self._notify(adapter, inbound, "resumed")
+        if _words(text) in RESET_WORDS:
             await self._store.bump_generation(conversation.key)
             outcome = await self._notify(adapter, inbound, "reset")
             return Outcome.RESET if outcome is Outcome.NOTICE else outcome
@@ -211,7 +232,13 @@ class Relay:
             if not parts:
                 log.warning("chatbot %s returned an empty answer", route.chatbot)
                 return await self._notify(adapter, inbound, "empty")
-            outbound = Outbound(conversation, tuple(parts), OutboundKind.ANSWER, reply_to=inbound.message_id)
+            offer_human = False
+            if self._desk is not None:
+                await self._desk.remember_exchange(conversation, session_id, text, answer)
+                offer_human = route.human_button and self._desk.has_human_route(route.chatbot)
+            outbound = Outbound(
+                conversation, tuple(parts), OutboundKind.ANSWER, reply_to=inbound.message_id, offer_human=offer_human
+            )
             try:
                 await adapter.send(outbound)
             except Exception:

@@ -6,6 +6,8 @@ import json
 import logging
 import sqlite3
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +30,7 @@ class OutboxItem:
     attempts: int
     created_at: float
     next_attempt_at: float
+    started: bool = False  # an earlier attempt began: it may have posted before a crash
 
 
 class Store(Protocol):
@@ -56,15 +59,30 @@ class Store(Protocol):
 
     async def bump_generation(self, conversation: str) -> int: ...
 
+    async def put(self, kind: str, key: str, value: Any, ttl: float | None = None) -> None:
+        """Keep a small JSON value (an alert, a thread reference...) under (kind, key)."""
+
+    async def get(self, kind: str, key: str) -> Any | None: ...
+
+    async def delete(self, kind: str, key: str) -> None: ...
+
+    async def accept(self, keys: list[str], deliveries: list[tuple[str, str, dict[str, Any]]], ttl: float = DAY) -> bool:
+        """Atomically: unless one of `keys` was seen within its ttl, remember all of them and
+        queue the deliveries (key, destination, payload). False for a duplicate."""
+
     async def outbox_add(self, key: str, destination: str, payload: dict[str, Any]) -> bool:
         """Queue a delivery; False if one with this key exists (delivered or not)."""
 
     async def outbox_due(self, limit: int = 50) -> list[OutboxItem]: ...
 
+    async def outbox_begin(self, item_id: int) -> None:
+        """Mark that an attempt starts: after a crash, look before posting again."""
+
     async def outbox_done(self, item_id: int, reference: str) -> None:
         """Record that the platform accepted the delivery, with its message reference."""
 
-    async def outbox_retry(self, item_id: int, delay: float, error: str) -> None: ...
+    async def outbox_retry(self, item_id: int, delay: float, error: str, *, count: bool = True) -> None:
+        """Try again after `delay`; `count=False` when the item itself was not attempted."""
 
     async def outbox_depth(self) -> tuple[int, float | None]:
         """Undelivered items and the age in seconds of the oldest one."""
@@ -90,12 +108,24 @@ CREATE TABLE IF NOT EXISTS generations (
     conversation TEXT PRIMARY KEY,
     generation INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS seen (
+    key TEXT PRIMARY KEY,
+    expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS records (
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    expires_at REAL,
+    PRIMARY KEY (kind, key)
+);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     key TEXT NOT NULL UNIQUE,
     destination TEXT NOT NULL,
     payload TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
+    started INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
     next_attempt_at REAL NOT NULL,
     delivered_at REAL,
@@ -132,6 +162,8 @@ class SQLiteStore:
         now = self._clock.time()
         self._db.execute("DELETE FROM claims WHERE expires_at < ?", (now,))
         self._db.execute("DELETE FROM followed WHERE expires_at < ?", (now,))
+        self._db.execute("DELETE FROM seen WHERE expires_at < ?", (now,))
+        self._db.execute("DELETE FROM records WHERE expires_at IS NOT NULL AND expires_at < ?", (now,))
         self._db.execute("DELETE FROM outbox WHERE delivered_at IS NOT NULL AND delivered_at < ?", (now - 7 * DAY,))
 
     async def claim(self, key: str, ttl: float = DAY) -> bool:
@@ -175,6 +207,52 @@ class SQLiteStore:
         )
         return await self.generation(conversation)
 
+    async def put(self, kind: str, key: str, value: Any, ttl: float | None = None) -> None:
+        expires = self._clock.time() + ttl if ttl is not None else None
+        self._db.execute(
+            "INSERT OR REPLACE INTO records (kind, key, value, expires_at) VALUES (?, ?, ?, ?)",
+            (kind, key, json.dumps(value), expires),
+        )
+
+    async def get(self, kind: str, key: str) -> Any | None:
+        row = self._db.execute(
+            "SELECT value FROM records WHERE kind = ? AND key = ? AND (expires_at IS NULL OR expires_at >= ?)",
+            (kind, key, self._clock.time()),
+        ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    async def delete(self, kind: str, key: str) -> None:
+        self._db.execute("DELETE FROM records WHERE kind = ? AND key = ?", (kind, key))
+
+    async def accept(self, keys: list[str], deliveries: list[tuple[str, str, dict[str, Any]]], ttl: float = DAY) -> bool:
+        now = self._clock.time()
+        # One transaction: a crash leaves either nothing or the keys and every delivery.
+        with self._transaction():
+            marks = ",".join("?" * len(keys))
+            seen = self._db.execute(f"SELECT 1 FROM seen WHERE key IN ({marks}) AND expires_at >= ?", (*keys, now))
+            if seen.fetchone() is not None:
+                return False
+            self._db.executemany(
+                "INSERT OR REPLACE INTO seen (key, expires_at) VALUES (?, ?)", [(k, now + ttl) for k in keys]
+            )
+            self._db.executemany(
+                "INSERT OR IGNORE INTO outbox (key, destination, payload, created_at, next_attempt_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(key, dest, json.dumps(payload), now, now) for key, dest, payload in deliveries],
+            )
+        return True
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+
     async def outbox_add(self, key: str, destination: str, payload: dict[str, Any]) -> bool:
         now = self._clock.time()
         cursor = self._db.execute(
@@ -186,11 +264,14 @@ class SQLiteStore:
 
     async def outbox_due(self, limit: int = 50) -> list[OutboxItem]:
         rows = self._db.execute(
-            "SELECT id, key, destination, payload, attempts, created_at, next_attempt_at FROM outbox "
-            "WHERE delivered_at IS NULL AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
+            "SELECT id, key, destination, payload, attempts, created_at, next_attempt_at, started FROM outbox "
+            "WHERE delivered_at IS NULL AND next_attempt_at <= ? ORDER BY id LIMIT ?",
             (self._clock.time(), limit),
         ).fetchall()
-        return [OutboxItem(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6]) for r in rows]
+        return [OutboxItem(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6], bool(r[7])) for r in rows]
+
+    async def outbox_begin(self, item_id: int) -> None:
+        self._db.execute("UPDATE outbox SET started = 1 WHERE id = ?", (item_id,))
 
     async def outbox_done(self, item_id: int, reference: str) -> None:
         self._db.execute(
@@ -198,10 +279,10 @@ class SQLiteStore:
             (self._clock.time(), reference, item_id),
         )
 
-    async def outbox_retry(self, item_id: int, delay: float, error: str) -> None:
+    async def outbox_retry(self, item_id: int, delay: float, error: str, *, count: bool = True) -> None:
         self._db.execute(
-            "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? WHERE id = ?",
-            (self._clock.time() + delay, error[:500], item_id),
+            "UPDATE outbox SET attempts = attempts + ?, next_attempt_at = ?, last_error = ? WHERE id = ?",
+            (int(count), self._clock.time() + delay, error[:500], item_id),
         )
 
     async def outbox_depth(self) -> tuple[int, float | None]:

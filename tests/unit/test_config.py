@@ -39,11 +39,12 @@ def problems_of(text: str, env: dict[str, str] | None = None) -> list[str]:
 
 
 def test_example_config_is_valid() -> None:
-    env = {"INSITECHAT_API_KEY": "ic_x", "SLACK_BOT_TOKEN": "xoxb-x", "SLACK_APP_TOKEN": "xapp-x", "DISCORD_BOT_TOKEN": "d"}
+    env = {"INSITECHAT_API_KEY": "ic_x", "SLACK_BOT_TOKEN": "xoxb-x", "SLACK_APP_TOKEN": "xapp-x", "DISCORD_BOT_TOKEN": "d",
+           "SUPPORT_BOT_WEBHOOK_SECRET": "whsec"}
     settings = config.load(ROOT / "config.example.yaml", env=env)
     assert settings.platforms == ["slack", "discord"]
     assert settings.insitechat.base_url == "https://backend.insitechat.ai/api"
-    assert settings.chatbot_settings(BOT).webhook_secret is None  # ${VAR:-} left empty means unset
+    assert settings.chatbot_settings(BOT).webhook_secret == "whsec"
     assert settings.alerts[0].to == ("slack:C0ALERTS01", "discord:987654321098765432")
 
 
@@ -117,6 +118,7 @@ def test_no_matching_route() -> None:
         (lambda t: t.split("routes:")[0], "routes: at least one route is needed"),
         (lambda t: t + f"chatbots:\n  - {{id: {BOT}, key: other}}\n", "chatbots[0].key: no key named 'other'"),
         (lambda t: t + f"alerts:\n  - {{chatbot: {BOT}, to: ['teams:C1']}}\n", "alerts[0].to: 'teams:C1' is not"),
+        (lambda t: t + f"alerts:\n  - {{chatbot: {BOT}, to: ['slack:C1']}}\n", "alerts[0].chatbot: 0a1b2c3d-4e5f-6789-abcd-ef0123456789 has no webhook_secret"),
         (lambda t: t + f"alerts:\n  - {{chatbot: {BOT}, to: ['slack:C1'], mention: ['@everyone']}}\n", "alerts[0].mention: '@everyone' is not an explicit mention"),
         (lambda t: t + f"alerts:\n  - {{chatbot: {BOT}, to: ['slack:C1'], events: [visitor.waved]}}\n", "alerts[0].events: unknown event 'visitor.waved'"),
         (lambda t: t + "server: {listen: nowhere}\n", 'server.listen: must be "host:port"'),
@@ -146,6 +148,12 @@ def test_secret_values_never_appear_in_errors() -> None:
     assert all(secret not in p for p in problems)
     literal = problems_of(BASE.replace("bot_token: ${SLACK_BOT}", f"bot_token: {secret}"))
     assert all(secret not in p for p in literal)
+
+
+def test_empty_optional_secret_means_unset() -> None:
+    text = BASE + f"webhooks: {{verify_signatures: false}}\nchatbots:\n  - id: {BOT}\n    webhook_secret: ${{WH:-}}\n"
+    text += f"alerts:\n  - {{chatbot: {BOT}, to: ['slack:C1']}}\n"
+    assert config.loads(text, env=ENV).chatbot_settings(BOT).webhook_secret is None
 
 
 def test_several_keys() -> None:
