@@ -31,6 +31,9 @@ class Adapter(Protocol):
     def working(self, inbound: Inbound) -> AbstractAsyncContextManager[None]:
         """Show that an answer is being prepared (reaction, typing...) while inside."""
 
+    # Optional: `def readiness(self) -> str | None` — None when the connection is live by
+    # its own heartbeat, else why not. /readyz reports it.
+
 
 @runtime_checkable
 class AlertPoster(Adapter, Protocol):

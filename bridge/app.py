@@ -10,6 +10,7 @@ from aiohttp import web
 
 from adapters.base import Adapter, AlertPoster
 from adapters.console import ConsoleAdapter
+from bridge import metrics
 from bridge.clock import Clock, SystemClock
 from bridge.config import Settings
 from bridge.desk import AlertDesk
@@ -69,6 +70,8 @@ class BridgeApp:
             self.adapters.append(self.console)
         self.web = web.Application()
         self.web.router.add_get("/healthz", self._healthz)
+        self.web.router.add_get("/readyz", self._readyz)
+        self.web.router.add_get("/metrics", self._metrics)
         # Platform adapters are imported only when configured: each pulls in a large SDK.
         if settings.slack is not None:
             from adapters.slack import SlackAdapter
@@ -137,4 +140,36 @@ class BridgeApp:
         self.stopped.set()
 
     async def _healthz(self, request: web.Request) -> web.Response:
+        """Alive: the loop answers. Restart the process when this fails."""
         return web.json_response({"status": "ok"})
+
+    async def readiness(self) -> dict[str, str]:
+        """Each part's state: "ok" or why it cannot do its job right now."""
+        parts: dict[str, str] = {}
+        parts["state"] = "ok" if await self.store.ping() else "the state store does not answer"
+        for name, client in self.clients.items():
+            state = client.circuit_state()
+            parts[f"insitechat:{name}"] = {
+                "open": "InsiteChat is failing: circuit open",
+                "quota": "InsiteChat monthly quota exhausted",
+            }.get(state, "ok")
+        for adapter in self.adapters:
+            check = getattr(adapter, "readiness", None)
+            if check is not None:
+                parts[adapter.name] = check() or "ok"
+        return parts
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        """Ready: every part can do its job. The body says which part is not."""
+        parts = await self.readiness()
+        ready = all(v == "ok" for v in parts.values())
+        return web.json_response({"ready": ready, "parts": parts}, status=200 if ready else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        depth, oldest = await self.store.outbox_depth()
+        metrics.OUTBOX_DEPTH.set(depth)
+        metrics.OUTBOX_OLDEST.set(oldest or 0.0)
+        for name, client in self.clients.items():
+            if client.limiter is not None:
+                metrics.LIMITER_QUEUE.labels(name).set(client.limiter.waiting)
+        return web.Response(body=metrics.render(), headers={"Content-Type": metrics.CONTENT_TYPE})

@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import httpx
 
-from bridge import __version__
+from bridge import __version__, metrics
 from bridge.clock import Clock, SystemClock
 from bridge.limiter import SlidingWindowLimiter
 
@@ -439,15 +439,22 @@ class InsiteChatClient:
 
     async def _attempt(self, method: str, path: str, payload: dict[str, Any] | None, lane: str, *, chat: bool) -> Any:
         if self._limiter is not None:
+            queued = self._clock.monotonic()
             await self._limiter.acquire(lane)  # the upstream limit counts every endpoint and every retry
+            metrics.LIMITER_WAIT.observe(self._clock.monotonic() - queued)
         # Checked again after the queue: the circuit may have opened while we waited (the slot is then unused).
         trial = self._circuit.admit(chat=chat)
+        endpoint = _endpoint_name(path)
+        sent = self._clock.monotonic()
         try:
             try:
                 response = await self._http.request(method, self._base + path, json=payload)
             except httpx.TransportError as exc:
+                metrics.INSITECHAT_RESPONSES.labels(endpoint, "network").inc()
                 self._circuit.record_failure()
                 raise self._transport_error(exc) from exc
+            metrics.INSITECHAT_SECONDS.labels(endpoint).observe(self._clock.monotonic() - sent)
+            metrics.INSITECHAT_RESPONSES.labels(endpoint, str(response.status_code)).inc()
             return self._handle(response)
         finally:
             if trial:
@@ -542,6 +549,14 @@ class InsiteChatClient:
             else:
                 logger.warning("[%s] skipped a %s entry without an id", self._name, what)
         return items
+
+
+def _endpoint_name(path: str) -> str:
+    """A metric label without ids: chatbots, chatbot, sources or chat."""
+    parts = path.strip("/").split("/")  # v1, chatbots[, id[, sources|chat]]
+    if len(parts) >= 4:
+        return parts[3]
+    return "chatbot" if len(parts) == 3 else "chatbots"
 
 
 def _json_detail(response: httpx.Response) -> Any:

@@ -9,6 +9,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping
 
 from adapters.base import AlertPoster
+from bridge import metrics
 from bridge.alerts import ESCALATED, HUMAN_REQUESTED, LEAD, Alert
 from bridge.cards import discord_card, slack_card
 from bridge.clock import Clock
@@ -110,6 +111,7 @@ class Outbox:
         try:
             reference = await self._perform(poster, platform, item)
         except Exception as exc:
+            metrics.DELIVERIES.labels(platform, "failed").inc()
             delay = self._backoff(item.attempts)
             await self._store.outbox_retry(item.id, delay, f"{type(exc).__name__}: {exc}")
             log.warning(
@@ -117,6 +119,7 @@ class Outbox:
                 item.destination, item.attempts + 1, exc, delay,
             )
             return delay
+        metrics.DELIVERIES.labels(platform, "delivered").inc()
         await self._store.outbox_done(item.id, reference)
         return None
 

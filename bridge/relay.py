@@ -10,7 +10,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 from adapters.base import Adapter
-from bridge import formatting
+from bridge import formatting, metrics
 from bridge.clock import Clock, SystemClock
 from bridge.config import ReplyMode, RouteSettings, Settings
 from bridge.desk import AlertDesk
@@ -121,6 +121,13 @@ class Relay:
 
     async def handle(self, inbound: Inbound) -> Outcome:
         """Decide, answer and post; returns how it ended. Never raises for a platform or API failure."""
+        outcome = await self._handle(inbound)
+        metrics.MESSAGES.labels(inbound.platform, outcome.value).inc()
+        if outcome is Outcome.DUPLICATE:
+            metrics.DEDUPE_HITS.labels("chat").inc()
+        return outcome
+
+    async def _handle(self, inbound: Inbound) -> Outcome:
         started = self._clock.monotonic()
         decision = await self.decide(inbound)
         if not decision.answer:

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 from aiohttp import web
 
+from bridge import metrics
 from bridge.alerts import HUMAN_REQUESTED, KNOWN_EVENTS, parse_envelope
 from bridge.clock import Clock
 from bridge.config import Settings
@@ -114,15 +115,19 @@ class WebhookReceiver:
                 return _refuse(400, "event timestamp is in the future", chatbot_id)
         if event.name not in KNOWN_EVENTS and not event.is_test:
             log.info("webhook for chatbot %s: unknown event %r acknowledged and ignored", chatbot_id, event.name[:80])
+            metrics.WEBHOOKS.labels("ignored").inc()
             return web.json_response({"ok": True, "ignored": "unknown event"}, status=202)
         try:
             fresh = await self._desk.raise_event(event, raw)
         except sqlite3.Error:
             log.exception("webhook for chatbot %s could not be stored", chatbot_id)
+            metrics.WEBHOOKS.labels("storage-failure").inc()
             return web.json_response({"ok": False, "error": "storage failure"}, status=503)
+        metrics.WEBHOOKS.labels("accepted" if fresh else "duplicate").inc()
         if fresh:
             self._on_stored()
         else:
+            metrics.DEDUPE_HITS.labels("webhook").inc()
             log.info("webhook %s for chatbot %s is a duplicate", event.name, chatbot_id)
         return web.json_response({"ok": True, "duplicate": not fresh})
 
@@ -140,5 +145,6 @@ async def _read_limited(request: web.Request) -> bytes | None:
 
 
 def _refuse(status: int, reason: str, chatbot_id: str) -> web.Response:
+    metrics.WEBHOOKS.labels(f"refused-{status}").inc()
     log.warning("webhook for chatbot %s refused (%d): %s", chatbot_id[:64], status, reason)
     return web.json_response({"ok": False, "error": reason}, status=status)

@@ -1,0 +1,44 @@
+"""Prometheus metrics: what the bridge counts, in one place, served at /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+MESSAGES = Counter(
+    "insitechat_bridge_messages_total",
+    "Inbound chat messages by platform and how they ended (answered, notice, ignored, duplicate...).",
+    ["platform", "outcome"],
+)
+DEDUPE_HITS = Counter(
+    "insitechat_bridge_dedupe_hits_total", "Deliveries recognised as duplicates.", ["source"]
+)
+INSITECHAT_SECONDS = Histogram(
+    "insitechat_bridge_insitechat_request_seconds",
+    "InsiteChat API request latency by endpoint.",
+    ["endpoint"],
+    buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60),
+)
+INSITECHAT_RESPONSES = Counter(
+    "insitechat_bridge_insitechat_responses_total",
+    "InsiteChat API responses by endpoint and status code ('network' when none came).",
+    ["endpoint", "status"],
+)
+LIMITER_WAIT = Histogram(
+    "insitechat_bridge_limiter_wait_seconds",
+    "Time requests waited in the rate limiter.",
+    buckets=(0.001, 0.01, 0.1, 1, 5, 15, 30, 60, 120),
+)
+LIMITER_QUEUE = Gauge("insitechat_bridge_limiter_queue_depth", "Requests waiting in the rate limiter.", ["key"])
+WEBHOOKS = Counter(
+    "insitechat_bridge_webhooks_total", "Webhook requests by result (accepted, duplicate, refused-<status>...).", ["result"]
+)
+OUTBOX_DEPTH = Gauge("insitechat_bridge_outbox_depth", "Alert deliveries not yet done.")
+OUTBOX_OLDEST = Gauge("insitechat_bridge_outbox_oldest_seconds", "Age of the oldest undelivered alert (0 if none).")
+DELIVERIES = Counter("insitechat_bridge_alert_deliveries_total", "Alert delivery attempts by platform and result.", ["platform", "result"])
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def render() -> bytes:
+    """The whole registry in the Prometheus text format."""
+    return generate_latest()
