@@ -73,11 +73,12 @@ def _parser() -> argparse.ArgumentParser:
 
     check = command(
         "check",
-        "Validate the config; then list each key's chatbots and report routed ones missing or paused.",
+        "Validate the config. With --live, also test every connection it names: InsiteChat keys and "
+        "routed chatbots (missing or paused), Slack auth, scopes and channels, Discord login and channels.",
         _cmd_check,
     )
     check.add_argument("--config", "-c", default=os.environ.get(CONFIG_ENV), required=CONFIG_ENV not in os.environ)
-    check.add_argument("--offline", action="store_true", help="only validate the file; make no request")
+    check.add_argument("--live", action="store_true", help="also run every connectivity check (makes requests)")
 
     chatbots = command("chatbots", "List the chatbots each API key reaches.", _cmd_chatbots)
     chatbots.add_argument("--config", "-c", default=os.environ.get(CONFIG_ENV), help="default: INSITECHAT_API_KEY")
@@ -196,21 +197,24 @@ async def _run_until_signal(app: BridgeApp) -> int:
 async def _cmd_check(args: argparse.Namespace) -> int:
     settings = config.load(args.config)
     _setup_logs(args, settings)
-    print(f"{args.config}: configuration is valid ({', '.join(settings.platforms) or 'no platform'})")
-    if args.offline:
+    print(f"ok    config: {args.config} is valid ({', '.join(settings.platforms) or 'no platform'})")
+    if not args.live:
         return EXIT_OK
-    problems = await _check_chatbots(settings)
+    checks: list[tuple[str, list[str]]] = [("insitechat", await _check_chatbots(settings))]
     if settings.slack is not None:
         from adapters import slack
 
-        problems += await slack.check(settings)
+        checks.append(("slack", await slack.check(settings)))
     if settings.discord is not None:
         from adapters import discord_bot
 
-        problems += await discord_bot.check(settings)
-    for problem in problems:
-        print(f"problem: {problem}")
-    return EXIT_FAILURE if problems else EXIT_OK
+        checks.append(("discord", await discord_bot.check(settings)))
+    for part, problems in checks:
+        for problem in problems:
+            print(f"FAIL  {part}: {problem}")
+        if not problems:
+            print(f"ok    {part}: every check passed")
+    return EXIT_FAILURE if any(problems for _, problems in checks) else EXIT_OK
 
 
 async def _check_chatbots(settings: Settings) -> list[str]:
@@ -229,9 +233,9 @@ async def _check_chatbots(settings: Settings) -> list[str]:
                 problems.append(f"insitechat key {name!r}: {exc}")
                 continue
             chatbots_of[name] = {bot.id: bot for bot in bots}
-            print(f"key {name!r}: {len(bots)} chatbot(s)")
+            print(f"ok    insitechat key {name!r}: {len(bots)} chatbot(s)")
             for bot in bots:
-                print(f"  {bot.id}  {bot.name}{'' if bot.is_active else '  (paused)'}")
+                print(f"        {bot.id}  {bot.name}{'' if bot.is_active else '  (paused)'}")
         for i, route in enumerate(settings.routes):
             key = settings.chatbot_key(route.chatbot)
             if key not in chatbots_of:

@@ -45,7 +45,7 @@ def test_help_and_usage_errors_exit_2() -> None:
 
 
 def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
-    result = run_cli("check", "--offline", "--config", str(tmp_path / "nope.yaml"))
+    result = run_cli("check", "--config", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2
     assert "nope.yaml: 1 problem(s)" in result.stderr and "cannot read the file" in result.stderr
 
@@ -88,9 +88,9 @@ async def test_chatbots_sources_and_check_against_the_emulator(emulator: Emulato
         f"  - {{platform: console, channel: other, chatbot: {paused.id}}}\n"
         "  - {platform: console, channel: gone, chatbot: 99999999-9999-4999-8999-999999999999}\n"
     )
-    code, out, err = await _cli("check", "--config", str(cfg), env=env)
+    code, out, err = await _cli("check", "--live", "--config", str(cfg), env=env)
     assert code == 1, out + err
-    assert "routes[1].chatbot: Paused Bot" in out and "is paused" in out
+    assert "FAIL  insitechat: routes[1].chatbot: Paused Bot" in out and "is paused" in out
     assert "routes[2].chatbot: 99999999-9999-4999-8999-999999999999 is not a chatbot" in out
     assert SANDBOX_KEY not in out + err
 

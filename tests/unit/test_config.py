@@ -170,7 +170,7 @@ def test_cli_exits_2_with_paths_and_no_traceback(tmp_path: Path) -> None:
     bad.write_text(BASE.replace(f"chatbot: {BOT}", "chatbot: nope").replace("bot_token: ${SLACK_BOT}", "bot_token: ${SLACK_BOT}\n  api_url: ${SLACK_BOT}"))
     env = {**os.environ, **ENV, "SLACK_BOT": "xoxb-leak-me-not"}
     result = subprocess.run(
-        [sys.executable, "-m", "bridge", "check", "--offline", "--config", str(bad)],
+        [sys.executable, "-m", "bridge", "check", "--config", str(bad)],
         capture_output=True, text=True, env=env, timeout=60,
     )
     assert result.returncode == 2
