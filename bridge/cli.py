@@ -94,6 +94,15 @@ def _parser() -> argparse.ArgumentParser:
     invite = command("discord-invite", "Print the OAuth2 URL that invites the bot with the permissions it needs.", _cmd_discord_invite)
     invite.add_argument("--config", "-c", default=os.environ.get(CONFIG_ENV), required=CONFIG_ENV not in os.environ)
 
+    test_alert = command(
+        "send-test-alert",
+        "Send a signed test event to the running bridge, which posts it as an alert wherever the chatbot's rules say.",
+        _cmd_send_test_alert,
+    )
+    test_alert.add_argument("chatbot", help="the chatbot id whose alert rules to use")
+    test_alert.add_argument("--config", "-c", default=os.environ.get(CONFIG_ENV), required=CONFIG_ENV not in os.environ)
+    test_alert.add_argument("--url", default="", help="the running bridge's base URL (default: from server.listen)")
+
     emulator = command("emulator", "Serve a local InsiteChat-compatible API for development and tests.", _cmd_emulator)
     emulator.add_argument("--host", default="127.0.0.1")
     emulator.add_argument("--port", type=int, default=8765)
@@ -333,6 +342,46 @@ async def _cmd_discord_invite(args: argparse.Namespace) -> int:
     if settings.discord is None:
         raise CommandFailed("the config has no discord section")
     print(await invite_url(settings))
+    return EXIT_OK
+
+
+async def _cmd_send_test_alert(args: argparse.Namespace) -> int:
+    """A signed test event to the running bridge: receiver, store, outbox and platforms all take part."""
+    import hashlib
+    import hmac
+    import json
+    from datetime import datetime, timezone
+
+    import httpx
+
+    from bridge.alerts import Event, destinations_for
+    from bridge.webhooks import SIGNATURE_HEADER
+
+    settings = config.load(args.config)
+    _setup_logs(args, settings)
+    now = datetime.now(timezone.utc)
+    data = {"test": True, "session_id": f"test-{int(now.timestamp())}", "message": "This is a test alert."}
+    destinations = destinations_for(settings, Event("webhook.test", args.chatbot, now, data))
+    if not destinations:
+        raise CommandFailed(f"no alert rule in the config names chatbot {args.chatbot}")
+    body = json.dumps({"event": "webhook.test", "chatbot_id": args.chatbot, "timestamp": now.isoformat(), "data": data}).encode()
+    headers = {"Content-Type": "application/json"}
+    bot = settings.chatbot_settings(args.chatbot)
+    if bot is not None and bot.webhook_secret:
+        headers[SIGNATURE_HEADER] = hmac.new(bot.webhook_secret.encode(), body, hashlib.sha256).hexdigest()
+    host = settings.server.host if settings.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    base = args.url or f"http://{host}:{settings.server.port}"
+    url = f"{base.rstrip('/')}/webhooks/insitechat/{args.chatbot}"
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            response = await http.post(url, content=body, headers=headers)
+    except httpx.HTTPError as exc:
+        raise CommandFailed(f"the bridge at {base} did not answer ({type(exc).__name__}): is it running?") from None
+    if response.status_code >= 300:
+        raise CommandFailed(f"the bridge refused the test event ({response.status_code}): {response.text[:200]}")
+    print(f"accepted by the bridge at {base}; the test alert goes to:")
+    for destination in destinations:
+        print(f"  {destination.address}")
     return EXIT_OK
 
 

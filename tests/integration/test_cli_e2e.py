@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import subprocess
@@ -149,3 +150,41 @@ async def test_emulator_command_serves_the_api(tmp_path: Path) -> None:
     finally:
         if proc.returncode is None:
             proc.kill()
+
+
+async def test_send_test_alert_goes_through_the_running_bridge(emulator: Emulator, tmp_path: Path) -> None:
+    from bridge import config as config_module
+    from bridge.app import BridgeApp
+    from tests.fakes.alert_poster import FakePoster
+
+    text = (
+        f"insitechat: {{base_url: '{emulator.base_url}', api_key: '${{INSITECHAT_API_KEY}}'}}\n"
+        f"state: {{sqlite: '{tmp_path / 'state.db'}'}}\n"
+        "server: {listen: '127.0.0.1:0'}\n"
+        "console: {enabled: true}\n"
+        "discord: {token: '${INSITECHAT_API_KEY}'}\n"
+        f"chatbots: [{{id: {SANDBOX_CHATBOT_ID}, webhook_secret: '${{WH}}'}}]\n"
+        f"routes: [{{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}]\n"
+        f"alerts: [{{chatbot: {SANDBOX_CHATBOT_ID}, to: ['discord:123']}}]\n"
+    )
+    env = {**ENV, "INSITECHAT_API_KEY": SANDBOX_KEY, "WH": "whsec-cli-test"}
+    settings = config_module.loads(text, env=env)
+    app = BridgeApp(settings.model_copy(update={"discord": None}), console_in=io.StringIO(""), console_out=io.StringIO())
+    discord = FakePoster("discord")
+    app.outbox._posters = {"discord": discord}  # a platform stand-in; the rest of the path is real
+    await app.start()
+    try:
+        cfg = tmp_path / "bridge.yaml"
+        cfg.write_text(text)
+        code, out, err = await _cli("send-test-alert", SANDBOX_CHATBOT_ID, "--config", str(cfg), "--url", app.server_url, env=env)
+        assert code == 0, err
+        assert "discord:123" in out
+        for _ in range(200):
+            if discord.posted:
+                break
+            await asyncio.sleep(0.02)
+        assert "Test alert" in discord.posted[0].card["embed"]["title"]
+        code, out, err = await _cli("send-test-alert", "99999999-9999-4999-8999-999999999999", "--config", str(cfg), env=env)
+        assert code == 1 and "no alert rule" in err
+    finally:
+        await app.stop()
