@@ -33,6 +33,9 @@ class Adapter(Protocol):
 
     # Optional: `def readiness(self) -> str | None` — None when the connection is live by
     # its own heartbeat, else why not. /readyz reports it.
+    # Optional: `async def stop_intake(self) -> None` — stop receiving new events (so the
+    # platform redelivers them to the next run) while sends still work; called before the
+    # relay drains at shutdown.
 
 
 @runtime_checkable

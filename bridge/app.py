@@ -125,6 +125,12 @@ class BridgeApp:
 
     async def stop(self) -> None:
         """Stop taking messages, let answers in flight finish within the grace period, close all."""
+        for adapter in self.adapters:
+            # Platforms that redeliver (Slack) stop taking events first, so nothing new is
+            # acked and then dropped while the answers in flight finish.
+            stop_intake = getattr(adapter, "stop_intake", None)
+            if stop_intake is not None:
+                await stop_intake()
         await self.relay.drain(self.grace)
         await self.outbox.stop()
         for adapter in reversed(self.adapters):

@@ -37,6 +37,7 @@ NOTICES = {
     "hello": "Hi! Ask me a question and I'll answer here.",
     "reset": "Starting a new conversation: I've forgotten what we said before in this thread.",
     "resumed": "I'm back: ask me anything.",
+    "restarting": "I'm restarting right now and can't answer this one. Please ask again in a minute.",
     "queued": "Lots of questions right now: you're number {position} in the queue. "
     "I'll answer in about {seconds} seconds.",
     "quota": "The chatbot has used up its monthly message allowance, so I can't answer right now. "
@@ -69,7 +70,7 @@ class Outcome(str, enum.Enum):
     RESET = "reset"
     IGNORED = "ignored"  # not addressed to the bot, a bot, or no route
     DUPLICATE = "duplicate"
-    SHUTTING_DOWN = "shutting-down"  # left unclaimed so the platform's retry can be answered later
+    SHUTTING_DOWN = "shutting-down"  # arrived during shutdown: told to ask again
     SEND_FAILED = "send-failed"
 
 
@@ -133,13 +134,16 @@ class Relay:
         if not decision.answer:
             log.debug("ignored %s: %s", inbound.dedupe_key, decision.reason)
             return Outcome.IGNORED
-        if not self._accepting:
-            # Not claimed: the platform's retry, or the user's repeat, is answered after restart.
-            log.info("not answering %s: shutting down", inbound.dedupe_key)
-            return Outcome.SHUTTING_DOWN
         if not await self._store.claim(inbound.dedupe_key):
             log.info("duplicate delivery of %s ignored", inbound.dedupe_key)
             return Outcome.DUPLICATE
+        if not self._accepting:
+            # Adapters stop their intake before the drain, so this is a message already on
+            # its way: the platform will not deliver it again, so say so instead of going silent.
+            log.info("not answering %s: shutting down", inbound.dedupe_key)
+            await self._notify(self._adapters[inbound.platform], inbound, "restarting")
+            await self._store.finish(inbound.dedupe_key)
+            return Outcome.SHUTTING_DOWN
         assert decision.route is not None
         outcome = Outcome.SEND_FAILED
         try:

@@ -266,7 +266,9 @@ async def test_drain_lets_answers_finish_and_refuses_new_ones(make_harness, emul
     assert task.result() is Outcome.ANSWERED
     late = msg("too late", id="2", channel="D1", is_dm=True)
     assert await h.relay.handle(late) is Outcome.SHUTTING_DOWN
-    assert await h.store.claim(late.dedupe_key)  # left unclaimed for the retry after restart
+    assert "".join(h.adapter.sent[-1].parts) == NOTICES["restarting"]  # told, not left in silence
+    assert await h.relay.handle(late) is Outcome.DUPLICATE  # and told only once
+    assert len(chat_calls(emulator)) == 1
 
 
 async def test_drain_cancels_after_grace_and_releases_the_claim(make_harness, emulator: Emulator) -> None:

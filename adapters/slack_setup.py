@@ -1,0 +1,230 @@
+"""Slack set-up: the Web API client, the app manifest for the configured options, and `check`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler, async_default_handlers
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bridge.config import Settings
+
+RATE_LIMIT_RETRIES = 3  # 429s waited out per Web API call before it counts as failed
+NETWORK_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
+
+
+EVENTS_PATH = "/slack/events"
+# Shown in HTTP mode when no --request-url was given: Slack refuses it on paste, which
+# tells the operator exactly which value to fill in.
+PLACEHOLDER_URL = "https://YOUR-BRIDGE-HOST"
+
+# What each scope is for, so a missing one can be explained in plain words.
+REQUIRED_SCOPES: dict[str, str] = {
+    "app_mentions:read": "receive @mentions",
+    "chat:write": "post answers",
+    "channels:history": "read follow-ups in public channel threads",
+    "groups:history": "read follow-ups in private channel threads",
+    "im:history": "read direct messages",
+    "im:read": "see direct message channels",
+    "im:write": "answer in direct messages",
+    "reactions:write": "show the 'working' reaction",
+    "commands": "offer the slash command",
+}
+# Not needed to chat, only by `check` to see whether the bot is in each routed channel.
+CHECK_SCOPES: dict[str, str] = {
+    "channels:read": "check membership of public channels",
+    "groups:read": "check membership of private channels",
+}
+BOT_EVENTS = ("app_mention", "message.channels", "message.groups", "message.im")
+
+
+class SlackError(Exception):
+    """Slack refused or could not be reached; the message is plain and never holds a token."""
+
+
+def manifest(settings: Settings, request_url: str = "") -> dict[str, Any]:
+    """A ready Slack app manifest (JSON) for `insitechat-bridge slack-manifest`.
+
+    Paste it at https://api.slack.com/apps -> Create New App -> From a manifest. It holds:
+    - the bot scopes: app_mentions:read, chat:write, channels:history, groups:history,
+      im:history, im:read, im:write, reactions:write, commands (what the adapter uses),
+      plus channels:read and groups:read (only `check` uses them, to verify membership);
+    - the bot events app_mention, message.channels, message.groups, message.im
+      (follow-ups in a thread arrive only as message events, without a mention);
+    - the slash command (`slack.command`, default /ask);
+    - Socket Mode on when the transport is socket (the config has an app token or
+      `mode: socket`); otherwise HTTP mode with `request_url` + /slack/events as the
+      Events API and slash command URL (a placeholder host when `request_url` is "").
+    The DM "Messages" tab is enabled so people can write to the bot directly.
+    """
+    slack = settings.slack
+    if slack is None:
+        raise ValueError("the config has no slack section")
+    socket = slack.transport == "socket"
+    events_url = (request_url.rstrip("/") or PLACEHOLDER_URL) + EVENTS_PATH
+    command: dict[str, Any] = {
+        "command": slack.command,
+        "description": "Ask the chatbot; 'reset' starts a new conversation",
+        "usage_hint": "[question] or reset",
+        "should_escape": False,
+    }
+    if not socket:
+        command["url"] = events_url
+    events: dict[str, Any] = {"bot_events": list(BOT_EVENTS)}
+    if not socket:
+        events["request_url"] = events_url
+    return {
+        "_metadata": {"major_version": 1, "minor_version": 1},
+        "display_information": {
+            "name": "InsiteChat",
+            "description": "Your InsiteChat chatbot, answering in Slack threads and DMs.",
+            "background_color": "#2c2d30",
+        },
+        "features": {
+            "app_home": {
+                "home_tab_enabled": False,
+                "messages_tab_enabled": True,
+                "messages_tab_read_only_enabled": False,
+            },
+            "bot_user": {"display_name": "InsiteChat", "always_online": True},
+            "slash_commands": [command],
+        },
+        "oauth_config": {"scopes": {"bot": sorted({*REQUIRED_SCOPES, *CHECK_SCOPES})}},
+        "settings": {
+            "event_subscriptions": events,
+            "interactivity": {"is_enabled": False},
+            "org_deploy_enabled": False,
+            "socket_mode_enabled": socket,
+            "token_rotation_enabled": False,
+        },
+    }
+
+
+# --- the Web API client ------------------------------------------------------------------------
+
+
+def make_client(token: str, api_url: str, *, rate_limit_retries: int = RATE_LIMIT_RETRIES) -> AsyncWebClient:
+    """A Web API client that waits out 429s (Retry-After) besides retrying dropped connections."""
+    handlers = [*async_default_handlers(), AsyncRateLimitErrorRetryHandler(max_retry_count=rate_limit_retries)]
+    return AsyncWebClient(token=token, base_url=api_url, retry_handlers=handlers)
+
+
+def error_code(exc: Exception) -> str:
+    """Slack's short error code ("invalid_auth"), never the request or its token."""
+    if isinstance(exc, SlackApiError):
+        try:
+            return str(exc.response.get("error") or f"HTTP {exc.response.status_code}")
+        except Exception:  # a malformed response: the class name is still useful
+            return "unexpected response"
+    return type(exc).__name__
+
+
+def token_scopes(headers: Mapping[str, Any] | None) -> frozenset[str] | None:
+    """The token's scopes from auth.test's x-oauth-scopes header; None when the header is absent."""
+    for key, value in (headers or {}).items():
+        if key.lower() == "x-oauth-scopes":
+            text = value[0] if isinstance(value, (list, tuple)) else str(value)
+            return frozenset(s.strip() for s in text.split(",") if s.strip())
+    return None
+
+
+# --- check -------------------------------------------------------------------------------------
+
+
+async def check(settings: Settings) -> list[str]:
+    """Verifies the Slack set-up; one plain line per problem, never a token.
+
+    The bot token (auth.test), its scopes (x-oauth-scopes), the app token in Socket Mode
+    (apps.connections.open), and that the bot is a member of every channel a Slack route
+    or alert names (conversations.info).
+    """
+    slack = settings.slack
+    if slack is None:
+        return []
+    client = make_client(slack.bot_token, slack.api_url, rate_limit_retries=1)
+    try:
+        auth = await client.auth_test()
+    except SlackApiError as exc:
+        return [
+            f"slack.bot_token: Slack refused it ({error_code(exc)}); use the Bot User OAuth Token "
+            "(xoxb-...) from the app's OAuth & Permissions page"
+        ]
+    except NETWORK_ERRORS as exc:
+        return [f"slack.api_url: cannot reach the Slack API at {slack.api_url} ({error_code(exc)})"]
+    problems: list[str] = []
+    team, bot_name = str(auth.get("team_id") or ""), str(auth.get("user") or "the bot")
+    scopes = token_scopes(auth.headers)
+    if scopes is not None:
+        for needed in (REQUIRED_SCOPES, CHECK_SCOPES):
+            missing = [s for s in needed if s not in scopes]
+            if missing:
+                purposes = "; ".join(f"{s}: {needed[s]}" for s in missing)
+                problems.append(
+                    f"slack.bot_token: missing scope(s) {', '.join(missing)} ({purposes}); add them under "
+                    "OAuth & Permissions and reinstall the app (`slack-manifest` lists them all)"
+                )
+    if slack.transport == "socket" and slack.app_token:
+        try:
+            await client.apps_connections_open(app_token=slack.app_token)
+        except SlackApiError as exc:
+            problems.append(
+                f"slack.app_token: Slack refused it for Socket Mode ({error_code(exc)}); use an app-level "
+                "token (xapp-...) with connections:write and turn Socket Mode on"
+            )
+        except NETWORK_ERRORS as exc:
+            problems.append(f"slack.app_token: could not be checked ({error_code(exc)})")
+    checked: set[str] = set()
+    for where, workspace, channel in _slack_channels(settings):
+        if workspace not in ("*", team):
+            problems.append(f"{where}: workspace {workspace} is not the bot token's workspace ({team})")
+            continue
+        if channel in checked:
+            continue  # one line per channel, at its first mention in the config
+        checked.add(channel)
+        problem = await _membership_problem(client, channel, bot_name)
+        if problem:
+            problems.append(f"{where}: {problem}")
+    return problems
+
+
+def _slack_channels(settings: Settings) -> list[tuple[str, str, str]]:
+    """(config path, workspace, channel id) of every concrete Slack channel routed or alerted to."""
+    found: list[tuple[str, str, str]] = []
+    for i, route in enumerate(settings.routes):
+        if route.channel in ("*", "dm") or route.channel.startswith("D"):
+            continue
+        # A "*" platform route may name a Discord channel: only Slack-shaped ids are checked.
+        slack_shaped = route.channel[:1] in ("C", "G") and route.channel.isupper()
+        if route.platform == "slack" or (route.platform == "*" and slack_shaped):
+            found.append((f"routes[{i}].channel", route.workspace, route.channel))
+    for i, rule in enumerate(settings.alerts):
+        for j, destination in enumerate(rule.to):
+            platform, _, channel = destination.partition(":")
+            if platform == "slack" and not channel.startswith("D"):
+                found.append((f"alerts[{i}].to[{j}]", "*", channel))
+    return found
+
+
+async def _membership_problem(client: AsyncWebClient, channel: str, bot_name: str) -> str:
+    try:
+        info = await client.conversations_info(channel=channel)
+    except SlackApiError as exc:
+        code = error_code(exc)
+        if code == "channel_not_found":
+            return f"channel {channel} not found (a private channel the bot is not in looks the same)"
+        if code == "missing_scope":
+            return f"cannot check channel {channel}: the token lacks channels:read / groups:read"
+        return f"cannot check channel {channel} ({code})"
+    except NETWORK_ERRORS as exc:
+        return f"cannot check channel {channel} ({error_code(exc)})"
+    data = info.get("channel") or {}
+    if data.get("is_archived"):
+        return f"channel #{data.get('name') or channel} ({channel}) is archived"
+    if not data.get("is_member"):
+        name = data.get("name") or channel
+        return f"the bot is not a member of #{name} ({channel}); invite it with /invite @{bot_name}"
+    return ""

@@ -1,0 +1,303 @@
+"""A fake Slack (Web API, Socket Mode websocket, response URLs) on 127.0.0.1 for the real slack_sdk and Bolt."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import itertools
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+PAYLOADS = Path(__file__).resolve().parent.parent / "payloads" / "slack"
+
+BOT_TOKEN = "xoxb-test-token"
+APP_TOKEN = "xapp-test-token"
+SIGNING_SECRET = "test-signing-secret"
+TEAM = "T0TEST"
+BOT_USER = "UBOT"
+BOT_ID = "BBOT"
+ALL_SCOPES = (
+    "app_mentions:read,chat:write,channels:history,groups:history,im:history,im:read,im:write,"
+    "reactions:write,commands,channels:read,groups:read"
+)
+
+
+def payload(name: str, **event_fields: Any) -> dict[str, Any]:
+    """A recorded payload from tests/payloads/slack, with event fields overridden."""
+    data: dict[str, Any] = json.loads((PAYLOADS / f"{name}.json").read_text())
+    if event_fields:
+        data["event"].update(event_fields)
+    return data
+
+
+def command_form(**fields: str) -> dict[str, str]:
+    """The recorded slash command form fields, some overridden."""
+    data: dict[str, str] = json.loads((PAYLOADS / "slash_command.json").read_text())
+    data.update(fields)
+    return data
+
+
+def sign(body: bytes, secret: str = SIGNING_SECRET, timestamp: int | None = None) -> dict[str, str]:
+    """The headers Slack sends with an HTTP event: v0 HMAC-SHA256 over "v0:{ts}:{body}"."""
+    ts = str(int(time.time()) if timestamp is None else timestamp)
+    digest = hmac.new(secret.encode(), b"v0:" + ts.encode() + b":" + body, hashlib.sha256).hexdigest()
+    return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": f"v0={digest}"}
+
+
+@dataclass
+class SlackCall:
+    """One Web API call the fake received."""
+
+    method: str
+    args: dict[str, Any]
+    token: str
+    status: int
+    ok: bool
+    time: float  # loop.time() on arrival
+    result: dict[str, Any] = field(default_factory=dict)  # the JSON answered
+
+
+@dataclass
+class SlackFault:
+    method: str
+    status: int
+    error: str
+    headers: dict[str, str]
+    remaining: int | None  # None = forever
+
+
+@dataclass
+class Envelope:
+    envelope_id: str
+    acked: asyncio.Event = field(default_factory=asyncio.Event)
+    ack: dict[str, Any] | None = None
+
+
+class FakeSlack:
+    """Slack's Web API for one workspace, the Socket Mode socket, and response URLs, on loopback."""
+
+    def __init__(
+        self,
+        *,
+        bot_token: str = BOT_TOKEN,
+        app_token: str = APP_TOKEN,
+        scopes: str = ALL_SCOPES,
+    ) -> None:
+        self.bot_token = bot_token
+        self.app_token = app_token
+        self.scopes = scopes
+        self.calls: list[SlackCall] = []
+        self.faults: list[SlackFault] = []
+        # conversations.info answers: channel id -> {"name", "is_member", ...}
+        self.channels: dict[str, dict[str, Any]] = {}
+        self.responses: list[dict[str, Any]] = []  # posts to response_url
+        self.sockets: list[web.WebSocketResponse] = []
+        self.envelopes: dict[str, Envelope] = {}
+        self.url = ""
+        self._ts = itertools.count(1)
+        self._runner: web.AppRunner | None = None
+        self._changed = asyncio.Event()
+        self._stopping = False
+
+    # --- test controls -----------------------------------------------------------------------
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/api/"
+
+    def response_url(self, name: str = "1") -> str:
+        return f"{self.url}/response/{name}"
+
+    def fail(
+        self, method: str, *, status: int = 200, error: str = "fatal_error", retry_after: int | None = None, count: int | None = 1
+    ) -> SlackFault:
+        """Make the next `count` calls of `method` fail: 429 (+Retry-After), 500, or 200 with ok=false."""
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+        if status == 429:
+            error = "ratelimited"
+        fault = SlackFault(method, status, error, headers, count)
+        self.faults.append(fault)
+        return fault
+
+    def calls_to(self, method: str) -> list[SlackCall]:
+        return [c for c in self.calls if c.method == method]
+
+    @property
+    def posts(self) -> list[dict[str, Any]]:
+        """Arguments of every chat.postMessage that succeeded, in order."""
+        return [c.args for c in self.calls if c.method == "chat.postMessage" and c.ok]
+
+    async def wait_for(self, condition: Callable[[], Any], timeout: float = 10.0) -> Any:
+        """Poll until condition() is truthy (re-checked on every call the fake receives)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            result = condition()
+            if result:
+                return result
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise AssertionError(f"timed out; calls so far: {[c.method for c in self.calls]}")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.05))
+            except asyncio.TimeoutError:
+                pass
+
+    async def send_envelope(
+        self,
+        body: dict[str, Any],
+        *,
+        kind: str = "events_api",
+        retry_attempt: int = 0,
+        retry_reason: str = "",
+    ) -> Envelope:
+        """Push one Socket Mode envelope to the connected client; returns it (wait on .acked)."""
+        await self.wait_for(lambda: self.sockets, timeout=5)
+        envelope = Envelope(str(uuid.uuid4()))
+        self.envelopes[envelope.envelope_id] = envelope
+        message: dict[str, Any] = {
+            "envelope_id": envelope.envelope_id,
+            "type": kind,
+            "payload": body,
+            "accepts_response_payload": kind != "events_api",
+        }
+        if kind == "events_api":
+            message["retry_attempt"] = retry_attempt
+            message["retry_reason"] = retry_reason
+        await self.sockets[-1].send_str(json.dumps(message))
+        return envelope
+
+    # --- server ------------------------------------------------------------------------------
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_route("*", "/api/{method}", self._api)
+        app.router.add_get("/link", self._socket)
+        app.router.add_post("/response/{name}", self._response)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        return self.url
+
+    async def stop(self) -> None:
+        # A client that never closed its socket reconnects at once: refuse it from here on.
+        self._stopping = True
+        for ws in list(self.sockets):
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(ws.close(), 1)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def _notify(self) -> None:
+        self._changed.set()
+
+    async def _args(self, request: web.Request) -> dict[str, Any]:
+        args: dict[str, Any] = dict(request.query)
+        if request.content_type == "application/json":
+            body = await request.json()
+            args.update(body if isinstance(body, dict) else {})
+        elif request.can_read_body:
+            args.update(await request.post())
+        return args
+
+    async def _api(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        args = await self._args(request)
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ") or str(args.pop("token", ""))
+        status, data, headers = self._answer(method, args, token)
+        self.calls.append(SlackCall(method, args, token, status, bool(data.get("ok")), asyncio.get_running_loop().time(), data))
+        self._notify()
+        return web.json_response(data, status=status, headers=headers)
+
+    def _answer(self, method: str, args: dict[str, Any], token: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+        fault = next((f for f in self.faults if f.method == method and (f.remaining is None or f.remaining > 0)), None)
+        if fault is not None:
+            if fault.remaining is not None:
+                fault.remaining -= 1
+            return fault.status, {"ok": False, "error": fault.error}, fault.headers
+        if self._stopping:
+            return 503, {"ok": False, "error": "service_unavailable"}, {}
+        expected = self.app_token if method == "apps.connections.open" else self.bot_token
+        if token != expected:
+            return 200, {"ok": False, "error": "invalid_auth"}, {}
+        handler = getattr(self, "_m_" + method.replace(".", "_"), None)
+        if handler is None:
+            return 200, {"ok": False, "error": "unknown_method"}, {}
+        data, headers = handler(args)
+        return 200, data, headers
+
+    # --- methods -----------------------------------------------------------------------------
+
+    def _m_auth_test(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        data = {"ok": True, "url": "https://acme.slack.com/", "team": "Acme", "user": "insitechat",
+                "team_id": TEAM, "user_id": BOT_USER, "bot_id": BOT_ID, "is_enterprise_install": False}
+        return data, {"x-oauth-scopes": self.scopes}
+
+    def _m_apps_connections_open(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        return {"ok": True, "url": self.url.replace("http://", "ws://") + "/link"}, {}
+
+    def _m_chat_postMessage(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        channel = str(args.get("channel") or "")
+        if self.channels.get(channel, {}).get("is_member") is False:
+            return {"ok": False, "error": "not_in_channel"}, {}
+        ts = f"{1800000000 + next(self._ts)}.000100"
+        return {"ok": True, "channel": channel, "ts": ts, "message": {"type": "message", "text": args.get("text"),
+                "user": BOT_USER, "bot_id": BOT_ID, "ts": ts}}, {}
+
+    def _m_reactions_add(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        return {"ok": True}, {}
+
+    def _m_reactions_remove(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        return {"ok": True}, {}
+
+    def _m_assistant_threads_setStatus(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        return {"ok": True}, {}
+
+    def _m_conversations_info(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        channel = str(args.get("channel") or "")
+        if channel not in self.channels:
+            return {"ok": False, "error": "channel_not_found"}, {}
+        info = {"id": channel, "is_channel": True, "is_archived": False, **self.channels[channel]}
+        return {"ok": True, "channel": info}, {}
+
+    # --- socket mode and response URLs ------------------------------------------------------
+
+    async def _socket(self, request: web.Request) -> web.StreamResponse:
+        if self._stopping:
+            return web.Response(status=503)
+        ws = web.WebSocketResponse(timeout=1)  # autoping answers the SDK's pings
+        await ws.prepare(request)
+        self.sockets.append(ws)
+        await ws.send_str(json.dumps({"type": "hello", "num_connections": 1, "connection_info": {"app_id": "A0TEST"}}))
+        self._notify()
+        try:
+            async for message in ws:
+                if message.type != WSMsgType.TEXT:
+                    continue
+                data = json.loads(message.data)
+                envelope = self.envelopes.get(str(data.get("envelope_id")))
+                if envelope is not None:
+                    envelope.ack = data
+                    envelope.acked.set()
+                    self._notify()
+        finally:
+            self.sockets.remove(ws)
+            self._notify()
+        return ws
+
+    async def _response(self, request: web.Request) -> web.Response:
+        self.responses.append({"name": request.match_info["name"], **(await request.json())})
+        self._notify()
+        return web.Response(text="ok")

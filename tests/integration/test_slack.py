@@ -1,0 +1,488 @@
+"""The whole bridge with the Slack adapter: real Bolt and slack_sdk against a fake Slack, the InsiteChat emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+import pytest
+
+from bridge import config
+from bridge.app import BridgeApp
+from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
+from bridge.formatting import SLACK_LIMIT
+from bridge.relay import NOTICES
+from tests.fakes.slack_api import (
+    ALL_SCOPES,
+    APP_TOKEN,
+    BOT_TOKEN,
+    SIGNING_SECRET,
+    FakeSlack,
+    command_form,
+    payload,
+    sign,
+)
+
+MENTION_TS = "1700000100.000100"
+
+
+def bridge_settings(emulator: Emulator, slack: FakeSlack, state: Path, *, mode: str = "http", deadline: float = 30) -> config.Settings:
+    transport = "signing_secret: ${SLACK_SIGNING_SECRET}" if mode == "http" else "app_token: ${SLACK_APP_TOKEN}"
+    return config.loads(
+        f"""
+insitechat:
+  base_url: {emulator.base_url}
+  api_key: ${{IC_KEY}}
+  deadline: {deadline}
+state: {{sqlite: "{state}"}}
+server: {{listen: "127.0.0.1:0"}}
+slack:
+  bot_token: ${{SLACK_BOT_TOKEN}}
+  {transport}
+  mode: {mode}
+  api_url: {slack.api_url}
+routes:
+  - {{platform: slack, chatbot: {SANDBOX_CHATBOT_ID}, reply: mention}}
+  - {{platform: slack, channel: C0QUIET, chatbot: {SANDBOX_CHATBOT_ID}, reply: "off"}}
+  - {{platform: slack, channel: C0ALL, chatbot: {SANDBOX_CHATBOT_ID}, reply: all}}
+""",
+        env={
+            "IC_KEY": SANDBOX_KEY,
+            "SLACK_BOT_TOKEN": BOT_TOKEN,
+            "SLACK_APP_TOKEN": APP_TOKEN,
+            "SLACK_SIGNING_SECRET": SIGNING_SECRET,
+        },
+    )
+
+
+class Bridge:
+    """A running BridgeApp and a client that talks to it as Slack would over HTTP."""
+
+    def __init__(self, app: BridgeApp) -> None:
+        self.app = app
+        self.http = aiohttp.ClientSession()
+
+    @property
+    def events_url(self) -> str:
+        return self.app.server_url + "/slack/events"
+
+    async def post_event(
+        self,
+        body: dict[str, Any],
+        *,
+        retry: int = 0,
+        secret: str = SIGNING_SECRET,
+        timestamp: int | None = None,
+    ) -> tuple[int, str]:
+        raw = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", **sign(raw, secret, timestamp)}
+        if retry:
+            headers.update({"X-Slack-Retry-Num": str(retry), "X-Slack-Retry-Reason": "http_timeout"})
+        async with self.http.post(self.events_url, data=raw, headers=headers) as response:
+            return response.status, await response.text()
+
+    async def command(self, **fields: str) -> tuple[int, str]:
+        raw = urlencode(command_form(**fields)).encode()
+        headers = {"Content-Type": "application/x-www-form-urlencoded", **sign(raw)}
+        async with self.http.post(self.events_url, data=raw, headers=headers) as response:
+            return response.status, await response.text()
+
+    async def close(self) -> None:
+        await self.http.close()
+        await self.app.stop()
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    emu = Emulator.sandbox()
+    await emu.start()
+    yield emu
+    await emu.stop()
+
+
+@pytest.fixture
+async def slack() -> AsyncIterator[FakeSlack]:
+    fake = FakeSlack()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def start_bridge(
+    emulator: Emulator, slack: FakeSlack, tmp_path: Path
+) -> AsyncIterator[Callable[..., Awaitable[Bridge]]]:
+    running: list[Bridge] = []
+
+    async def start(**kw: Any) -> Bridge:
+        app = BridgeApp(bridge_settings(emulator, slack, tmp_path / "state.db", **kw), grace=2)
+        await app.start()
+        bridge = Bridge(app)
+        running.append(bridge)
+        return bridge
+
+    yield start
+    for bridge in running:
+        await bridge.close()
+
+
+def chat_calls(emulator: Emulator) -> list[Any]:
+    return [r for r in emulator.requests if r.path.endswith("/chat")]
+
+
+def texts(slack: FakeSlack) -> list[str]:
+    return [str(p["text"]) for p in slack.posts]
+
+
+async def settle(bridge: Bridge) -> None:
+    """Wait until the relay has nothing in flight (answers and notices all posted)."""
+    deadline = time.monotonic() + 10
+    while bridge.app.relay.in_flight:
+        assert time.monotonic() < deadline, "the relay never settled"
+        await asyncio.sleep(0.01)
+
+
+# --- HTTP transport: signatures ------------------------------------------------------------------
+
+
+async def test_url_verification_and_signatures(start_bridge, slack: FakeSlack, emulator: Emulator) -> None:
+    bridge = await start_bridge()
+    challenge = payload("url_verification")
+    status, body = await bridge.post_event(challenge)
+    assert status == 200 and challenge["challenge"] in body
+
+    assert (await bridge.post_event(payload("app_mention"), secret="not-the-secret"))[0] == 401
+    stale = int(time.time()) - 6 * 60
+    assert (await bridge.post_event(payload("app_mention"), timestamp=stale))[0] == 401
+    assert (await bridge.post_event(challenge, secret="not-the-secret"))[0] == 401
+    # Only a correctly signed, fresh event is answered.
+    assert (await bridge.post_event(payload("app_mention")))[0] == 200
+    await slack.wait_for(lambda: slack.posts)
+    await settle(bridge)
+    assert len(chat_calls(emulator)) == 1 and len(slack.posts) == 1
+
+
+# --- triggers -------------------------------------------------------------------------------------
+
+
+async def test_mention_is_answered_once_in_its_thread_with_a_reaction(start_bridge, slack: FakeSlack, emulator: Emulator) -> None:
+    bridge = await start_bridge()
+    # Slack delivers one post that mentions the bot twice: as app_mention and as message.
+    await asyncio.gather(bridge.post_event(payload("app_mention")), bridge.post_event(payload("message_channel_mention")))
+    await slack.wait_for(lambda: slack.calls_to("reactions.remove"))
+    await settle(bridge)
+    [post] = slack.posts
+    assert post["channel"] == "C0GENERAL" and post["thread_ts"] == MENTION_TS
+    assert post["unfurl_links"] is False and post["unfurl_media"] is False
+    assert "refund policy" in post["text"]
+    assert len(chat_calls(emulator)) == 1
+    assert len(slack.calls_to("auth.test")) == 1  # Bolt reuses the adapter's, even on the first event
+    methods = [c.method for c in slack.calls if c.method != "auth.test"]
+    assert methods.index("reactions.add") < methods.index("chat.postMessage") < methods.index("reactions.remove")
+    for method in ("reactions.add", "reactions.remove"):
+        [call] = slack.calls_to(method)
+        assert (call.args["channel"], call.args["timestamp"], call.args["name"]) == ("C0GENERAL", MENTION_TS, "eyes")
+
+
+async def test_follow_ups_in_the_thread(start_bridge, slack: FakeSlack, emulator: Emulator) -> None:
+    bridge = await start_bridge()
+    await bridge.post_event(payload("app_mention"))
+    await slack.wait_for(lambda: len(slack.posts) == 1)
+    await settle(bridge)
+    # Someone else is addressed, or a group, or marked "!": not for the bot.
+    await bridge.post_event(payload("message_thread_other_mention"))
+    await bridge.post_event(payload("message_thread_group_mention"))
+    await bridge.post_event(payload("message_thread_followup", ts="1700000250.000250", text="!note to self"))
+    # No mention, but the bot is in this thread: answered, with the thread's context.
+    await bridge.post_event(payload("message_thread_followup"))
+    await slack.wait_for(lambda: len(slack.posts) == 2)
+    await settle(bridge)
+    assert len(chat_calls(emulator)) == 2
+    follow_up = slack.posts[1]
+    assert follow_up["thread_ts"] == MENTION_TS
+    assert "digital goods" in follow_up["text"] and "refund policy" in follow_up["text"]  # the emulator echoes history
+
+
+async def test_channel_reply_modes(start_bridge, slack: FakeSlack, emulator: Emulator) -> None:
+    bridge = await start_bridge()
+    await bridge.post_event(payload("message_top_level"))  # mention mode: chatter is not for the bot
+    await bridge.post_event(payload("message_thread_followup"))  # a thread the bot is not in
+    await bridge.post_event(payload("app_mention", channel="C0QUIET"))  # reply: off
+    await bridge.post_event(payload("message_top_level", channel="C0ALL"))  # reply: all answers it
+    await slack.wait_for(lambda: slack.posts)
+    await settle(bridge)
+    [post] = slack.posts
+    assert post["channel"] == "C0ALL" and post["thread_ts"] == "1700000500.000500"
+    assert len(chat_calls(emulator)) == 1
+
+
+async def test_direct_messages(start_bridge, slack: FakeSlack, emulator: Emulator) -> None:
+    bridge = await start_bridge()
+    await bridge.post_event(payload("message_im"))
+    await slack.wait_for(lambda: len(slack.posts) == 1)
+    await settle(bridge)
+    first = slack.posts[0]
+    assert first["channel"] == "D0ALICE" and "thread_ts" not in first and "reset my password" in first["text"]
+    # A reply written inside a DM thread is answered in that thread, in the same conversation.
+    await bridge.post_event(payload("message_im_in_thread"))
+    await slack.wait_for(lambda: len(slack.posts) == 2)
+    second = slack.posts[1]
+    assert second["thread_ts"] == "1700000400.000400" and "on mobile" in second["text"]
+    sessions = {c.json["session_id"] for c in chat_calls(emulator)}
+    assert len(sessions) == 1
+
+
+async def test_bots_self_and_subtypes_are_ignored(start_bridge, slack: FakeSlack, emulator: Emulator) -> None:
+    bridge = await start_bridge()
+    await bridge.post_event(payload("app_mention"))  # the bot now follows this thread
+    await slack.wait_for(lambda: slack.posts)
+    await settle(bridge)
+    ignored = [
+        "bot_message", "message_from_other_bot", "message_from_self",
+        "message_changed", "message_deleted", "channel_join", "channel_topic",
+    ]
+    for name in ignored:
+        assert (await bridge.post_event(payload(name)))[0] == 200
+    await settle(bridge)
+    await bridge.post_event(payload("message_im"))  # the sentinel
+    await slack.wait_for(lambda: len(slack.posts) == 2)
+    await settle(bridge)
+    assert len(chat_calls(emulator)) == 2 and [p["channel"] for p in slack.posts] == ["C0GENERAL", "D0ALICE"]
+    assert [c.args["timestamp"] for c in slack.calls_to("reactions.add")] == [MENTION_TS, "1700000400.000400"]
+
+
+# --- exactly one answer -----------------------------------------------------------------------------
+
+
+async def test_pair_and_retries_give_one_answer_also_across_a_restart(start_bridge, slack: FakeSlack, emulator: Emulator) -> None:
+    emulator.latency = 0.3  # the retries arrive while the first delivery is still being answered
+    bridge = await start_bridge()
+    statuses = await asyncio.gather(
+        bridge.post_event(payload("message_channel_mention")),
+        bridge.post_event(payload("app_mention")),
+        bridge.post_event(payload("app_mention"), retry=1),
+        bridge.post_event(payload("message_channel_mention"), retry=1),
+    )
+    assert [s for s, _ in statuses] == [200] * 4
+    await slack.wait_for(lambda: slack.posts)
+    await settle(bridge)
+    await bridge.close()
+
+    again = await start_bridge()  # a new process over the same SQLite file
+    await again.post_event(payload("app_mention"), retry=2)
+    # A post whose first delivery was lost is still answered from its retry.
+    await again.post_event(payload("message_im"), retry=1)
+    await slack.wait_for(lambda: len(slack.posts) >= 2)
+    await settle(again)
+    assert [p["channel"] for p in slack.posts] == ["C0GENERAL", "D0ALICE"]
+    assert len(chat_calls(emulator)) == 2
+
+
+# --- formatting ---------------------------------------------------------------------------------------
+
+
+async def test_a_5000_line_answer_is_split_in_order_with_fences_intact(start_bridge, slack: FakeSlack, emulator: Emulator) -> None:
+    lines = []
+    for block in range(50):
+        lines += [f"Step {block}: run this", "```python", *(f"print({block}, {i})  # line" for i in range(97)), "```"]
+    assert len(lines) == 5000
+    emulator.script_reply(None, "refund policy", "\n".join(lines))
+    bridge = await start_bridge()
+    await bridge.post_event(payload("app_mention"))
+    await slack.wait_for(lambda: slack.calls_to("reactions.remove"), timeout=20)
+    await settle(bridge)
+    posts = slack.posts
+    assert len(posts) > 10
+    assert all(p["thread_ts"] == MENTION_TS for p in posts)
+    assert all(len(p["text"]) <= SLACK_LIMIT for p in posts)
+    assert all(p["text"].count("```") % 2 == 0 for p in posts), "a code block was cut open"
+    # In order: every line arrives once, in sequence (reopened fences aside).
+    seen = [line for p in posts for line in p["text"].split("\n") if line.startswith("print(")]
+    expected = [line for line in lines if line.startswith("print(")]
+    assert seen == expected
+
+
+async def test_hostile_answer_cannot_ping_anyone(start_bridge, slack: FakeSlack, emulator: Emulator) -> None:
+    hostile = (
+        "<!channel> URGENT <!here|here> and <!everyone>, @here @channel @everyone, "
+        "<!subteam^S0ADMINS|@admins> <@U0BOSS> [click](!channel) <https://evil.example|ok>"
+    )
+    emulator.script_reply(None, "refund policy", hostile)
+    bridge = await start_bridge()
+    await bridge.post_event(payload("app_mention"))
+    await slack.wait_for(lambda: slack.posts)
+    await settle(bridge)
+    text = "".join(texts(slack))
+    assert "<!" not in text and "<@" not in text
+    for crowd in ("@here", "@channel", "@everyone"):
+        assert crowd not in text
+    assert "URGENT" in text
+
+
+# --- platform and service limits ---------------------------------------------------------------------
+
+
+async def test_slack_429_is_waited_out_and_delivered(start_bridge, slack: FakeSlack, emulator: Emulator) -> None:
+    slack.fail("chat.postMessage", status=429, retry_after=1)
+    bridge = await start_bridge()
+    await bridge.post_event(payload("message_im"))
+    await slack.wait_for(lambda: slack.posts, timeout=10)
+    await settle(bridge)
+    limited, delivered = slack.calls_to("chat.postMessage")
+    assert limited.status == 429 and delivered.ok
+    assert delivered.time - limited.time >= 1.0  # Retry-After honoured
+    assert len(slack.posts) == 1 and "reset my password" in slack.posts[0]["text"]
+
+
+async def test_a_failed_post_is_logged_and_the_user_told(start_bridge, slack: FakeSlack, caplog: pytest.LogCaptureFixture) -> None:
+    slack.fail("chat.postMessage", status=500)
+    bridge = await start_bridge()
+    with caplog.at_level(logging.WARNING):
+        await bridge.post_event(payload("message_im"))
+        await slack.wait_for(lambda: slack.posts)
+        await settle(bridge)
+    assert texts(slack) == [NOTICES["error"]]
+    assert "posting the answer" in caplog.text and "fatal_error" in caplog.text
+    assert BOT_TOKEN not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("fault", "notice"),
+    [
+        (dict(status=429, detail="Monthly message limit reached."), "quota"),
+        (dict(status=503, detail="Service unavailable", count=None), "unavailable"),
+    ],
+)
+async def test_insitechat_trouble_reaches_the_user_as_a_notice(
+    start_bridge, slack: FakeSlack, emulator: Emulator, fault: dict[str, Any], notice: str
+) -> None:
+    emulator.inject(path_contains="/chat", **fault)
+    bridge = await start_bridge(deadline=1.5)
+    await bridge.post_event(payload("app_mention"))
+    await slack.wait_for(lambda: slack.posts, timeout=10)
+    await settle(bridge)
+    [post] = slack.posts
+    assert post["text"] == NOTICES[notice] and post["thread_ts"] == MENTION_TS
+
+
+# --- slash command ---------------------------------------------------------------------------------
+
+
+async def test_slash_command_posts_the_question_and_answers_in_its_thread(start_bridge, slack: FakeSlack, emulator: Emulator) -> None:
+    bridge = await start_bridge()
+    status, body = await bridge.command(text="What is the refund policy?")
+    assert status == 200 and body == ""  # acked at once, nothing ephemeral
+    await slack.wait_for(lambda: len(slack.posts) == 2)
+    await settle(bridge)
+    root, answer = slack.posts
+    assert root["channel"] == "C0GENERAL" and "thread_ts" not in root
+    assert root["text"] == "<@U0ALICE> asked: What is the refund policy?"
+    root_ts = slack.calls_to("chat.postMessage")[0].result["ts"]
+    assert answer["thread_ts"] == root_ts and "refund policy" in answer["text"]
+    [reaction] = slack.calls_to("reactions.add")
+    assert reaction.args["timestamp"] == answer["thread_ts"]
+    assert len(chat_calls(emulator)) == 1
+
+
+async def test_slash_command_edge_cases(start_bridge, slack: FakeSlack, emulator: Emulator) -> None:
+    bridge = await start_bridge()
+    status, body = await bridge.command(text="")
+    assert status == 200 and "/ask <question>" in body
+    status, body = await bridge.command(text="reset")
+    assert status == 200 and "reply `reset` in the thread" in body
+    status, body = await bridge.command(text="hello?", channel_id="C0QUIET")
+    assert status == 200 and "not set up to answer here" in body
+    # Not a member of the channel: the user hears it privately through the response URL.
+    slack.channels["C0PRIVATE"] = {"name": "private", "is_member": False}
+    status, body = await bridge.command(text="anyone?", channel_id="C0PRIVATE", response_url=slack.response_url("p"))
+    assert status == 200
+    [response] = await slack.wait_for(lambda: slack.responses)
+    assert response["response_type"] == "ephemeral" and "/invite @insitechat" in response["text"]
+    assert slack.posts == [] and chat_calls(emulator) == []
+
+
+async def test_slash_command_reset_in_a_dm_starts_a_new_conversation(start_bridge, slack: FakeSlack, emulator: Emulator) -> None:
+    bridge = await start_bridge()
+    await bridge.post_event(payload("message_im"))
+    await slack.wait_for(lambda: len(slack.posts) == 1)
+    await settle(bridge)
+    status, _ = await bridge.command(text="reset", channel_id="D0ALICE", channel_name="directmessage")
+    assert status == 200
+    await slack.wait_for(lambda: len(slack.posts) == 2)
+    assert slack.posts[1]["text"] == NOTICES["reset"] and slack.posts[1]["channel"] == "D0ALICE"
+    await settle(bridge)
+    await bridge.post_event(payload("message_im", ts="1700000900.000900", text="what did I ask?"))
+    await slack.wait_for(lambda: len(slack.posts) == 3)
+    first, last = chat_calls(emulator)
+    assert first.json["session_id"] != last.json["session_id"]
+
+
+# --- feedback while waiting ----------------------------------------------------------------------
+
+
+async def test_feedback_failures_never_block_the_answer(start_bridge, slack: FakeSlack, caplog: pytest.LogCaptureFixture) -> None:
+    slack.fail("reactions.add", error="missing_scope")
+    slack.fail("reactions.remove", status=500)
+    bridge = await start_bridge()
+    with caplog.at_level(logging.WARNING):
+        await bridge.post_event(payload("app_mention"))
+        await slack.wait_for(lambda: "reactions.remove failed: fatal_error" in caplog.text)
+        await settle(bridge)
+    assert len(slack.posts) == 1 and "refund policy" in slack.posts[0]["text"]
+    assert "reactions.add failed: missing_scope" in caplog.text
+
+
+async def test_assistant_status_in_dms_when_the_app_has_it(start_bridge, slack: FakeSlack) -> None:
+    slack.scopes = ALL_SCOPES + ",assistant:write"
+    bridge = await start_bridge()
+    await bridge.post_event(payload("message_im"))
+    await slack.wait_for(lambda: len(slack.calls_to("assistant.threads.setStatus")) == 2)
+    await settle(bridge)
+    shown, cleared = (c.args for c in slack.calls_to("assistant.threads.setStatus"))
+    assert (shown["channel_id"], shown["thread_ts"]) == ("D0ALICE", "1700000400.000400") and shown["status"]
+    assert cleared["status"] == ""
+    # In a channel, no assistant status: only the reaction.
+    await bridge.post_event(payload("app_mention"))
+    await slack.wait_for(lambda: len(slack.posts) == 2 and len(slack.calls_to("reactions.remove")) == 2)
+    await settle(bridge)
+    assert len(slack.calls_to("assistant.threads.setStatus")) == 2
+
+
+async def test_no_assistant_status_without_the_scope(start_bridge, slack: FakeSlack) -> None:
+    bridge = await start_bridge()
+    await bridge.post_event(payload("message_im"))
+    await slack.wait_for(lambda: slack.posts and slack.calls_to("reactions.remove"))
+    await settle(bridge)
+    assert slack.calls_to("assistant.threads.setStatus") == []
+
+
+# --- Socket Mode ----------------------------------------------------------------------------------
+
+
+async def test_socket_mode_envelopes_are_acked_and_answered(start_bridge, slack: FakeSlack, emulator: Emulator) -> None:
+    bridge = await start_bridge(mode="socket")
+    assert slack.calls_to("apps.connections.open")[0].token == APP_TOKEN
+    first = await slack.send_envelope(payload("app_mention"))
+    twin = await slack.send_envelope(payload("message_channel_mention"))
+    await asyncio.wait_for(asyncio.gather(first.acked.wait(), twin.acked.wait()), 5)
+    await slack.wait_for(lambda: slack.posts)
+    retry = await slack.send_envelope(payload("app_mention"), retry_attempt=1, retry_reason="timeout")
+    await asyncio.wait_for(retry.acked.wait(), 5)
+    # A slash command over the socket: the ack carries the ephemeral usage text.
+    command = await slack.send_envelope(command_form(text=""), kind="slash_commands")
+    await asyncio.wait_for(command.acked.wait(), 5)
+    assert command.ack is not None and "/ask <question>" in json.dumps(command.ack.get("payload"))
+    await settle(bridge)
+    [post] = slack.posts
+    assert post["thread_ts"] == MENTION_TS and "refund policy" in post["text"]
+    assert len(chat_calls(emulator)) == 1
+    assert bridge.app.server_url and (await bridge.post_event(payload("app_mention")))[0] == 404  # no HTTP route
+    await bridge.app.stop()
+    await slack.wait_for(lambda: not slack.sockets)  # the socket was closed cleanly

@@ -1,0 +1,99 @@
+"""The bridge as an operator runs it, with Slack: `run` in a subprocess over Socket Mode, SIGTERM; `check`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
+from tests.fakes.slack_api import APP_TOKEN, BOT_TOKEN, FakeSlack, payload
+
+ENV = {
+    **os.environ,
+    "PYTHONUNBUFFERED": "1",
+    "IC_KEY": SANDBOX_KEY,
+    "SLACK_BOT_TOKEN": BOT_TOKEN,
+    "SLACK_APP_TOKEN": APP_TOKEN,
+}
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    emu = Emulator.sandbox()
+    await emu.start()
+    yield emu
+    await emu.stop()
+
+
+@pytest.fixture
+async def slack() -> AsyncIterator[FakeSlack]:
+    fake = FakeSlack()
+    await fake.start()
+    fake.channels["C0GENERAL"] = {"name": "general", "is_member": True}
+    yield fake
+    await fake.stop()
+
+
+def write_config(tmp_path: Path, emulator: Emulator, slack: FakeSlack, channel: str = "C0GENERAL") -> Path:
+    path = tmp_path / "bridge.yaml"
+    path.write_text(
+        f"""
+insitechat: {{base_url: "{emulator.base_url}", api_key: "${{IC_KEY}}"}}
+state: {{sqlite: "{tmp_path / 'state.db'}"}}
+server: {{listen: "127.0.0.1:0"}}
+slack: {{bot_token: "${{SLACK_BOT_TOKEN}}", app_token: "${{SLACK_APP_TOKEN}}", api_url: "{slack.api_url}"}}
+routes:
+  - {{platform: slack, channel: {channel}, chatbot: {SANDBOX_CHATBOT_ID}}}
+  - {{platform: slack, channel: dm, chatbot: {SANDBOX_CHATBOT_ID}}}
+"""
+    )
+    return path
+
+
+async def test_run_answers_over_socket_mode_and_exits_cleanly_on_sigterm(
+    emulator: Emulator, slack: FakeSlack, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, emulator, slack)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "run", "--config", str(config), env=ENV,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await slack.wait_for(lambda: slack.sockets, timeout=20)
+        envelope = await slack.send_envelope(payload("app_mention"))
+        await asyncio.wait_for(envelope.acked.wait(), 10)
+        await slack.wait_for(lambda: slack.calls_to("reactions.remove"), timeout=10)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    stderr = err.decode()
+    assert proc.returncode == 0, stderr
+    [post] = slack.posts
+    assert post["thread_ts"] == "1700000100.000100" and "refund policy" in post["text"]
+    await slack.wait_for(lambda: not slack.sockets, timeout=5)  # the socket was closed, not dropped
+    assert "Traceback" not in stderr
+    for secret in (BOT_TOKEN, APP_TOKEN, SANDBOX_KEY):
+        assert secret not in stderr and secret not in out.decode()
+    assert "refund policy" not in stderr.lower()  # no message bodies in INFO logs
+
+
+async def test_check_prints_one_line_per_slack_problem(emulator: Emulator, slack: FakeSlack, tmp_path: Path) -> None:
+    config = write_config(tmp_path, emulator, slack, channel="C0ELSEWHERE")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "check", "--live", "--config", str(config), env=ENV,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1, err.decode()
+    slack_lines = [line for line in out.decode().splitlines() if "slack:" in line]
+    assert len(slack_lines) == 1, out.decode()
+    assert slack_lines[0].endswith(
+        "routes[0].channel: channel C0ELSEWHERE not found (a private channel the bot is not in looks the same)"
+    )
+    assert BOT_TOKEN not in out.decode() + err.decode()

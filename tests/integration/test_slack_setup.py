@@ -1,0 +1,167 @@
+"""Slack set-up against the fake Slack: `check` lines, start-up failures, stop."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from adapters import slack as slack_adapter
+from adapters.slack import SlackAdapter, SlackError
+from bridge import config
+from bridge.clock import SystemClock
+from bridge.emulator import SANDBOX_CHATBOT_ID
+from bridge.messages import Inbound
+from bridge.store import SQLiteStore
+from tests.fakes.slack_api import ALL_SCOPES, APP_TOKEN, BOT_TOKEN, SIGNING_SECRET, FakeSlack
+
+WRONG_BOT_TOKEN = "xoxb-wrong-token"
+WRONG_APP_TOKEN = "xapp-wrong-token"
+
+
+def settings_for(
+    api_url: str,
+    *,
+    mode: str = "socket",
+    bot_token: str = BOT_TOKEN,
+    app_token: str = APP_TOKEN,
+    routes: str = "",
+    alerts: str = "",
+) -> config.Settings:
+    return config.loads(
+        f"""
+insitechat: {{api_key: "${{KEY}}"}}
+chatbots:
+  - {{id: {SANDBOX_CHATBOT_ID}, webhook_secret: "${{HOOK}}"}}
+slack:
+  bot_token: ${{BOT}}
+  app_token: ${{APP}}
+  signing_secret: ${{SECRET}}
+  mode: {mode}
+  api_url: {api_url}
+routes:
+  - {{platform: slack, channel: dm, chatbot: {SANDBOX_CHATBOT_ID}}}
+{routes}
+{alerts}
+""",
+        env={"KEY": "ic_test", "HOOK": "whsec", "BOT": bot_token, "APP": app_token, "SECRET": SIGNING_SECRET},
+    )
+
+
+ROUTES = f"""
+  - {{platform: slack, channel: C0GENERAL, chatbot: {SANDBOX_CHATBOT_ID}}}
+  - {{platform: slack, channel: C0OUTSIDE, chatbot: {SANDBOX_CHATBOT_ID}}}
+  - {{platform: slack, channel: C0GONE, chatbot: {SANDBOX_CHATBOT_ID}}}
+  - {{platform: slack, workspace: T0ELSEWHERE, channel: C0GENERAL, chatbot: {SANDBOX_CHATBOT_ID}}}
+  - {{platform: "*", channel: "123456789012", chatbot: {SANDBOX_CHATBOT_ID}}}
+  - {{platform: slack, channel: "*", chatbot: {SANDBOX_CHATBOT_ID}}}
+"""
+ALERTS = f"""
+alerts:
+  - {{chatbot: {SANDBOX_CHATBOT_ID}, to: ["slack:C0GENERAL", "slack:C0ALERTS"]}}
+"""
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeSlack]:
+    server = FakeSlack()
+    await server.start()
+    server.channels.update(
+        C0GENERAL={"name": "general", "is_member": True},
+        C0OUTSIDE={"name": "outside", "is_member": False},
+        C0ALERTS={"name": "alerts", "is_member": False},
+    )
+    yield server
+    await server.stop()
+
+
+def assert_no_secret(lines: list[str]) -> None:
+    for secret in (BOT_TOKEN, APP_TOKEN, WRONG_BOT_TOKEN, WRONG_APP_TOKEN, SIGNING_SECRET):
+        assert all(secret not in line for line in lines)
+
+
+# --- check --------------------------------------------------------------------------------------
+
+
+async def test_check_passes_a_good_setup(fake: FakeSlack) -> None:
+    settings = settings_for(fake.api_url, routes=f"  - {{platform: slack, channel: C0GENERAL, chatbot: {SANDBOX_CHATBOT_ID}}}")
+    assert await slack_adapter.check(settings) == []
+    assert {c.method for c in fake.calls} == {"auth.test", "apps.connections.open", "conversations.info"}
+
+
+async def test_check_names_each_channel_problem_once(fake: FakeSlack) -> None:
+    lines = await slack_adapter.check(settings_for(fake.api_url, routes=ROUTES, alerts=ALERTS))
+    assert lines == [
+        "routes[2].channel: the bot is not a member of #outside (C0OUTSIDE); invite it with /invite @insitechat",
+        "routes[3].channel: channel C0GONE not found (a private channel the bot is not in looks the same)",
+        "routes[4].channel: workspace T0ELSEWHERE is not the bot token's workspace (T0TEST)",
+        "alerts[0].to[1]: the bot is not a member of #alerts (C0ALERTS); invite it with /invite @insitechat",
+    ]
+    # Each channel is asked about once; the Discord-looking id of the "*" route never.
+    asked = [c.args["channel"] for c in fake.calls_to("conversations.info")]
+    assert sorted(asked) == ["C0ALERTS", "C0GENERAL", "C0GONE", "C0OUTSIDE"]
+
+
+async def test_check_lists_missing_scopes(fake: FakeSlack) -> None:
+    fake.scopes = ",".join(s for s in ALL_SCOPES.split(",") if s not in ("reactions:write", "im:history", "groups:read"))
+    lines = await slack_adapter.check(settings_for(fake.api_url))
+    assert len(lines) == 2
+    assert lines[0].startswith("slack.bot_token: missing scope(s) im:history, reactions:write (")
+    assert "reactions:write: show the 'working' reaction" in lines[0]
+    assert lines[1].startswith("slack.bot_token: missing scope(s) groups:read (")
+
+
+@pytest.mark.parametrize(
+    ("tokens", "expected"),
+    [
+        (dict(bot_token=WRONG_BOT_TOKEN), "slack.bot_token: Slack refused it (invalid_auth)"),
+        (dict(app_token=WRONG_APP_TOKEN), "slack.app_token: Slack refused it for Socket Mode (invalid_auth)"),
+    ],
+)
+async def test_check_reports_refused_tokens_without_showing_them(fake: FakeSlack, tokens: dict[str, str], expected: str) -> None:
+    lines = await slack_adapter.check(settings_for(fake.api_url, **tokens))
+    assert len(lines) == 1 and lines[0].startswith(expected)
+    assert_no_secret(lines)
+
+
+async def test_check_when_slack_is_unreachable(fake: FakeSlack) -> None:
+    url = fake.api_url
+    await fake.stop()
+    [line] = await slack_adapter.check(settings_for(url))
+    assert line.startswith(f"slack.api_url: cannot reach the Slack API at {url}")
+
+
+# --- start and stop -----------------------------------------------------------------------------
+
+
+async def noop(inbound: Inbound) -> None:
+    return None
+
+
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        (dict(bot_token=WRONG_BOT_TOKEN), "Slack refused the bot token (auth.test: invalid_auth)"),
+        (dict(app_token=WRONG_APP_TOKEN), "Slack refused the app token (apps.connections.open: invalid_auth)"),
+    ],
+)
+async def test_start_fails_fast_and_plainly(fake: FakeSlack, tmp_path: Path, tokens: dict[str, str], message: str) -> None:
+    adapter = SlackAdapter(settings_for(fake.api_url, **tokens), noop, store=SQLiteStore(tmp_path / "s.db"), clock=SystemClock())
+    with pytest.raises(SlackError) as raised:
+        await adapter.start()
+    assert str(raised.value) == message
+    assert_no_secret([str(raised.value)])
+    assert fake.sockets == []
+    await adapter.stop()
+    await adapter.stop()  # safe twice, and after a failed start
+
+
+async def test_socket_stop_is_idempotent_and_closes_the_socket(fake: FakeSlack) -> None:
+    adapter = SlackAdapter(settings_for(fake.api_url), noop)
+    await adapter.start()
+    await fake.wait_for(lambda: fake.sockets)
+    assert adapter.me is not None and (adapter.me.user_id, adapter.me.bot_id, adapter.me.team_id) == ("UBOT", "BBOT", "T0TEST")
+    await adapter.stop()
+    await fake.wait_for(lambda: not fake.sockets)
+    await adapter.stop()

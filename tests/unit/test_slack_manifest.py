@@ -1,0 +1,72 @@
+"""The Slack app manifest: transport, URLs, scopes, events and the slash command follow the config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from adapters.slack import manifest
+from adapters.slack_setup import BOT_EVENTS, REQUIRED_SCOPES
+from bridge import cli, config
+from tests.conftest import CHATBOT_ID
+
+ENV = {"SLACK_BOT_TOKEN": "xoxb-test-token", "SLACK_APP_TOKEN": "xapp-test-token", "SLACK_SIGNING_SECRET": "s3cret", "KEY": "ic_test"}
+
+
+def settings_text(transport: str, command: str = "/ask") -> str:
+    secret = "app_token: ${SLACK_APP_TOKEN}" if transport == "socket" else "signing_secret: ${SLACK_SIGNING_SECRET}"
+    return f"""
+insitechat: {{api_key: "${{KEY}}"}}
+slack:
+  bot_token: ${{SLACK_BOT_TOKEN}}
+  {secret}
+  command: "{command}"
+routes:
+  - {{platform: slack, chatbot: {CHATBOT_ID}}}
+"""
+
+
+def settings_for(transport: str, command: str = "/ask") -> config.Settings:
+    return config.loads(settings_text(transport, command), env=ENV)
+
+
+def test_socket_mode_manifest() -> None:
+    data = manifest(settings_for("socket", "/helpdesk"))
+    assert data["settings"]["socket_mode_enabled"] is True
+    assert "request_url" not in data["settings"]["event_subscriptions"]
+    [command] = data["features"]["slash_commands"]
+    assert command["command"] == "/helpdesk" and "url" not in command
+    assert sorted(data["settings"]["event_subscriptions"]["bot_events"]) == sorted(BOT_EVENTS)
+    scopes = set(data["oauth_config"]["scopes"]["bot"])
+    assert set(REQUIRED_SCOPES) <= scopes
+    assert {"app_mentions:read", "chat:write", "im:history", "channels:history", "groups:history",
+            "reactions:write", "commands"} <= scopes
+    assert data["features"]["app_home"]["messages_tab_enabled"] is True  # people can DM the bot
+
+
+@pytest.mark.parametrize(
+    ("request_url", "expected"),
+    [
+        ("https://bridge.example.com", "https://bridge.example.com/slack/events"),
+        ("https://bridge.example.com/", "https://bridge.example.com/slack/events"),
+        ("", "https://YOUR-BRIDGE-HOST/slack/events"),
+    ],
+)
+def test_http_mode_manifest_points_at_our_events_url(request_url: str, expected: str) -> None:
+    data = manifest(settings_for("http"), request_url=request_url)
+    assert data["settings"]["socket_mode_enabled"] is False
+    assert data["settings"]["event_subscriptions"]["request_url"] == expected
+    assert data["features"]["slash_commands"][0]["url"] == expected
+
+
+def test_the_cli_prints_the_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    path = tmp_path / "bridge.yaml"
+    path.write_text(settings_text("http"))
+    assert cli.main(["slack-manifest", "--config", str(path), "--request-url", "https://bridge.example.com"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == manifest(settings_for("http"), request_url="https://bridge.example.com")
+    assert "xoxb-test-token" not in json.dumps(printed) and "s3cret" not in json.dumps(printed)
