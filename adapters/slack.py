@@ -39,6 +39,7 @@ from adapters.slack_translate import (
 )
 from bridge.clock import Clock, SystemClock
 from bridge.config import ReplyMode, Settings
+from bridge.desk import AlertDesk
 from bridge.messages import Inbound, Outbound
 from bridge.store import Store
 
@@ -79,6 +80,7 @@ class SlackAdapter:
         web: web.Application | None = None,
         store: Store | None = None,
         clock: Clock | None = None,
+        desk: AlertDesk | None = None,
     ) -> None:
         if settings.slack is None:
             raise ValueError("the config has no slack section")
@@ -89,6 +91,7 @@ class SlackAdapter:
         # constructor uniform across platforms.
         self._store = store
         self._clock = clock or SystemClock()
+        self._desk = desk  # alert buttons and "Talk to a human" go through it
         self._http = self._slack.transport == "http"
         self.client = make_client(self._slack.bot_token, self._slack.api_url)
         self.app = AsyncApp(

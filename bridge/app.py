@@ -76,7 +76,9 @@ class BridgeApp:
         if settings.slack is not None:
             from adapters.slack import SlackAdapter
 
-            self.adapters.append(SlackAdapter(settings, self.relay.submit, web=self.web, store=self.store, clock=self.clock))
+            self.adapters.append(
+                SlackAdapter(settings, self.relay.submit, web=self.web, store=self.store, clock=self.clock, desk=self.desk)
+            )
         if settings.discord is not None:
             from adapters.discord_bot import DiscordAdapter
 
