@@ -82,7 +82,9 @@ class BridgeApp:
         if settings.discord is not None:
             from adapters.discord_bot import DiscordAdapter
 
-            self.adapters.append(DiscordAdapter(settings, self.relay.submit, web=self.web, store=self.store, clock=self.clock))
+            self.adapters.append(
+                DiscordAdapter(settings, self.relay.submit, web=self.web, store=self.store, clock=self.clock, desk=self.desk)
+            )
         posters = {a.name: a for a in self.adapters if isinstance(a, AlertPoster)}
         self.outbox = Outbox(self.store, self.desk, posters, self.clock)
         WebhookReceiver(settings, self.desk, self.clock, on_stored=self.outbox.wake).add_routes(self.web)

@@ -1,0 +1,115 @@
+"""`discord-invite` and `check` against the fake Discord: the invite URL and the plain problem lines."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from urllib.parse import parse_qs, urlparse
+
+import discord
+import pytest
+
+from adapters.discord_bot import DiscordAdapter, DiscordStartError, check, invite_url
+from bridge import config
+from bridge.cli import CommandFailed
+from tests.fakes import discord_api as fd
+from tests.fakes.discord_api import FakeDiscord
+
+BOT = "5a0db0c5-ba5e-4b07-8000-000000000001"
+
+
+def settings(*, routes: str = "", alerts: str = "", token: str = fd.TOKEN, intent: bool = False) -> config.Settings:
+    return config.loads(
+        f"""
+insitechat: {{api_key: "${{KEY}}"}}
+discord: {{token: "${{DISCORD_TOKEN}}", message_content_intent: {str(intent).lower()}}}
+routes:
+  - {{platform: discord, chatbot: {BOT}}}
+{routes}
+{alerts}
+""",
+        env={"KEY": "ic_x", "DISCORD_TOKEN": token},
+    )
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeDiscord]:
+    async with fd.running_fake() as discord_fake:
+        yield discord_fake
+
+
+async def test_invite_url_has_both_scopes_and_exactly_the_needed_permissions(fake: FakeDiscord) -> None:
+    url = urlparse(await invite_url(settings()))
+    query = parse_qs(url.query)
+    assert url.netloc == "discord.com" and url.path == "/oauth2/authorize"
+    assert query["client_id"] == [str(fd.APP_ID)]
+    assert query["scope"] == ["bot applications.commands"]
+    expected = discord.Permissions(
+        view_channel=True, send_messages=True, send_messages_in_threads=True, create_public_threads=True,
+        read_message_history=True, embed_links=True,
+    )
+    assert query["permissions"] == [str(expected.value)]
+    assert fake.rest("GET", r"/oauth2/applications/@me")
+
+
+async def test_invite_url_offline_reads_the_application_id_from_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(discord.http.Route, "BASE", "http://127.0.0.1:9/api/v10")  # nothing listens there
+    query = parse_qs(urlparse(await invite_url(settings())).query)
+    assert query["client_id"] == [str(fd.BOT_ID)]
+
+
+async def test_invite_url_with_a_refused_token_says_so_without_the_token(fake: FakeDiscord) -> None:
+    wrong = fd.make_token(fd.BOT_ID, "wrong-secret")
+    with pytest.raises(CommandFailed) as failure:
+        await invite_url(settings(token=wrong))
+    assert "refused the bot token" in str(failure.value) and wrong not in str(failure.value)
+
+
+async def test_check_passes_when_the_bot_can_post_everywhere_routed(fake: FakeDiscord) -> None:
+    routes = (
+        f'  - {{platform: discord, workspace: "{fd.GUILD_ID}", channel: "{fd.GENERAL}", chatbot: {BOT}}}\n'
+        f'  - {{platform: discord, channel: "{fd.FORUM}", chatbot: {BOT}}}'
+    )
+    alerts = f'alerts: [{{chatbot: {BOT}, to: ["discord:{fd.ASK_ALL}"]}}]\nwebhooks: {{verify_signatures: false}}'
+    assert await check(settings(routes=routes, alerts=alerts)) == []
+
+
+async def test_check_lists_each_problem_in_one_plain_line(fake: FakeDiscord) -> None:
+    routes = (
+        f'  - {{platform: discord, channel: "{fd.READ_ONLY}", chatbot: {BOT}}}\n'
+        f'  - {{platform: discord, channel: "1299999999999999999", chatbot: {BOT}}}\n'
+        f'  - {{platform: discord, workspace: "1288888888888888888", chatbot: {BOT}}}\n'
+        f'  - {{platform: discord, channel: "{fd.ASK_ALL}", chatbot: {BOT}, reply: all}}'
+    )
+    problems = await check(settings(routes=routes))
+    assert problems == [
+        f"routes[1].channel: in #announcements ({fd.READ_ONLY}) the bot lacks Send Messages",
+        "routes[2].channel: the bot cannot see Discord channel 1299999999999999999 "
+        "(it does not exist, or the bot lacks View Channel)",
+        "routes[3].workspace: the bot is not in Discord server 1288888888888888888; "
+        "invite it with the URL from `insitechat-bridge discord-invite`",
+        "routes[4].reply: all needs the Message Content intent: set discord.message_content_intent: true "
+        "and switch it on in the Developer Portal (Bot tab)",
+    ]
+
+
+async def test_check_with_a_refused_token_never_shows_it(fake: FakeDiscord) -> None:
+    wrong = fd.make_token(fd.BOT_ID, "wrong-secret")
+    problems = await check(settings(token=wrong))
+    assert len(problems) == 1 and problems[0].startswith("discord.token:") and wrong not in problems[0]
+    assert fake.rest("GET", r"/users/@me")
+
+
+async def test_check_sees_the_intent_switched_off_in_the_portal(fake: FakeDiscord) -> None:
+    # The fake application's flags have neither GATEWAY_MESSAGE_CONTENT bit.
+    [problem] = await check(settings(intent=True))
+    assert problem.startswith("discord.message_content_intent:") and "Developer Portal" in problem
+
+
+async def test_an_invalid_command_name_names_the_setting() -> None:
+    bad = settings()
+    bad = bad.model_copy(update={"discord": bad.discord.model_copy(update={"ask_command": "Ask Me"})})  # type: ignore[union-attr]
+    adapter = DiscordAdapter(bad, lambda inbound: asyncio.sleep(0))
+    with pytest.raises(DiscordStartError, match="discord.ask_command"):
+        await adapter.start()
+    await adapter.stop()
