@@ -87,7 +87,8 @@ class BridgeApp:
             )
         posters = {a.name: a for a in self.adapters if isinstance(a, AlertPoster)}
         self.outbox = Outbox(self.store, self.desk, posters, self.clock)
-        WebhookReceiver(settings, self.desk, self.clock, on_stored=self.outbox.wake).add_routes(self.web)
+        self.desk.on_queued = self.outbox.wake
+        WebhookReceiver(settings, self.desk, self.clock).add_routes(self.web)
         self._runner: web.AppRunner | None = None
         self.server_url = ""
         self.stopped = asyncio.Event()

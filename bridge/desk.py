@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -48,6 +49,9 @@ class AlertDesk:
         self._settings = settings
         self._store = store
         self._clock = clock
+        # Called whenever deliveries were queued (the outbox worker's wake-up), so a click
+        # on Claim updates the cards at once instead of at the next poll.
+        self.on_queued: Callable[[], None] = lambda: None
 
     # --- events in -----------------------------------------------------------------------------
 
@@ -89,6 +93,7 @@ class AlertDesk:
         if accepted:
             await self._store.put(ALERT, alert_id, record, ttl=ALERT_TTL)
             log.info("alert %s (%s) queued for %d destination(s)", alert_id, event.name, len(destinations))
+            self.on_queued()
         return accepted
 
     def has_human_route(self, chatbot_id: str) -> bool:
@@ -163,6 +168,7 @@ class AlertDesk:
         await self._store.put(ALERT, alert_id, record, ttl=ALERT_TTL)
         for key, destination, payload in updates:
             await self._store.outbox_add(key, destination, payload)
+        self.on_queued()
         log.info("alert %s %s by %s", alert_id, record["state"], who)
         return self._alert(record)
 

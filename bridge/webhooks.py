@@ -9,7 +9,6 @@ import hmac
 import json
 import logging
 import sqlite3
-from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 from aiohttp import web
@@ -61,11 +60,10 @@ def _decodings(value: str) -> list[bytes]:
 class WebhookReceiver:
     """POST /webhooks/insitechat/<chatbot id>: 2xx only once the event is stored (or a duplicate)."""
 
-    def __init__(self, settings: Settings, desk: AlertDesk, clock: Clock, on_stored: Callable[[], None]) -> None:
+    def __init__(self, settings: Settings, desk: AlertDesk, clock: Clock) -> None:
         self._settings = settings
         self._desk = desk
         self._clock = clock
-        self._on_stored = on_stored
         self._max_age = timedelta(minutes=settings.webhooks.max_age_minutes)
         self._verify = settings.webhooks.verify_signatures
 
@@ -124,9 +122,7 @@ class WebhookReceiver:
             metrics.WEBHOOKS.labels("storage-failure").inc()
             return web.json_response({"ok": False, "error": "storage failure"}, status=503)
         metrics.WEBHOOKS.labels("accepted" if fresh else "duplicate").inc()
-        if fresh:
-            self._on_stored()
-        else:
+        if not fresh:
             metrics.DEDUPE_HITS.labels("webhook").inc()
             log.info("webhook %s for chatbot %s is a duplicate", event.name, chatbot_id)
         return web.json_response({"ok": True, "duplicate": not fresh})

@@ -63,7 +63,8 @@ class Bed:
         self.slack, self.discord = FakePoster("slack"), FakePoster("discord")
         self.outbox = Outbox(self.store, self.desk, {"slack": self.slack, "discord": self.discord}, clock, jitter=lambda: 0.0)
         self.app = web.Application()
-        WebhookReceiver(settings, self.desk, clock, on_stored=self.outbox.wake).add_routes(self.app)
+        self.desk.on_queued = self.outbox.wake
+        WebhookReceiver(settings, self.desk, clock).add_routes(self.app)
         self.url = ""
         self._runner: web.AppRunner | None = None
 
