@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Callable, Mapping
-from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 from adapters.base import Adapter
 from bridge import formatting, metrics
@@ -74,6 +74,12 @@ class Outcome(str, enum.Enum):
     SEND_FAILED = "send-failed"
 
 
+@dataclass
+class _SharedLock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
 @dataclass(frozen=True)
 class Decision:
     """Whether and why to answer one message."""
@@ -104,7 +110,7 @@ class Relay:
         self._queue_notice_after = queue_notice_after
         self._adapters: dict[str, Adapter] = {}
         # One answer at a time per conversation, so InsiteChat's history stays in order.
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _SharedLock] = {}
         self._tasks: set[asyncio.Task[Outcome]] = set()
         self._accepting = True
 
@@ -214,17 +220,24 @@ class Relay:
             outcome = await self._notify(adapter, inbound, "reset")
             return Outcome.RESET if outcome is Outcome.NOTICE else outcome
         if not text:
-            await self._notify(adapter, inbound, "hello")
-            return Outcome.NOTICE
+            return await self._notify(adapter, inbound, "hello")
         if not inbound.is_dm:
             await self._store.follow(conversation.key)
-        lock = self._locks.setdefault(conversation.key, asyncio.Lock())
+        async with self._one_at_a_time(conversation.key):
+            return await self._ask_and_post(adapter, inbound, route, conversation, text)
+
+    @asynccontextmanager
+    async def _one_at_a_time(self, key: str) -> AsyncIterator[None]:
+        """Serialise answers per conversation; the lock lives only while someone holds or awaits it."""
+        entry = self._locks.setdefault(key, _SharedLock())
+        entry.users += 1
         try:
-            async with lock:
-                return await self._ask_and_post(adapter, inbound, route, conversation, text)
+            async with entry.lock:
+                yield
         finally:
-            if not lock.locked() and self._locks.get(conversation.key) is lock:
-                del self._locks[conversation.key]
+            entry.users -= 1
+            if not entry.users:
+                del self._locks[key]
 
     async def _ask_and_post(
         self, adapter: Adapter, inbound: Inbound, route: RouteSettings, conversation: Conversation, text: str
@@ -232,8 +245,7 @@ class Relay:
         client = self._clients[self._settings.chatbot_key(route.chatbot)]
         lane = f"{inbound.platform}:{inbound.workspace}:{inbound.channel}"
         session_id = conversation.session_id(await self._store.generation(conversation.key))
-        async with AsyncExitStack() as stack:
-            await stack.enter_async_context(adapter.working(inbound))
+        async with adapter.working(inbound):
             await self._maybe_queue_notice(adapter, inbound, client, lane)
             try:
                 answer = await client.chat(route.chatbot, text, session_id, lane=lane)

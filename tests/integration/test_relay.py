@@ -280,3 +280,15 @@ async def test_drain_cancels_after_grace_and_releases_the_claim(make_harness, em
     await h.relay.drain(grace=0.2)
     assert task.cancelled()
     assert await h.store.claim(slow.dedupe_key)  # the platform's retry after restart is answered
+
+
+async def test_answers_in_one_conversation_never_overlap(make_harness, emulator: Emulator) -> None:
+    h = make_harness()
+    emulator.latency = 0.1  # every chat call takes at least this long to answer
+    dms = [msg(f"question {n}", id=str(n), channel="D1", is_dm=True) for n in range(5)]
+    outcomes = await asyncio.gather(*(h.relay.handle(m) for m in dms))
+    assert all(o is Outcome.ANSWERED for o in outcomes)
+    arrivals = [r.time for r in chat_calls(emulator)]
+    # One at a time: each call leaves only after the previous answer came back.
+    assert all(later - earlier >= 0.09 for earlier, later in zip(arrivals, arrivals[1:])), arrivals
+    assert h.relay._locks == {}  # nothing left behind
