@@ -220,7 +220,7 @@ async def _cmd_check(args: argparse.Namespace) -> int:
         checks.append(("discord", await discord_bot.check(settings)))
     for part, problems in checks:
         for problem in problems:
-            print(f"FAIL  {part}: {problem}")
+            print(f"FAIL  {problem}" if problem.startswith(part) else f"FAIL  {part}: {problem}")
         if not problems:
             print(f"ok    {part}: every check passed")
     return EXIT_FAILURE if any(problems for _, problems in checks) else EXIT_OK

@@ -175,6 +175,14 @@ class DiscordSettings(_Model):
     ask_command: str = "ask"
     reset_command: str = "reset"
 
+    @field_validator("ask_command", "reset_command")
+    @classmethod
+    def _command_name(cls, value: str) -> str:
+        # Discord's rule for slash command names; checked here so start-up never fails on it.
+        if not re.fullmatch(r"[-_a-z0-9]{1,32}", value):
+            raise ValueError("must be 1-32 lowercase letters, digits, - or _ (no slash)")
+        return value
+
 
 class ConsoleSettings(_Model):
     enabled: bool = True

@@ -122,6 +122,7 @@ def test_no_matching_route() -> None:
         (lambda t: t + f"alerts:\n  - {{chatbot: {BOT}, to: ['slack:C1'], mention: ['@everyone']}}\n", "alerts[0].mention: '@everyone' is not an explicit mention"),
         (lambda t: t + f"alerts:\n  - {{chatbot: {BOT}, to: ['slack:C1'], events: [visitor.waved]}}\n", "alerts[0].events: unknown event 'visitor.waved'"),
         (lambda t: t + "server: {listen: nowhere}\n", 'server.listen: must be "host:port"'),
+        (lambda t: t.replace("token: ${DISCORD}", "token: ${DISCORD}\n  ask_command: /Ask"), "discord.ask_command: must be 1-32 lowercase"),
         (lambda t: t + "slack_extra: 1\n", "slack_extra: unknown option"),
         (lambda t: "routes: [", "line 1, column 10: not valid YAML"),
         (lambda t: "- just\n- a list\n", "the file must be a mapping"),
