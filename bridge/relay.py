@@ -161,11 +161,15 @@ class Relay:
         else:
             await self._store.finish(inbound.dedupe_key)
         finally:
+            route = decision.route
             log.info(
-                "message platform=%s channel=%s route_chatbot=%s outcome=%s latency_ms=%d",
+                "message platform=%s channel=%s route=%s:%s:%s chatbot=%s outcome=%s latency_ms=%d",
                 inbound.platform,
                 inbound.channel,
-                decision.route.chatbot,
+                route.platform,
+                route.workspace,
+                route.channel,
+                route.chatbot,
                 outcome.value,
                 (self._clock.monotonic() - started) * 1000,
             )
