@@ -9,19 +9,27 @@ import os
 import stat
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import TextIO
+from typing import Any, TextIO
 
-from bridge.messages import Inbound, Outbound, OutboundKind
+from bridge.desk import AlertDesk
+from bridge.messages import Conversation, Inbound, Outbound, OutboundKind
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "console"
 
+# A sandbox command: gets the rest of the line, returns lines to print.
+ConsoleCommand = Callable[[str], Awaitable[list[str]]]
+
 
 class ConsoleAdapter:
-    """Reads questions from a stream (stdin) and prints the answers; end of input ends it."""
+    """Reads questions from a stream (stdin) and prints the answers; end of input ends it.
+
+    Alerts routed to `console:<name>` are printed too; `/claim` and `/resolve` play the
+    buttons, and `commands` adds the sandbox's own (`/visitor`, `/lead`...).
+    """
 
     name = "console"
 
@@ -32,8 +40,13 @@ class ConsoleAdapter:
         stdin: TextIO | None = None,
         stdout: TextIO | None = None,
         user: str = "you",
+        desk: AlertDesk | None = None,
+        commands: Mapping[str, ConsoleCommand] | None = None,
     ) -> None:
         self._on_message = on_message
+        self._desk = desk
+        self._commands = dict(commands or {})
+        self._alerts: list[str] = []  # printed alerts with buttons, newest last: /claim takes the newest
         self._stdin = stdin or sys.stdin
         self._stdout = stdout or sys.stdout
         self._user = user
@@ -61,13 +74,52 @@ class ConsoleAdapter:
     async def working(self, inbound: Inbound) -> AsyncIterator[None]:
         yield
 
+    # --- alerts (AlertPoster) ---
+
+    async def post_alert(self, channel: str, card: dict[str, Any], *, thread: str, broadcast: bool, key: str) -> str:
+        if card["actionable"]:
+            self._alerts.append(card["id"])
+        self._print("alert", card["lines"])
+        return f"{card['id']}:{next(self._ids)}"
+
+    async def find_alert(self, channel: str, key: str, *, since: float, thread: str) -> str | None:
+        return None  # a terminal cannot be searched; printing twice after a crash is harmless here
+
+    async def update_alert(self, channel: str, reference: str, card: dict[str, Any]) -> None:
+        self._print("alert update", card["lines"])
+
+    async def permalink(self, conversation: Conversation) -> str | None:
+        return None
+
+    def _print(self, prefix: str, lines: list[str]) -> None:
+        for line in lines:
+            self._stdout.write(f"{prefix}> {line}\n")
+        self._stdout.flush()
+
+    async def _run_command(self, text: str) -> bool:
+        """Handle a /command line; False when it is not one of ours (then it is a question)."""
+        name, _, rest = text.partition(" ")
+        if name in ("/claim", "/resolve") and self._desk is not None:
+            if not self._alerts:
+                self._print("sandbox", ["no alert to act on yet"])
+                return True
+            alert = await self._desk.act(self._alerts[-1], name[1:], self._user)
+            if alert is None:
+                self._print("sandbox", ["that alert has expired"])
+            return True
+        command = self._commands.get(name)
+        if command is None:
+            return False
+        self._print("sandbox", await command(rest.strip()))
+        return True
+
     async def _read_loop(self) -> None:
         interactive = _is_tty(self._stdin)
         try:
             self._prompt(interactive)
             async for line in _lines(self._stdin):
                 text = line.strip()
-                if not text:
+                if not text or (text.startswith("/") and await self._run_command(text)):
                     self._prompt(interactive)
                     continue
                 inbound = Inbound(

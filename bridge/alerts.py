@@ -169,6 +169,7 @@ class Alert:
     thread_link: str = ""  # the Slack/Discord thread when the session came from the bridge
     conversation: str = ""  # that thread's conversation key (for "Talk to a human")
     history: list[tuple[str, str]] = field(default_factory=list)  # the last exchanges, (who, text)
+    version: int = 0  # bumped by every claim / resolve
 
     @property
     def can_be_claimed(self) -> bool:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import TextIO
 
 from aiohttp import web
 
 from adapters.base import Adapter, AlertPoster
-from adapters.console import ConsoleAdapter
+from adapters.console import ConsoleAdapter, ConsoleCommand
 from bridge import metrics
 from bridge.clock import Clock, SystemClock
 from bridge.config import Settings
@@ -52,6 +53,7 @@ class BridgeApp:
         store: Store | None = None,
         console_in: TextIO | None = None,
         console_out: TextIO | None = None,
+        console_commands: Mapping[str, ConsoleCommand] | None = None,
         grace: float = 10.0,
     ) -> None:
         self.settings = settings
@@ -66,7 +68,9 @@ class BridgeApp:
         if settings.console is not None and settings.console.enabled:
             # The console awaits each answer (one line after another); submit() keeps the
             # answer visible to drain() so a shutdown lets it finish.
-            self.console = ConsoleAdapter(self.relay.submit, stdin=console_in, stdout=console_out)
+            self.console = ConsoleAdapter(
+                self.relay.submit, stdin=console_in, stdout=console_out, desk=self.desk, commands=console_commands
+            )
             self.adapters.append(self.console)
         self.web = web.Application()
         self.web.router.add_get("/healthz", self._healthz)
@@ -137,7 +141,8 @@ class BridgeApp:
             if stop_intake is not None:
                 await stop_intake()
         await self.relay.drain(self.grace)
-        await self.outbox.stop()
+        # Alerts that are due go out now if they can (a bounded try); the rest stay queued.
+        await self.outbox.stop(final_pass=min(self.grace, 5.0))
         for adapter in reversed(self.adapters):
             try:
                 await adapter.stop()

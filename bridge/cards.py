@@ -157,9 +157,7 @@ def _discord_text(text: str) -> str:
 
 def discord_card(alert: Alert, mentions: tuple[str, ...] = ()) -> dict[str, Any]:
     """Message JSON: `content` (only the on-call mentions), one `embed` dict, `components` (buttons)."""
-    heading = title(alert)
-    for code, emoji in _DISCORD_EMOJI.items():
-        heading = heading.replace(code, emoji)
+    heading = _plain_title(alert)
     description = ""
     if alert.event.visitor_text:
         description = "\n".join(f"> {line}" for line in _discord_text(_cut(alert.event.visitor_text, _QUOTE_LIMIT)).splitlines())
@@ -187,3 +185,29 @@ def discord_card(alert: Alert, mentions: tuple[str, ...] = ()) -> dict[str, Any]
         buttons.append({"type": 2, "style": 3, "label": "Resolve", "custom_id": action_id(RESOLVE, alert.id)})
         components.append({"type": 1, "components": buttons})
     return {"content": " ".join(mentions), "embed": embed, "components": components}
+
+
+# --- Console (the sandbox) ------------------------------------------------------------------
+
+
+def console_card(alert: Alert, mentions: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Plain lines for a terminal; `/claim` and `/resolve` stand in for the buttons."""
+    lines = [f"{_plain_title(alert)}  [alert {alert.id[:8]}]"]
+    if alert.event.visitor_text:
+        lines.append(f'  "{_cut(alert.event.visitor_text, _QUOTE_LIMIT)}"')
+    lines += [f"  {key}: {value}" for key, value in facts(alert)]
+    lines += [f"  {who}: {_cut(said, 300)}" for who, said in alert.history[-4:]]
+    status = state_line(alert, lambda text: text)
+    if status:
+        lines.append(f"  {status}")
+    actionable = alert.can_be_claimed and alert.state is not AlertState.RESOLVED
+    if actionable:
+        lines.append("  (type /claim or /resolve)")
+    return {"id": alert.id, "actionable": actionable, "lines": [neutralise_discord(line) for line in lines]}
+
+
+def _plain_title(alert: Alert) -> str:
+    heading = title(alert)
+    for code, emoji in _DISCORD_EMOJI.items():
+        heading = heading.replace(code, emoji)
+    return heading

@@ -9,9 +9,7 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bridge import __version__, config
@@ -144,41 +142,21 @@ async def _cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _run_sandbox(args: argparse.Namespace) -> int:
-    from bridge.app import BridgeApp
-    from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
+    from bridge.sandbox import Sandbox
 
-    emulator = Emulator.sandbox()
-    base_url = await emulator.start("127.0.0.1", 0)
-    state_dir = Path(tempfile.mkdtemp(prefix="insitechat-sandbox-"))
-    print(
-        f"insitechat-bridge sandbox: local InsiteChat emulator at {base_url}, console chat, "
-        f"state in {state_dir}. Type a question; 'reset' starts over; Ctrl-D quits.",
-        flush=True,
-    )
-    settings = config.loads(
-        f"""
-insitechat:
-  base_url: {base_url}
-  api_key: ${{SANDBOX_KEY}}
-state: {{sqlite: "{state_dir / 'state.db'}"}}
-server: {{listen: "127.0.0.1:0"}}
-console: {{enabled: true}}
-routes:
-  - {{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}
-""",
-        source="<sandbox>",
-        env={"SANDBOX_KEY": SANDBOX_KEY},
-    )
+    sandbox = Sandbox(grace=args.grace)
+    app = await sandbox.prepare()
+    print(sandbox.banner(), flush=True)
     # The sandbox keeps the terminal for the chat: only warnings and errors are logged.
     args.log_level = args.log_level or "WARNING"
-    _setup_logs(args, settings)
+    _setup_logs(args, app.settings)
     try:
-        return await _run_until_signal(BridgeApp(settings, grace=args.grace))
+        return await _run_until_signal(app, on_started=sandbox.connect_webhooks)
     finally:
-        await emulator.stop()
+        await sandbox.close()
 
 
-async def _run_until_signal(app: BridgeApp) -> int:
+async def _run_until_signal(app: BridgeApp, on_started: Callable[[], None] | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = app.stopped
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -190,6 +168,8 @@ async def _run_until_signal(app: BridgeApp) -> int:
             log.error("start-up failed: %s", exc)
             await app.stop()
             return EXIT_FAILURE
+        if on_started is not None:
+            on_started()
         await stop.wait()
         log.info("stopping")
         stop.clear()
@@ -336,12 +316,15 @@ async def _cmd_slack_manifest(args: argparse.Namespace) -> int:
 
 
 async def _cmd_discord_invite(args: argparse.Namespace) -> int:
-    from adapters.discord_bot import invite_url
+    from adapters.discord_bot import DiscordSetupError, invite_url
 
     settings = config.load(args.config)
     if settings.discord is None:
         raise CommandFailed("the config has no discord section")
-    print(await invite_url(settings))
+    try:
+        print(await invite_url(settings))
+    except DiscordSetupError as exc:
+        raise CommandFailed(str(exc)) from None
     return EXIT_OK
 
 

@@ -224,7 +224,7 @@ class RouteSettings(_Model):
         return (channel_rank, int(self.workspace != "*"), int(self.platform != "*"))
 
 
-_DESTINATION = re.compile(r"^(slack|discord):([A-Za-z0-9]+)$")
+_DESTINATION = re.compile(r"^(slack|discord|console):([A-Za-z0-9_-]+)$")
 
 
 class AlertRule(_Model):
@@ -253,7 +253,7 @@ class AlertRule(_Model):
             raise ValueError("needs at least one destination")
         for item in value:
             if not _DESTINATION.match(item):
-                raise ValueError(f'{item!r} is not "slack:<channel id>" or "discord:<channel id>"')
+                raise ValueError(f'{item!r} is not "slack:<channel id>", "discord:<channel id>" or "console:<name>"')
         return value
 
     @field_validator("mention")

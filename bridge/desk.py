@@ -145,6 +145,8 @@ class AlertDesk:
         if record is None:
             return None
         state = AlertState(record["state"])
+        if not self._alert(record).can_be_claimed:
+            return self._alert(record)  # leads and notices carry no buttons
         if action == "claim" and state is AlertState.OPEN:
             record.update(state=AlertState.CLAIMED.value, claimed_by=who)
         elif action == "resolve" and state is not AlertState.RESOLVED:
@@ -153,8 +155,9 @@ class AlertDesk:
             return self._alert(record)  # a second click changes nothing
         record["changed_at"] = self._clock.time()
         record["version"] += 1
+        version = record["version"]
         updates = [
-            (f"{alert_id}|{address}|v{record['version']}", address, {"kind": "update", "alert": alert_id})
+            (f"{alert_id}|{address}|v{version}", address, {"kind": "update", "alert": alert_id, "version": version})
             for address in record["posts"]
         ]
         if record["state"] == AlertState.RESOLVED.value and record["conversation"]:
@@ -203,6 +206,7 @@ class AlertDesk:
             changed_at=record["changed_at"],
             conversation=record["conversation"],
             history=[(str(w), str(t)) for w, t in record.get("history", [])],
+            version=record["version"],
         )
 
 

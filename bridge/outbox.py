@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from adapters.base import AlertPoster
 from bridge import metrics
 from bridge.alerts import ESCALATED, HUMAN_REQUESTED, LEAD, Alert
-from bridge.cards import discord_card, slack_card
+from bridge.cards import console_card, discord_card, slack_card
 from bridge.clock import Clock
 from bridge.desk import AlertDesk
 from bridge.messages import Conversation, Outbound, OutboundKind
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 THREAD = "alert-thread"  # store kind: (destination, visitor session) -> the thread's root reference
 _MENTIONED_EVENTS = (ESCALATED, HUMAN_REQUESTED, LEAD)
-_CARDS = {"slack": slack_card, "discord": discord_card}
+_CARDS = {"slack": slack_card, "discord": discord_card, "console": console_card}
 
 
 class Outbox:
@@ -50,6 +50,8 @@ class Outbox:
         self._jitter = jitter
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # One pass at a time: two passes would both see the same due item and post it twice.
+        self._pass = asyncio.Lock()
 
     def wake(self) -> None:
         """New work was stored: deliver now instead of at the next poll."""
@@ -58,8 +60,20 @@ class Outbox:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="outbox")
 
-    async def stop(self) -> None:
-        """Stop between deliveries; anything undelivered stays in the store for the next start."""
+    async def stop(self, final_pass: float = 0.0) -> None:
+        """Stop; anything undelivered stays in the store for the next start.
+
+        `final_pass` seconds are spent delivering what is due right now (at shutdown),
+        after which a delivery still under way is cut off: the next start looks before
+        posting it again.
+        """
+        if final_pass > 0:
+            try:
+                await asyncio.wait_for(self.deliver_due(), final_pass)
+            except asyncio.TimeoutError:
+                log.info("shutdown: deliveries still under way are left for the next start")
+            except Exception:
+                log.exception("shutdown: the last outbox pass failed; undelivered alerts stay queued")
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -67,11 +81,12 @@ class Outbox:
 
     async def _run(self) -> None:
         while True:
+            # Cleared before the pass, not after: work stored during a pass must start another.
+            self._wake.clear()
             try:
                 await self.deliver_due()
             except Exception:
                 log.exception("outbox pass failed; trying again")
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self._poll)
             except asyncio.TimeoutError:
@@ -83,11 +98,12 @@ class Outbox:
         Destinations are served side by side, so an outage of one platform does not hold
         up the other; within one destination, deliveries keep their order (threads).
         """
-        by_destination: dict[str, list[OutboxItem]] = defaultdict(list)
-        for item in await self._store.outbox_due(limit=200):
-            by_destination[item.destination].append(item)
-        results = await asyncio.gather(*(self._deliver_in_order(items) for items in by_destination.values()))
-        return sum(results)
+        async with self._pass:
+            by_destination: dict[str, list[OutboxItem]] = defaultdict(list)
+            for item in await self._store.outbox_due(limit=200):
+                by_destination[item.destination].append(item)
+            results = await asyncio.gather(*(self._deliver_in_order(items) for items in by_destination.values()))
+            return sum(results)
 
     async def _deliver_in_order(self, items: list[OutboxItem]) -> int:
         for index, item in enumerate(items):
@@ -162,6 +178,8 @@ class Outbox:
         return reference
 
     async def _update(self, poster: AlertPoster, platform: str, item: OutboxItem, alert: Alert) -> str:
+        if item.payload.get("version", alert.version) < alert.version:
+            return "superseded"  # a newer update of this card is queued behind this one
         reference = await self._desk.post_reference(alert.id, item.destination)
         if not reference:
             return "not-posted"

@@ -38,6 +38,19 @@ def test_sandbox_answers_keeps_context_resets_and_ends_with_input() -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_sandbox_plays_a_visitor_and_shows_alerts_with_claim_and_resolve() -> None:
+    result = run_cli("run", stdin="/visitor can I talk to a human please\n/claim\n/lead Ada Lovelace ada@example.com\n/resolve\n")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "alert> 🙋 A visitor asked for a human" in out
+    assert 'alert>   "can I talk to a human please"' in out
+    assert "alert> 📇 New lead captured" in out and "alert>   Email: ada@example.com" in out
+    # Both act on the escalation: the lead that came in between has no buttons.
+    assert "alert update>   Claimed by you" in out or "alert update>   Resolved by you" in out
+    assert out.count("alert update>   Resolved by you") == 1
+    assert out.index("alert> 🙋") < out.index("sandbox> the visitor sees")  # printed as it happened
+
+
 def test_help_and_usage_errors_exit_2() -> None:
     assert run_cli("--help").returncode == 0
     assert run_cli().returncode == 2

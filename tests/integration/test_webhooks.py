@@ -373,3 +373,16 @@ async def test_outbox_worker_runs_in_the_background(bed: Bed) -> None:
         assert len(bed.slack.posted) == 1 and len(bed.discord.posted) == 1
     finally:
         await bed.outbox.stop()
+
+
+async def test_leads_cannot_be_claimed(bed: Bed) -> None:
+    raw = envelope("lead.captured", lead_id="L-7", name="Ada", email="ada@example.com")
+    await post(bed.url, raw, {SIGNATURE_HEADER: sign(raw)})
+    await bed.outbox.deliver_due()
+    assert "actions" not in json.dumps(bed.slack.posted[0].card["blocks"])
+    lead = bed.slack.posted[0]
+    alert_id = lead.key.split("|")[0]  # outbox keys are "<alert id>|<destination>"
+    unchanged = await bed.desk.act(alert_id, "resolve", "<@UALICE>")
+    assert unchanged is not None and unchanged.state.value == "open"
+    await bed.outbox.deliver_due()
+    assert lead.updates == []

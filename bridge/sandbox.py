@@ -1,0 +1,96 @@
+"""The local sandbox: the embedded InsiteChat emulator, SQLite state and a terminal chat with alerts."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TextIO
+
+from bridge import config
+from bridge.app import BridgeApp
+from bridge.config import Settings
+from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, SANDBOX_WEBHOOK_SECRET, Emulator
+
+VISITOR_SESSION = "website-visitor-1"
+HELP = [
+    "Type a question to ask the Sandbox Bot; 'reset' starts over; Ctrl-D quits.",
+    "Play a website visitor: /visitor <message>  (say 'human' to escalate)   /lead <name> <email>",
+    "Alerts print here; /claim and /resolve act on the newest one.",
+]
+
+
+def sandbox_settings(base_url: str, state_dir: Path) -> Settings:
+    """A console-only bridge on the emulator, with the sandbox chatbot's alerts printed to the console."""
+    return config.loads(
+        f"""
+insitechat:
+  base_url: {base_url}
+  api_key: ${{SANDBOX_KEY}}
+state: {{sqlite: "{state_dir / 'state.db'}"}}
+server: {{listen: "127.0.0.1:0"}}
+console: {{enabled: true}}
+chatbots:
+  - {{id: {SANDBOX_CHATBOT_ID}, name: Sandbox Bot, webhook_secret: "${{SANDBOX_SECRET}}"}}
+routes:
+  - {{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}
+alerts:
+  - {{chatbot: {SANDBOX_CHATBOT_ID}, events: [conversation.escalated, lead.captured], to: ["console:alerts"]}}
+""",
+        source="<sandbox>",
+        env={"SANDBOX_KEY": SANDBOX_KEY, "SANDBOX_SECRET": SANDBOX_WEBHOOK_SECRET},
+    )
+
+
+class Sandbox:
+    """Owns the emulator and the bridge; the emulator's webhooks point at the bridge's receiver."""
+
+    def __init__(self, *, grace: float = 10.0, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
+        self.emulator = Emulator.sandbox()
+        self.state_dir = Path(tempfile.mkdtemp(prefix="insitechat-sandbox-"))
+        self._grace = grace
+        self._stdin = stdin
+        self._stdout = stdout
+        self.app: BridgeApp | None = None
+
+    async def prepare(self) -> BridgeApp:
+        base_url = await self.emulator.start("127.0.0.1", 0)
+        commands = {"/visitor": self._visitor, "/lead": self._lead, "/help": self._help}
+        self.app = BridgeApp(
+            sandbox_settings(base_url, self.state_dir),
+            grace=self._grace,
+            console_in=self._stdin,
+            console_out=self._stdout,
+            console_commands=commands,
+        )
+        return self.app
+
+    def banner(self) -> str:
+        return (
+            f"insitechat-bridge sandbox: local InsiteChat emulator at {self.emulator.base_url}, console chat "
+            f"and alerts, state in {self.state_dir}. /help lists the commands; Ctrl-D quits."
+        )
+
+    def connect_webhooks(self) -> None:
+        """Once the bridge listens, the emulated chatbot sends its webhooks there, signed."""
+        assert self.app is not None
+        bot = self.emulator.chatbots[SANDBOX_CHATBOT_ID]
+        bot.webhook_url = f"{self.app.server_url}/webhooks/insitechat/{SANDBOX_CHATBOT_ID}"
+
+    async def close(self) -> None:
+        await self.emulator.stop()
+
+    async def _visitor(self, text: str) -> list[str]:
+        if not text:
+            return ["usage: /visitor <what the website visitor writes>"]
+        answer = await self.emulator.visitor_message(SANDBOX_CHATBOT_ID, text, session_id=VISITOR_SESSION)
+        await self.emulator.wait_for_webhooks()  # so an alert prints right after the line that caused it
+        return [f"the visitor sees: {answer}"]
+
+    async def _lead(self, text: str) -> list[str]:
+        name, _, email = text.rpartition(" ") if "@" in text else (text, "", "")
+        await self.emulator.capture_lead(SANDBOX_CHATBOT_ID, name=name.strip(), email=email.strip())
+        await self.emulator.wait_for_webhooks()
+        return ["the visitor submitted the lead form"]
+
+    async def _help(self, text: str) -> list[str]:
+        return HELP
