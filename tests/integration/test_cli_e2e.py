@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import httpx
-import pytest
 
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
 
@@ -63,13 +62,6 @@ def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "nope.yaml: 1 problem(s)" in result.stderr and "cannot read the file" in result.stderr
 
-
-@pytest.fixture
-async def emulator():  # type: ignore[no-untyped-def]
-    emu = Emulator.sandbox()
-    await emu.start()
-    yield emu
-    await emu.stop()
 
 
 async def _cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:

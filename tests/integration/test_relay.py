@@ -41,13 +41,6 @@ routes:
     )
 
 
-@pytest.fixture
-async def emulator() -> AsyncIterator[Emulator]:
-    emu = Emulator.sandbox()
-    await emu.start()
-    yield emu
-    await emu.stop()
-
 
 class Harness:
     """A relay wired to the emulator and a queue adapter named "slack"."""
