@@ -32,6 +32,7 @@ ALERT = "alert"  # store record kinds
 PAUSED = "paused"  # conversation key -> alert id: the bot is quiet there until resolved
 SESSION = "session"  # InsiteChat session id -> conversation key (for thread links)
 HISTORY = "history"  # conversation key -> the last exchanges, for "Talk to a human" cards
+HUMAN_ROUNDS = "human-rounds"  # conversation key -> how many times a human was asked for there
 ALERT_TTL = 30 * DAY
 HISTORY_TURNS = 4
 
@@ -102,7 +103,17 @@ class AlertDesk:
         return bool(destinations_for(self._settings, probe))
 
     async def request_human(self, chatbot_id: str, conversation: Conversation, requester: str) -> Alert | None:
-        """The "Talk to a human" button: an escalation for this thread; the bot goes quiet there."""
+        """The "Talk to a human" button: an escalation for this thread; the bot goes quiet there.
+
+        While a request is open, asking again returns it; after it is resolved, asking
+        again raises a new alert (each request is its own round).
+        """
+        open_request = await self._store.get(PAUSED, conversation.key)
+        if open_request is not None:
+            log.info("talk-to-a-human already requested for %s", conversation.key)
+            return await self.load(open_request)
+        round_ = int(await self._store.get(HUMAN_ROUNDS, conversation.key) or 0) + 1
+        await self._store.put(HUMAN_ROUNDS, conversation.key, round_, ttl=ALERT_TTL)
         history = await self._store.get(HISTORY, conversation.key) or []
         event = Event(
             HUMAN_REQUESTED,
@@ -110,14 +121,15 @@ class AlertDesk:
             None,
             {
                 "session_id": conversation.session_id(),
+                "conversation_id": f"{conversation.key}#{round_}",
                 "conversation": conversation.key,
                 "requested_by": requester,
                 "history": history,
-                "message": history[-1][1] if history else "",
+                # The card quotes what the person last asked, not the bot's answer.
+                "message": next((said for who, said in reversed(history) if who == "User"), ""),
             },
         )
-        if not await self.raise_event(event):
-            log.info("talk-to-a-human already requested for %s", conversation.key)
+        await self.raise_event(event)
         alert_id = alert_id_for(event)
         await self._store.put(PAUSED, conversation.key, alert_id, ttl=ALERT_TTL)
         return await self.load(alert_id)
