@@ -1,4 +1,4 @@
-"""The Discord adapter: discord.py's Client in our loop, messages in as Inbound, answers out into threads."""
+"""The Discord adapter: discord.py's Client in our loop, messages in as Inbound, answers and alert cards out."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -19,18 +20,31 @@ import discord
 from aiohttp.web import Application
 from discord import app_commands
 
+from adapters.discord_alerts import (
+    ALERT_EXPIRED,
+    ALERT_FAILED,
+    HUMAN_ALREADY_ASKED,
+    HUMAN_CONFIRMATION,
+    HUMAN_UNAVAILABLE,
+    AlertCards,
+    human_view,
+    jump_url,
+    parse_human_id,
+)
 from adapters.discord_translate import (
     BotIdentity,
     Place,
     PlaceKind,
+    click_conversation,
     content_withheld,
     translate_command,
     translate_message,
 )
+from bridge.cards import parse_action_id
 from bridge.clock import Clock, SystemClock
 from bridge.config import ReplyMode, Settings
 from bridge.desk import AlertDesk
-from bridge.messages import Inbound, Outbound, OutboundKind
+from bridge.messages import Conversation, Inbound, Outbound, OutboundKind
 from bridge.store import Store
 
 log = logging.getLogger(__name__)
@@ -76,6 +90,10 @@ V = TypeVar("V")
 
 class DiscordStartError(RuntimeError):
     """The Discord client could not connect; the message tells the operator what to change."""
+
+
+class DiscordSetupError(RuntimeError):
+    """A set-up helper (invite URL) cannot do its job; the message is plain and has no token."""
 
 
 class _Recent(Generic[K, V]):
@@ -173,6 +191,11 @@ class _Client(discord.Client):
     async def on_ready(self) -> None:
         self.adapter._ready.set()
 
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        # Slash commands go through the command tree; button clicks come here.
+        if interaction.type is discord.InteractionType.component:
+            await self.adapter._on_component(interaction)
+
     async def on_socket_raw_receive(self, msg: str) -> None:
         # The raw payload is what the pure translation reads (and what tests record); a
         # cheap substring test skips heartbeats, presences and typing events.
@@ -198,12 +221,20 @@ class DiscordAdapter:
       in the thread itself.
     - Slash commands are acknowledged at once with a deferred response and answered through
       the interaction's followups.
+
+    Alerts (AlertPoster): cards are embeds with Claim / Resolve buttons; a visitor session's
+    cards share a thread on its first card, and an escalation there is also announced in the
+    channel. Under answers, a "Talk to a human" button hands the thread over to the team.
     """
 
     name = "discord"
     # discord.py waits this long after the last GUILD_CREATE before on_ready; tests shorten it.
     guild_ready_timeout: float = 2.0
     start_timeout: float = 60.0
+    # Not ready once the gateway has not acknowledged a heartbeat for this many intervals (plus
+    # a second of slack), or when a heartbeat takes this long to be acknowledged.
+    heartbeat_grace: float = 2.0
+    max_latency: float = 10.0
 
     def __init__(
         self,
@@ -234,6 +265,9 @@ class DiscordAdapter:
         self._threads: _Recent[str, bool] = _Recent(1000)  # threads this process created
         self._interactions: dict[str, tuple[float, discord.Interaction]] = {}
         self._pending: set[asyncio.Future[object]] = set()
+        self._cards = AlertCards(self._require_client)
+        # discord.py's keep-alive stamps heartbeats with perf_counter; tests may replace it.
+        self._perf: Callable[[], float] = time.perf_counter
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -363,6 +397,32 @@ class DiscordAdapter:
         for pending in list(self._pending):
             pending.cancel()
 
+    def readiness(self) -> str | None:
+        """None while the gateway is live by its own heartbeat; else why not, in plain words.
+
+        A socket can look open while Discord has stopped answering: the last heartbeat ACK
+        tells (discord.py itself only reconnects after a minute without any frame).
+        """
+        client, task = self._client, self._task
+        if client is None or task is None or task.done():
+            return "not connected to Discord"
+        if client.is_closed():
+            return "the Discord gateway connection is closed"
+        ws = client.ws
+        keep_alive = getattr(ws, "_keep_alive", None) if ws is not None else None
+        if ws is None or keep_alive is None or ws.socket.closed or not client.is_ready():
+            return "connecting to the Discord gateway"
+        interval = float(keep_alive.interval or 0.0)
+        silent = self._perf() - keep_alive._last_ack
+        if interval and silent > self.heartbeat_grace * interval + 1.0:
+            return f"the Discord gateway has not acknowledged a heartbeat for {silent:.1f} s (interval {interval:.1f} s)"
+        latency = float(keep_alive.latency)  # infinite until the first ACK
+        if latency == float("inf"):
+            return "the Discord gateway has not acknowledged a heartbeat yet"
+        if latency > self.max_latency:
+            return f"the Discord gateway is slow: heartbeat latency {latency:.1f} s"
+        return None
+
     # --- inbound -----------------------------------------------------------------------------
 
     def _identity(self, guild_id: str) -> BotIdentity:
@@ -444,6 +504,117 @@ class DiscordAdapter:
             )
         )
 
+    # --- buttons -----------------------------------------------------------------------------
+
+    async def _on_component(self, interaction: discord.Interaction) -> None:
+        """A button click: Claim / Resolve on an alert card, or "Talk to a human" under an answer."""
+        custom_id = str((interaction.data or {}).get("custom_id", ""))
+        action = parse_action_id(custom_id)
+        chatbot_id = parse_human_id(custom_id)
+        if action is None and chatbot_id is None:
+            return  # not ours
+        try:
+            # First thing: Discord shows "interaction failed" unless acknowledged within 3 seconds.
+            await interaction.response.defer()  # DEFERRED_UPDATE_MESSAGE: no visible reply yet
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            log.warning("discord: could not acknowledge a button click in time: %s", exc)
+            return
+        if action is not None:
+            await self._on_alert_button(interaction, *action)
+        elif chatbot_id is not None:
+            await self._on_human_button(interaction, chatbot_id)
+
+    async def _on_alert_button(self, interaction: discord.Interaction, action: str, alert_id: str) -> None:
+        if self._desk is None:
+            await self._tell(interaction, ALERT_FAILED)
+            return
+        # Footers do not render mentions, so the card names the person as people see them.
+        who = interaction.user.display_name
+        try:
+            alert = await self._desk.act(alert_id, action, who)
+        except Exception:
+            log.exception("discord: recording %s on alert %s failed", action, alert_id)
+            await self._tell(interaction, ALERT_FAILED)
+            return
+        if alert is None:
+            log.info("discord: %s on unknown alert %s", action, alert_id)
+            await self._tell(interaction, ALERT_EXPIRED)
+            return
+        log.info("discord: %s on alert %s by user %s", action, alert_id, interaction.user.id)
+
+    async def _on_human_button(self, interaction: discord.Interaction, chatbot_id: str) -> None:
+        conversation = self._conversation_of_click(interaction)
+        if self._desk is None:
+            await self._tell(interaction, HUMAN_UNAVAILABLE)
+            return
+        try:
+            if await self._desk.paused(conversation):
+                await self._tell(interaction, HUMAN_ALREADY_ASKED)
+                return
+            await self._desk.request_human(chatbot_id, conversation, interaction.user.display_name)
+        except Exception:
+            log.exception("discord: talk-to-a-human in %s could not be recorded", conversation.key)
+            await self._tell(interaction, HUMAN_UNAVAILABLE)
+            return
+        log.info("discord: talk-to-a-human requested in %s by user %s", conversation.key, interaction.user.id)
+        try:
+            # The button has done its job: take it off the answer so it is not pressed again.
+            await interaction.edit_original_response(view=None)
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            log.info("discord: could not remove the talk-to-a-human button: %s", exc)
+        try:
+            await self.send(Outbound(conversation, (HUMAN_CONFIRMATION,), OutboundKind.NOTICE))
+        except (discord.HTTPException, aiohttp.ClientError, OSError, RuntimeError) as exc:
+            log.warning("discord: the talk-to-a-human confirmation in %s failed: %s", conversation.key, exc)
+            await self._tell(interaction, HUMAN_CONFIRMATION)
+
+    def _conversation_of_click(self, interaction: discord.Interaction) -> Conversation:
+        place = place_of_channel(interaction.channel)
+        if place is None:
+            place = Place(str(interaction.channel_id or ""), PlaceKind.DM if interaction.guild_id is None else PlaceKind.OTHER)
+        message = interaction.message
+        reference = message.reference if message is not None else None
+        metadata = message.interaction_metadata if message is not None else None
+        return click_conversation(
+            guild_id=str(interaction.guild_id or ""),
+            place=place,
+            message_id=str(message.id) if message is not None else "",
+            replied_id=str(reference.message_id) if reference is not None and reference.message_id else "",
+            interaction_id=str(metadata.id) if metadata is not None else "",
+            roots=self._roots.as_mapping(),
+        )
+
+    async def _tell(self, interaction: discord.Interaction, text: str) -> None:
+        """A reply only the clicking person sees."""
+        try:
+            await interaction.followup.send(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            log.info("discord: could not answer a button click: %s", exc)
+
+    # --- alerts (AlertPoster) ------------------------------------------------------------------
+
+    async def post_alert(self, channel: str, card: dict[str, Any], *, thread: str, broadcast: bool, key: str) -> str:
+        """Post a card (bridge.cards.discord_card); returns "<message>" or "<thread>/<message>"."""
+        return await self._cards.post(channel, card, thread=thread, broadcast=broadcast, key=key)
+
+    async def find_alert(self, channel: str, key: str, *, since: float, thread: str) -> str | None:
+        return await self._cards.find(channel, key, since=since, thread=thread)
+
+    async def update_alert(self, channel: str, reference: str, card: dict[str, Any]) -> None:
+        await self._cards.update(channel, reference, card)
+
+    async def permalink(self, conversation: Conversation) -> str | None:
+        """A link to the conversation's thread (or, with threads off, to the question it answers)."""
+        if conversation.platform != self.name:
+            return None
+        if not conversation.workspace:
+            return jump_url(None, conversation.channel)
+        if not conversation.thread:
+            return jump_url(conversation.workspace, conversation.channel)
+        if conversation.thread.isdigit() and self._client is not None and await self._thread_place(int(conversation.thread)):
+            return jump_url(conversation.workspace, conversation.thread)
+        return jump_url(conversation.workspace, conversation.channel, conversation.thread)
+
     # --- outbound ----------------------------------------------------------------------------
 
     def _require_client(self) -> _Client:
@@ -457,59 +628,104 @@ class DiscordAdapter:
             return route.threads
         return self._config.threads
 
-    def _origin_of(self, outbound: Outbound) -> _Origin:
-        origin = self._origins.get(outbound.reply_to)
+    async def _origin_of(self, outbound: Outbound) -> _Origin:
+        origin = self._origins.get(outbound.reply_to) if outbound.reply_to else None
         if origin is not None:
             return origin
-        # Not seen by this process: infer from the conversation key.
+        # Not seen by this process (a restart, or a notice from the outbox): infer from the key.
         conversation = outbound.conversation
         if not conversation.workspace:
             return _Origin(Place(conversation.channel, PlaceKind.DM), "", "")
-        client = self._require_client()
-        if conversation.thread and conversation.thread != outbound.reply_to and conversation.thread.isdigit():
-            if isinstance(client.get_channel(int(conversation.thread)), discord.Thread):
-                place = Place(conversation.thread, PlaceKind.THREAD, parent_id=conversation.channel)
+        thread = conversation.thread
+        if thread and thread != outbound.reply_to and thread.isdigit():
+            place = await self._thread_place(int(thread))
+            if place is not None:
                 return _Origin(place, conversation.workspace, "")
         return _Origin(Place(conversation.channel, PlaceKind.TEXT), conversation.workspace, "")
 
-    async def send(self, outbound: Outbound) -> list[str]:
-        """Post the parts in order where the conversation lives; returns the message ids; raises on failure."""
+    async def _thread_place(self, channel_id: int) -> Place | None:
+        """The thread with this id, from discord.py's cache or REST; None when there is no such thread."""
         client = self._require_client()
-        held = self._interactions.get(outbound.reply_to)
+        place = place_of_channel(client.get_channel(channel_id)) or self._places.get(channel_id)
+        if place is None:
+            try:
+                place = place_of_channel(await client.fetch_channel(channel_id))
+            except discord.NotFound:
+                return None  # threads off: the conversation's "thread" is the question's id
+            except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+                log.info("discord: cannot look up channel %s: %s", channel_id, exc)
+                return None
+            if place is not None:
+                self._places[channel_id] = place
+        return place if place is not None and place.kind is PlaceKind.THREAD else None
+
+    def _human_chatbot(self, conversation: Conversation) -> str:
+        """The chatbot a "Talk to a human" button under an answer names: the route's.
+
+        None in DMs: nobody from the team can see or write in a person's DM with the bot.
+        """
+        if not conversation.workspace:
+            return ""
+        route = self._settings.route_for(self.name, conversation.workspace, conversation.channel, False)
+        return route.chatbot if route is not None else ""
+
+    async def send(self, outbound: Outbound) -> list[str]:
+        """Post the parts in order where the conversation lives; returns the message ids; raises on failure.
+
+        A notice with no message to answer (from the outbox: "I'm back") goes into the
+        conversation's thread, or as a reply to its question when threads are off.
+        """
+        client = self._require_client()
+        held = self._interactions.get(outbound.reply_to) if outbound.reply_to else None
         if held is not None and self._clock.monotonic() - held[0] < INTERACTION_LIFETIME:
             return await self._send_followups(held[1], outbound)
-        origin = self._origin_of(outbound)
+        origin = await self._origin_of(outbound)
         conversation = outbound.conversation
+        answering = outbound.reply_to or conversation.thread
         reference: discord.MessageReference | None = None
         if origin.place.kind in (PlaceKind.DM, PlaceKind.THREAD):
             target_id = origin.place.channel_id
         elif (
             origin.place.kind is PlaceKind.TEXT
+            and outbound.reply_to
             and conversation.thread == outbound.reply_to
             and self._threads_on(conversation.workspace, conversation.channel)
         ):
             target_id = await self._ensure_thread(origin, outbound.reply_to)
         else:
             target_id = origin.place.channel_id
-            reference = discord.MessageReference(
-                message_id=int(outbound.reply_to),
-                channel_id=int(origin.place.channel_id),
-                guild_id=int(origin.guild_id) if origin.guild_id else None,
-                fail_if_not_exists=False,  # the question was deleted: still answer
-            )
+            if answering.isdigit():
+                reference = discord.MessageReference(
+                    message_id=int(answering),
+                    channel_id=int(origin.place.channel_id),
+                    guild_id=int(origin.guild_id) if origin.guild_id else None,
+                    fail_if_not_exists=False,  # the question was deleted: still answer
+                )
         target = client.get_partial_messageable(int(target_id), guild_id=int(origin.guild_id) if origin.guild_id else None)
+        last_view = self._answer_view(outbound)
         ids: list[str] = []
         for index, part in enumerate(outbound.parts):
+            extra: dict[str, Any] = {}
+            if last_view is not None and index == len(outbound.parts) - 1:
+                extra["view"] = last_view
             message = await target.send(
                 part,
                 nonce=make_nonce(outbound, index),  # discord.py adds enforce_nonce with it
                 allowed_mentions=NO_MENTIONS,
                 reference=reference if index == 0 else None,  # type: ignore[arg-type]
                 mention_author=False if reference is not None and index == 0 else None,
+                **extra,
             )
             ids.append(str(message.id))
             self._roots[str(message.id)] = conversation.thread
         return ids
+
+    def _answer_view(self, outbound: Outbound) -> discord.ui.View | None:
+        """The "Talk to a human" button for the last part of an answer, when the relay offers it."""
+        if not outbound.offer_human or outbound.kind is not OutboundKind.ANSWER:
+            return None
+        chatbot_id = self._human_chatbot(outbound.conversation)
+        return human_view(chatbot_id) if chatbot_id else None
 
     async def _ensure_thread(self, origin: _Origin, message_id: str) -> str:
         """The thread on the user's message, created on first use; its id is the message id."""
@@ -534,9 +750,15 @@ class DiscordAdapter:
         return message_id
 
     async def _send_followups(self, interaction: discord.Interaction, outbound: Outbound) -> list[str]:
+        # Outside a thread a slash command's conversation is keyed by the interaction, which no
+        # link can point at: the team would not find it, so no hand-over button there.
+        last_view = self._answer_view(outbound) if isinstance(interaction.channel, discord.Thread) else None
         ids: list[str] = []
-        for part in outbound.parts:
-            message = await interaction.followup.send(part, allowed_mentions=NO_MENTIONS, wait=True)
+        for index, part in enumerate(outbound.parts):
+            extra: dict[str, Any] = {}
+            if last_view is not None and index == len(outbound.parts) - 1:
+                extra["view"] = last_view
+            message = await interaction.followup.send(part, allowed_mentions=NO_MENTIONS, wait=True, **extra)
             ids.append(str(message.id))
             self._roots[str(message.id)] = outbound.conversation.thread
         return ids
@@ -598,10 +820,8 @@ def application_id_from_token(token: str) -> int | None:
 
 async def invite_url(settings: Settings) -> str:
     """The OAuth2 URL that adds the bot with exactly REQUIRED_PERMISSIONS and its slash commands."""
-    from bridge.cli import CommandFailed
-
     if settings.discord is None:
-        raise CommandFailed("the config has no discord section")
+        raise DiscordSetupError("the config has no discord section")
     token = settings.discord.token
     client = discord.Client(intents=discord.Intents.none())
     app_id: int | None = None
@@ -609,7 +829,7 @@ async def invite_url(settings: Settings) -> str:
         await client.login(token)
         app_id = client.application_id
     except discord.LoginFailure:
-        raise CommandFailed(
+        raise DiscordSetupError(
             "Discord refused the bot token (discord.token): copy a fresh token from the Developer Portal, Bot tab"
         ) from None
     except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
@@ -618,7 +838,7 @@ async def invite_url(settings: Settings) -> str:
         await client.close()
     app_id = app_id or application_id_from_token(token)
     if app_id is None:
-        raise CommandFailed("cannot tell the application id: Discord is unreachable and discord.token is not a bot token")
+        raise DiscordSetupError("cannot tell the application id: Discord is unreachable and discord.token is not a bot token")
     return discord.utils.oauth_url(app_id, permissions=REQUIRED_PERMISSIONS, scopes=SCOPES)
 
 
@@ -712,7 +932,8 @@ async def check(settings: Settings) -> list[str]:
             for j, destination in enumerate(rule.to):
                 platform, _, channel_id = destination.partition(":")
                 if platform == "discord":
-                    problem = await _check_channel(client, bot_id, channel_id, threads=False, alerts=True)
+                    # A visitor session's alerts share a thread on its first card.
+                    problem = await _check_channel(client, bot_id, channel_id, threads=True, alerts=True)
                     if problem:
                         problems.append(f"alerts[{i}].to[{j}]: {problem}")
     finally:

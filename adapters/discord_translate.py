@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.messages import Inbound
+from bridge.messages import Conversation, Inbound
 
 PLATFORM = "discord"
 
@@ -181,3 +181,25 @@ def _display_name(data: Mapping[str, Any]) -> str:
     member = data.get("member") or {}
     author = data.get("author") or {}
     return str(member.get("nick") or author.get("global_name") or author.get("username") or "")
+
+
+def click_conversation(
+    *,
+    guild_id: str,
+    place: Place,
+    message_id: str,
+    replied_id: str = "",
+    interaction_id: str = "",
+    roots: Mapping[str, str] | None = None,
+) -> Conversation:
+    """The conversation a button under one of the bot's answers belongs to, by the translation's rules.
+
+    In a thread or forum post it is that thread; in a DM the DM; an answer posted in place
+    (threads off, or a slash command's followup) belongs to the question it answered.
+    """
+    if not guild_id or place.kind is PlaceKind.DM:
+        return Conversation(PLATFORM, "", place.channel_id, "")
+    if place.kind is PlaceKind.THREAD:
+        return Conversation(PLATFORM, guild_id, place.conversation_channel, place.channel_id)
+    root = (roots or {}).get(message_id) or replied_id or interaction_id or message_id
+    return Conversation(PLATFORM, guild_id, place.channel_id, root)

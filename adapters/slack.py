@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
@@ -18,6 +20,26 @@ from slack_bolt.middleware.authorization.async_single_team_authorization import 
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_sdk.errors import SlackApiError
 
+from adapters.slack_alerts import (
+    ACTION_FAILED,
+    ALERT_GONE,
+    ALERTS_OFF,
+    BUTTON_STALE,
+    HUMAN_ACTION,
+    HUMAN_ALREADY_ASKED,
+    HUMAN_ASKED,
+    HUMAN_ASKED_DM,
+    HUMAN_UNAVAILABLE,
+    SECTION_LIMIT,
+    Click,
+    alert_key,
+    alert_metadata,
+    click_of,
+    human_blocks,
+    is_dm_channel,
+    parse_human_value,
+    without_human_button,
+)
 from adapters.slack_setup import (
     EVENTS_PATH,
     NETWORK_ERRORS,
@@ -37,10 +59,13 @@ from adapters.slack_translate import (
     event_to_inbound,
     parse_command,
 )
+from bridge.alerts import AlertState
+from bridge.cards import ACTION_PREFIX, CLAIM, parse_action_id
 from bridge.clock import Clock, SystemClock
 from bridge.config import ReplyMode, Settings
 from bridge.desk import AlertDesk
-from bridge.messages import Inbound, Outbound
+from bridge.formatting import split_text
+from bridge.messages import Conversation, Inbound, Outbound
 from bridge.store import Store
 
 __all__ = ["SlackAdapter", "SlackError", "check", "manifest"]
@@ -49,6 +74,10 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 30.0  # Socket Mode: the SDK retries a failed connect forever; we give up and say so
 SIGNAL_GRACE = 2.0  # seconds stop() gives pending reaction removals
+SOCKET_PING_INTERVAL = 10.0  # Socket Mode ping every this many seconds (Bolt's default)
+SILENT_AFTER = 2  # pings: a socket silent for longer is not ready, even if it looks connected
+FIND_PAGES = 5  # conversations.history/replies pages searched for an alert card after a crash
+FIND_PAGE_SIZE = 200
 _DM_THREADS_KEPT = 1000
 
 USAGE = "Ask the chatbot a question: `{command} <question>`. `{command} reset` in a DM starts a new conversation."
@@ -108,11 +137,17 @@ class SlackAdapter:
         self.app.event("message")(self._on_event)
         self.app.event("app_mention")(self._on_event)
         self.app.command(self._slack.command)(self._on_command)
+        self.app.action(re.compile("^" + re.escape(ACTION_PREFIX) + ":"))(self._on_alert_button)
+        self.app.action(HUMAN_ACTION)(self._on_human_button)
+        # Tests shorten it; readiness allows SILENT_AFTER intervals without a pong or frame.
+        self.ping_interval = SOCKET_PING_INTERVAL
         self.me: BotIdentity | None = None
         self.bot_name = ""  # the bot user's handle, for "/invite @name" hints
         self.scopes: frozenset[str] = frozenset()
         self._socket: AsyncSocketModeHandler | None = None
         self._running = False
+        self._intake = True  # False once stop_intake() ran: no new events, sends still work
+        self._last_frame = 0.0  # wall-clock time of the socket's last text frame (hello, envelope)
         self._tasks: set[asyncio.Task[Any]] = set()
         # DM messages written inside a thread (the assistant pane, a threaded DM reply):
         # the relay keeps one conversation per DM, but the answer belongs in that thread.
@@ -129,6 +164,7 @@ class SlackAdapter:
         """auth.test (who the bot is), then Socket Mode connect or HTTP events accepted."""
         if self._running:
             return
+        self._intake = True
         try:
             auth = await self.client.auth_test()
         except SlackApiError as exc:
@@ -161,7 +197,8 @@ class SlackAdapter:
                 middleware.auth_test_result = auth
 
     async def _connect_socket(self) -> None:
-        handler = AsyncSocketModeHandler(self.app, self._slack.app_token)
+        handler = AsyncSocketModeHandler(self.app, self._slack.app_token, ping_interval=self.ping_interval)
+        handler.client.on_message_listeners.append(self._heard)
         try:
             # Asked here, not inside connect(): connect() retries a refused app token forever.
             handler.client.wss_uri = await handler.client.issue_new_wss_url()
@@ -174,7 +211,49 @@ class SlackAdapter:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise SlackError(f"could not open the Slack Socket Mode connection ({error_code(exc)})") from None
+        self._last_frame = time.time()
         self._socket = handler
+
+    async def _heard(self, message: Any) -> None:
+        # Wall-clock, like the SDK's last_ping_pong_time, so the two compare.
+        self._last_frame = time.time()
+
+    async def stop_intake(self) -> None:
+        """Take no new events while answers in flight finish; posting keeps working.
+
+        Socket Mode: the socket is closed, so Slack redelivers unacknowledged events to the
+        next run. HTTP: new requests get 503 and Slack retries them.
+        """
+        self._intake = False
+        handler, self._socket = self._socket, None
+        if handler is not None:
+            try:
+                await handler.close_async()
+            except Exception:
+                log.warning("closing the Slack socket failed", exc_info=True)
+        log.info("slack: no longer taking events")
+
+    def readiness(self) -> str | None:
+        """None when Slack can reach us: HTTP once started; a socket only while it keeps talking."""
+        if not self._running:
+            return "not connected"
+        if not self._intake:
+            return "shutting down: not taking Slack events"
+        if self._http:
+            return None
+        handler = self._socket
+        if handler is None:
+            return "the Socket Mode connection is closed"
+        client = handler.client
+        session = client.current_session
+        if client.closed or session is None or session.closed or getattr(client, "stale", False):
+            return "the Socket Mode connection is down; reconnecting"
+        # A half-open connection looks connected: only a recent pong or frame proves it live.
+        heard = max(client.last_ping_pong_time or 0.0, self._last_frame)
+        silent = time.time() - heard
+        if silent > SILENT_AFTER * self.ping_interval:
+            return f"the Slack socket has been silent for {silent:.0f} s (no pong, no events)"
+        return None
 
     async def stop(self) -> None:
         """Close the socket and finish pending feedback clean-up; safe to call twice or unstarted."""
@@ -195,7 +274,7 @@ class SlackAdapter:
     # --- inbound -------------------------------------------------------------------------------
 
     async def _handle_http(self, request: web.Request) -> web.StreamResponse:
-        if not self._running:
+        if not self._running or not self._intake:
             # Not started yet, or shutting down: Slack retries, and the retry is answered.
             return web.Response(status=503, text="not ready")
         bolt_request = await to_bolt_request(request)
@@ -277,11 +356,23 @@ class SlackAdapter:
     # --- outbound ------------------------------------------------------------------------------
 
     async def send(self, outbound: Outbound) -> list[str]:
-        """chat.postMessage for each part in order, in the conversation's thread; returns the ts list."""
+        """chat.postMessage for each part in order, in the conversation's thread; returns the ts list.
+
+        With `offer_human`, the last part carries the "Talk to a human" button. Notices the
+        outbox sends (no `reply_to`) go to the conversation's thread, or the DM itself.
+        """
         conversation = outbound.conversation
         thread = conversation.thread or self._dm_threads.get((conversation.channel, outbound.reply_to), "")
+        parts = list(outbound.parts)
+        chatbot = self._human_chatbot(conversation) if outbound.offer_human and parts else ""
+        if chatbot and len(parts[-1]) > SECTION_LIMIT:
+            # A section holds less than a plain message: the last part is split once more.
+            parts[-1:] = split_text(parts[-1], SECTION_LIMIT)
         posted: list[str] = []
-        for number, part in enumerate(outbound.parts, start=1):
+        for number, part in enumerate(parts, start=1):
+            extra: dict[str, Any] = {}
+            if chatbot and number == len(parts):
+                extra["blocks"] = human_blocks(part, conversation, chatbot)  # `text` stays the fallback
             try:
                 response = await self.client.chat_postMessage(
                     channel=conversation.channel,
@@ -289,14 +380,22 @@ class SlackAdapter:
                     thread_ts=thread or None,
                     unfurl_links=False,
                     unfurl_media=False,
+                    **extra,
                 )
             except (SlackApiError, *NETWORK_ERRORS) as exc:
                 raise SlackError(
                     f"chat.postMessage to {conversation.channel} failed on part {number} of "
-                    f"{len(outbound.parts)} ({error_code(exc)})"
+                    f"{len(parts)} ({error_code(exc)})"
                 ) from None
             posted.append(str(response.get("ts") or ""))
         return posted
+
+    def _human_chatbot(self, conversation: Conversation) -> str:
+        """The chatbot a "Talk to a human" click escalates for: the conversation's route's."""
+        route = self._settings.route_for(
+            PLATFORM, conversation.workspace, conversation.channel, is_dm_channel(conversation.channel)
+        )
+        return route.chatbot if route is not None else ""
 
     @asynccontextmanager
     async def working(self, inbound: Inbound) -> AsyncIterator[None]:
@@ -353,3 +452,189 @@ class SlackAdapter:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    # --- alerts (AlertPoster) ------------------------------------------------------------------
+
+    async def post_alert(self, channel: str, card: dict[str, Any], *, thread: str, broadcast: bool, key: str) -> str:
+        """chat.postMessage of a card, with the delivery key in the message metadata; returns its ts.
+
+        The card's own mentions (the configured on-call ids) are the only pings. Raises on
+        failure: the outbox retries with backoff.
+        """
+        try:
+            response = await self.client.chat_postMessage(
+                channel=channel,
+                text=card["text"],
+                blocks=card["blocks"],
+                thread_ts=thread or None,
+                reply_broadcast=bool(broadcast and thread),
+                unfurl_links=False,
+                unfurl_media=False,
+                metadata=alert_metadata(key),
+            )
+        except (SlackApiError, *NETWORK_ERRORS) as exc:
+            code = error_code(exc)
+            hint = f"; invite the bot with /invite @{self.bot_name or 'InsiteChat'}" if code == "not_in_channel" else ""
+            raise SlackError(f"posting an alert to {channel} failed ({code}{hint})") from None
+        ts = str(response.get("ts") or "")
+        if not ts:
+            raise SlackError(f"posting an alert to {channel}: Slack answered without a message ts")
+        return ts
+
+    async def find_alert(self, channel: str, key: str, *, since: float, thread: str) -> str | None:
+        """The ts of a card posted with `key` since `since`, found by its metadata; None if there is none.
+
+        Searches the thread (conversations.replies) or the channel (conversations.history),
+        a bounded number of pages; raises when Slack cannot be asked, so the outbox waits
+        instead of guessing.
+        """
+        oldest = f"{max(0.0, since - 60):.6f}"  # a minute of slack for clock skew
+        cursor: str | None = None
+        for _ in range(FIND_PAGES):
+            args: dict[str, Any] = {
+                "channel": channel, "oldest": oldest, "include_all_metadata": True, "limit": FIND_PAGE_SIZE, "cursor": cursor,
+            }
+            try:
+                if thread:
+                    response = await self.client.conversations_replies(ts=thread, **args)
+                else:
+                    response = await self.client.conversations_history(**args)
+            except SlackApiError as exc:
+                if thread and error_code(exc) == "thread_not_found":
+                    return None  # the thread's root is gone, and so is anything posted in it
+                raise SlackError(f"looking for an alert in {channel} failed ({error_code(exc)})") from None
+            except NETWORK_ERRORS as exc:
+                raise SlackError(f"looking for an alert in {channel} failed ({error_code(exc)})") from None
+            for message in response.get("messages") or []:
+                if alert_key(message) == key and self._posted_by_me(message):
+                    return str(message.get("ts") or "") or None
+            cursor = str((response.get("response_metadata") or {}).get("next_cursor") or "") or None
+            if not cursor:
+                return None
+        log.warning("alert search in %s stopped after %d pages; posting again", channel, FIND_PAGES)
+        return None
+
+    def _posted_by_me(self, message: dict[str, Any]) -> bool:
+        bot_id = str(message.get("bot_id") or "")
+        return not bot_id or self.me is None or not self.me.bot_id or bot_id == self.me.bot_id
+
+    async def update_alert(self, channel: str, reference: str, card: dict[str, Any]) -> None:
+        """chat.update of a posted card (claimed, resolved): same place, new content, buttons as the state allows."""
+        try:
+            await self.client.chat_update(channel=channel, ts=reference, text=card["text"], blocks=card["blocks"])
+        except SlackApiError as exc:
+            code = error_code(exc)
+            if code == "message_not_found":
+                log.info("alert card %s in %s was deleted; nothing to update", reference, channel)
+                return
+            raise SlackError(f"updating the alert card in {channel} failed ({code})") from None
+        except NETWORK_ERRORS as exc:
+            raise SlackError(f"updating the alert card in {channel} failed ({error_code(exc)})") from None
+
+    async def permalink(self, conversation: Conversation) -> str | None:
+        """A link to the conversation's thread, for alert cards; None for a DM (nobody else can open it)."""
+        if not conversation.thread:
+            return None
+        try:
+            response = await self.client.chat_getPermalink(channel=conversation.channel, message_ts=conversation.thread)
+        except (SlackApiError, *NETWORK_ERRORS) as exc:
+            raise SlackError(f"chat.getPermalink in {conversation.channel} failed ({error_code(exc)})") from None
+        return str(response.get("permalink") or "") or None
+
+    # --- buttons -------------------------------------------------------------------------------
+
+    async def _on_alert_button(
+        self,
+        ack: Callable[..., Awaitable[None]],
+        body: dict[str, Any],
+        action: dict[str, Any],
+        respond: Callable[..., Awaitable[Any]],
+    ) -> None:
+        """Claim / Resolve on an alert card: the desk records it and queues the card updates."""
+        await ack()  # at once: the desk and the card updates take longer than Slack waits
+        click = click_of(body)
+        parsed = parse_action_id(str(action.get("action_id") or ""))
+        if parsed is None or not click.user:
+            return
+        verb, alert_id = parsed
+        if self._desk is None:
+            await self._tell(click, respond, ALERTS_OFF)
+            return
+        who = f"<@{click.user}>"
+        try:
+            alert = await self._desk.act(alert_id, verb, who)
+        except Exception:
+            log.exception("recording %s of alert %s failed", verb, alert_id)
+            await self._tell(click, respond, ACTION_FAILED)
+            return
+        if alert is None:
+            await self._tell(click, respond, ALERT_GONE)
+        elif alert.state is AlertState.RESOLVED and alert.resolved_by != who:
+            await self._tell(click, respond, f"Already resolved by {alert.resolved_by}.")
+        elif verb == CLAIM and alert.state is AlertState.CLAIMED and alert.claimed_by != who:
+            await self._tell(click, respond, f"Already claimed by {alert.claimed_by}.")
+
+    async def _on_human_button(
+        self,
+        ack: Callable[..., Awaitable[None]],
+        body: dict[str, Any],
+        action: dict[str, Any],
+        respond: Callable[..., Awaitable[Any]],
+    ) -> None:
+        """"Talk to a human" under an answer: raise an escalation for this thread and go quiet there."""
+        await ack()
+        click = click_of(body)
+        target = parse_human_value(str(action.get("value") or ""))
+        if not click.user:
+            return
+        if target is None or target[1].channel != click.channel:
+            # Only our own buttons, and only for the conversation they sit in.
+            await self._tell(click, respond, BUTTON_STALE)
+            return
+        chatbot, conversation = target
+        if self._desk is None or not self._desk.has_human_route(chatbot):
+            await self._tell(click, respond, HUMAN_UNAVAILABLE)
+            return
+        if await self._desk.paused(conversation):
+            await self._tell(click, respond, HUMAN_ALREADY_ASKED)  # a double click, or a second person
+            return
+        who = f"<@{click.user}>"
+        try:
+            alert = await self._desk.request_human(chatbot, conversation, who)
+        except Exception:
+            log.exception("talk-to-a-human for %s failed", conversation.key)
+            alert = None
+        if alert is None:
+            await self._tell(click, respond, ACTION_FAILED)
+            return
+        log.info("slack: talk-to-a-human in %s raised alert %s", conversation.key, alert.id)
+        thread = conversation.thread or click.thread_ts
+        confirmation = HUMAN_ASKED_DM if is_dm_channel(conversation.channel) else HUMAN_ASKED
+        try:
+            await self.client.chat_postMessage(
+                channel=conversation.channel, text=confirmation, thread_ts=thread or None, unfurl_links=False
+            )
+        except (SlackApiError, *NETWORK_ERRORS) as exc:
+            log.warning("posting the talk-to-a-human confirmation in %s failed: %s", conversation.channel, error_code(exc))
+            await self._tell(click, respond, confirmation)
+        if click.message_ts:
+            # The button gives way to who asked, so nobody clicks it again.
+            await self._quietly(
+                "chat.update",
+                self.client.chat_update(
+                    channel=click.channel,
+                    ts=click.message_ts,
+                    text=click.message_text or confirmation,
+                    blocks=without_human_button(click.message_blocks, who),
+                ),
+            )
+
+    async def _tell(self, click: Click, respond: Callable[..., Awaitable[Any]] | None, text: str) -> None:
+        """A message only the clicking user sees: through the response URL, else chat.postEphemeral."""
+        try:
+            if respond is not None and getattr(respond, "response_url", None):
+                await respond(text=text, response_type="ephemeral", replace_original=False)
+            else:
+                await self.client.chat_postEphemeral(channel=click.channel, user=click.user, text=text)
+        except Exception as exc:  # the click is recorded (or not) already; this is a courtesy
+            log.warning("telling %s about a button click failed: %s", click.user, error_code(exc))

@@ -25,9 +25,9 @@ PLACEHOLDER_URL = "https://YOUR-BRIDGE-HOST"
 # What each scope is for, so a missing one can be explained in plain words.
 REQUIRED_SCOPES: dict[str, str] = {
     "app_mentions:read": "receive @mentions",
-    "chat:write": "post answers",
-    "channels:history": "read follow-ups in public channel threads",
-    "groups:history": "read follow-ups in private channel threads",
+    "chat:write": "post answers and alert cards, update cards on claim/resolve",
+    "channels:history": "read follow-ups in public channel threads; find alert cards after a restart",
+    "groups:history": "read follow-ups in private channel threads; find alert cards after a restart",
     "im:history": "read direct messages",
     "im:read": "see direct message channels",
     "im:write": "answer in direct messages",
@@ -56,10 +56,14 @@ def manifest(settings: Settings, request_url: str = "") -> dict[str, Any]:
     - the bot events app_mention, message.channels, message.groups, message.im
       (follow-ups in a thread arrive only as message events, without a mention);
     - the slash command (`slack.command`, default /ask);
+    - interactivity on, for the alert cards' Claim / Resolve and the "Talk to a human" button;
     - Socket Mode on when the transport is socket (the config has an app token or
       `mode: socket`); otherwise HTTP mode with `request_url` + /slack/events as the
-      Events API and slash command URL (a placeholder host when `request_url` is "").
+      Events API, slash command and interactivity URL (a placeholder host when
+      `request_url` is "").
     The DM "Messages" tab is enabled so people can write to the bot directly.
+    No chat:write.public: the bot must be a member of its alert channels anyway, to find
+    its cards there after a crash (conversations.history), and `check` says when it is not.
     """
     slack = settings.slack
     if slack is None:
@@ -75,8 +79,10 @@ def manifest(settings: Settings, request_url: str = "") -> dict[str, Any]:
     if not socket:
         command["url"] = events_url
     events: dict[str, Any] = {"bot_events": list(BOT_EVENTS)}
+    interactivity: dict[str, Any] = {"is_enabled": True}
     if not socket:
         events["request_url"] = events_url
+        interactivity["request_url"] = events_url  # Bolt serves events, commands and clicks on one path
     return {
         "_metadata": {"major_version": 1, "minor_version": 1},
         "display_information": {
@@ -96,7 +102,7 @@ def manifest(settings: Settings, request_url: str = "") -> dict[str, Any]:
         "oauth_config": {"scopes": {"bot": sorted({*REQUIRED_SCOPES, *CHECK_SCOPES})}},
         "settings": {
             "event_subscriptions": events,
-            "interactivity": {"is_enabled": False},
+            "interactivity": interactivity,
             "org_deploy_enabled": False,
             "socket_mode_enabled": socket,
             "token_rotation_enabled": False,

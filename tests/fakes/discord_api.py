@@ -27,8 +27,11 @@ GENERAL = 1200000000000000010  # text channel, reply: mention
 ASK_ALL = 1200000000000000011  # text channel, reply: all
 FORUM = 1200000000000000012  # forum channel
 READ_ONLY = 1200000000000000013  # the bot may read but not post here
+ALERTS = 1200000000000000014  # text channel for alert cards
+ONCALL_ROLE = 1200000000000000004  # the team's on-call role (mentionable)
 ALICE = 1200000000000000020
 BOB = 1200000000000000021
+CAROL = 1200000000000000023  # an on-call person, mentioned by id
 OTHER_BOT = 1200000000000000022
 DM_CHANNEL = 1200000000000000030
 
@@ -62,7 +65,10 @@ def _user(user_id: int, name: str, *, bot: bool = False) -> dict[str, Any]:
 
 
 BOT_USER = _user(BOT_ID, "insitebot", bot=True) | {"verified": True, "mfa_enabled": False, "flags": 0}
-USERS = {ALICE: _user(ALICE, "alice"), BOB: _user(BOB, "bob"), OTHER_BOT: _user(OTHER_BOT, "otherbot", bot=True), BOT_ID: BOT_USER}
+USERS = {
+    ALICE: _user(ALICE, "alice"), BOB: _user(BOB, "bob"), CAROL: _user(CAROL, "carol"),
+    OTHER_BOT: _user(OTHER_BOT, "otherbot", bot=True), BOT_ID: BOT_USER,
+}
 
 
 @dataclass
@@ -78,7 +84,11 @@ class Call:
 
 @dataclass
 class Fault:
-    """Answer the next `count` matching REST requests with `status` and `body` instead."""
+    """Answer the next `count` matching REST requests with `status` and `body` instead.
+
+    With `commit`, the request is carried out first and only its answer is replaced: the
+    "posted, but the response was lost" case.
+    """
 
     status: int
     body: dict[str, Any]
@@ -86,6 +96,7 @@ class Fault:
     path: str  # a regular expression searched in the path
     method: str | None
     count: int | None
+    commit: bool = False
 
     def matches(self, method: str, path: str) -> bool:
         return bool(re.search(self.path, path)) and (self.method is None or self.method == method) and self.count != 0
@@ -135,9 +146,14 @@ class FakeDiscord:
     closes the gateway with 4014.
     """
 
-    def __init__(self, *, token: str = TOKEN, message_content_allowed: bool = True) -> None:
+    def __init__(self, *, token: str = TOKEN, message_content_allowed: bool = True, heartbeat_interval: float = 45.0) -> None:
         self.token = token
         self.message_content_allowed = message_content_allowed
+        self.heartbeat_interval = heartbeat_interval  # seconds, sent in HELLO
+        self.ack_heartbeats = True  # False: heartbeats are read but never acknowledged (a silent gateway)
+        self.heartbeats = 0
+        self.edits: list[tuple[int, dict[str, Any]]] = []  # (message id, PATCH body), in order
+        self.interactions: dict[int, dict[str, Any]] = {}  # INTERACTION_CREATE payloads by id
         self.calls: list[Call] = []
         self.faults: list[Fault] = []
         self.identifies: list[dict[str, Any]] = []
@@ -149,7 +165,7 @@ class FakeDiscord:
         self.interaction_callbacks: list[dict[str, Any]] = []
         self._interaction_channels: dict[int, int] = {}
         self.base_url = ""
-        self._ids = itertools.count(1300000000000000000)
+        self._last_id = 0
         self._sessions = itertools.count(1)
         self._conns: list[_Conn] = []
         self._replay_on_resume: list[tuple[str, dict[str, Any]]] = []
@@ -159,6 +175,7 @@ class FakeDiscord:
         self.roles = [
             _role(GUILD_ID, "@everyone", EVERYONE_PERMS, position=0),
             _role(BOT_ROLE_ID, "insitebot", 0, position=1, bot_id=BOT_ID),
+            _role(ONCALL_ROLE, "on-call", 0, position=2) | {"mentionable": True},
         ]
         deny_send = [{"id": str(BOT_ROLE_ID), "type": 0, "allow": "0", "deny": str(P(send_messages=True).value)}]
         for channel in (
@@ -166,9 +183,15 @@ class FakeDiscord:
             _channel(ASK_ALL, "ask-the-bot", position=1),
             _channel(FORUM, "questions", 15, position=2),
             _channel(READ_ONLY, "announcements", position=3, overwrites=deny_send),
+            _channel(ALERTS, "alerts", position=4),
         ):
             self.channels[int(channel["id"])] = channel
         self.channels[DM_CHANNEL] = {"id": str(DM_CHANNEL), "type": 1, "recipients": [USERS[ALICE]], "last_message_id": None, "flags": 0}
+
+    def _next_id(self) -> int:
+        """A snowflake from the current time, as Discord makes them (history `after=` relies on it)."""
+        self._last_id = max(self._last_id + 1, discord.utils.time_snowflake(datetime.now(timezone.utc)))
+        return self._last_id
 
     # ----- lifecycle ---------------------------------------------------------------------
 
@@ -215,16 +238,17 @@ class FakeDiscord:
         body: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
         retry_after: float = 0.05,
+        commit: bool = False,
     ) -> Fault:
         """Fail REST requests whose path matches the regex `path` (searched); None count = until removed.
 
         A 429 is well-formed (Via header, JSON retry_after) unless told otherwise, so
-        discord.py waits and retries it.
+        discord.py waits and retries it. `commit`: carry the request out, then fail its answer.
         """
         if status == 429:
             body = body or {"message": "You are being rate limited.", "retry_after": retry_after, "global": False}
             headers = {"Via": "1.1 google"} if headers is None else headers
-        fault = Fault(status, body or {"message": "Injected failure", "code": 0}, headers or {}, path, method, count)
+        fault = Fault(status, body or {"message": "Injected failure", "code": 0}, headers or {}, path, method, count, commit)
         self.faults.append(fault)
         return fault
 
@@ -269,7 +293,7 @@ class FakeDiscord:
         if mention_bot:
             content = f"<@{BOT_ID}> {content}"
         data: dict[str, Any] = {
-            "id": str(message_id or next(self._ids)), "channel_id": str(channel_id), "author": USERS[author],
+            "id": str(message_id or self._next_id()), "channel_id": str(channel_id), "author": USERS[author],
             "content": content, "timestamp": _now(), "edited_timestamp": None, "tts": False,
             "mention_everyone": mention_everyone, "mentions": [USERS[m] for m in mentioned],
             "mention_roles": [str(r) for r in mention_roles], "attachments": [], "embeds": [], "pinned": False,
@@ -296,7 +320,7 @@ class FakeDiscord:
 
     async def forum_post(self, title: str, content: str, *, author: int = ALICE, mention_bot: bool = False) -> dict[str, Any]:
         """A new forum post: a thread in FORUM whose starter message has the thread's id."""
-        thread_id = next(self._ids)
+        thread_id = self._next_id()
         thread = self._thread_payload(thread_id, FORUM, title, owner=author)
         self.threads[thread_id] = thread
         await self.dispatch("THREAD_CREATE", thread | {"newly_created": True})
@@ -311,7 +335,7 @@ class FakeDiscord:
 
     async def slash(self, name: str, options: dict[str, str] | None = None, *, channel_id: int = GENERAL, dm: bool = False) -> dict[str, Any]:
         """A member runs a slash command; returns the INTERACTION_CREATE payload."""
-        interaction_id = next(self._ids)
+        interaction_id = self._next_id()
         channel = self.threads.get(channel_id) or self.channels[channel_id]
         data: dict[str, Any] = {
             "id": str(interaction_id), "application_id": str(APP_ID), "type": 2, "token": f"itoken-{interaction_id}",
@@ -320,7 +344,7 @@ class FakeDiscord:
             "authorizing_integration_owners": {"0": str(GUILD_ID)} if not dm else {"1": str(ALICE)},
             "context": 1 if dm else 0,
             "data": {
-                "id": str(next(self._ids)), "name": name, "type": 1,
+                "id": str(self._next_id()), "name": name, "type": 1,
                 "options": [{"name": k, "type": 3, "value": v} for k, v in (options or {}).items()],
             },
         }
@@ -334,6 +358,35 @@ class FakeDiscord:
                 "permissions": str(EVERYONE_PERMS),
             }
         self._interaction_channels[interaction_id] = channel_id
+        self.interactions[interaction_id] = data
+        await self.dispatch("INTERACTION_CREATE", data)
+        return data
+
+    async def click(self, message: dict[str, Any] | int, custom_id: str, *, user: int = ALICE) -> dict[str, Any]:
+        """A member clicks a button on a message (INTERACTION_CREATE type 3); returns the payload."""
+        stored = self.messages[int(message if isinstance(message, int) else message["id"])]
+        channel_id = int(stored["channel_id"])
+        channel = self.threads.get(channel_id) or self.channels[channel_id]
+        interaction_id = self._next_id()
+        data: dict[str, Any] = {
+            "id": str(interaction_id), "application_id": str(APP_ID), "type": 3, "token": f"itoken-{interaction_id}",
+            "version": 1, "channel_id": str(channel_id), "channel": channel, "locale": "en-US",
+            "attachment_size_limit": 8388608, "app_permissions": str(EVERYONE_PERMS), "entitlements": [],
+            "message": stored, "data": {"custom_id": custom_id, "component_type": 2},
+        }
+        if stored.get("guild_id"):
+            data |= {
+                "guild_id": stored["guild_id"], "guild_locale": "en-US", "context": 0,
+                "authorizing_integration_owners": {"0": str(GUILD_ID)},
+                "member": {
+                    "user": USERS[user], "roles": [], "joined_at": _now(), "deaf": False, "mute": False, "flags": 0,
+                    "permissions": str(EVERYONE_PERMS), "nick": None,
+                },
+            }
+        else:
+            data |= {"user": USERS[user], "context": 1, "authorizing_integration_owners": {"1": str(user)}}
+        self._interaction_channels[interaction_id] = channel_id
+        self.interactions[interaction_id] = data
         await self.dispatch("INTERACTION_CREATE", data)
         return data
 
@@ -373,14 +426,17 @@ class FakeDiscord:
         conn = _Conn(ws)
         self._conns.append(conn)
         try:
-            await ws.send_str(json.dumps({"op": 10, "d": {"heartbeat_interval": 45000}, "s": None, "t": None}))
+            hello = {"heartbeat_interval": int(self.heartbeat_interval * 1000)}
+            await ws.send_str(json.dumps({"op": 10, "d": hello, "s": None, "t": None}))
             async for msg in ws:
                 if msg.type is not WSMsgType.TEXT:
                     continue
                 frame = json.loads(msg.data)
                 op, data = frame.get("op"), frame.get("d")
                 if op == 1:
-                    await ws.send_str(json.dumps({"op": 11, "d": None, "s": None, "t": None}))
+                    self.heartbeats += 1
+                    if self.ack_heartbeats:
+                        await ws.send_str(json.dumps({"op": 11, "d": None, "s": None, "t": None}))
                 elif op == 2:
                     await self._identify(conn, data)
                 elif op == 6:
@@ -465,7 +521,12 @@ class FakeDiscord:
             if fault.matches(request.method, path):
                 if fault.count is not None:
                     fault.count -= 1
+                if fault.commit:
+                    await self._handle(request, path, body)
                 return self._json(fault.body, fault.status, fault.headers)
+        return await self._handle(request, path, body)
+
+    async def _handle(self, request: web.Request, path: str, body: Any) -> web.StreamResponse:
         # Interaction callbacks and followups authenticate with the interaction token in the path.
         if not path.startswith(("/interactions/", "/webhooks/")) and request.headers.get("Authorization") != f"Bot {self.token}":
             return self._error(401, 0, "401: Unauthorized")
@@ -484,12 +545,15 @@ class FakeDiscord:
             ("GET", r"/guilds/(\d+)", self._get_guild),
             ("GET", r"/guilds/(\d+)/members/(\d+)", self._get_member),
             ("POST", r"/channels/(\d+)/messages", self._post_message),
+            ("GET", r"/channels/(\d+)/messages", self._get_messages),
+            ("PATCH", r"/channels/(\d+)/messages/(\d+)", self._edit_message),
             ("POST", r"/channels/(\d+)/messages/(\d+)/threads", self._start_thread),
             ("POST", r"/channels/(\d+)/typing", self._typing),
             ("PUT", r"/applications/(\d+)/commands", self._put_commands),
             ("GET", r"/applications/(\d+)/commands", self._get_commands),
             ("POST", r"/interactions/(\d+)/([^/]+)/callback", self._interaction_callback),
             ("POST", r"/webhooks/(\d+)/([^/]+)", self._followup),
+            ("PATCH", r"/webhooks/(\d+)/([^/]+)/messages/@original", self._edit_original),
         ]
 
     async def _get_me(self, request: web.Request, body: Any) -> web.Response:
@@ -523,14 +587,15 @@ class FakeDiscord:
         return self._json({"user": BOT_USER, "roles": [str(BOT_ROLE_ID)], "joined_at": _now(), "deaf": False, "mute": False, "flags": 0})
 
     def _create_bot_message(self, channel_id: int, body: dict[str, Any], *, webhook: bool = False) -> dict[str, Any]:
-        message_id = next(self._ids)
+        message_id = self._next_id()
         data: dict[str, Any] = {
             "id": str(message_id), "channel_id": str(channel_id), "author": BOT_USER,
-            "content": body.get("content", ""), "timestamp": _now(), "edited_timestamp": None, "tts": False,
-            "mention_everyone": False, "mentions": [], "mention_roles": [], "attachments": [], "embeds": [],
+            "content": body.get("content") or "", "timestamp": _now(), "edited_timestamp": None, "tts": False,
+            "attachments": [], "embeds": [_rich(e) for e in body.get("embeds") or []],
             "pinned": False, "type": 20 if webhook else (19 if body.get("message_reference") else 0),
-            "flags": int(body.get("flags", 0)), "components": [], "nonce": body.get("nonce"),
+            "flags": int(body.get("flags", 0)), "components": body.get("components") or [], "nonce": body.get("nonce"),
         }
+        data |= _mentions(data["content"], body.get("allowed_mentions"))
         if webhook:
             data["webhook_id"] = str(APP_ID)
         channel = self.threads.get(channel_id) or self.channels.get(channel_id, {})
@@ -560,10 +625,54 @@ class FakeDiscord:
                     return self._json(existing)  # Discord returns the earlier message and creates none
         return self._json(self._create_bot_message(cid, body))
 
+    async def _get_messages(self, request: web.Request, body: Any, channel_id: str) -> web.Response:
+        """Channel history as Discord gives it: newest first, `after` / `before` / `limit` (ephemeral ones never)."""
+        cid = int(channel_id)
+        if cid not in self.threads and cid not in self.channels:
+            return self._error(404, 10003, "Unknown Channel")
+        query = request.query
+        after, before = int(query.get("after", 0)), int(query.get("before", 0)) or None
+        limit = min(int(query.get("limit", 50)), 100)
+        found = [
+            m for mid, m in self.messages.items()
+            if int(m["channel_id"]) == cid and not int(m.get("flags", 0)) & 64 and mid > after and (before is None or mid < before)
+        ]
+        found.sort(key=lambda m: int(m["id"]))
+        # With only `after`, Discord returns the `limit` messages right after it (still newest first).
+        page = found[:limit] if after and before is None else found[-limit:]
+        return self._json(list(reversed(page)))
+
+    async def _edit_message(self, request: web.Request, body: Any, channel_id: str, message_id: str) -> web.Response:
+        message = self.messages.get(int(message_id))
+        if message is None or int(message["channel_id"]) != int(channel_id):
+            return self._error(404, 10008, "Unknown Message")
+        return self._json(self._apply_edit(message, body))
+
+    def _apply_edit(self, message: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+        self.edits.append((int(message["id"]), body))
+        if "content" in body:
+            message["content"] = body["content"] or ""
+            message |= _mentions(message["content"], body.get("allowed_mentions"))
+        if "embeds" in body:
+            message["embeds"] = [_rich(e) for e in body["embeds"] or []]
+        if "components" in body:
+            message["components"] = body["components"] or []
+        message["edited_timestamp"] = _now()
+        return message
+
+    async def _edit_original(self, request: web.Request, body: Any, app_id: str, token: str) -> web.Response:
+        # For a component interaction, the "original response" is the message the button is on.
+        interaction = self.interactions.get(int(token.removeprefix("itoken-")))
+        if interaction is None or "message" not in interaction:
+            return self._error(404, 10008, "Unknown Message")
+        return self._json(self._apply_edit(self.messages[int(interaction["message"]["id"])], body))
+
     async def _start_thread(self, request: web.Request, body: Any, channel_id: str, message_id: str) -> web.Response:
         mid = int(message_id)
         if mid in self.threads:
             return self._error(400, 160004, "A thread has already been created for this message")
+        if mid not in self.messages:
+            return self._error(404, 10008, "Unknown Message")
         if self.channels.get(int(channel_id), {}).get("type") != 0:
             return self._error(400, 50024, "Cannot execute action on this channel type")
         thread = self._thread_payload(mid, int(channel_id), body.get("name", "thread"), owner=BOT_ID)
@@ -577,7 +686,7 @@ class FakeDiscord:
 
     async def _put_commands(self, request: web.Request, body: Any, app_id: str) -> web.Response:
         self.commands = [
-            cmd | {"id": str(next(self._ids)), "application_id": app_id, "version": "1", "type": cmd.get("type", 1)}
+            cmd | {"id": str(self._next_id()), "application_id": app_id, "version": "1", "type": cmd.get("type", 1)}
             for cmd in body
         ]
         return self._json(self.commands)
@@ -587,10 +696,14 @@ class FakeDiscord:
 
     async def _interaction_callback(self, request: web.Request, body: Any, interaction_id: str, token: str) -> web.Response:
         self.interaction_callbacks.append(body)
+        interaction = self.interactions.get(int(interaction_id), {})
+        if body.get("type") == 7 and "message" in interaction:  # UPDATE_MESSAGE: edit the clicked message
+            self._apply_edit(self.messages[int(interaction["message"]["id"])], body.get("data") or {})
+        flags = int((body.get("data") or {}).get("flags", 0))
         return self._json({
             "interaction": {
-                "id": interaction_id, "type": 2, "response_message_loading": body.get("type") == 5,
-                "response_message_ephemeral": False,
+                "id": interaction_id, "type": interaction.get("type", 2), "response_message_loading": body.get("type") == 5,
+                "response_message_ephemeral": bool(flags & 64),
             },
             "resource": {"type": body.get("type")},
         })
@@ -605,6 +718,28 @@ class FakeDiscord:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _rich(embed: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "rich", **embed}
+
+
+_USER_MENTION = re.compile(r"<@!?(\d+)>")
+_ROLE_MENTION = re.compile(r"<@&(\d+)>")
+
+
+def _mentions(content: str, allowed: dict[str, Any] | None) -> dict[str, Any]:
+    """Who a message pings, as Discord decides it from the content and allowed_mentions."""
+    parse = {"users", "roles", "everyone"} if allowed is None else set(allowed.get("parse") or [])
+    users = {str(u) for u in (allowed or {}).get("users") or []}
+    roles = {str(r) for r in (allowed or {}).get("roles") or []}
+    pinged_users = [u for u in dict.fromkeys(_USER_MENTION.findall(content)) if "users" in parse or u in users]
+    pinged_roles = [r for r in dict.fromkeys(_ROLE_MENTION.findall(content)) if "roles" in parse or r in roles]
+    return {
+        "mentions": [USERS.get(int(u), _user(int(u), f"user{u}")) for u in pinged_users],
+        "mention_roles": pinged_roles,
+        "mention_everyone": "everyone" in parse and ("@everyone" in content or "@here" in content),
+    }
 
 
 @contextlib.asynccontextmanager

@@ -1,4 +1,4 @@
-"""A fake Slack (Web API, Socket Mode websocket, response URLs) on 127.0.0.1 for the real slack_sdk and Bolt."""
+"""A fake Slack (Web API and its messages, Socket Mode, response URLs) on 127.0.0.1 for the real slack_sdk and Bolt."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import itertools
 import json
 import time
 import uuid
@@ -14,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import WSMsgType, web
 
@@ -46,6 +46,36 @@ def command_form(**fields: str) -> dict[str, str]:
     return data
 
 
+def block_actions(
+    action_id: str,
+    *,
+    value: str = "",
+    user: str = "U0CAROL",
+    channel: str = "C0ALERTS",
+    message: dict[str, Any] | None = None,
+    response_url: str = "",
+) -> dict[str, Any]:
+    """A recorded block_actions payload (a button click on a message), some fields overridden."""
+    data: dict[str, Any] = json.loads((PAYLOADS / "block_actions.json").read_text())
+    data["user"].update(id=user, username=user.lower(), name=user.lower())
+    data["channel"]["id"] = channel
+    data["container"]["channel_id"] = channel
+    if message is not None:
+        data["message"] = message
+        data["container"]["message_ts"] = message["ts"]
+        if message.get("thread_ts"):
+            data["container"]["thread_ts"] = message["thread_ts"]
+    if response_url:
+        data["response_url"] = response_url
+    data["actions"][0].update(action_id=action_id, value=value)
+    return data
+
+
+def interaction_form(body: dict[str, Any]) -> bytes:
+    """How Slack POSTs an interaction over HTTP: a form with one `payload` field holding JSON."""
+    return urlencode({"payload": json.dumps(body)}).encode()
+
+
 def sign(body: bytes, secret: str = SIGNING_SECRET, timestamp: int | None = None) -> dict[str, str]:
     """The headers Slack sends with an HTTP event: v0 HMAC-SHA256 over "v0:{ts}:{body}"."""
     ts = str(int(time.time()) if timestamp is None else timestamp)
@@ -73,6 +103,7 @@ class SlackFault:
     error: str
     headers: dict[str, str]
     remaining: int | None  # None = forever
+    after: bool = False  # do the work, then answer the error (the answer was "lost")
 
 
 @dataclass
@@ -100,10 +131,15 @@ class FakeSlack:
         # conversations.info answers: channel id -> {"name", "is_member", ...}
         self.channels: dict[str, dict[str, Any]] = {}
         self.responses: list[dict[str, Any]] = []  # posts to response_url
+        # Every message posted or updated through the API, per channel, in posting order.
+        self.messages: dict[str, list[dict[str, Any]]] = {}
+        self.ephemeral: list[dict[str, Any]] = []  # chat.postEphemeral arguments
+        self.silent = False  # the socket neither answers pings nor greets new connections
+        self.history_page = 100  # messages per conversations.history/replies page at most
         self.sockets: list[web.WebSocketResponse] = []
         self.envelopes: dict[str, Envelope] = {}
         self.url = ""
-        self._ts = itertools.count(1)
+        self._last_ts = 0.0
         self._runner: web.AppRunner | None = None
         self._changed = asyncio.Event()
         self._stopping = False
@@ -118,15 +154,34 @@ class FakeSlack:
         return f"{self.url}/response/{name}"
 
     def fail(
-        self, method: str, *, status: int = 200, error: str = "fatal_error", retry_after: int | None = None, count: int | None = 1
+        self,
+        method: str,
+        *,
+        status: int = 200,
+        error: str = "fatal_error",
+        retry_after: int | None = None,
+        count: int | None = 1,
+        after: bool = False,
     ) -> SlackFault:
-        """Make the next `count` calls of `method` fail: 429 (+Retry-After), 500, or 200 with ok=false."""
+        """Make the next `count` calls of `method` fail: 429 (+Retry-After), 500, or 200 with ok=false.
+
+        `after=True`: the call takes effect first and only its answer is the error, like a
+        post whose response was lost on the way back.
+        """
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
         if status == 429:
             error = "ratelimited"
-        fault = SlackFault(method, status, error, headers, count)
+        fault = SlackFault(method, status, error, headers, count, after)
         self.faults.append(fault)
         return fault
+
+    def heal(self, method: str | None = None) -> None:
+        """Drop the faults of `method` (of every method when None)."""
+        self.faults = [f for f in self.faults if method is not None and f.method != method]
+
+    def message(self, channel: str, ts: str) -> dict[str, Any] | None:
+        """The stored message (as last updated), or None."""
+        return next((m for m in self.messages.get(channel, []) if m["ts"] == ts), None)
 
     def calls_to(self, method: str) -> list[SlackCall]:
         return [c for c in self.calls if c.method == method]
@@ -149,7 +204,7 @@ class FakeSlack:
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 0.05))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def send_envelope(
@@ -178,6 +233,10 @@ class FakeSlack:
 
     # --- server ------------------------------------------------------------------------------
 
+    async def click(self, body: dict[str, Any]) -> Envelope:
+        """A button click over Socket Mode: an `interactive` envelope."""
+        return await self.send_envelope(body, kind="interactive")
+
     async def start(self) -> str:
         app = web.Application()
         app.router.add_route("*", "/api/{method}", self._api)
@@ -199,6 +258,11 @@ class FakeSlack:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    def _new_ts(self) -> str:
+        """A message ts like Slack's: the posting time, unique and increasing within the workspace."""
+        self._last_ts = max(time.time(), self._last_ts + 0.000001)
+        return f"{self._last_ts:.6f}"
 
     def _notify(self) -> None:
         self._changed.set()
@@ -226,7 +290,12 @@ class FakeSlack:
         if fault is not None:
             if fault.remaining is not None:
                 fault.remaining -= 1
+            if fault.after:
+                self._answer_normally(method, args, token)
             return fault.status, {"ok": False, "error": fault.error}, fault.headers
+        return self._answer_normally(method, args, token)
+
+    def _answer_normally(self, method: str, args: dict[str, Any], token: str) -> tuple[int, dict[str, Any], dict[str, str]]:
         if self._stopping:
             return 503, {"ok": False, "error": "service_unavailable"}, {}
         expected = self.app_token if method == "apps.connections.open" else self.bot_token
@@ -252,9 +321,79 @@ class FakeSlack:
         channel = str(args.get("channel") or "")
         if self.channels.get(channel, {}).get("is_member") is False:
             return {"ok": False, "error": "not_in_channel"}, {}
-        ts = f"{1800000000 + next(self._ts)}.000100"
-        return {"ok": True, "channel": channel, "ts": ts, "message": {"type": "message", "text": args.get("text"),
-                "user": BOT_USER, "bot_id": BOT_ID, "ts": ts}}, {}
+        ts = self._new_ts()
+        message: dict[str, Any] = {"type": "message", "text": args.get("text"), "user": BOT_USER, "bot_id": BOT_ID, "ts": ts}
+        blocks = _json_arg(args.get("blocks"))
+        if blocks:
+            message["blocks"] = blocks
+        metadata = _json_arg(args.get("metadata"))
+        if metadata:
+            message["metadata"] = metadata
+        thread = str(args.get("thread_ts") or "")
+        if thread:
+            message["thread_ts"] = thread
+            if _truthy(args.get("reply_broadcast")):
+                message["subtype"] = "thread_broadcast"
+        self.messages.setdefault(channel, []).append(message)
+        return {"ok": True, "channel": channel, "ts": ts, "message": {k: v for k, v in message.items() if k != "metadata"}}, {}
+
+    def _m_chat_update(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        channel, ts = str(args.get("channel") or ""), str(args.get("ts") or "")
+        message = self.message(channel, ts)
+        if message is None:
+            return {"ok": False, "error": "message_not_found"}, {}
+        message["text"] = args.get("text", message.get("text"))
+        blocks = _json_arg(args.get("blocks"))
+        if blocks is not None:
+            message["blocks"] = blocks
+        message["edited"] = {"user": BOT_USER, "ts": f"{time.time():.6f}"}
+        return {"ok": True, "channel": channel, "ts": ts, "text": message["text"]}, {}
+
+    def _m_chat_postEphemeral(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        self.ephemeral.append(dict(args))
+        return {"ok": True, "message_ts": self._new_ts()}, {}
+
+    def _m_chat_getPermalink(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        channel, ts = str(args.get("channel") or ""), str(args.get("message_ts") or "")
+        if not channel or not ts:
+            return {"ok": False, "error": "invalid_arguments"}, {}
+        link = f"https://acme.slack.com/archives/{channel}/p{ts.replace('.', '')}"
+        return {"ok": True, "channel": channel, "permalink": link}, {}
+
+    def _m_conversations_history(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        channel = str(args.get("channel") or "")
+        if self.channels.get(channel, {}).get("is_member") is False:
+            return {"ok": False, "error": "not_in_channel"}, {}
+        # The channel's own timeline, newest first: top-level posts and thread broadcasts.
+        found = [
+            m for m in self.messages.get(channel, [])
+            if not m.get("thread_ts") or m.get("subtype") == "thread_broadcast"
+        ]
+        return self._page(list(reversed(found)), args), {}
+
+    def _m_conversations_replies(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        channel, root = str(args.get("channel") or ""), str(args.get("ts") or "")
+        messages = self.messages.get(channel, [])
+        parent = [m for m in messages if m["ts"] == root]
+        if not parent:
+            return {"ok": False, "error": "thread_not_found"}, {}
+        return self._page(parent + [m for m in messages if m.get("thread_ts") == root and m["ts"] != root], args), {}
+
+    def _page(self, messages: list[dict[str, Any]], args: dict[str, Any]) -> dict[str, Any]:
+        oldest = float(args.get("oldest") or 0)
+        chosen = [m for m in messages if float(m["ts"]) > oldest]
+        start = int(args.get("cursor") or 0)
+        size = min(int(args.get("limit") or 100), self.history_page)
+        page = chosen[start : start + size]
+        if not _truthy(args.get("include_all_metadata")):
+            page = [{k: v for k, v in m.items() if k != "metadata"} for m in page]
+        more = start + size < len(chosen)
+        return {
+            "ok": True,
+            "messages": page,
+            "has_more": more,
+            "response_metadata": {"next_cursor": str(start + size) if more else ""},
+        }
 
     def _m_reactions_add(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         return {"ok": True}, {}
@@ -277,13 +416,19 @@ class FakeSlack:
     async def _socket(self, request: web.Request) -> web.StreamResponse:
         if self._stopping:
             return web.Response(status=503)
-        ws = web.WebSocketResponse(timeout=1)  # autoping answers the SDK's pings
+        # Pings are answered here, not by aiohttp, so that a test can make the socket go silent.
+        ws = web.WebSocketResponse(timeout=1, autoping=False)
         await ws.prepare(request)
         self.sockets.append(ws)
-        await ws.send_str(json.dumps({"type": "hello", "num_connections": 1, "connection_info": {"app_id": "A0TEST"}}))
+        if not self.silent:
+            await ws.send_str(json.dumps({"type": "hello", "num_connections": 1, "connection_info": {"app_id": "A0TEST"}}))
         self._notify()
         try:
             async for message in ws:
+                if message.type == WSMsgType.PING:
+                    if not self.silent:
+                        await ws.pong(message.data)
+                    continue
                 if message.type != WSMsgType.TEXT:
                     continue
                 data = json.loads(message.data)
@@ -301,3 +446,17 @@ class FakeSlack:
         self.responses.append({"name": request.match_info["name"], **(await request.json())})
         self._notify()
         return web.Response(text="ok")
+
+
+def _json_arg(value: Any) -> Any:
+    """A structured argument as sent: JSON bodies keep lists and dicts, form bodies carry JSON text."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or str(value).lower() in ("1", "true")

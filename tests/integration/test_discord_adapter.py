@@ -78,13 +78,6 @@ def fast_ready(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(DiscordAdapter, "start_timeout", 10.0)
 
 
-@pytest.fixture
-async def emulator() -> AsyncIterator[Emulator]:
-    emu = Emulator.sandbox()
-    await emu.start()
-    yield emu
-    await emu.stop()
-
 
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeDiscord]:
@@ -353,7 +346,7 @@ async def test_slash_commands_use_the_configured_names(
 
 
 async def test_missing_intent_in_the_portal_gives_a_clear_error(emulator: Emulator, tmp_path: Path) -> None:
-    async with fd.running_fake(message_content_allowed=False) as fake:
+    async with fd.running_fake(message_content_allowed=False):
         app = BridgeApp(make_settings(emulator.base_url, tmp_path / "s.db", intent=True), grace=1)
         with pytest.raises(DiscordStartError) as failure:
             await app.start()

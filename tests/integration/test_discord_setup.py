@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import discord
 import pytest
 
-from adapters.discord_bot import DiscordAdapter, DiscordStartError, check, invite_url
-from bridge import config
-from bridge.cli import CommandFailed
+from adapters.discord_bot import (
+    DiscordAdapter,
+    DiscordSetupError,
+    DiscordStartError,
+    check,
+    invite_url,
+)
+from bridge import cli, config
 from tests.fakes import discord_api as fd
 from tests.fakes.discord_api import FakeDiscord
 
@@ -60,8 +67,21 @@ async def test_invite_url_offline_reads_the_application_id_from_the_token(monkey
 
 async def test_invite_url_with_a_refused_token_says_so_without_the_token(fake: FakeDiscord) -> None:
     wrong = fd.make_token(fd.BOT_ID, "wrong-secret")
-    with pytest.raises(CommandFailed) as failure:
+    with pytest.raises(DiscordSetupError) as failure:
         await invite_url(settings(token=wrong))
+    assert "refused the bot token" in str(failure.value) and wrong not in str(failure.value)
+
+
+async def test_discord_invite_command_reports_the_adapter_error_plainly(
+    fake: FakeDiscord, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "bridge.yaml"
+    path.write_text(f'insitechat: {{api_key: "${{KEY}}"}}\ndiscord: {{token: "${{DISCORD_TOKEN}}"}}\nroutes: [{{platform: discord, chatbot: {BOT}}}]\n')
+    wrong = fd.make_token(fd.BOT_ID, "wrong-secret")
+    monkeypatch.setenv("KEY", "ic_x")
+    monkeypatch.setenv("DISCORD_TOKEN", wrong)
+    with pytest.raises(cli.CommandFailed) as failure:
+        await cli._cmd_discord_invite(argparse.Namespace(config=str(path)))
     assert "refused the bot token" in str(failure.value) and wrong not in str(failure.value)
 
 
@@ -72,6 +92,19 @@ async def test_check_passes_when_the_bot_can_post_everywhere_routed(fake: FakeDi
     )
     alerts = f'alerts: [{{chatbot: {BOT}, to: ["discord:{fd.ASK_ALL}"]}}]\nwebhooks: {{verify_signatures: false}}'
     assert await check(settings(routes=routes, alerts=alerts)) == []
+
+
+async def test_check_wants_thread_permissions_in_alert_channels(fake: FakeDiscord) -> None:
+    # A visitor session's alerts share a thread on its first card.
+    locked = 1200000000000000099
+    deny = discord.Permissions(create_public_threads=True).value
+    fake.channels[locked] = fd._channel(locked, "alerts-no-threads", overwrites=[
+        {"id": str(fd.BOT_ROLE_ID), "type": 0, "allow": "0", "deny": str(deny)},
+    ])
+    alerts = f'alerts: [{{chatbot: {BOT}, to: ["discord:{fd.ALERTS}", "discord:{locked}"]}}]\nwebhooks: {{verify_signatures: false}}'
+    assert await check(settings(alerts=alerts)) == [
+        f"alerts[0].to[1]: in #alerts-no-threads ({locked}) the bot lacks Create Public Threads",
+    ]
 
 
 async def test_check_lists_each_problem_in_one_plain_line(fake: FakeDiscord) -> None:

@@ -99,13 +99,6 @@ class Bridge:
         await self.app.stop()
 
 
-@pytest.fixture
-async def emulator() -> AsyncIterator[Emulator]:
-    emu = Emulator.sandbox()
-    await emu.start()
-    yield emu
-    await emu.stop()
-
 
 @pytest.fixture
 async def slack() -> AsyncIterator[FakeSlack]:

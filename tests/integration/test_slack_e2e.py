@@ -23,13 +23,6 @@ ENV = {
 }
 
 
-@pytest.fixture
-async def emulator() -> AsyncIterator[Emulator]:
-    emu = Emulator.sandbox()
-    await emu.start()
-    yield emu
-    await emu.stop()
-
 
 @pytest.fixture
 async def slack() -> AsyncIterator[FakeSlack]:

@@ -44,6 +44,8 @@ def test_socket_mode_manifest() -> None:
     assert {"app_mentions:read", "chat:write", "im:history", "channels:history", "groups:history",
             "reactions:write", "commands"} <= scopes
     assert data["features"]["app_home"]["messages_tab_enabled"] is True  # people can DM the bot
+    # Claim / Resolve and "Talk to a human" are buttons: clicks arrive over the socket.
+    assert data["settings"]["interactivity"] == {"is_enabled": True}
 
 
 @pytest.mark.parametrize(
@@ -59,6 +61,8 @@ def test_http_mode_manifest_points_at_our_events_url(request_url: str, expected:
     assert data["settings"]["socket_mode_enabled"] is False
     assert data["settings"]["event_subscriptions"]["request_url"] == expected
     assert data["features"]["slash_commands"][0]["url"] == expected
+    # Button clicks come to the same path; Bolt tells them apart.
+    assert data["settings"]["interactivity"] == {"is_enabled": True, "request_url": expected}
 
 
 def test_the_cli_prints_the_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
