@@ -193,3 +193,34 @@ async def test_send_test_alert_goes_through_the_running_bridge(emulator: Emulato
         assert code == 1 and "no alert rule" in err
     finally:
         await app.stop()
+
+
+async def test_sigterm_lets_the_answer_in_flight_finish(emulator: Emulator, tmp_path: Path) -> None:
+    emulator.latency = 1.0  # the answer is still on its way when the signal comes
+    cfg = tmp_path / "bridge.yaml"
+    cfg.write_text(
+        f"insitechat: {{base_url: '{emulator.base_url}', api_key: '${{INSITECHAT_API_KEY}}'}}\n"
+        f"state: {{sqlite: '{tmp_path / 'state.db'}'}}\n"
+        "server: {listen: '127.0.0.1:0'}\n"
+        "console: {enabled: true}\n"
+        f"routes: [{{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}]\n"
+    )
+    read_fd, write_fd = os.pipe()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "run", "--config", str(cfg), "--grace", "5",
+        env={**ENV, "INSITECHAT_API_KEY": SANDBOX_KEY}, stdin=read_fd,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    os.close(read_fd)
+    try:
+        os.write(write_fd, b"a slow question\n")
+        for _ in range(300):  # until the chat call has reached InsiteChat
+            if any(r.path.endswith("/chat") for r in emulator.requests):
+                break
+            await asyncio.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        os.close(write_fd)
+    assert proc.returncode == 0, err.decode()
+    assert "bot> " in out.decode() and "a slow question" in out.decode()
