@@ -1,0 +1,186 @@
+"""Discord interactions: the /ask and /reset slash commands, and button clicks (Claim / Resolve, "Talk to a human")."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import discord
+from discord import app_commands
+
+from adapters.discord_alerts import (
+    ALERT_EXPIRED,
+    ALERT_FAILED,
+    HUMAN_ALREADY_ASKED,
+    HUMAN_CONFIRMATION,
+    HUMAN_UNAVAILABLE,
+    parse_human_id,
+)
+from adapters.discord_places import Recent, place_of_channel
+from adapters.discord_posting import INTERACTION_LIFETIME, NO_MENTIONS
+from adapters.discord_setup import DiscordStartError
+from adapters.discord_translate import (
+    Place,
+    PlaceKind,
+    click_conversation,
+    translate_command,
+)
+from bridge.cards import parse_action_id
+from bridge.clock import Clock
+from bridge.config import DiscordSettings
+from bridge.desk import AlertDesk
+from bridge.messages import Conversation, Inbound, Outbound, OutboundKind
+
+log = logging.getLogger(__name__)
+
+
+class DiscordInteractions:
+    """DiscordAdapter's interaction handlers: each acknowledges first, as Discord drops what waits over 3 s."""
+
+    # Provided by DiscordAdapter; declared here so this part reads on its own.
+    _config: DiscordSettings
+    _clock: Clock
+    _desk: AlertDesk | None
+    _roots: Recent[str, str]
+    _interactions: dict[str, tuple[float, discord.Interaction]]
+    _submit: Callable[[Inbound], None]
+    send: Callable[[Outbound], Awaitable[list[str]]]
+
+    def _add_commands(self, tree: app_commands.CommandTree[Any]) -> None:
+        adapter = self
+
+        async def ask(interaction: discord.Interaction, question: str) -> None:
+            await adapter._on_command(interaction, question)
+
+        async def reset(interaction: discord.Interaction) -> None:
+            await adapter._on_command(interaction, "reset")
+
+        try:
+            ask_command = app_commands.Command(
+                name=self._config.ask_command, description="Ask the chatbot a question", callback=ask
+            )
+            app_commands.describe(question="Your question for the chatbot")(ask_command)
+            reset_command = app_commands.Command(
+                name=self._config.reset_command, description="Start a new conversation with the chatbot here", callback=reset
+            )
+        except (ValueError, TypeError) as exc:
+            raise DiscordStartError(
+                f"discord.ask_command / discord.reset_command: {exc} (lowercase letters, digits, - or _, up to 32)"
+            ) from None
+        tree.add_command(ask_command)
+        tree.add_command(reset_command)
+
+    async def _on_command(self, interaction: discord.Interaction, text: str) -> None:
+        try:
+            # First thing: Discord drops an interaction not acknowledged within 3 seconds.
+            await interaction.response.defer(thinking=True)
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            log.warning("discord: could not acknowledge a slash command in time: %s", exc)
+            return
+        now = self._clock.monotonic()
+        self._interactions = {k: v for k, v in self._interactions.items() if now - v[0] < INTERACTION_LIFETIME}
+        self._interactions[str(interaction.id)] = (now, interaction)
+        place = place_of_channel(interaction.channel)
+        if place is None:
+            place = Place(str(interaction.channel_id or ""), PlaceKind.DM if interaction.guild_id is None else PlaceKind.OTHER)
+        user = interaction.user
+        self._submit(
+            translate_command(
+                interaction_id=str(interaction.id),
+                guild_id=str(interaction.guild_id or ""),
+                place=place,
+                author_id=str(user.id),
+                author_name=user.display_name,
+                author_is_bot=user.bot,
+                text=text,
+            )
+        )
+
+    # --- buttons -----------------------------------------------------------------------------
+
+    async def _on_component(self, interaction: discord.Interaction) -> None:
+        """A button click: Claim / Resolve on an alert card, or "Talk to a human" under an answer."""
+        custom_id = str((interaction.data or {}).get("custom_id", ""))
+        action = parse_action_id(custom_id)
+        chatbot_id = parse_human_id(custom_id)
+        if action is None and chatbot_id is None:
+            return  # not ours
+        try:
+            # First thing: Discord shows "interaction failed" unless acknowledged within 3 seconds.
+            await interaction.response.defer()  # DEFERRED_UPDATE_MESSAGE: no visible reply yet
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            log.warning("discord: could not acknowledge a button click in time: %s", exc)
+            return
+        if action is not None:
+            await self._on_alert_button(interaction, *action)
+        elif chatbot_id is not None:
+            await self._on_human_button(interaction, chatbot_id)
+
+    async def _on_alert_button(self, interaction: discord.Interaction, action: str, alert_id: str) -> None:
+        if self._desk is None:
+            await self._tell(interaction, ALERT_FAILED)
+            return
+        # Footers do not render mentions, so the card names the person as people see them.
+        who = interaction.user.display_name
+        try:
+            alert = await self._desk.act(alert_id, action, who)
+        except Exception:
+            log.exception("discord: recording %s on alert %s failed", action, alert_id)
+            await self._tell(interaction, ALERT_FAILED)
+            return
+        if alert is None:
+            log.info("discord: %s on unknown alert %s", action, alert_id)
+            await self._tell(interaction, ALERT_EXPIRED)
+            return
+        log.info("discord: %s on alert %s by user %s", action, alert_id, interaction.user.id)
+
+    async def _on_human_button(self, interaction: discord.Interaction, chatbot_id: str) -> None:
+        conversation = self._conversation_of_click(interaction)
+        if self._desk is None:
+            await self._tell(interaction, HUMAN_UNAVAILABLE)
+            return
+        try:
+            if await self._desk.paused(conversation):
+                await self._tell(interaction, HUMAN_ALREADY_ASKED)
+                return
+            await self._desk.request_human(chatbot_id, conversation, interaction.user.display_name)
+        except Exception:
+            log.exception("discord: talk-to-a-human in %s could not be recorded", conversation.key)
+            await self._tell(interaction, HUMAN_UNAVAILABLE)
+            return
+        log.info("discord: talk-to-a-human requested in %s by user %s", conversation.key, interaction.user.id)
+        try:
+            # The button has done its job: take it off the answer so it is not pressed again.
+            await interaction.edit_original_response(view=None)
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            log.info("discord: could not remove the talk-to-a-human button: %s", exc)
+        try:
+            await self.send(Outbound(conversation, (HUMAN_CONFIRMATION,), OutboundKind.NOTICE))
+        except (discord.HTTPException, aiohttp.ClientError, OSError, RuntimeError) as exc:
+            log.warning("discord: the talk-to-a-human confirmation in %s failed: %s", conversation.key, exc)
+            await self._tell(interaction, HUMAN_CONFIRMATION)
+
+    def _conversation_of_click(self, interaction: discord.Interaction) -> Conversation:
+        place = place_of_channel(interaction.channel)
+        if place is None:
+            place = Place(str(interaction.channel_id or ""), PlaceKind.DM if interaction.guild_id is None else PlaceKind.OTHER)
+        message = interaction.message
+        reference = message.reference if message is not None else None
+        metadata = message.interaction_metadata if message is not None else None
+        return click_conversation(
+            guild_id=str(interaction.guild_id or ""),
+            place=place,
+            message_id=str(message.id) if message is not None else "",
+            replied_id=str(reference.message_id) if reference is not None and reference.message_id else "",
+            interaction_id=str(metadata.id) if metadata is not None else "",
+            roots=self._roots.as_mapping(),
+        )
+
+    async def _tell(self, interaction: discord.Interaction, text: str) -> None:
+        """A reply only the clicking person sees."""
+        try:
+            await interaction.followup.send(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            log.info("discord: could not answer a button click: %s", exc)

@@ -1,0 +1,68 @@
+"""Where Discord messages live: discord.py channels as Places, and bounded memories of recent ones."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import discord
+
+from adapters.discord_translate import Place, PlaceKind
+
+REMEMBERED = 5000  # recent message ids kept in memory (origins, the bot's own answers)
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Recent(Generic[K, V]):
+    """A bounded mapping that forgets the oldest entries first."""
+
+    def __init__(self, size: int = REMEMBERED) -> None:
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self._size = size
+
+    def __setitem__(self, key: K, value: V) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def get(self, key: K) -> V | None:
+        return self._items.get(key)
+
+    def as_mapping(self) -> Mapping[K, V]:
+        return self._items
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a user's message was posted, kept until it is answered."""
+
+    place: Place
+    guild_id: str
+    hint: str  # the question's first words, for the thread name
+
+
+def place_of_channel(channel: object) -> Place | None:
+    """The translation's view of a discord.py channel object."""
+    if isinstance(channel, discord.Thread):
+        parent = channel.parent
+        return Place(
+            str(channel.id),
+            PlaceKind.THREAD,
+            parent_id=str(channel.parent_id),
+            parent_is_forum=isinstance(parent, discord.ForumChannel),
+        )
+    if isinstance(channel, discord.TextChannel):
+        return Place(str(channel.id), PlaceKind.TEXT)
+    if isinstance(channel, (discord.DMChannel, discord.GroupChannel)):
+        return Place(str(channel.id), PlaceKind.DM)
+    if isinstance(channel, (discord.VoiceChannel, discord.StageChannel)):
+        return Place(str(channel.id), PlaceKind.OTHER)
+    return None

@@ -1,0 +1,219 @@
+"""Where Discord answers go: a thread on the question, a reply in place, or an interaction's followups."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import discord
+
+from adapters.discord_alerts import human_view
+from adapters.discord_places import Origin, Recent, place_of_channel
+from adapters.discord_translate import Place, PlaceKind
+from bridge.clock import Clock
+from bridge.config import DiscordSettings, Settings
+from bridge.messages import Conversation, Outbound, OutboundKind
+
+log = logging.getLogger(__name__)
+
+# AI text must never ping anyone: no @everyone/@here, roles, users or the replied-to author.
+NO_MENTIONS = discord.AllowedMentions.none()
+
+THREAD_ALREADY_CREATED = 160004  # Discord's error code when a message already has a thread
+THREAD_NAME_LIMIT = 100
+THREAD_ARCHIVE_MINUTES = 1440
+NONCE_LIMIT = 25
+INTERACTION_LIFETIME = 15 * 60.0  # an interaction token accepts followups for 15 minutes
+
+
+def make_nonce(outbound: Outbound, index: int) -> str:
+    """A nonce from the source message id, the kind and the part index (Discord allows 25 characters).
+
+    The same answer part re-sent after a crash gets the same nonce, so Discord (with
+    enforce_nonce) returns the earlier message instead of posting it twice. Notices add a
+    digest of their text: a "queued" and an "error" notice on one message are different posts.
+    """
+    source = outbound.reply_to or outbound.conversation.key
+    base = _base36(int(source)) if source.isdigit() else hashlib.sha1(source.encode()).hexdigest()[:12]
+    if outbound.kind is OutboundKind.ANSWER:
+        nonce = f"{base}a{index}"
+    else:
+        nonce = f"{base}n{hashlib.sha1(''.join(outbound.parts).encode()).hexdigest()[:6]}{index}"
+    return nonce[-NONCE_LIMIT:]
+
+
+def _base36(number: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        number, rest = divmod(number, 36)
+        out = digits[rest] + out
+        if not number:
+            return out
+
+
+def thread_name(hint: str, fallback: str) -> str:
+    """A readable thread title from the question's first line (Discord allows 100 characters)."""
+    line = next((ln.strip() for ln in hint.splitlines() if ln.strip()), "")
+    line = line.replace("`", "").replace("*", "").strip() or fallback
+    return line if len(line) <= THREAD_NAME_LIMIT else line[: THREAD_NAME_LIMIT - 1].rstrip() + "…"
+
+
+class DiscordPosting:
+    """DiscordAdapter's outbound half: answers and notices posted where the conversation lives."""
+
+    # Provided by DiscordAdapter; declared here so this part reads on its own.
+    name: str
+    _settings: Settings
+    _config: DiscordSettings
+    _clock: Clock
+    _origins: Recent[str, Origin]
+    _roots: Recent[str, str]
+    _places: Recent[int, Place]
+    _threads: Recent[str, bool]
+    _interactions: dict[str, tuple[float, discord.Interaction]]
+    _require_client: Callable[[], discord.Client]
+
+    def _threads_on(self, workspace: str, channel: str) -> bool:
+        route = self._settings.route_for(self.name, workspace, channel, False)
+        if route is not None and route.threads is not None:
+            return route.threads
+        return self._config.threads
+
+    async def _origin_of(self, outbound: Outbound) -> Origin:
+        origin = self._origins.get(outbound.reply_to) if outbound.reply_to else None
+        if origin is not None:
+            return origin
+        # Not seen by this process (a restart, or a notice from the outbox): infer from the key.
+        conversation = outbound.conversation
+        if not conversation.workspace:
+            return Origin(Place(conversation.channel, PlaceKind.DM), "", "")
+        thread = conversation.thread
+        if thread and thread != outbound.reply_to and thread.isdigit():
+            place = await self._thread_place(int(thread))
+            if place is not None:
+                return Origin(place, conversation.workspace, "")
+        return Origin(Place(conversation.channel, PlaceKind.TEXT), conversation.workspace, "")
+
+    async def _thread_place(self, channel_id: int) -> Place | None:
+        """The thread with this id, from discord.py's cache or REST; None when there is no such thread."""
+        client = self._require_client()
+        place = place_of_channel(client.get_channel(channel_id)) or self._places.get(channel_id)
+        if place is None:
+            try:
+                place = place_of_channel(await client.fetch_channel(channel_id))
+            except discord.NotFound:
+                return None  # threads off: the conversation's "thread" is the question's id
+            except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+                log.info("discord: cannot look up channel %s: %s", channel_id, exc)
+                return None
+            if place is not None:
+                self._places[channel_id] = place
+        return place if place is not None and place.kind is PlaceKind.THREAD else None
+
+    def _human_chatbot(self, conversation: Conversation) -> str:
+        """The chatbot a "Talk to a human" button under an answer names: the route's.
+
+        None in DMs: nobody from the team can see or write in a person's DM with the bot.
+        """
+        if not conversation.workspace:
+            return ""
+        route = self._settings.route_for(self.name, conversation.workspace, conversation.channel, False)
+        return route.chatbot if route is not None else ""
+
+    async def send(self, outbound: Outbound) -> list[str]:
+        """Post the parts in order where the conversation lives; returns the message ids; raises on failure.
+
+        A notice with no message to answer (from the outbox: "I'm back") goes into the
+        conversation's thread, or as a reply to its question when threads are off.
+        """
+        client = self._require_client()
+        held = self._interactions.get(outbound.reply_to) if outbound.reply_to else None
+        if held is not None and self._clock.monotonic() - held[0] < INTERACTION_LIFETIME:
+            return await self._send_followups(held[1], outbound)
+        origin = await self._origin_of(outbound)
+        conversation = outbound.conversation
+        answering = outbound.reply_to or conversation.thread
+        reference: discord.MessageReference | None = None
+        if origin.place.kind in (PlaceKind.DM, PlaceKind.THREAD):
+            target_id = origin.place.channel_id
+        elif (
+            origin.place.kind is PlaceKind.TEXT
+            and outbound.reply_to
+            and conversation.thread == outbound.reply_to
+            and self._threads_on(conversation.workspace, conversation.channel)
+        ):
+            target_id = await self._ensure_thread(origin, outbound.reply_to)
+        else:
+            target_id = origin.place.channel_id
+            if answering.isdigit():
+                reference = discord.MessageReference(
+                    message_id=int(answering),
+                    channel_id=int(origin.place.channel_id),
+                    guild_id=int(origin.guild_id) if origin.guild_id else None,
+                    fail_if_not_exists=False,  # the question was deleted: still answer
+                )
+        target = client.get_partial_messageable(int(target_id), guild_id=int(origin.guild_id) if origin.guild_id else None)
+        last_view = self._answer_view(outbound)
+        ids: list[str] = []
+        for index, part in enumerate(outbound.parts):
+            extra: dict[str, Any] = {}
+            if last_view is not None and index == len(outbound.parts) - 1:
+                extra["view"] = last_view
+            message = await target.send(
+                part,
+                nonce=make_nonce(outbound, index),  # discord.py adds enforce_nonce with it
+                allowed_mentions=NO_MENTIONS,
+                reference=reference if index == 0 else None,  # type: ignore[arg-type]
+                mention_author=False if reference is not None and index == 0 else None,
+                **extra,
+            )
+            ids.append(str(message.id))
+            self._roots[str(message.id)] = conversation.thread
+        return ids
+
+    def _answer_view(self, outbound: Outbound) -> discord.ui.View | None:
+        """The "Talk to a human" button for the last part of an answer, when the relay offers it."""
+        if not outbound.offer_human or outbound.kind is not OutboundKind.ANSWER:
+            return None
+        chatbot_id = self._human_chatbot(outbound.conversation)
+        return human_view(chatbot_id) if chatbot_id else None
+
+    async def _ensure_thread(self, origin: Origin, message_id: str) -> str:
+        """The thread on the user's message, created on first use; its id is the message id."""
+        client = self._require_client()
+        if message_id in self._threads or isinstance(client.get_channel(int(message_id)), discord.Thread):
+            return message_id
+        channel = client.get_channel(int(origin.place.channel_id))
+        if not isinstance(channel, discord.TextChannel):
+            channel = await client.fetch_channel(int(origin.place.channel_id))
+        if not isinstance(channel, discord.TextChannel):
+            raise RuntimeError(f"channel {origin.place.channel_id} cannot hold threads")
+        fallback = f"Chat with {client.user.display_name if client.user else 'the bot'}"
+        try:
+            await channel.get_partial_message(int(message_id)).create_thread(
+                name=thread_name(origin.hint, fallback), auto_archive_duration=THREAD_ARCHIVE_MINUTES
+            )
+        except discord.HTTPException as exc:
+            # Created before a crash, or by a person in the meantime: post into it.
+            if exc.code != THREAD_ALREADY_CREATED:
+                raise
+        self._threads[message_id] = True
+        return message_id
+
+    async def _send_followups(self, interaction: discord.Interaction, outbound: Outbound) -> list[str]:
+        # Outside a thread a slash command's conversation is keyed by the interaction, which no
+        # link can point at: the team would not find it, so no hand-over button there.
+        last_view = self._answer_view(outbound) if isinstance(interaction.channel, discord.Thread) else None
+        ids: list[str] = []
+        for index, part in enumerate(outbound.parts):
+            extra: dict[str, Any] = {}
+            if last_view is not None and index == len(outbound.parts) - 1:
+                extra["view"] = last_view
+            message = await interaction.followup.send(part, allowed_mentions=NO_MENTIONS, wait=True, **extra)
+            ids.append(str(message.id))
+            self._roots[str(message.id)] = outbound.conversation.thread
+        return ids

@@ -1,0 +1,243 @@
+"""Discord set-up: the bot's permissions, the invite URL, `check` of token, intent and channels, start-up errors."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import discord
+
+from bridge.config import ReplyMode, Settings
+
+log = logging.getLogger(__name__)
+
+# Exactly what the bot does: read and post in channels and threads, start threads on
+# messages, reply to messages (needs history) and post alert embeds.
+REQUIRED_PERMISSIONS = discord.Permissions(
+    view_channel=True,
+    send_messages=True,
+    send_messages_in_threads=True,
+    create_public_threads=True,
+    read_message_history=True,
+    embed_links=True,
+)
+PERMISSION_NAMES = {
+    "read_messages": "View Channel",  # discord.py's name for View Channel
+    "send_messages": "Send Messages",
+    "send_messages_in_threads": "Send Messages in Threads",
+    "create_public_threads": "Create Public Threads",
+    "read_message_history": "Read Message History",
+    "embed_links": "Embed Links",
+}
+SCOPES = ("bot", "applications.commands")
+
+
+class DiscordStartError(RuntimeError):
+    """The Discord client could not connect; the message tells the operator what to change."""
+
+
+class DiscordSetupError(RuntimeError):
+    """A set-up helper (invite URL) cannot do its job; the message is plain and has no token."""
+
+
+
+# --- start-up errors -------------------------------------------------------------------------
+
+
+def describe_failure(exc: BaseException | None, timeout: float) -> DiscordStartError:
+    """A plain sentence for why the client did not connect (never the token)."""
+    if exc is None:
+        return DiscordStartError(f"Discord did not report ready within {timeout:.0f} s; check the network and discord.token")
+    if isinstance(exc, discord.PrivilegedIntentsRequired) or (isinstance(exc, discord.ConnectionClosed) and exc.code == 4014):
+        return DiscordStartError(
+            "Discord refused the Message Content intent (gateway close code 4014): switch on Message Content "
+            "Intent in the Developer Portal (Bot tab), or set discord.message_content_intent: false"
+        )
+    if isinstance(exc, discord.LoginFailure) or (isinstance(exc, discord.ConnectionClosed) and exc.code == 4004):
+        return DiscordStartError(
+            "Discord refused the bot token (discord.token): copy a fresh token from the Developer Portal, Bot tab"
+        )
+    if isinstance(exc, discord.ConnectionClosed):
+        return DiscordStartError(f"Discord closed the gateway connection (code {exc.code})")
+    return DiscordStartError(f"could not connect to Discord: {type(exc).__name__}: {exc}")
+
+
+# --- set-up helpers: invite URL and check ---------------------------------------------------
+
+
+def application_id_from_token(token: str) -> int | None:
+    """A bot token's first segment is its user id in base64; for current apps that is the application id."""
+    first = token.split(".", 1)[0]
+    try:
+        decoded = base64.urlsafe_b64decode(first + "=" * (-len(first) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+    return int(decoded) if decoded.isdigit() else None
+
+
+async def invite_url(settings: Settings) -> str:
+    """The OAuth2 URL that adds the bot with exactly REQUIRED_PERMISSIONS and its slash commands."""
+    if settings.discord is None:
+        raise DiscordSetupError("the config has no discord section")
+    token = settings.discord.token
+    client = discord.Client(intents=discord.Intents.none())
+    app_id: int | None = None
+    try:
+        await client.login(token)
+        app_id = client.application_id
+    except discord.LoginFailure:
+        raise DiscordSetupError(
+            "Discord refused the bot token (discord.token): copy a fresh token from the Developer Portal, Bot tab"
+        ) from None
+    except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+        log.warning("cannot ask Discord for the application id (%s); reading it from the token", type(exc).__name__)
+    finally:
+        await client.close()
+    app_id = app_id or application_id_from_token(token)
+    if app_id is None:
+        raise DiscordSetupError("cannot tell the application id: Discord is unreachable and discord.token is not a bot token")
+    return discord.utils.oauth_url(app_id, permissions=REQUIRED_PERMISSIONS, scopes=SCOPES)
+
+
+def channel_permissions(
+    *, guild: Mapping[str, Any], member: Mapping[str, Any], user_id: str, overwrites: list[Mapping[str, Any]]
+) -> discord.Permissions:
+    """Discord's permission computation for one member in one channel, from REST payloads."""
+    guild_id = str(guild["id"])
+    if str(guild.get("owner_id")) == user_id:
+        return discord.Permissions.all()
+    roles = {str(role["id"]): int(role["permissions"]) for role in guild.get("roles", [])}
+    member_roles = {str(r) for r in member.get("roles", [])}
+    value = roles.get(guild_id, 0)
+    for role_id in member_roles:
+        value |= roles.get(role_id, 0)
+    if value & discord.Permissions(administrator=True).value:
+        return discord.Permissions.all()
+    by_id = {str(o["id"]): o for o in overwrites}
+
+    def apply(current: int, allow: int, deny: int) -> int:
+        return (current & ~deny) | allow
+
+    everyone = by_id.get(guild_id)
+    if everyone is not None:
+        value = apply(value, int(everyone["allow"]), int(everyone["deny"]))
+    allow = deny = 0
+    for role_id in member_roles:
+        overwrite = by_id.get(role_id)
+        if overwrite is not None and int(overwrite.get("type", 0)) == 0:
+            allow |= int(overwrite["allow"])
+            deny |= int(overwrite["deny"])
+    value = apply(value, allow, deny)
+    own = by_id.get(user_id)
+    if own is not None and int(own.get("type", 1)) == 1:
+        value = apply(value, int(own["allow"]), int(own["deny"]))
+    return discord.Permissions(value)
+
+
+def _missing(perms: discord.Permissions, needed: discord.Permissions) -> list[str]:
+    return [PERMISSION_NAMES.get(name, name) for name, on in needed if on and not getattr(perms, name)]
+
+
+async def check(settings: Settings) -> list[str]:
+    """Problems with the Discord side, one plain line each: the token, the intent, every routed channel."""
+    if settings.discord is None:
+        return []
+    config = settings.discord
+    client = discord.Client(intents=discord.Intents.none())
+    problems: list[str] = []
+    try:
+        try:
+            await client.login(config.token)
+        except discord.LoginFailure:
+            return ["discord.token: Discord refused the bot token; copy a fresh one from the Developer Portal, Bot tab"]
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            return [f"discord: cannot reach Discord ({type(exc).__name__}); the token was not checked"]
+        assert client.user is not None
+        bot_id = str(client.user.id)
+        app = client.application
+        if config.message_content_intent and app is not None:
+            flags = app.flags
+            if not (flags.gateway_message_content or flags.gateway_message_content_limited):
+                problems.append(
+                    "discord.message_content_intent: the Message Content intent is off in the Developer Portal "
+                    "(Bot tab): switch it on, or set discord.message_content_intent: false"
+                )
+        try:
+            guild_ids = {str(g["id"]) for g in await client.http.get_guilds(200)}
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            return problems + [f"discord: cannot list the bot's servers ({type(exc).__name__})"]
+        for i, route in enumerate(settings.routes):
+            if route.platform != "discord":
+                continue
+            if not config.message_content_intent and route.reply is ReplyMode.ALL:
+                problems.append(
+                    f"routes[{i}].reply: all needs the Message Content intent: set discord.message_content_intent: true "
+                    "and switch it on in the Developer Portal (Bot tab)"
+                )
+            if route.workspace != "*" and route.workspace not in guild_ids:
+                problems.append(
+                    f"routes[{i}].workspace: the bot is not in Discord server {route.workspace}; "
+                    "invite it with the URL from `insitechat-bridge discord-invite`"
+                )
+            if route.channel in ("*", "dm"):
+                continue
+            threads = route.threads if route.threads is not None else config.threads
+            problem = await _check_channel(client, bot_id, route.channel, threads=threads, alerts=False)
+            if problem:
+                problems.append(f"routes[{i}].channel: {problem}")
+        for i, rule in enumerate(settings.alerts):
+            for j, destination in enumerate(rule.to):
+                platform, _, channel_id = destination.partition(":")
+                if platform == "discord":
+                    # A visitor session's alerts share a thread on its first card.
+                    problem = await _check_channel(client, bot_id, channel_id, threads=True, alerts=True)
+                    if problem:
+                        problems.append(f"alerts[{i}].to[{j}]: {problem}")
+    finally:
+        await client.close()
+    return problems
+
+
+async def _check_channel(client: discord.Client, bot_id: str, channel_id: str, *, threads: bool, alerts: bool) -> str:
+    """One sentence about what stops the bot in this channel, or ""."""
+    try:
+        return await _channel_problem(client, bot_id, channel_id, threads=threads, alerts=alerts)
+    except (discord.NotFound, discord.Forbidden):
+        return f"the bot cannot see Discord channel {channel_id} (it does not exist, or the bot lacks View Channel)"
+    except ValueError:
+        return f"{channel_id!r} is not a Discord channel id"
+    except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+        return f"could not check Discord channel {channel_id} ({type(exc).__name__})"
+
+
+async def _channel_problem(client: discord.Client, bot_id: str, channel_id: str, *, threads: bool, alerts: bool) -> str:
+    """What stops the bot posting in one channel, from REST payloads; raises on HTTP failures."""
+    channel = await client.http.get_channel(int(channel_id))
+    guild_id = channel.get("guild_id")
+    if not guild_id:
+        return ""  # a DM channel: nothing to grant
+    if channel.get("parent_id") and int(channel.get("type", 0)) in (10, 11, 12):
+        channel = await client.http.get_channel(int(channel["parent_id"]))
+    guild = await client.http.get_guild(int(guild_id))
+    member = await client.http.get_member(int(guild_id), int(bot_id))
+    perms = channel_permissions(
+        guild=guild, member=member, user_id=bot_id, overwrites=list(channel.get("permission_overwrites", []))
+    )
+    needed = discord.Permissions(view_channel=True, read_message_history=True)
+    if int(channel.get("type", 0)) == 15:  # forum: posts are threads
+        needed.send_messages_in_threads = True
+    else:
+        needed.send_messages = True
+        if threads:
+            needed.create_public_threads = True
+            needed.send_messages_in_threads = True
+    if alerts:
+        needed.embed_links = True
+    missing = _missing(perms, needed)
+    if missing:
+        return f"in #{channel.get('name', channel_id)} ({channel_id}) the bot lacks {', '.join(missing)}"
+    return ""

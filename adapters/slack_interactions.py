@@ -1,0 +1,209 @@
+"""Slack interactions: the slash command, and button clicks (alert Claim / Resolve, "Talk to a human")."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from typing import Any
+
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from adapters.slack_alerts import (
+    ACTION_FAILED,
+    ALERT_GONE,
+    ALERTS_OFF,
+    BUTTON_STALE,
+    HUMAN_ALREADY_ASKED,
+    HUMAN_ASKED,
+    HUMAN_ASKED_DM,
+    HUMAN_UNAVAILABLE,
+    Click,
+    click_of,
+    is_dm_channel,
+    parse_human_value,
+    without_human_button,
+)
+from adapters.slack_setup import NETWORK_ERRORS, error_code
+from adapters.slack_translate import (
+    PLATFORM,
+    BotIdentity,
+    command_echo,
+    command_inbound,
+    parse_command,
+)
+from bridge.alerts import AlertState
+from bridge.cards import CLAIM, parse_action_id
+from bridge.clock import Clock
+from bridge.config import ReplyMode, Settings, SlackSettings
+from bridge.desk import AlertDesk
+from bridge.messages import Inbound
+
+log = logging.getLogger(__name__)
+
+USAGE = "Ask the chatbot a question: `{command} <question>`. `{command} reset` in a DM starts a new conversation."
+RESET_IN_CHANNEL = (
+    "To start a new conversation here, reply `reset` in the thread you want to restart "
+    "(mention me if I'm not following it). In a DM with me, `{command} reset` works too."
+)
+NO_ROUTE = "I'm not set up to answer here. An admin can add a route for this channel in the bridge's config."
+NOT_IN_CHANNEL = "I can't post in this channel yet: invite me with `/invite @{bot}` and ask again."
+POST_FAILED = "I couldn't post your question here ({error}). Please try again in a moment."
+
+
+class SlackInteractions:
+    """SlackAdapter's interaction handlers: each acknowledges first, as Slack retries what waits over 3 s."""
+
+    # Provided by SlackAdapter; declared here so this part reads on its own.
+    client: AsyncWebClient
+    me: BotIdentity | None
+    bot_name: str
+    _settings: Settings
+    _slack: SlackSettings
+    _clock: Clock
+    _desk: AlertDesk | None
+    _submit: Callable[[Inbound], None]
+    _quietly: Callable[..., Awaitable[None]]
+
+    async def _on_command(
+        self, ack: Callable[..., Awaitable[None]], command: dict[str, Any], respond: Callable[..., Awaitable[Any]]
+    ) -> None:
+        if self.me is None:
+            await ack(text="Starting up, please try again in a moment.")
+            return
+        cmd = parse_command(command, self.me)
+        name = self._slack.command
+        if cmd.action == "usage":
+            await ack(text=USAGE.format(command=name))  # an ack with text is shown to the user only
+            return
+        if cmd.action == "reset" and not cmd.is_dm:
+            await ack(text=RESET_IN_CHANNEL.format(command=name))
+            return
+        # A route lookup, not a trigger rule: without one the relay would stay silent, and
+        # only the ack can still tell the user why.
+        route = self._settings.route_for(PLATFORM, cmd.workspace, cmd.channel, cmd.is_dm)
+        if route is None or route.reply is ReplyMode.OFF:
+            await ack(text=NO_ROUTE)
+            return
+        await ack()
+        if cmd.action == "reset":
+            # The relay resets the DM conversation and confirms in the DM.
+            trigger = str(command.get("trigger_id") or "") or f"{self._clock.time():.6f}"
+            self._submit(command_inbound(cmd, f"cmd-{trigger}"))
+            return
+        try:
+            posted = await self.client.chat_postMessage(
+                channel=cmd.channel, text=command_echo(cmd), unfurl_links=False, unfurl_media=False
+            )
+        except (SlackApiError, *NETWORK_ERRORS) as exc:
+            code = error_code(exc)
+            log.warning("posting the %s question in %s failed: %s", name, cmd.channel, code)
+            text = (
+                NOT_IN_CHANNEL.format(bot=self.bot_name or "InsiteChat")
+                if code in ("not_in_channel", "channel_not_found")
+                else POST_FAILED.format(error=code)
+            )
+            with suppress(Exception):
+                await respond(text=text, response_type="ephemeral")
+            return
+        # The question's root post is the message answered: the answer lands in its thread.
+        self._submit(command_inbound(cmd, str(posted["ts"])))
+
+    # --- buttons -------------------------------------------------------------------------------
+
+    async def _on_alert_button(
+        self,
+        ack: Callable[..., Awaitable[None]],
+        body: dict[str, Any],
+        action: dict[str, Any],
+        respond: Callable[..., Awaitable[Any]],
+    ) -> None:
+        """Claim / Resolve on an alert card: the desk records it and queues the card updates."""
+        await ack()  # at once: the desk and the card updates take longer than Slack waits
+        click = click_of(body)
+        parsed = parse_action_id(str(action.get("action_id") or ""))
+        if parsed is None or not click.user:
+            return
+        verb, alert_id = parsed
+        if self._desk is None:
+            await self._tell(click, respond, ALERTS_OFF)
+            return
+        who = f"<@{click.user}>"
+        try:
+            alert = await self._desk.act(alert_id, verb, who)
+        except Exception:
+            log.exception("recording %s of alert %s failed", verb, alert_id)
+            await self._tell(click, respond, ACTION_FAILED)
+            return
+        if alert is None:
+            await self._tell(click, respond, ALERT_GONE)
+        elif alert.state is AlertState.RESOLVED and alert.resolved_by != who:
+            await self._tell(click, respond, f"Already resolved by {alert.resolved_by}.")
+        elif verb == CLAIM and alert.state is AlertState.CLAIMED and alert.claimed_by != who:
+            await self._tell(click, respond, f"Already claimed by {alert.claimed_by}.")
+
+    async def _on_human_button(
+        self,
+        ack: Callable[..., Awaitable[None]],
+        body: dict[str, Any],
+        action: dict[str, Any],
+        respond: Callable[..., Awaitable[Any]],
+    ) -> None:
+        """"Talk to a human" under an answer: raise an escalation for this thread and go quiet there."""
+        await ack()
+        click = click_of(body)
+        target = parse_human_value(str(action.get("value") or ""))
+        if not click.user:
+            return
+        if target is None or target[1].channel != click.channel:
+            # Only our own buttons, and only for the conversation they sit in.
+            await self._tell(click, respond, BUTTON_STALE)
+            return
+        chatbot, conversation = target
+        if self._desk is None or not self._desk.has_human_route(chatbot):
+            await self._tell(click, respond, HUMAN_UNAVAILABLE)
+            return
+        if await self._desk.paused(conversation):
+            await self._tell(click, respond, HUMAN_ALREADY_ASKED)  # a double click, or a second person
+            return
+        who = f"<@{click.user}>"
+        try:
+            alert = await self._desk.request_human(chatbot, conversation, who)
+        except Exception:
+            log.exception("talk-to-a-human for %s failed", conversation.key)
+            alert = None
+        if alert is None:
+            await self._tell(click, respond, ACTION_FAILED)
+            return
+        log.info("slack: talk-to-a-human in %s raised alert %s", conversation.key, alert.id)
+        thread = conversation.thread or click.thread_ts
+        confirmation = HUMAN_ASKED_DM if is_dm_channel(conversation.channel) else HUMAN_ASKED
+        try:
+            await self.client.chat_postMessage(
+                channel=conversation.channel, text=confirmation, thread_ts=thread or None, unfurl_links=False
+            )
+        except (SlackApiError, *NETWORK_ERRORS) as exc:
+            log.warning("posting the talk-to-a-human confirmation in %s failed: %s", conversation.channel, error_code(exc))
+            await self._tell(click, respond, confirmation)
+        if click.message_ts:
+            # The button gives way to who asked, so nobody clicks it again.
+            await self._quietly(
+                "chat.update",
+                self.client.chat_update(
+                    channel=click.channel,
+                    ts=click.message_ts,
+                    text=click.message_text or confirmation,
+                    blocks=without_human_button(click.message_blocks, who),
+                ),
+            )
+
+    async def _tell(self, click: Click, respond: Callable[..., Awaitable[Any]] | None, text: str) -> None:
+        """A message only the clicking user sees: through the response URL, else chat.postEphemeral."""
+        try:
+            if respond is not None and getattr(respond, "response_url", None):
+                await respond(text=text, response_type="ephemeral", replace_original=False)
+            else:
+                await self.client.chat_postEphemeral(channel=click.channel, user=click.user, text=text)
+        except Exception as exc:  # the click is recorded (or not) already; this is a courtesy
+            log.warning("telling %s about a button click failed: %s", click.user, error_code(exc))
