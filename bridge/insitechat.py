@@ -14,6 +14,7 @@ Errors (every one has ``.status``, the HTTP status or None; no text ever holds t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import random as _random
@@ -28,11 +29,12 @@ import httpx
 
 from bridge import __version__, metrics
 from bridge.clock import Clock, SystemClock
-from bridge.limiter import SlidingWindowLimiter
+from bridge.limiter import Grant, SlidingWindowLimiter
 
 logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_CHARS = 4000
+MAX_CONNECTIONS = 100  # in-flight requests per key; the rate limit keeps real use far below
 # The one 429 detail that means "slow down" rather than "the monthly quota is gone".
 _RATE_LIMIT_MARKER = "rate limit"
 # Failures that happen before any byte of the request left: safe to re-send even a POST.
@@ -333,8 +335,10 @@ class InsiteChatClient:
             },
             # A dead host should not eat half the deadline before the first retry.
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
             transport=transport,
         )
+        self._in_flight = asyncio.Semaphore(MAX_CONNECTIONS)
 
     @property
     def name(self) -> str:
@@ -438,21 +442,34 @@ class InsiteChatClient:
         return cap * (0.5 + 0.5 * self._random())
 
     async def _attempt(self, method: str, path: str, payload: dict[str, Any] | None, lane: str, *, chat: bool) -> Any:
+        grant: Grant | None = None
         if self._limiter is not None:
             queued = self._clock.monotonic()
-            await self._limiter.acquire(lane)  # the upstream limit counts every endpoint and every retry
+            # The upstream limit counts every endpoint and every retry. The slot is held until
+            # the answer: the service may count the request any time before it answers.
+            grant = await self._limiter.acquire(lane, hold=True)
             metrics.LIMITER_WAIT.observe(self._clock.monotonic() - queued)
+        try:
+            return await self._send(method, path, payload, chat=chat)
+        finally:
+            if grant is not None and self._limiter is not None:
+                self._limiter.settle(grant)
+
+    async def _send(self, method: str, path: str, payload: dict[str, Any] | None, *, chat: bool) -> Any:
         # Checked again after the queue: the circuit may have opened while we waited (the slot is then unused).
         trial = self._circuit.admit(chat=chat)
         endpoint = _endpoint_name(path)
-        sent = self._clock.monotonic()
         try:
-            try:
-                response = await self._http.request(method, self._base + path, json=payload)
-            except httpx.TransportError as exc:
-                metrics.INSITECHAT_RESPONSES.labels(endpoint, "network").inc()
-                self._circuit.record_failure()
-                raise self._transport_error(exc) from exc
+            # Requests beyond the connection pool wait here, not in httpcore's queue, whose
+            # bookkeeping grows with its length.
+            async with self._in_flight:
+                sent = self._clock.monotonic()
+                try:
+                    response = await self._http.request(method, self._base + path, json=payload)
+                except httpx.TransportError as exc:
+                    metrics.INSITECHAT_RESPONSES.labels(endpoint, "network").inc()
+                    self._circuit.record_failure()
+                    raise self._transport_error(exc) from exc
             metrics.INSITECHAT_SECONDS.labels(endpoint).observe(self._clock.monotonic() - sent)
             metrics.INSITECHAT_RESPONSES.labels(endpoint, str(response.status_code)).inc()
             return self._handle(response)

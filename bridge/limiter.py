@@ -4,11 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import OrderedDict, deque
 
 from bridge.clock import Clock, SystemClock
 
 logger = logging.getLogger(__name__)
+
+
+class Grant:
+    """One granted slot, counted against the window from `at`.
+
+    A held grant (a request still on its way, `acquire(hold=True)`) counts until it is
+    settled, and from the moment it is settled: the service may count the request at any
+    time before its answer, so its slot is freed only one window after the answer.
+    """
+
+    __slots__ = ("at", "held")
+
+    def __init__(self, at: float, held: bool) -> None:
+        self.at = at
+        self.held = held
 
 
 class _Waiter:
@@ -30,6 +46,9 @@ class SlidingWindowLimiter:
 
     There is no background task: the waiter at the head of the queue sleeps on the clock
     until a slot frees, takes it, and wakes the next head. Everyone else waits on an event.
+
+    Held grants make the limit exact at the service, wherever between request and answer
+    it counts; they cost throughput of about latency / window.
     """
 
     def __init__(self, max_calls: int = 55, window: float = 60.0, clock: Clock | None = None) -> None:
@@ -40,8 +59,8 @@ class SlidingWindowLimiter:
         self._max_calls = max_calls
         self._window = window
         self._clock: Clock = clock or SystemClock()
-        # Only the last max_calls grants can hold back the next one, so older ones are dropped.
-        self._grants: deque[float] = deque(maxlen=max_calls)
+        # Grants that may still count: held ones, and settled ones inside the window.
+        self._grants: list[Grant] = []
         # Lanes in turn order; the first lane's first waiter is the head of the whole queue.
         self._lanes: OrderedDict[str, deque[_Waiter]] = OrderedDict()
         self._waiting = 0
@@ -60,21 +79,30 @@ class SlidingWindowLimiter:
         """Requests currently queued."""
         return self._waiting
 
-    async def acquire(self, lane: str = "") -> None:
-        """Wait for a slot; returns once the caller may send one request."""
+    async def acquire(self, lane: str = "", *, hold: bool = False) -> Grant:
+        """Wait for a slot; returns once the caller may send one request.
+
+        With `hold=True` the slot counts until `settle(grant)`: call it in a `finally`.
+        """
         # Nobody may overtake a queue, even when a slot is free right now: the head may
         # simply not have run yet since it was woken.
-        now = self._clock.monotonic()
-        if not self._lanes and self._next_free_at() <= now:
-            self._grants.append(now)
-            return
+        free_at = self._next_free_at()
+        if not self._lanes and free_at is not None and free_at <= self._clock.monotonic():
+            return self._grant(hold)
         waiter = _Waiter(lane)
         self._enqueue(waiter)
         try:
-            await self._wait_turn(waiter)
+            return await self._wait_turn(waiter, hold)
         except BaseException:
             self._withdraw(waiter)
             raise
+
+    def settle(self, grant: Grant) -> None:
+        """The held request was answered (or failed): its slot counts from now on."""
+        if grant.held:
+            grant.held = False
+            grant.at = max(grant.at, self._clock.monotonic())
+            self._wake_head()  # the head may be waiting for exactly this slot
 
     def penalize(self, until: float) -> None:
         """Grant nothing before clock.monotonic() >= until (after an upstream 429)."""
@@ -102,31 +130,50 @@ class SlidingWindowLimiter:
         now = self._clock.monotonic()
         return max(0.0, self._grant_time(self.position(lane)) - now)
 
-    def _next_free_at(self) -> float:
-        """The earliest moment the next grant may happen."""
-        free_at = self._penalty_until
-        if len(self._grants) >= self._max_calls:
-            free_at = max(free_at, self._grants[0] + self._window)
-        return free_at
+    def _counting(self) -> list[float]:
+        """When each slot that still counts was taken, oldest first; a held slot is +inf."""
+        cutoff = self._clock.monotonic() - self._window
+        self._grants = [g for g in self._grants if g.held or g.at > cutoff]
+        return sorted(math.inf if g.held else g.at for g in self._grants)
+
+    def _next_free_at(self) -> float | None:
+        """The earliest moment the next grant may happen; None while held slots fill the window."""
+        times = self._counting()
+        if len(times) < self._max_calls:
+            return self._penalty_until
+        # The next grant waits until this many of the counted slots have left the window.
+        blocking = times[len(times) - self._max_calls]
+        if blocking == math.inf:
+            return None
+        return max(self._penalty_until, blocking + self._window)
 
     def _grant_time(self, ahead: int) -> float:
-        """When the grant after `ahead` others could happen, if nothing else changes."""
-        recent = deque(self._grants, maxlen=self._max_calls)
-        at = max(self._clock.monotonic(), self._penalty_until)
+        """When the grant after `ahead` others could happen, if nothing else changes.
+
+        Held slots are taken as answered now: it is an estimate, for the queue notice.
+        """
+        now = self._clock.monotonic()
+        recent = deque((min(t, now) for t in self._counting()), maxlen=self._max_calls)
+        at = max(now, self._penalty_until)
         for _ in range(ahead + 1):
             if len(recent) >= self._max_calls:
                 at = max(at, recent[0] + self._window)
             recent.append(at)
         return at
 
-    async def _wait_turn(self, waiter: _Waiter) -> None:
+    async def _wait_turn(self, waiter: _Waiter, hold: bool) -> Grant:
         while True:
             if self._head() is waiter:
-                delay = self._next_free_at() - self._clock.monotonic()
+                free_at = self._next_free_at()
+                if free_at is None:
+                    # Every slot is held by a request in flight: settle() wakes the head.
+                    waiter.wakeup.clear()
+                    await waiter.wakeup.wait()
+                    continue
+                delay = free_at - self._clock.monotonic()
                 if delay <= 0:
                     # No await between this check and the grant: a cancelled waiter never holds a slot.
-                    self._grant_head()
-                    return
+                    return self._grant_head(hold)
                 await self._clock.sleep(delay)  # then look again: penalize() may have moved the goal
             else:
                 waiter.wakeup.clear()
@@ -145,16 +192,22 @@ class SlidingWindowLimiter:
         queue.append(waiter)
         self._waiting += 1
 
-    def _grant_head(self) -> None:
+    def _grant(self, hold: bool) -> Grant:
+        grant = Grant(self._clock.monotonic(), hold)
+        self._grants.append(grant)
+        return grant
+
+    def _grant_head(self, hold: bool) -> Grant:
         lane, queue = next(iter(self._lanes.items()))
         queue.popleft()
         self._waiting -= 1
-        self._grants.append(self._clock.monotonic())
+        grant = self._grant(hold)
         if queue:
             self._lanes.move_to_end(lane)  # its turn is over; the other lanes go first
         else:
             del self._lanes[lane]
         self._wake_head()
+        return grant
 
     def _withdraw(self, waiter: _Waiter) -> None:
         """Take a cancelled waiter out of the queue, leaving no hole behind it."""

@@ -33,7 +33,7 @@ from bridge.insitechat import (
     Unauthorized,
     Unavailable,
 )
-from bridge.limiter import SlidingWindowLimiter
+from bridge.limiter import Grant, SlidingWindowLimiter
 
 BASE = "https://ic.test/api"
 KEY = "ic_" + "Zq8-tV3_" * 5 + "kP4w"  # 44 characters after the prefix, like a real key
@@ -60,10 +60,13 @@ class RecordingLimiter(SlidingWindowLimiter):
         super().__init__(55, 60.0, clock=clock)
         self.lanes: list[str] = []
         self.penalties: list[float] = []
+        self.held: list[Grant] = []
 
-    async def acquire(self, lane: str = "") -> None:
+    async def acquire(self, lane: str = "", *, hold: bool = False) -> Grant:
         self.lanes.append(lane)
-        await super().acquire(lane)
+        grant = await super().acquire(lane, hold=hold)
+        self.held.append(grant)
+        return grant
 
     def penalize(self, until: float) -> None:
         self.penalties.append(until)
@@ -331,6 +334,9 @@ async def test_rate_limit_without_retry_after_waits_the_default_and_holds_the_li
     assert limiter.penalties == [START + 60.0]
     assert clock.monotonic() - START == pytest.approx(60.0)
     assert limiter.lanes == ["slack:C1", "slack:C1"]  # every attempt queued in the caller's lane
+    # Each attempt held its slot until its answer, then let it go (no slot leaks).
+    assert [g.held for g in limiter.held] == [False, False]
+    assert limiter.held[0].at == pytest.approx(START)  # answered at once, before the 60 s wait
 
 
 @pytest.mark.parametrize(
@@ -634,3 +640,18 @@ async def test_a_real_read_timeout_on_chat_is_not_resent(
         await client.chat(BOT, "hi", "s")
     assert caught.value.request_sent
     assert seen == [f"POST /api{CHAT}"]
+
+
+async def test_the_limiter_slot_is_held_while_the_request_is_on_its_way(
+    api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
+) -> None:
+    limiter = RecordingLimiter(clock)
+    seen: list[bool] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(limiter.held[-1].held)  # the service is counting us now
+        return reply("ok")
+
+    api.post(CHAT).mock(side_effect=answer)
+    assert await make_client(limiter=limiter).chat(BOT, "hi", "s") == "ok"
+    assert seen == [True] and not limiter.held[-1].held

@@ -349,3 +349,71 @@ async def test_cancellation_while_sleeping_on_the_clock_releases_the_head_role()
 def test_rejects_impossible_settings(max_calls: int, window: float) -> None:
     with pytest.raises(ValueError):
         SlidingWindowLimiter(max_calls, window, clock=ManualClock())
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    max_calls=st.integers(min_value=1, max_value=5),
+    window=st.sampled_from([1.0, 6.0]),
+    requests=st.lists(
+        st.tuples(
+            st.floats(min_value=0.0, max_value=30.0, allow_nan=False),  # arrival
+            st.floats(min_value=0.0, max_value=3.0, allow_nan=False),  # time until the answer
+        ),
+        min_size=1,
+        max_size=25,
+    ),
+)
+def test_held_slots_keep_the_service_under_the_limit_wherever_it_counts(
+    max_calls: int, window: float, requests: list[tuple[float, float]]
+) -> None:
+    granted: dict[int, float] = {}
+    answered: dict[int, float] = {}
+
+    async def scenario() -> None:
+        clock = ManualClock(START)
+        limiter = SlidingWindowLimiter(max_calls, window, clock=clock)
+
+        async def request(index: int, at: float, duration: float) -> None:
+            await clock.sleep(at)
+            grant = await limiter.acquire(hold=True)
+            granted[index] = clock.monotonic()
+            try:
+                await clock.sleep(duration)
+            finally:
+                answered[index] = clock.monotonic()
+                limiter.settle(grant)
+
+        tasks = [asyncio.create_task(request(i, at, d)) for i, (at, d) in enumerate(requests)]
+
+        def moments() -> Iterable[float]:
+            yield from (START + at for at, _ in requests)
+            yield from (granted[i] + requests[i][1] for i in granted)
+            yield from (at + window for at in answered.values())
+
+        await run_to_completion(clock, tasks, moments)
+
+    asyncio.run(scenario())
+    assert len(answered) == len(requests)
+    # The service may count a request at any moment between send and answer: the worst
+    # cases are "all at the send" and "all at the answer". Neither may exceed the limit.
+    assert window_violations(list(granted.values()), max_calls, window) == []
+    assert window_violations(list(answered.values()), max_calls, window) == []
+
+
+async def test_a_held_slot_frees_one_window_after_its_answer() -> None:
+    clock = ManualClock(START)
+    limiter = SlidingWindowLimiter(1, 10.0, clock=clock)
+    first = await limiter.acquire(hold=True)
+    waiting = asyncio.create_task(limiter.acquire())
+    clock.advance(30)  # long past the window, but the first request is still on its way
+    await settle()
+    assert not waiting.done()
+    limiter.settle(first)  # answered at START + 30
+    clock.advance(9.9)
+    await settle()
+    assert not waiting.done()
+    clock.advance(0.1)
+    await settle()
+    assert waiting.done()
+    assert limiter.estimated_wait() == pytest.approx(10.0)
