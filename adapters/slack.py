@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
@@ -117,6 +118,7 @@ class SlackAdapter(SlackInteractions):
         self.bot_name = ""  # the bot user's handle, for "/invite @name" hints
         self.scopes: frozenset[str] = frozenset()
         self._socket: AsyncSocketModeHandler | None = None
+        self._session: aiohttp.ClientSession | None = None
         self._running = False
         self._intake = True  # False once stop_intake() ran: no new events, sends still work
         self._last_frame = 0.0  # wall-clock time of the socket's last text frame (hello, envelope)
@@ -137,11 +139,17 @@ class SlackAdapter(SlackInteractions):
         if self._running:
             return
         self._intake = True
+        # One connection pool for every Web API call: without a session slack_sdk opens a
+        # new connection per call (three per answer), which dominated the bridge's CPU.
+        self._session = aiohttp.ClientSession()
+        self.client.session = self._session
         try:
             auth = await self.client.auth_test()
         except SlackApiError as exc:
+            await self._close_session()
             raise SlackError(f"Slack refused the bot token (auth.test: {error_code(exc)})") from None
         except NETWORK_ERRORS as exc:
+            await self._close_session()
             raise SlackError(f"cannot reach the Slack API at {self._slack.api_url} ({error_code(exc)})") from None
         self.me = BotIdentity(
             user_id=str(auth.get("user_id") or ""),
@@ -242,6 +250,13 @@ class SlackAdapter(SlackInteractions):
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+        await self._close_session()
+
+    async def _close_session(self) -> None:
+        session, self._session = self._session, None
+        self.client.session = None
+        if session is not None:
+            await session.close()
 
     # --- inbound -------------------------------------------------------------------------------
 
