@@ -40,7 +40,7 @@ def _verdict(misses: list[str]) -> str:
 def relay_table(rows: list[dict[str, Any]], latency: float) -> str:
     out = [
         (f"Upstream latency {latency * 1000:.0f} ms (emulator), limiter and emulator limits raised out of the way "
-         "(limiter 60 per 1 ms, emulator 10^9 per 60 s). Overhead = (event sent -> answer posted on the fake) "
+         "(limiter 100,000 per 1 ms, emulator 10^9 per 60 s). Overhead = (event sent -> answer posted on the fake) "
          "- upstream latency."),
         "",
         ("| platform | concurrent | answered (lost) | answers/s (ideal) | of ideal | overhead p50 / p99 ms "

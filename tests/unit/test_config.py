@@ -110,7 +110,7 @@ def test_no_matching_route() -> None:
         (lambda t: t.replace("api_key: ${IC_KEY}", "api_key: ic_written_in_the_file"), "insitechat.api_key: secrets come from the environment"),
         (lambda t: t.replace("api_key: ${IC_KEY}", "timeout: 5"), "insitechat: set api_key (one account) or keys"),
         (lambda t: t.replace("api_key: ${IC_KEY}", "api_key: ${IC_KEY}\n  base_url: ftp://x"), "insitechat.base_url: must be an http(s) URL"),
-        (lambda t: t.replace("api_key: ${IC_KEY}", "api_key: ${IC_KEY}\n  rate_limit: 61"), "insitechat.rate_limit: Input should be less than or equal to 60"),
+        (lambda t: t.replace("api_key: ${IC_KEY}", "api_key: ${IC_KEY}\n  rate_limit: 0"), "insitechat.rate_limit: Input should be greater than or equal to 1"),
         (lambda t: t.replace("  app_token: ${SLACK_APP}\n", ""), "slack: set app_token (Socket Mode) or signing_secret"),
         (lambda t: t.replace("  app_token: ${SLACK_APP}\n", "  mode: http\n"), "slack: HTTP mode needs signing_secret"),
         (lambda t: t.replace("  bot_token: ${SLACK_BOT}\n", ""), "slack.bot_token: required but missing"),
