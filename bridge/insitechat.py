@@ -34,7 +34,10 @@ from bridge.limiter import Grant, SlidingWindowLimiter
 logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_CHARS = 4000
-MAX_CONNECTIONS = 100  # in-flight requests per key; the rate limit keeps real use far below
+# Requests in flight per key. httpcore's pool bookkeeping costs connections x queued
+# requests per finished request, so more connections cost more CPU than they save; the
+# real limit (60 a minute) keeps use far below this anyway.
+MAX_CONNECTIONS = 64
 # The one 429 detail that means "slow down" rather than "the monthly quota is gone".
 _RATE_LIMIT_MARKER = "rate limit"
 # Failures that happen before any byte of the request left: safe to re-send even a POST.
