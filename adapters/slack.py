@@ -205,13 +205,16 @@ class SlackAdapter(SlackInteractions):
         next run. HTTP: new requests get 503 and Slack retries them.
         """
         self._intake = False
+        await self._close_socket()
+        log.info("slack: no longer taking events")
+
+    async def _close_socket(self) -> None:
         handler, self._socket = self._socket, None
         if handler is not None:
             try:
                 await handler.close_async()
             except Exception:
                 log.warning("closing the Slack socket failed", exc_info=True)
-        log.info("slack: no longer taking events")
 
     def readiness(self) -> str | None:
         """None when Slack can reach us: HTTP once started; a socket only while it keeps talking."""
@@ -238,12 +241,7 @@ class SlackAdapter(SlackInteractions):
     async def stop(self) -> None:
         """Close the socket and finish pending feedback clean-up; safe to call twice or unstarted."""
         self._running = False
-        handler, self._socket = self._socket, None
-        if handler is not None:
-            try:
-                await handler.close_async()
-            except Exception:
-                log.warning("closing the Slack socket failed", exc_info=True)
+        await self._close_socket()
         pending = [t for t in self._tasks if not t.done()]
         if pending:
             _, late = await asyncio.wait(pending, timeout=SIGNAL_GRACE)
