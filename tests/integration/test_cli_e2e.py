@@ -105,7 +105,8 @@ async def test_chatbots_sources_and_check_against_the_emulator(emulator: Emulato
     assert code == 1 and "ic_wrong_key_here" not in out + err
 
 
-async def test_run_with_config_stops_cleanly_on_sigterm(emulator: Emulator, tmp_path: Path) -> None:
+def console_config(tmp_path: Path, emulator: Emulator) -> Path:
+    """A console-only bridge on the emulator, with its state in tmp_path."""
     cfg = tmp_path / "bridge.yaml"
     cfg.write_text(
         f"insitechat: {{base_url: '{emulator.base_url}', api_key: '${{INSITECHAT_API_KEY}}'}}\n"
@@ -114,6 +115,11 @@ async def test_run_with_config_stops_cleanly_on_sigterm(emulator: Emulator, tmp_
         "console: {enabled: true}\n"
         f"routes: [{{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}]\n"
     )
+    return cfg
+
+
+async def test_run_with_config_stops_cleanly_on_sigterm(emulator: Emulator, tmp_path: Path) -> None:
+    cfg = console_config(tmp_path, emulator)
     env = {**ENV, "INSITECHAT_API_KEY": SANDBOX_KEY}
     read_fd, write_fd = os.pipe()  # stdin stays open: only the signal can end this run
     proc = await asyncio.create_subprocess_exec(
@@ -197,14 +203,7 @@ async def test_send_test_alert_goes_through_the_running_bridge(emulator: Emulato
 
 async def test_sigterm_lets_the_answer_in_flight_finish(emulator: Emulator, tmp_path: Path) -> None:
     emulator.latency = 1.0  # the answer is still on its way when the signal comes
-    cfg = tmp_path / "bridge.yaml"
-    cfg.write_text(
-        f"insitechat: {{base_url: '{emulator.base_url}', api_key: '${{INSITECHAT_API_KEY}}'}}\n"
-        f"state: {{sqlite: '{tmp_path / 'state.db'}'}}\n"
-        "server: {listen: '127.0.0.1:0'}\n"
-        "console: {enabled: true}\n"
-        f"routes: [{{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}]\n"
-    )
+    cfg = console_config(tmp_path, emulator)
     read_fd, write_fd = os.pipe()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bridge", "run", "--config", str(cfg), "--grace", "5",
