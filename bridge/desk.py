@@ -90,9 +90,8 @@ class AlertDesk:
             "version": 0,
         }
         deliveries = [(f"{alert_id}|{d.address}", d.address, _post_payload(alert_id, d, event)) for d in destinations]
-        accepted = await self._store.accept(keys, deliveries)
+        accepted = await self._store.accept(keys, deliveries, record=(ALERT, alert_id, record, ALERT_TTL))
         if accepted:
-            await self._store.put(ALERT, alert_id, record, ttl=ALERT_TTL)
             log.info("alert %s (%s) queued for %d destination(s)", alert_id, event.name, len(destinations))
             self.on_queued()
         return accepted

@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 
 DAY = 86_400.0
 
+# A small JSON value kept by `put` or `accept`: (kind, key, value, ttl seconds or None).
+Record = tuple[str, str, Any, float | None]
+
 
 @dataclass(frozen=True)
 class OutboxItem:
@@ -66,9 +69,15 @@ class Store(Protocol):
 
     async def delete(self, kind: str, key: str) -> None: ...
 
-    async def accept(self, keys: list[str], deliveries: list[tuple[str, str, dict[str, Any]]], ttl: float = DAY) -> bool:
-        """Atomically: unless one of `keys` was seen within its ttl, remember all of them and
-        queue the deliveries (key, destination, payload). False for a duplicate."""
+    async def accept(
+        self,
+        keys: list[str],
+        deliveries: list[tuple[str, str, dict[str, Any]]],
+        ttl: float = DAY,
+        record: Record | None = None,
+    ) -> bool:
+        """Atomically: unless one of `keys` was seen within its ttl, remember all of them, keep
+        `record` and queue the deliveries (key, destination, payload). False for a duplicate."""
 
     async def outbox_add(self, key: str, destination: str, payload: dict[str, Any]) -> bool:
         """Queue a delivery; False if one with this key exists (delivered or not)."""
@@ -208,6 +217,9 @@ class SQLiteStore:
         return await self.generation(conversation)
 
     async def put(self, kind: str, key: str, value: Any, ttl: float | None = None) -> None:
+        self._put(kind, key, value, ttl)
+
+    def _put(self, kind: str, key: str, value: Any, ttl: float | None = None) -> None:
         expires = self._clock.time() + ttl if ttl is not None else None
         self._db.execute(
             "INSERT OR REPLACE INTO records (kind, key, value, expires_at) VALUES (?, ?, ?, ?)",
@@ -224,9 +236,16 @@ class SQLiteStore:
     async def delete(self, kind: str, key: str) -> None:
         self._db.execute("DELETE FROM records WHERE kind = ? AND key = ?", (kind, key))
 
-    async def accept(self, keys: list[str], deliveries: list[tuple[str, str, dict[str, Any]]], ttl: float = DAY) -> bool:
+    async def accept(
+        self,
+        keys: list[str],
+        deliveries: list[tuple[str, str, dict[str, Any]]],
+        ttl: float = DAY,
+        record: Record | None = None,
+    ) -> bool:
         now = self._clock.time()
-        # One transaction: a crash leaves either nothing or the keys and every delivery.
+        # One transaction: a crash leaves either nothing, or the keys, the record (which the
+        # deliveries need) and every delivery.
         with self._transaction():
             marks = ",".join("?" * len(keys))
             seen = self._db.execute(f"SELECT 1 FROM seen WHERE key IN ({marks}) AND expires_at >= ?", (*keys, now))
@@ -240,6 +259,8 @@ class SQLiteStore:
                 "VALUES (?, ?, ?, ?, ?)",
                 [(key, dest, json.dumps(payload), now, now) for key, dest, payload in deliveries],
             )
+            if record is not None:
+                self._put(*record)
         return True
 
     @contextmanager

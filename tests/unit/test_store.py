@@ -89,3 +89,15 @@ async def test_wal_mode_and_ping(tmp_path: Path) -> None:
     assert await store.ping()
     await store.close()
     assert not await store.ping()
+
+
+async def test_accept_keeps_the_record_with_the_deliveries_or_nothing(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "s.db")
+    record = ("alert", "a1", {"state": "open"}, 60.0)
+    assert await store.accept(["event:1", "body:x"], [("a1|slack:C1", "slack:C1", {"alert": "a1"})], record=record)
+    assert await store.get("alert", "a1") == {"state": "open"}
+    assert [i.key for i in await store.outbox_due()] == ["a1|slack:C1"]
+    # A duplicate (one key seen) changes nothing, the record included.
+    assert not await store.accept(["body:y", "event:1"], [("a1|discord:1", "discord:1", {})], record=("alert", "a1", {"state": "new"}, 60.0))
+    assert await store.get("alert", "a1") == {"state": "open"}
+    assert len(await store.outbox_due()) == 1
