@@ -91,10 +91,11 @@ def parse_human_value(value: str) -> tuple[str, Conversation] | None:
     chatbot, key = data.get("chatbot"), data.get("conversation")
     if not isinstance(chatbot, str) or not chatbot or not isinstance(key, str):
         return None
-    fields = key.split(":")
-    if len(fields) != 4 or fields[0] != PLATFORM or not fields[2]:
+    try:
+        conversation = Conversation.from_key(key)
+    except ValueError:
         return None
-    return chatbot, Conversation(*fields)
+    return (chatbot, conversation) if conversation.platform == PLATFORM else None
 
 
 def without_human_button(blocks: Any, who: str) -> list[dict[str, Any]]:

@@ -25,6 +25,14 @@ class Conversation:
         """A stable text form, used for storage keys and logs (ids only, never content)."""
         return ":".join((self.platform, self.workspace, self.channel, self.thread))
 
+    @classmethod
+    def from_key(cls, key: str) -> Conversation:
+        """The conversation a `key` names; ValueError for text that is not one."""
+        fields = key.split(":")
+        if len(fields) != 4 or not fields[0] or not fields[2]:
+            raise ValueError("not a conversation key")
+        return cls(*fields)
+
     def session_id(self, generation: int = 0) -> str:
         """The InsiteChat session id for this conversation; a reset bumps the generation.
 

@@ -142,7 +142,7 @@ class Outbox:
     async def _perform(self, poster: AlertPoster, platform: str, item: OutboxItem) -> str:
         kind = item.payload.get("kind")
         if kind == "notice":
-            conversation = _conversation(item.payload["conversation"])
+            conversation = Conversation.from_key(item.payload["conversation"])
             parts = tuple(RENDERERS[platform](item.payload["text"]))
             sent = await poster.send(Outbound(conversation, parts, OutboundKind.NOTICE))
             return sent[0] if sent else ""
@@ -190,7 +190,7 @@ class Outbox:
     async def _add_thread_link(self, alert: Alert) -> None:
         if not alert.conversation or alert.thread_link:
             return
-        conversation = _conversation(alert.conversation)
+        conversation = Conversation.from_key(alert.conversation)
         poster = self._posters.get(conversation.platform)
         if poster is not None:
             try:
@@ -202,7 +202,3 @@ class Outbox:
         cap = min(self._max, self._base * 2 ** min(attempts, 16))
         return cap * (0.5 + 0.5 * self._jitter())
 
-
-def _conversation(key: str) -> Conversation:
-    platform, workspace, channel, thread = (key.split(":") + ["", "", "", ""])[:4]
-    return Conversation(platform, workspace, channel, thread)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the InsiteChat emulator on loopback, used by most integration tests."""
+"""Shared fixtures: the InsiteChat emulator and the fake Slack on loopback."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bridge.emulator import Emulator
+from tests.fakes.slack_api import FakeSlack
 
 CHATBOT_ID = "0a1b2c3d-4e5f-6789-abcd-ef0123456789"  # a well-formed chatbot id for config-only tests
 
@@ -18,3 +19,12 @@ async def emulator() -> AsyncIterator[Emulator]:
     await emu.start()
     yield emu
     await emu.stop()
+
+
+@pytest.fixture
+async def slack() -> AsyncIterator[FakeSlack]:
+    """The fake Slack Web API and Socket Mode server, started on 127.0.0.1."""
+    fake = FakeSlack()
+    await fake.start()
+    yield fake
+    await fake.stop()

@@ -101,14 +101,6 @@ class Bridge:
 
 
 @pytest.fixture
-async def slack() -> AsyncIterator[FakeSlack]:
-    fake = FakeSlack()
-    await fake.start()
-    yield fake
-    await fake.stop()
-
-
-@pytest.fixture
 async def start_bridge(
     emulator: Emulator, slack: FakeSlack, tmp_path: Path
 ) -> AsyncIterator[Callable[..., Awaitable[Bridge]]]:

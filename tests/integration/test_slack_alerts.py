@@ -129,14 +129,6 @@ async def emulator() -> AsyncIterator[Emulator]:
     await emu.stop()
 
 
-@pytest.fixture
-async def slack() -> AsyncIterator[FakeSlack]:
-    fake = FakeSlack()
-    await fake.start()
-    yield fake
-    await fake.stop()
-
-
 StartBridge = Callable[..., Awaitable[Bridge]]
 
 

@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,12 +24,10 @@ ENV = {
 
 
 @pytest.fixture
-async def slack() -> AsyncIterator[FakeSlack]:
-    fake = FakeSlack()
-    await fake.start()
-    fake.channels["C0GENERAL"] = {"name": "general", "is_member": True}
-    yield fake
-    await fake.stop()
+def slack(slack: FakeSlack) -> FakeSlack:
+    """The shared fake Slack, with the routed channel the bot is a member of."""
+    slack.channels["C0GENERAL"] = {"name": "general", "is_member": True}
+    return slack
 
 
 def write_config(tmp_path: Path, emulator: Emulator, slack: FakeSlack, channel: str = "C0GENERAL") -> Path:

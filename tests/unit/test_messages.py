@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bridge.messages import Conversation, Inbound, is_bridge_session
 
 
@@ -39,3 +41,11 @@ def test_session_ids_are_deterministic_short_and_recognisable() -> None:
     assert len(sid) <= 100 and sid.isascii() and is_bridge_session(sid)
     assert sid != Conversation("discord", "1" * 60, "2" * 60, "4" * 60).session_id()
     assert not is_bridge_session("visitor-session-1")
+
+
+def test_conversation_key_round_trips_and_rejects_other_text() -> None:
+    for conv in (Conversation("slack", "T1", "C1", "100.1"), Conversation("discord", "", "D7", ""), Conversation("console", "", "console")):
+        assert Conversation.from_key(conv.key) == conv
+    for bad in ("", "slack:T1:C1", "slack:T1::1", ":T1:C1:1", "a:b:c:d:e"):
+        with pytest.raises(ValueError):
+            Conversation.from_key(bad)
