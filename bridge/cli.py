@@ -17,6 +17,7 @@ from bridge.config import ConfigError, Settings
 
 if TYPE_CHECKING:
     from bridge.app import BridgeApp
+    from bridge.insitechat import InsiteChatClient
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ async def _check_chatbots(settings: Settings) -> list[str]:
     return problems
 
 
-def _client_for(args: argparse.Namespace) -> tuple[Settings | None, dict[str, object]]:
+def _client_for(args: argparse.Namespace) -> tuple[Settings, dict[str, InsiteChatClient]]:
     """Clients from the config, or from INSITECHAT_API_KEY (+ INSITECHAT_BASE_URL) without one."""
     from bridge.app import build_clients
     from bridge.clock import SystemClock
@@ -257,7 +258,7 @@ def _client_for(args: argparse.Namespace) -> tuple[Settings | None, dict[str, ob
             source="<environment>",
         )
     _setup_logs(args, settings)
-    return settings, build_clients(settings, SystemClock())  # type: ignore[return-value]
+    return settings, build_clients(settings, SystemClock())
 
 
 async def _cmd_chatbots(args: argparse.Namespace) -> int:
@@ -267,13 +268,13 @@ async def _cmd_chatbots(args: argparse.Namespace) -> int:
     failed = False
     for name, client in clients.items():
         try:
-            bots = await client.list_chatbots()  # type: ignore[attr-defined]
+            bots = await client.list_chatbots()
         except InsiteChatError as exc:
             print(f"key {name!r}: {exc}", file=sys.stderr)
             failed = True
             continue
         finally:
-            await client.aclose()  # type: ignore[attr-defined]
+            await client.aclose()
         for bot in bots:
             state = "active" if bot.is_active else "paused"
             print(f"{bot.id}  {state:6}  {bot.provider:10}  {bot.name}")
@@ -284,15 +285,15 @@ async def _cmd_sources(args: argparse.Namespace) -> int:
     from bridge.insitechat import InsiteChatError
 
     settings, clients = _client_for(args)
-    key = settings.chatbot_key(args.chatbot) if settings else config.DEFAULT_KEY
+    key = settings.chatbot_key(args.chatbot)
     client = clients.get(key) or next(iter(clients.values()))
     try:
-        sources = await client.list_sources(args.chatbot)  # type: ignore[attr-defined]
+        sources = await client.list_sources(args.chatbot)
     except InsiteChatError as exc:
         raise CommandFailed(str(exc)) from None
     finally:
         for c in clients.values():
-            await c.aclose()  # type: ignore[attr-defined]
+            await c.aclose()
     for src in sources:
         print(f"{src.status:10}  {src.type:12}  {src.page_count:5}  {src.title}  {src.url}".rstrip())
     if not sources:
