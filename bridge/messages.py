@@ -99,6 +99,21 @@ class OutboundKind(enum.Enum):
 
 
 @dataclass(frozen=True)
+class Delivery:
+    """What makes a post safe to repeat after a crash: its durable identity.
+
+    The adapter marks every posted part with `key` (Slack message metadata, a Discord
+    nonce derived from it). With `look_first`, an earlier attempt may have posted some
+    parts before it could record so: the adapter looks for parts marked with `key`
+    (posted since the epoch time `since`) and posts only the missing ones.
+    """
+
+    key: str
+    look_first: bool = False
+    since: float = 0.0
+
+
+@dataclass(frozen=True)
 class Outbound:
     """Something the bridge posts: already formatted and split for the platform."""
 
@@ -107,4 +122,5 @@ class Outbound:
     kind: OutboundKind = OutboundKind.ANSWER
     reply_to: str = ""  # the message being answered (for thread creation and nonces)
     offer_human: bool = False  # show a "Talk to a human" button under the last part
+    delivery: Delivery | None = None  # set by the outbox: mark the parts, look before re-posting
     metadata: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
