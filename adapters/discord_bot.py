@@ -45,7 +45,7 @@ from bridge.clock import Clock, SystemClock
 from bridge.config import ReplyMode, Settings
 from bridge.desk import AlertDesk
 from bridge.messages import Conversation, Inbound
-from bridge.store import Store
+from bridge.store import Store, StoreError
 
 # What callers (the CLI, tests, bench) import from here, wherever it now lives.
 __all__ = [
@@ -335,7 +335,12 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
             return
         if not inbound.author_is_self:
             self._origins[inbound.message_id] = Origin(place, guild_id, inbound.text[:200])
-        self._submit(inbound)  # every candidate: the relay decides, own messages included
+        # Awaited here: Discord never redelivers a gateway event to a new session, so the
+        # job is stored before anything else happens (the relay decides, own messages included).
+        try:
+            await self._on_message(inbound)
+        except StoreError as exc:
+            log.error("discord: message %s could not be stored and will not be answered: %s", inbound.message_id, exc)
 
     def _submit(self, inbound: Inbound) -> None:
         # relay.submit returns a running task; anything else awaitable is scheduled here,

@@ -19,6 +19,7 @@ from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.app.async_app import AsyncApp
 from slack_bolt.middleware.authorization.async_single_team_authorization import AsyncSingleTeamAuthorization
 from slack_bolt.request.async_request import AsyncBoltRequest
+from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError
 
 from adapters.slack_alerts import (
@@ -48,7 +49,7 @@ from bridge.config import Settings
 from bridge.desk import AlertDesk
 from bridge.formatting import split_text
 from bridge.messages import Conversation, Inbound, Outbound
-from bridge.store import Store
+from bridge.store import Store, StoreError
 
 __all__ = ["SlackAdapter", "SlackError", "check", "manifest"]
 
@@ -107,8 +108,7 @@ class SlackAdapter(SlackInteractions):
             ignoring_self_events_enabled=False,
             attaching_conversation_kwargs_enabled=False,
         )
-        self.app.event("message")(self._on_event)
-        self.app.event("app_mention")(self._on_event)
+        self.app.use(self._accept_before_ack)
         self.app.command(self._slack.command)(self._on_command)
         self.app.action(re.compile("^" + re.escape(ACTION_PREFIX) + ":"))(self._on_alert_button)
         self.app.action(HUMAN_ACTION)(self._on_human_button)
@@ -265,22 +265,38 @@ class SlackAdapter(SlackInteractions):
         bolt_request = await to_bolt_request(request)
         return await to_aiohttp_response(await self.app.async_dispatch(bolt_request))
 
-    async def _on_event(self, body: dict[str, Any], request: AsyncBoltRequest) -> None:
+    async def _accept_before_ack(
+        self, req: AsyncBoltRequest, next: Callable[[], Awaitable[BoltResponse]]  # noqa: A002 (Bolt's name)
+    ) -> BoltResponse:
+        """Messages and mentions are stored as jobs before Bolt acknowledges them.
+
+        Slack never redelivers an acknowledged event, and Bolt acks before it runs
+        listeners; so this middleware does the (sub-millisecond) store write first and
+        answers the request itself. Everything else goes on to Bolt's listeners.
+        """
+        body = req.body
+        event = body.get("event") if body.get("type") == "event_callback" else None
+        if not isinstance(event, dict) or event.get("type") not in ("message", "app_mention"):
+            return await next()
         if self.me is None:
-            return
+            return BoltResponse(status=503, body="starting")  # not acknowledged: Slack retries it
         inbound = event_to_inbound(body, self.me)
-        event = body.get("event") or {}
         if inbound is None:
             log.debug("slack %s/%s event not passed on", event.get("type"), event.get("subtype"))
-            return
-        retry = (request.headers.get("x-slack-retry-num") or [""])[0]
-        if retry:
+            return BoltResponse(status=200, body="")
+        retry = (req.headers.get("x-slack-retry-num") or ["0"])[0]
+        if retry.isdigit() and int(retry) > 0:
             # Not dropped: after a restart the retry may be the only delivery. The relay dedupes.
-            reason = (request.headers.get("x-slack-retry-reason") or [""])[0]
+            reason = (req.headers.get("x-slack-retry-reason") or [""])[0]
             log.info("slack retry %s (%s) of %s", retry, reason or "?", inbound.dedupe_key)
         if inbound.is_dm and inbound.in_thread:
             self._remember_dm_thread(inbound.channel, inbound.message_id, inbound.thread)
-        self._submit(inbound)
+        try:
+            await self._on_message(inbound)
+        except StoreError as exc:
+            log.error("slack: %s not stored, so not acknowledged (Slack retries it): %s", inbound.dedupe_key, exc)
+            return BoltResponse(status=503, body="state store unavailable")
+        return BoltResponse(status=200, body="")
 
     def _submit(self, inbound: Inbound) -> None:
         # relay.submit returns a task; a plain coroutine function is scheduled here.

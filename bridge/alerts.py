@@ -176,6 +176,51 @@ class Alert:
         return self.event.name in (ESCALATED, HUMAN_REQUESTED)
 
 
+@dataclass
+class AlertRecord:
+    """An alert as stored: the event's envelope, its claim state, and where its cards were posted."""
+
+    id: str
+    envelope: dict[str, Any]
+    state: AlertState = AlertState.OPEN
+    claimed_by: str = ""
+    resolved_by: str = ""
+    changed_at: float | None = None
+    conversation: str = ""  # the chat thread it is about, for "Talk to a human"
+    history: list[tuple[str, str]] = field(default_factory=list)
+    posts: dict[str, str] = field(default_factory=dict)  # destination address -> the card's reference
+    version: int = 0  # bumped by every claim / resolve; cards show one version
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "envelope": self.envelope,
+            "state": self.state.value,
+            "claimed_by": self.claimed_by,
+            "resolved_by": self.resolved_by,
+            "changed_at": self.changed_at,
+            "conversation": self.conversation,
+            "history": [list(turn) for turn in self.history],
+            "posts": self.posts,
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AlertRecord:
+        return cls(
+            id=str(data["id"]),
+            envelope=dict(data["envelope"]),
+            state=AlertState(data["state"]),
+            claimed_by=str(data.get("claimed_by") or ""),
+            resolved_by=str(data.get("resolved_by") or ""),
+            changed_at=data.get("changed_at"),
+            conversation=str(data.get("conversation") or ""),
+            history=[(str(who), str(said)) for who, said in data.get("history") or []],
+            posts={str(k): str(v) for k, v in (data.get("posts") or {}).items()},
+            version=int(data.get("version") or 0),
+        )
+
+
 def _text(value: Any) -> str:
     if value is None:
         return ""

@@ -9,7 +9,7 @@ from typing import TextIO
 
 from aiohttp import web
 
-from adapters.base import Adapter, AlertPoster
+from adapters.base import Adapter
 from adapters.console import ConsoleAdapter, ConsoleCommand
 from bridge import metrics
 from bridge.clock import Clock, SystemClock
@@ -23,6 +23,10 @@ from bridge.store import Store, open_store
 from bridge.webhooks import WebhookReceiver
 
 log = logging.getLogger(__name__)
+
+# Together well inside `docker stop`'s 10 s before SIGKILL; whatever is not done stays stored.
+GRACE = 6.0  # answers in flight may finish
+FINAL_PASS = 2.0  # then the outbox posts what is due
 
 
 def build_clients(settings: Settings, clock: Clock) -> dict[str, InsiteChatClient]:
@@ -54,14 +58,18 @@ class BridgeApp:
         console_in: TextIO | None = None,
         console_out: TextIO | None = None,
         console_commands: Mapping[str, ConsoleCommand] | None = None,
-        grace: float = 10.0,
+        grace: float = GRACE,
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
-        self.store = store or open_store(settings.state.sqlite, clock=self.clock)
+        self.store = store or open_store(
+            settings.state.sqlite, clock=self.clock, keep_text=settings.state.keep_text_hours * 3600
+        )
         self.clients = build_clients(settings, self.clock)
         self.desk = AlertDesk(settings, self.store, self.clock)
-        self.relay = Relay(settings, self.store, self.clients, clock=self.clock, desk=self.desk)
+        self.outbox = Outbox(self.store, self.desk, self.clock)
+        self.desk.on_queued = self.outbox.wake
+        self.relay = Relay(settings, self.store, self.clients, self.outbox, clock=self.clock, desk=self.desk)
         self.grace = grace
         self.adapters: list[Adapter] = []
         self.console: ConsoleAdapter | None = None
@@ -81,17 +89,14 @@ class BridgeApp:
             from adapters.slack import SlackAdapter
 
             self.adapters.append(
-                SlackAdapter(settings, self.relay.submit, web=self.web, store=self.store, clock=self.clock, desk=self.desk)
+                SlackAdapter(settings, self.relay.accept, web=self.web, store=self.store, clock=self.clock, desk=self.desk)
             )
         if settings.discord is not None:
             from adapters.discord_bot import DiscordAdapter
 
             self.adapters.append(
-                DiscordAdapter(settings, self.relay.submit, web=self.web, store=self.store, clock=self.clock, desk=self.desk)
+                DiscordAdapter(settings, self.relay.accept, web=self.web, store=self.store, clock=self.clock, desk=self.desk)
             )
-        posters = {a.name: a for a in self.adapters if isinstance(a, AlertPoster)}
-        self.outbox = Outbox(self.store, self.desk, posters, self.clock)
-        self.desk.on_queued = self.outbox.wake
         WebhookReceiver(settings, self.desk, self.clock).add_routes(self.web)
         self._runner: web.AppRunner | None = None
         self.server_url = ""
@@ -100,6 +105,7 @@ class BridgeApp:
     async def start(self) -> None:
         for adapter in self.adapters:
             self.relay.register(adapter)
+            self.outbox.register(adapter)
         await self._start_server()
         started: list[Adapter] = []
         try:
@@ -111,8 +117,11 @@ class BridgeApp:
             for adapter in reversed(started):
                 await adapter.stop()
             raise
-        # Alerts start flowing once the platforms are up; undelivered ones from before wait in the store.
+        # Alerts and replies start flowing once the platforms are up; undelivered ones from
+        # before wait in the store, and the jobs a dead run left are answered now.
         self.outbox.start()
+        await self.relay.recover()
+        self.relay.start()
         if self.console is not None and self.settings.platforms == ["console"]:
             # A console-only bridge (the sandbox) ends with its input.
             asyncio.get_running_loop().create_task(self._stop_at_end_of_input(self.console))
@@ -141,8 +150,8 @@ class BridgeApp:
             if stop_intake is not None:
                 await stop_intake()
         await self.relay.drain(self.grace)
-        # Alerts that are due go out now if they can (a bounded try); the rest stay queued.
-        await self.outbox.stop(final_pass=min(self.grace, 5.0))
+        # What is due goes out now if it can (a bounded try); the rest stays queued.
+        await self.outbox.stop(final_pass=min(self.grace, FINAL_PASS))
         for adapter in reversed(self.adapters):
             try:
                 await adapter.stop()

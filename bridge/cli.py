@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from bridge import __version__, config
+from bridge.app import GRACE
 from bridge.config import ConfigError, Settings
 
 if TYPE_CHECKING:
@@ -68,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
         _cmd_run,
     )
     run.add_argument("--config", "-c", default=os.environ.get(CONFIG_ENV), help=f"YAML config (or ${CONFIG_ENV})")
-    run.add_argument("--grace", type=float, default=10.0, help="seconds answers in flight get at shutdown (10)")
+    run.add_argument(
+        "--grace", type=float, default=GRACE, help=f"seconds answers in flight get at shutdown ({GRACE:.0f})"
+    )
 
     check = command(
         "check",

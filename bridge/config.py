@@ -107,6 +107,15 @@ class ChatbotSettings(_Model):
 
 class StateSettings(_Model):
     sqlite: str = "./bridge-state.db"
+    # Questions, answers and the exchanges quoted on "Talk to a human" cards are kept this
+    # long after delivery; then only ids and states remain.
+    keep_text_hours: float = Field(24.0, gt=0, le=24 * 90)
+
+
+class ChatSettings(_Model):
+    # A question whose InsiteChat call was out when the bridge died: ask again (the call may
+    # have been received: one more call), or tell the person to ask again.
+    after_restart: Literal["ask-again", "notice"] = "ask-again"
 
 
 class ServerSettings(_Model):
@@ -285,6 +294,7 @@ class Settings(_Model):
     insitechat: InsiteChatSettings
     chatbots: tuple[ChatbotSettings, ...] = ()
     state: StateSettings = StateSettings()
+    chat: ChatSettings = ChatSettings()
     server: ServerSettings = ServerSettings()
     slack: SlackSettings | None = None
     discord: DiscordSettings | None = None

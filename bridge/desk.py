@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import uuid
 from collections.abc import Callable
-from dataclasses import asdict
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
 
 from bridge.alerts import (
     ESCALATED,
@@ -14,6 +14,7 @@ from bridge.alerts import (
     MESSAGE,
     STARTED,
     Alert,
+    AlertRecord,
     AlertState,
     Destination,
     Event,
@@ -24,23 +25,31 @@ from bridge.alerts import (
 from bridge.clock import Clock
 from bridge.config import Settings
 from bridge.messages import Conversation
-from bridge.store import DAY, Store
+from bridge.store import DAY, NewDelivery, NewRecord, Store, StoreError
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 ALERT = "alert"  # store record kinds
+ROUND = "alert-round"  # semantic key -> its current round's alert (a new round after a Resolve or a day)
 PAUSED = "paused"  # conversation key -> alert id: the bot is quiet there until resolved
 SESSION = "session"  # InsiteChat session id -> conversation key (for thread links)
 HISTORY = "history"  # conversation key -> the last exchanges, for "Talk to a human" cards
 HUMAN_ROUNDS = "human-rounds"  # conversation key -> how many times a human was asked for there
 ALERT_TTL = 30 * DAY
 HISTORY_TURNS = 4
+_CAS_TRIES = 20  # compare-and-set retries: only concurrent clicks on one card ever collide
 
 RESUMED_NOTICE = "A teammate marked this resolved, so I'm back: ask me anything."
 
 
-def alert_id_for(event: Event) -> str:
-    return hashlib.sha256(event.semantic_key.encode()).hexdigest()[:20]
+@dataclass(frozen=True)
+class AlertRound:
+    """Which round of one semantic event is current: the escalations of one session after each Resolve."""
+
+    number: int
+    alert_id: str
 
 
 class AlertDesk:
@@ -50,6 +59,7 @@ class AlertDesk:
         self._settings = settings
         self._store = store
         self._clock = clock
+        self._keep_text = settings.state.keep_text_hours * 3600
         # Called whenever deliveries were queued (the outbox worker's wake-up), so a click
         # on Claim updates the cards at once instead of at the next poll.
         self.on_queued: Callable[[], None] = lambda: None
@@ -61,40 +71,56 @@ class AlertDesk:
 
         Runs inside the webhook request: storage only, no network.
         """
+        return await self._raise(event, raw) is not None
+
+    async def _raise(self, event: Event, raw: bytes) -> str | None:
+        """The new alert's id ("" when no card is due), or None for a duplicate."""
         if event.from_bridge and event.name in (STARTED, MESSAGE):
             # The bridge's own chats would echo back as "visitor" activity.
             log.debug("suppressed %s about the bridge's own session", event.name)
-            return True
+            return ""
+        number = await self._round_of(event.semantic_key)
+        # The same event within a day of its round is a duplicate; the body key catches
+        # InsiteChat's own retries of one delivery.
+        keys = [f"event:{event.semantic_key}#{number}"] + ([body_key(raw)] if raw else [])
         destinations = destinations_for(self._settings, event)
-        alert_id = alert_id_for(event)
-        keys = [f"event:{event.semantic_key}"] + ([body_key(raw)] if raw else [])
         if not destinations:
-            await self._store.accept(keys, [])
+            fresh = await self._store.accept(keys, [])
             log.info("%s for chatbot %s: no alert rule takes it", event.name, event.chatbot_id)
-            return True
+            return "" if fresh else None
+        alert_id = uuid.uuid4().hex[:20]
         conversation = ""
         if event.from_bridge:
             conversation = await self._store.get(SESSION, event.session_id) or ""
         elif event.name == HUMAN_REQUESTED:
             conversation = str(event.data.get("conversation", ""))
-        record = {
-            "id": alert_id,
-            "envelope": _envelope(event),
-            "state": AlertState.OPEN.value,
-            "claimed_by": "",
-            "resolved_by": "",
-            "changed_at": None,
-            "conversation": conversation,
-            "history": event.data.get("history", []) if event.name == HUMAN_REQUESTED else [],
-            "posts": {},
-            "version": 0,
-        }
-        deliveries = [(f"{alert_id}|{d.address}", d.address, _post_payload(alert_id, d, event)) for d in destinations]
-        accepted = await self._store.accept(keys, deliveries, record=(ALERT, alert_id, record, ALERT_TTL))
-        if accepted:
-            log.info("alert %s (%s) queued for %d destination(s)", alert_id, event.name, len(destinations))
-            self.on_queued()
-        return accepted
+        history = event.data.get("history", []) if event.name == HUMAN_REQUESTED else []
+        record = AlertRecord(
+            alert_id, _envelope(event), conversation=conversation, history=[(str(w), str(t)) for w, t in history]
+        )
+        deliveries = [
+            NewDelivery(f"{alert_id}|{d.address}", d.address, _post_payload(alert_id, d, event)) for d in destinations
+        ]
+        records = [
+            NewRecord(ALERT, alert_id, record.to_json(), ALERT_TTL),
+            NewRecord(ROUND, event.semantic_key, asdict(AlertRound(number, alert_id)), ALERT_TTL),
+        ]
+        if not await self._store.accept(keys, deliveries, records=records):
+            return None
+        log.info("alert %s (%s, round %d) queued for %d destination(s)", alert_id, event.name, number, len(destinations))
+        self.on_queued()
+        return alert_id
+
+    async def _round_of(self, semantic_key: str) -> int:
+        """The round an event with this key belongs to: the current one, or the next once that was resolved."""
+        stored = await self._store.get(ROUND, semantic_key)
+        if stored is None:
+            return 1
+        current = AlertRound(**stored)
+        record = await self._record(current.alert_id)
+        if record is None or record.state is AlertState.RESOLVED:
+            return current.number + 1
+        return current.number
 
     def has_human_route(self, chatbot_id: str) -> bool:
         """Whether "Talk to a human" has somewhere to go for this chatbot."""
@@ -111,8 +137,7 @@ class AlertDesk:
         if open_request is not None:
             log.info("talk-to-a-human already requested for %s", conversation.key)
             return await self.load(open_request)
-        round_ = int(await self._store.get(HUMAN_ROUNDS, conversation.key) or 0) + 1
-        await self._store.put(HUMAN_ROUNDS, conversation.key, round_, ttl=ALERT_TTL)
+        round_ = await self._update(HUMAN_ROUNDS, conversation.key, lambda n: int(n or 0) + 1, ALERT_TTL)
         history = await self._store.get(HISTORY, conversation.key) or []
         event = Event(
             HUMAN_REQUESTED,
@@ -128,8 +153,9 @@ class AlertDesk:
                 "message": next((said for who, said in reversed(history) if who == "User"), ""),
             },
         )
-        await self.raise_event(event)
-        alert_id = alert_id_for(event)
+        alert_id = await self._raise(event, b"")
+        if not alert_id:
+            return None
         await self._store.put(PAUSED, conversation.key, alert_id, ttl=ALERT_TTL)
         return await self.load(alert_id)
 
@@ -144,80 +170,116 @@ class AlertDesk:
     async def remember_exchange(self, conversation: Conversation, session_id: str, question: str, answer: str) -> None:
         """Keep what "Talk to a human" and thread links need: the session's thread, the last turns."""
         await self._store.put(SESSION, session_id, conversation.key, ttl=ALERT_TTL)
-        history = await self._store.get(HISTORY, conversation.key) or []
-        history = [*history, ["User", question[:500]], ["Bot", answer[:500]]][-2 * HISTORY_TURNS :]
-        await self._store.put(HISTORY, conversation.key, history, ttl=7 * DAY)
+
+        def add_turn(history: Any) -> list[list[str]]:
+            return [*(history or []), ["User", question[:500]], ["Bot", answer[:500]]][-2 * HISTORY_TURNS :]
+
+        # The words are kept only as long as the questions and answers themselves.
+        await self._update(HISTORY, conversation.key, add_turn, self._keep_text)
+
+    async def _update(self, kind: str, key: str, change: Callable[[Any], T], ttl: float) -> T:
+        """Read, change and write one record atomically (compare-and-set, retried on a collision)."""
+        for _ in range(_CAS_TRIES):
+            found = await self._store.get_versioned(kind, key)
+            value = change(found.value if found is not None else None)
+            if await self._store.put_if(kind, key, value, revision=found.revision if found else None, ttl=ttl):
+                return value
+        raise StoreError(f"{kind} {key} kept changing under concurrent updates")
 
     # --- buttons ------------------------------------------------------------------------------
 
     async def act(self, alert_id: str, action: str, who: str) -> Alert | None:
         """Claim or resolve; every posted copy of the card is updated through the outbox."""
-        record = await self._store.get(ALERT, alert_id)
-        if record is None:
-            return None
-        state = AlertState(record["state"])
-        if not self._alert(record).can_be_claimed:
-            return self._alert(record)  # leads and notices carry no buttons
-        if action == "claim" and state is AlertState.OPEN:
-            record.update(state=AlertState.CLAIMED.value, claimed_by=who)
-        elif action == "resolve" and state is not AlertState.RESOLVED:
-            record.update(state=AlertState.RESOLVED.value, resolved_by=who)
+        for _ in range(_CAS_TRIES):
+            found = await self._store.get_versioned(ALERT, alert_id)
+            if found is None:
+                return None
+            record = AlertRecord.from_json(found.value)
+            if not self._alert(record).can_be_claimed:
+                return self._alert(record)  # leads and notices carry no buttons
+            if action == "claim" and record.state is AlertState.OPEN:
+                record.state, record.claimed_by = AlertState.CLAIMED, who
+            elif action == "resolve" and record.state is not AlertState.RESOLVED:
+                record.state, record.resolved_by = AlertState.RESOLVED, who
+            else:
+                return self._alert(record)  # a second click changes nothing
+            record.changed_at = self._clock.time()
+            record.version += 1
+            if await self._store.put_if(ALERT, alert_id, record.to_json(), revision=found.revision, ttl=ALERT_TTL):
+                break
         else:
-            return self._alert(record)  # a second click changes nothing
-        record["changed_at"] = self._clock.time()
-        record["version"] += 1
-        version = record["version"]
-        updates = [
-            (f"{alert_id}|{address}|v{version}", address, {"kind": "update", "alert": alert_id, "version": version})
-            for address in record["posts"]
-        ]
-        if record["state"] == AlertState.RESOLVED.value and record["conversation"]:
-            conversation = record["conversation"]
+            raise StoreError(f"alert {alert_id} kept changing under concurrent clicks")
+        for address in record.posts:
+            await self._queue_update(record, address)
+        if record.state is AlertState.RESOLVED and record.conversation:
+            conversation = record.conversation
             if await self._store.get(PAUSED, conversation) == alert_id:
                 await self._store.delete(PAUSED, conversation)
                 platform = conversation.split(":", 1)[0]
-                updates.append(
-                    (f"{alert_id}|resumed", f"{platform}:notice", {"kind": "notice", "conversation": conversation, "text": RESUMED_NOTICE})
+                await self._store.outbox_add(
+                    f"{alert_id}|resumed",
+                    f"{platform}:notice",
+                    {"kind": "notice", "conversation": conversation, "text": RESUMED_NOTICE},
                 )
-        await self._store.put(ALERT, alert_id, record, ttl=ALERT_TTL)
-        for key, destination, payload in updates:
-            await self._store.outbox_add(key, destination, payload)
         self.on_queued()
-        log.info("alert %s %s by %s", alert_id, record["state"], who)
+        log.info("alert %s %s by %s", alert_id, record.state.value, who)
         return self._alert(record)
+
+    async def _queue_update(self, record: AlertRecord, address: str) -> None:
+        # Keyed by version: the click and a post that saw the change queue the same update once.
+        await self._store.outbox_add(
+            f"{record.id}|{address}|v{record.version}",
+            address,
+            {"kind": "update", "alert": record.id, "version": record.version},
+        )
 
     # --- reading back -------------------------------------------------------------------------
 
     async def load(self, alert_id: str) -> Alert | None:
-        record = await self._store.get(ALERT, alert_id)
+        record = await self._record(alert_id)
         return self._alert(record) if record else None
 
-    async def record_post(self, alert_id: str, address: str, reference: str) -> None:
-        record = await self._store.get(ALERT, alert_id)
-        if record is not None:
-            record["posts"][address] = reference
-            await self._store.put(ALERT, alert_id, record, ttl=ALERT_TTL)
+    async def _record(self, alert_id: str) -> AlertRecord | None:
+        value = await self._store.get(ALERT, alert_id)
+        return AlertRecord.from_json(value) if value else None
+
+    async def record_post(self, alert_id: str, address: str, reference: str, *, shown_version: int) -> None:
+        """Remember where a card went; if the alert changed while it was posted, queue its update."""
+        for _ in range(_CAS_TRIES):
+            found = await self._store.get_versioned(ALERT, alert_id)
+            if found is None:
+                return
+            record = AlertRecord.from_json(found.value)
+            record.posts[address] = reference
+            if await self._store.put_if(ALERT, alert_id, record.to_json(), revision=found.revision, ttl=ALERT_TTL):
+                break
+        else:
+            raise StoreError(f"alert {alert_id} kept changing while its card was posted")
+        if record.version != shown_version:
+            # A claim or resolve came while this card was on its way: it shows an old state.
+            await self._queue_update(record, address)
+            self.on_queued()
 
     async def post_reference(self, alert_id: str, address: str) -> str | None:
-        record = await self._store.get(ALERT, alert_id)
-        return record["posts"].get(address) if record else None
+        record = await self._record(alert_id)
+        return record.posts.get(address) if record else None
 
-    def _alert(self, record: dict[str, Any]) -> Alert:
-        event = parse_envelope(record["envelope"])
+    def _alert(self, record: AlertRecord) -> Alert:
+        event = parse_envelope(record.envelope)
         assert event is not None
         bot = self._settings.chatbot_settings(event.chatbot_id)
         return Alert(
-            id=record["id"],
+            id=record.id,
             event=event,
             chatbot_name=bot.name if bot and bot.name else "",
             dashboard_url=self._settings.insitechat.dashboard_url,
-            state=AlertState(record["state"]),
-            claimed_by=record["claimed_by"],
-            resolved_by=record["resolved_by"],
-            changed_at=record["changed_at"],
-            conversation=record["conversation"],
-            history=[(str(w), str(t)) for w, t in record.get("history", [])],
-            version=record["version"],
+            state=record.state,
+            claimed_by=record.claimed_by,
+            resolved_by=record.resolved_by,
+            changed_at=record.changed_at,
+            conversation=record.conversation,
+            history=list(record.history),
+            version=record.version,
         )
 
 

@@ -654,3 +654,7 @@ def to_plain(markdown: str, limit: int = 0) -> list[str]:
         return []
     return split_text(text, limit) if limit else [text]
 
+
+
+# Each platform's rendering of a reply, by platform name.
+RENDERERS = {"slack": to_slack, "discord": to_discord, "console": to_plain}

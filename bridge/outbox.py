@@ -1,57 +1,90 @@
-"""The outbox worker: delivers stored alerts to Slack and Discord until each is done, exactly once."""
+"""The outbox worker: delivers stored alerts and chat replies until the platform takes each, exactly once."""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import random
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from adapters.base import AlertPoster
+from adapters.base import Adapter, AlertPoster
 from bridge import metrics
 from bridge.alerts import ESCALATED, HUMAN_REQUESTED, LEAD, Alert
 from bridge.cards import console_card, discord_card, slack_card
 from bridge.clock import Clock
 from bridge.desk import AlertDesk
-from bridge.messages import Conversation, Outbound, OutboundKind
-from bridge.relay import RENDERERS
-from bridge.store import OutboxItem, Store
+from bridge.formatting import RENDERERS
+from bridge.messages import Conversation, Delivery, Outbound, OutboundKind
+from bridge.ports import PermanentSendError
+from bridge.store import OutboxItem, ReplyKind, Store, StoreError
 
 log = logging.getLogger(__name__)
 
 THREAD = "alert-thread"  # store kind: (destination, visitor session) -> the thread's root reference
 _MENTIONED_EVENTS = (ESCALATED, HUMAN_REQUESTED, LEAD)
 _CARDS = {"slack": slack_card, "discord": discord_card, "console": console_card}
+ATTEMPT_LEASE = 120.0  # one attempt may take this long (a platform's own 429 waits included)
+
+
+class DeliveryResult(enum.Enum):
+    DELIVERED = "delivered"
+    RETRYING = "retrying"  # the platform is down or refused for now: tried again later
+    FAILED = "failed"  # refused for a reason that cannot heal
+    SKIPPED = "skipped"  # someone else holds it, or it is done already
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Jittered exponential delays between attempts, from `base` up to `cap` seconds."""
+
+    base: float
+    cap: float
+
+    def delay(self, attempts: int, jitter: float) -> float:
+        return min(self.cap, self.base * 2 ** min(attempts, 16)) * (0.5 + 0.5 * jitter)
+
+
+# A person waits for a chat reply: retry it sooner than an alert card.
+CHAT_BACKOFF = Backoff(1.0, 60.0)
+ALERT_BACKOFF = Backoff(5.0, 300.0)
 
 
 class Outbox:
-    """Polls the store for due deliveries; backs off per item for as long as a platform is down."""
+    """Polls the store for due deliveries; backs off per item for as long as a platform is down.
+
+    Each attempt holds the item under a lease (`outbox_take`), so an attempt made at once
+    by the relay and a pass of this worker never post the same item twice.
+    """
 
     def __init__(
         self,
         store: Store,
         desk: AlertDesk,
-        posters: Mapping[str, AlertPoster],
         clock: Clock,
         *,
         poll_interval: float = 2.0,
-        base_backoff: float = 5.0,
-        max_backoff: float = 300.0,
+        chat_backoff: Backoff = CHAT_BACKOFF,
+        alert_backoff: Backoff = ALERT_BACKOFF,
         jitter: Callable[[], float] = random.random,
     ) -> None:
         self._store = store
         self._desk = desk
-        self._posters = posters
         self._clock = clock
+        self._adapters: dict[str, Adapter] = {}
         self._poll = poll_interval
-        self._base = base_backoff
-        self._max = max_backoff
+        self._chat_backoff = chat_backoff
+        self._alert_backoff = alert_backoff
         self._jitter = jitter
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        # One pass at a time: two passes would both see the same due item and post it twice.
+        # One pass at a time: a pass pushes later items of a failing destination back.
         self._pass = asyncio.Lock()
+
+    def register(self, adapter: Adapter) -> None:
+        self._adapters[adapter.name] = adapter
 
     def wake(self) -> None:
         """New work was stored: deliver now instead of at the next poll."""
@@ -73,7 +106,7 @@ class Outbox:
             except asyncio.TimeoutError:
                 log.info("shutdown: deliveries still under way are left for the next start")
             except Exception:
-                log.exception("shutdown: the last outbox pass failed; undelivered alerts stay queued")
+                log.exception("shutdown: the last outbox pass failed; undelivered items stay queued")
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -85,6 +118,8 @@ class Outbox:
             self._wake.clear()
             try:
                 await self.deliver_due()
+            except StoreError as exc:
+                log.error("outbox pass failed: %s; trying again", exc)
             except Exception:
                 log.exception("outbox pass failed; trying again")
             try:
@@ -96,7 +131,8 @@ class Outbox:
         """One pass over what is due; returns how many deliveries succeeded.
 
         Destinations are served side by side, so an outage of one platform does not hold
-        up the other; within one destination, deliveries keep their order (threads).
+        up the other; within one destination (an alert channel, a chat conversation),
+        deliveries keep their order.
         """
         async with self._pass:
             by_destination: dict[str, list[OutboxItem]] = defaultdict(list)
@@ -105,55 +141,105 @@ class Outbox:
             results = await asyncio.gather(*(self._deliver_in_order(items) for items in by_destination.values()))
             return sum(results)
 
+    async def deliver_now(self, item: OutboxItem) -> DeliveryResult:
+        """One attempt at an item just stored (a chat reply); on failure the worker retries it."""
+        result = await self._deliver(item, inline=True)
+        if result is DeliveryResult.RETRYING:
+            self.wake()  # later items of the same conversation wait behind it
+        return result
+
     async def _deliver_in_order(self, items: list[OutboxItem]) -> int:
+        delivered = 0
         for index, item in enumerate(items):
-            delay = await self._deliver(item)
-            if delay is not None:
-                # Later items to this destination wait as long, so they stay in order (threads).
+            result = await self._deliver(item)
+            if result is DeliveryResult.RETRYING:
+                # Later items to this destination wait as well, so they stay in order (threads).
+                delay = self._backoff_for(item).delay(item.attempts, self._jitter())
                 for later in items[index + 1 :]:
                     await self._store.outbox_retry(later.id, delay, "waiting behind an earlier delivery", count=False)
-                return index
-        return len(items)
+                return delivered
+            delivered += result is DeliveryResult.DELIVERED
+        return delivered
 
-    async def _deliver(self, item: OutboxItem) -> float | None:
-        """Deliver one item; None when done, else the delay before it is tried again."""
+    def _backoff_for(self, item: OutboxItem) -> Backoff:
+        return self._chat_backoff if item.payload.get("kind") == "chat" else self._alert_backoff
+
+    async def _deliver(self, item: OutboxItem, *, inline: bool = False) -> DeliveryResult:
+        """One attempt at one item, under its lease."""
         platform = item.destination.split(":", 1)[0]
-        poster = self._posters.get(platform)
-        if poster is None:
-            log.error("alert for %s is waiting: %s is not connected", item.destination, platform)
-            await self._store.outbox_retry(item.id, self._max, f"no {platform} connection configured", count=False)
-            return self._max
-        await self._store.outbox_begin(item.id)
+        adapter = self._adapters.get(platform)
+        if adapter is None:
+            log.error("delivery to %s is waiting: %s is not configured", item.destination, platform)
+            await self._store.outbox_retry(item.id, self._alert_backoff.cap, f"no {platform} connection", count=False)
+            return DeliveryResult.RETRYING
+        taken = await self._store.outbox_take(item.id, lease=ATTEMPT_LEASE)
+        if taken is None:
+            return DeliveryResult.SKIPPED
         try:
-            reference = await self._perform(poster, platform, item)
+            reference = await self._perform(adapter, platform, taken, inline=inline)
+        except PermanentSendError as exc:
+            metrics.DELIVERIES.labels(platform, "refused").inc()
+            await self._store.outbox_fail(taken.id, str(exc))
+            log.error("delivery to %s refused for good, not retried: %s", taken.destination, exc)
+            return DeliveryResult.FAILED
+        except StoreError:
+            raise
         except Exception as exc:
             metrics.DELIVERIES.labels(platform, "failed").inc()
-            delay = self._backoff(item.attempts)
-            await self._store.outbox_retry(item.id, delay, f"{type(exc).__name__}: {exc}")
+            delay = self._backoff_for(taken).delay(taken.attempts, self._jitter())
+            await self._store.outbox_retry(taken.id, delay, f"{type(exc).__name__}: {exc}")
             log.warning(
                 "delivery to %s failed (attempt %d): %s; next try in %.0f s",
-                item.destination, item.attempts + 1, exc, delay,
+                taken.destination, taken.attempts + 1, exc, delay,
             )
-            return delay
+            return DeliveryResult.RETRYING
         metrics.DELIVERIES.labels(platform, "delivered").inc()
-        await self._store.outbox_done(item.id, reference)
-        return None
+        await self._store.outbox_done(taken.id, reference)
+        return DeliveryResult.DELIVERED
 
-    async def _perform(self, poster: AlertPoster, platform: str, item: OutboxItem) -> str:
+    async def _perform(self, adapter: Adapter, platform: str, item: OutboxItem, *, inline: bool) -> str:
         kind = item.payload.get("kind")
+        if kind == "chat":
+            return await self._reply(adapter, platform, item, inline=inline)
         if kind == "notice":
             conversation = Conversation.from_key(item.payload["conversation"])
             parts = tuple(RENDERERS[platform](item.payload["text"]))
-            sent = await poster.send(Outbound(conversation, parts, OutboundKind.NOTICE))
+            delivery = Delivery(item.key, look_first=item.started, since=item.created_at)
+            sent = await adapter.send(Outbound(conversation, parts, OutboundKind.NOTICE, delivery=delivery))
             return sent[0] if sent else ""
+        if not isinstance(adapter, AlertPoster):
+            raise PermanentSendError(f"{platform} cannot carry alert cards")
         alert = await self._desk.load(item.payload["alert"])
         if alert is None:
             log.warning("alert %s expired before delivery; dropped", item.payload["alert"])
             return "expired"
         await self._add_thread_link(alert)
         if kind == "update":
-            return await self._update(poster, platform, item, alert)
-        return await self._post(poster, platform, item, alert)
+            return await self._update(adapter, platform, item, alert)
+        return await self._post(adapter, platform, item, alert)
+
+    async def _reply(self, adapter: Adapter, platform: str, item: OutboxItem, *, inline: bool) -> str:
+        """A chat job's reply, in the thread of the question; after a crash, only the parts not yet there."""
+        job = await self._store.get_job(item.payload["job"])
+        if job is None or job.inbound is None:
+            log.warning("chat reply %s expired before delivery; dropped", item.key)
+            return "expired"
+        inbound = job.inbound
+        parts = tuple(RENDERERS[platform](job.reply))
+        outbound = Outbound(
+            inbound.conversation,
+            parts,
+            OutboundKind.ANSWER if job.reply_kind is ReplyKind.ANSWER else OutboundKind.NOTICE,
+            reply_to=inbound.message_id,
+            offer_human=job.offer_human,
+            delivery=Delivery(job.delivery_key, look_first=item.started or item.attempts > 0, since=job.created_at),
+        )
+        if inline:
+            return ",".join(await adapter.send(outbound))
+        # A retry or a recovery: the working signal shows while it posts, and is cleared after
+        # (one left behind by a process that died is cleared too).
+        async with adapter.working(inbound):
+            return ",".join(await adapter.send(outbound))
 
     async def _post(self, poster: AlertPoster, platform: str, item: OutboxItem, alert: Alert) -> str:
         destination = item.payload["destination"]
@@ -174,7 +260,7 @@ class Outbox:
             )
         if not thread:
             await self._store.put(THREAD, thread_key, reference, ttl=7 * 86_400)
-        await self._desk.record_post(alert.id, address, reference)
+        await self._desk.record_post(alert.id, address, reference, shown_version=alert.version)
         return reference
 
     async def _update(self, poster: AlertPoster, platform: str, item: OutboxItem, alert: Alert) -> str:
@@ -191,14 +277,11 @@ class Outbox:
         if not alert.conversation or alert.thread_link:
             return
         conversation = Conversation.from_key(alert.conversation)
-        poster = self._posters.get(conversation.platform)
-        if poster is not None:
+        poster = self._adapters.get(conversation.platform)
+        if isinstance(poster, AlertPoster):
             try:
                 alert.thread_link = await poster.permalink(conversation) or ""
             except Exception as exc:  # a link is nice to have; the alert goes out without it
                 log.info("no link to %s: %s", alert.conversation, exc)
 
-    def _backoff(self, attempts: int) -> float:
-        cap = min(self._max, self._base * 2 ** min(attempts, 16))
-        return cap * (0.5 + 0.5 * self._jitter())
 

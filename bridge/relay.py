@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -24,10 +24,13 @@ from bridge.insitechat import (
     Unauthorized,
     Unavailable,
 )
-from bridge.messages import Conversation, Inbound, Outbound, OutboundKind
-from bridge.store import Store
+from bridge.messages import Inbound, Outbound, OutboundKind
+from bridge.outbox import DeliveryResult, Outbox
+from bridge.store import ChatJob, JobState, ReplyKind, Store, StoreError
 
 log = logging.getLogger(__name__)
+
+JOB_LEASE = 60.0  # a job's worker renews its lease every third of this; a dead worker's job is taken over
 
 RESET_WORDS = frozenset({"reset", "new conversation", "new chat", "start over"})
 RESUME_WORDS = frozenset({"resume", "come back"})
@@ -37,7 +40,7 @@ NOTICES = {
     "hello": "Hi! Ask me a question and I'll answer here.",
     "reset": "Starting a new conversation: I've forgotten what we said before in this thread.",
     "resumed": "I'm back: ask me anything.",
-    "restarting": "I'm restarting right now and can't answer this one. Please ask again in a minute.",
+    "restarted": "I restarted while I was answering this, so I lost the answer. Please ask again.",
     "queued": "Lots of questions right now: you're number {position} in the queue. "
     "I'll answer in about {seconds} seconds.",
     "quota": "The chatbot has used up its monthly message allowance, so I can't answer right now. "
@@ -48,14 +51,6 @@ NOTICES = {
     "empty": "The chatbot had no answer to that. Could you rephrase the question?",
     "error": "Something went wrong while getting your answer. Please try again.",
 }
-
-Renderer = Callable[[str], list[str]]
-RENDERERS: dict[str, Renderer] = {
-    "slack": formatting.to_slack,
-    "discord": formatting.to_discord,
-    "console": formatting.to_plain,
-}
-
 
 def _words(text: str) -> str:
     """A message reduced for command matching: "Reset!" and "reset" are the same."""
@@ -70,8 +65,10 @@ class Outcome(str, enum.Enum):
     RESET = "reset"
     IGNORED = "ignored"  # not addressed to the bot, a bot, or no route
     DUPLICATE = "duplicate"
-    SHUTTING_DOWN = "shutting-down"  # arrived during shutdown: told to ask again
-    SEND_FAILED = "send-failed"
+    DEFERRED = "deferred"  # stored during shutdown: the next start answers it
+    PENDING = "pending"  # the reply is stored; the outbox posts it once the platform takes it
+    FAILED = "failed"  # the platform refused the reply for good (channel gone, bot removed)
+    STORE_FAILED = "store-failed"  # the job could not be moved on; it is taken over later
 
 
 @dataclass
@@ -89,91 +86,145 @@ class Decision:
     route: RouteSettings | None = None
 
 
+@dataclass(frozen=True)
+class _Reply:
+    text: str
+    kind: ReplyKind
+    outcome: Outcome  # what delivering it means for the message
+    offer_human: bool = False
+
+
+def _done(outcome: Outcome) -> asyncio.Future[Outcome]:
+    future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+    future.set_result(outcome)
+    return future
+
+
 class Relay:
-    """The one place that decides what to do with a message. Adapters only translate."""
+    """The one place that decides what to do with a message. Adapters only translate.
+
+    Every message the bot answers becomes a chat job in the store before the platform is
+    told "received" (`accept`); the job then moves through asked and answered, and its
+    reply goes out through the outbox, which retries until the platform takes it. A
+    process that starts takes over the jobs a dead one left (`recover`).
+    """
 
     def __init__(
         self,
         settings: Settings,
         store: Store,
         clients: Mapping[str, InsiteChatClient],
+        outbox: Outbox,
         *,
         clock: Clock | None = None,
         desk: AlertDesk | None = None,
         queue_notice_after: float = 10.0,
+        lease: float = JOB_LEASE,
     ) -> None:
         self._settings = settings
         self._desk = desk
         self._store = store
         self._clients = clients
+        self._outbox = outbox
         self._clock = clock or SystemClock()
         self._queue_notice_after = queue_notice_after
+        self._lease = lease
         self._adapters: dict[str, Adapter] = {}
         # One answer at a time per conversation, so InsiteChat's history stays in order.
         self._locks: dict[str, _SharedLock] = {}
-        self._tasks: set[asyncio.Task[Outcome]] = set()
+        self._tasks: dict[str, asyncio.Task[Outcome]] = {}  # job id -> its worker
         self._accepting = True
+        self._keeper: asyncio.Task[None] | None = None
 
     def register(self, adapter: Adapter) -> None:
         self._adapters[adapter.name] = adapter
 
     # --- intake ----------------------------------------------------------------------------
 
-    def submit(self, inbound: Inbound) -> asyncio.Task[Outcome]:
-        """Handle a message in the background (adapters must ack their platform quickly)."""
-        task = asyncio.get_running_loop().create_task(self.handle(inbound), name=f"relay:{inbound.dedupe_key}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    async def accept(self, inbound: Inbound) -> asyncio.Future[Outcome]:
+        """Decide, and store the job of a message the bot answers; the future tells how it ended.
 
-    async def handle(self, inbound: Inbound) -> Outcome:
-        """Decide, answer and post; returns how it ended. Never raises for a platform or API failure."""
-        outcome = await self._handle(inbound)
-        metrics.MESSAGES.labels(inbound.platform, outcome.value).inc()
-        if outcome is Outcome.DUPLICATE:
-            metrics.DEDUPE_HITS.labels("chat").inc()
-        return outcome
-
-    async def _handle(self, inbound: Inbound) -> Outcome:
-        started = self._clock.monotonic()
+        Adapters await this before they acknowledge the event to the platform, because
+        neither Slack nor Discord delivers an acknowledged event again. Raises StoreError
+        when the job could not be stored (the adapter then does not acknowledge).
+        """
         decision = await self.decide(inbound)
         if not decision.answer:
             log.debug("ignored %s: %s", inbound.dedupe_key, decision.reason)
-            return Outcome.IGNORED
-        if not await self._store.claim(inbound.dedupe_key):
-            log.info("duplicate delivery of %s ignored", inbound.dedupe_key)
-            return Outcome.DUPLICATE
-        if not self._accepting:
-            # Adapters stop their intake before the drain, so this is a message already on
-            # its way: the platform will not deliver it again, so say so instead of going silent.
-            log.info("not answering %s: shutting down", inbound.dedupe_key)
-            await self._notify(self._adapters[inbound.platform], inbound, "restarting")
-            await self._store.finish(inbound.dedupe_key)
-            return Outcome.SHUTTING_DOWN
+            return self._count(inbound, _done(Outcome.IGNORED))
         assert decision.route is not None
-        outcome = Outcome.SEND_FAILED
-        try:
-            outcome = await self._answer(inbound, decision.route)
-        except asyncio.CancelledError:
-            # Interrupted before finishing: hand the claim back so a retry can answer it.
-            await self._store.release(inbound.dedupe_key)
-            raise
-        else:
-            await self._store.finish(inbound.dedupe_key)
-        finally:
-            route = decision.route
+        job = ChatJob.new(inbound, chatbot=decision.route.chatbot, now=self._clock.time())
+        if not await self._store.create_job(job, lease=self._lease):
+            log.info("duplicate delivery of %s ignored", inbound.dedupe_key)
+            metrics.DEDUPE_HITS.labels("chat").inc()
+            return self._count(inbound, _done(Outcome.DUPLICATE))
+        if not self._accepting:
+            # Shutting down: the job is stored, and the next start answers it.
+            log.info("accepted %s while stopping: the next start answers it", inbound.dedupe_key)
+            return self._count(inbound, _done(Outcome.DEFERRED))
+        return self._count(inbound, self._start(job))
+
+    def submit(self, inbound: Inbound) -> asyncio.Task[Outcome]:
+        """accept() and wait for the outcome, as one task (the console, tests)."""
+
+        async def accept_and_wait() -> Outcome:
+            return await (await self.accept(inbound))
+
+        return asyncio.get_running_loop().create_task(accept_and_wait(), name=f"relay:{inbound.dedupe_key}")
+
+    async def handle(self, inbound: Inbound) -> Outcome:
+        """accept() and wait for the outcome."""
+        return await (await self.accept(inbound))
+
+    def _count(self, inbound: Inbound, future: asyncio.Future[Outcome]) -> asyncio.Future[Outcome]:
+        def count(done: asyncio.Future[Outcome]) -> None:
+            if not done.cancelled():
+                metrics.MESSAGES.labels(inbound.platform, done.result().value).inc()
+
+        future.add_done_callback(count)
+        return future
+
+    def _start(self, job: ChatJob, *, recovered: bool = False) -> asyncio.Task[Outcome]:
+        task = asyncio.get_running_loop().create_task(self._work(job, recovered=recovered), name=f"job:{job.key}")
+        self._tasks[job.id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(job.id, None))
+        return task
+
+    # --- recovery --------------------------------------------------------------------------
+
+    async def recover(self) -> int:
+        """Take over the open jobs whose worker died (an earlier run, or another replica); returns how many."""
+        jobs = await self._store.take_over_jobs(lease=self._lease)
+        for job in jobs:
+            if job.id in self._tasks:
+                continue
             log.info(
-                "message platform=%s channel=%s route=%s:%s:%s chatbot=%s outcome=%s latency_ms=%d",
-                inbound.platform,
-                inbound.channel,
-                route.platform,
-                route.workspace,
-                route.channel,
-                route.chatbot,
-                outcome.value,
-                (self._clock.monotonic() - started) * 1000,
+                "recovered job %s (%s, %s): %s",
+                job.id, job.key, job.state.value,
+                "asking again" if job.state is JobState.ACCEPTED or self._ask_again else "telling the person",
             )
-        return outcome
+            metrics.MESSAGES.labels(job.key.split(":")[1], "recovered").inc()
+            self._start(job, recovered=True)
+        return len(jobs)
+
+    @property
+    def _ask_again(self) -> bool:
+        return self._settings.chat.after_restart == "ask-again"
+
+    def start(self) -> None:
+        """Keep the leases of jobs in flight, and take over jobs whose lease ran out."""
+        self._keeper = asyncio.get_running_loop().create_task(self._keep(), name="relay-leases")
+
+    async def _keep(self) -> None:
+        while True:
+            await self._clock.sleep(self._lease / 3)
+            try:
+                if self._tasks:
+                    await self._store.renew_jobs(list(self._tasks), lease=self._lease)
+                if self._accepting:
+                    await self.recover()
+            except StoreError as exc:
+                log.error("chat jobs: %s; trying again", exc)
 
     async def decide(self, inbound: Inbound) -> Decision:
         """Whether the bot should answer: the trigger rules, then a human's hand-over."""
@@ -212,23 +263,64 @@ class Relay:
 
     # --- answering ---------------------------------------------------------------------------
 
-    async def _answer(self, inbound: Inbound, route: RouteSettings) -> Outcome:
+    async def _work(self, job: ChatJob, *, recovered: bool = False) -> Outcome:
+        """Move one job to its delivered reply. Cancelled (shutdown): it stays a job for the next start."""
+        started = self._clock.monotonic()
+        outcome = Outcome.STORE_FAILED
+        assert job.inbound is not None
+        inbound = job.inbound
+        try:
+            async with self._one_at_a_time(job.conversation):
+                outcome = await self._answer(job, inbound, recovered=recovered)
+        except StoreError as exc:
+            # Its lease runs out and the job is taken over: never silent, only late.
+            log.error("job %s (%s): the state store failed: %s", job.id, job.key, exc)
+        finally:
+            log.info(
+                "message platform=%s channel=%s chatbot=%s job=%s outcome=%s latency_ms=%d",
+                inbound.platform,
+                inbound.channel,
+                job.chatbot,
+                job.id,
+                outcome.value,
+                (self._clock.monotonic() - started) * 1000,
+            )
+        return outcome
+
+    async def _answer(self, job: ChatJob, inbound: Inbound, *, recovered: bool) -> Outcome:
         adapter = self._adapters[inbound.platform]
+        reply = await self._without_asking(job, inbound, recovered=recovered)
+        if reply is not None:
+            return await self._deliver(job, reply)
+        async with adapter.working(inbound):
+            reply = await self._ask(adapter, job, inbound)
+            return await self._deliver(job, reply)
+
+    async def _deliver(self, job: ChatJob, reply: _Reply) -> Outcome:
+        """Store the reply with its delivery, then try that delivery at once; the outbox retries it."""
+        item = await self._store.job_answered(job.answered(reply.text, reply.kind, offer_human=reply.offer_human))
+        result = await self._outbox.deliver_now(item)
+        if result is DeliveryResult.DELIVERED:
+            return reply.outcome
+        return Outcome.FAILED if result is DeliveryResult.FAILED else Outcome.PENDING
+
+    async def _without_asking(self, job: ChatJob, inbound: Inbound, *, recovered: bool) -> _Reply | None:
+        """The reply to a command word or an empty mention, or after a restart mid-call; None: ask InsiteChat."""
         conversation = inbound.conversation
-        text = inbound.text.strip()
-        if self._desk is not None and _words(text) in RESUME_WORDS and await self._desk.paused(conversation):
+        words = _words(inbound.text)
+        if self._desk is not None and words in RESUME_WORDS and await self._desk.paused(conversation):
             await self._desk.resume(conversation)
-            return await self._notify(adapter, inbound, "resumed")
-        if _words(text) in RESET_WORDS:
+            return _notice("resumed")
+        if words in RESET_WORDS:
             await self._store.bump_generation(conversation.key)
-            outcome = await self._notify(adapter, inbound, "reset")
-            return Outcome.RESET if outcome is Outcome.NOTICE else outcome
-        if not text:
-            return await self._notify(adapter, inbound, "hello")
+            return _notice("reset", Outcome.RESET)
+        if not inbound.text.strip():
+            return _notice("hello")
         if not inbound.is_dm:
             await self._store.follow(conversation.key)
-        async with self._one_at_a_time(conversation.key):
-            return await self._ask_and_post(adapter, inbound, route, conversation, text)
+        if recovered and job.state is JobState.ASKED and not self._ask_again:
+            return _notice("restarted")
+        return None
 
     @asynccontextmanager
     async def _one_at_a_time(self, key: str) -> AsyncIterator[None]:
@@ -243,80 +335,63 @@ class Relay:
             if not entry.users:
                 del self._locks[key]
 
-    async def _ask_and_post(
-        self, adapter: Adapter, inbound: Inbound, route: RouteSettings, conversation: Conversation, text: str
-    ) -> Outcome:
-        client = self._clients[self._settings.chatbot_key(route.chatbot)]
+    async def _ask(self, adapter: Adapter, job: ChatJob, inbound: Inbound) -> _Reply:
+        client = self._clients[self._settings.chatbot_key(job.chatbot)]
         lane = f"{inbound.platform}:{inbound.workspace}:{inbound.channel}"
+        conversation = inbound.conversation
         session_id = conversation.session_id(await self._store.generation(conversation.key))
-        async with adapter.working(inbound):
-            await self._maybe_queue_notice(adapter, inbound, client, lane)
-            try:
-                answer = await client.chat(route.chatbot, text, session_id, lane=lane)
-            except InsiteChatError as exc:
-                return await self._notify_failure(adapter, inbound, route, exc)
-            parts = RENDERERS[inbound.platform](answer)
-            if not parts:
-                log.warning("chatbot %s returned an empty answer", route.chatbot)
-                return await self._notify(adapter, inbound, "empty")
-            offer_human = False
-            if self._desk is not None:
-                await self._desk.remember_exchange(conversation, session_id, text, answer)
-                offer_human = route.human_button and self._desk.has_human_route(route.chatbot)
-            outbound = Outbound(
-                conversation, tuple(parts), OutboundKind.ANSWER, reply_to=inbound.message_id, offer_human=offer_human
-            )
-            try:
-                await adapter.send(outbound)
-            except Exception:
-                log.exception("posting the answer to %s failed", conversation.key)
-                await self._notify(adapter, inbound, "error")
-                return Outcome.SEND_FAILED
-        return Outcome.ANSWERED
+        text = inbound.text.strip()
+        await self._maybe_queue_notice(adapter, inbound, client, lane)
+        await self._store.job_asked(job.id)
+        try:
+            answer = await client.chat(job.chatbot, text, session_id, lane=lane)
+        except InsiteChatError as exc:
+            return _notice(self._failure_notice(job.chatbot, exc))
+        if not formatting.RENDERERS[inbound.platform](answer):
+            log.warning("chatbot %s returned an empty answer", job.chatbot)
+            return _notice("empty")
+        offer_human = False
+        if self._desk is not None:
+            await self._desk.remember_exchange(conversation, session_id, text, answer)
+            route = self._settings.route_for(inbound.platform, inbound.workspace, inbound.channel, inbound.is_dm)
+            offer_human = route is not None and route.human_button and self._desk.has_human_route(job.chatbot)
+        return _Reply(answer, ReplyKind.ANSWER, Outcome.ANSWERED, offer_human)
 
     async def _maybe_queue_notice(self, adapter: Adapter, inbound: Inbound, client: InsiteChatClient, lane: str) -> None:
+        """A courtesy while the answer waits in the queue: posted at once, not retried (the answer is)."""
         limiter = client.limiter
         if limiter is None:
             return
         wait = limiter.estimated_wait(lane)
-        if wait >= self._queue_notice_after:
-            await self._notify(
-                adapter, inbound, "queued", position=limiter.position(lane) + 1, seconds=int(wait + 0.999)
-            )
-
-    async def _notify_failure(
-        self, adapter: Adapter, inbound: Inbound, route: RouteSettings, exc: InsiteChatError
-    ) -> Outcome:
-        if isinstance(exc, QuotaExhausted):
-            name = "quota"
-            log.error("chatbot %s: monthly quota exhausted: %s", route.chatbot, exc)
-        elif isinstance(exc, RateLimited):
-            name = "busy"
-            log.warning("chatbot %s: rate limited past the answer deadline", route.chatbot)
-        elif isinstance(exc, Unavailable):
-            name = "unavailable"
-            log.warning("chatbot %s: InsiteChat unavailable: %s", route.chatbot, exc)
-        elif isinstance(exc, (Unauthorized, NotFound)):
-            name = "misconfigured"
-            log.error("chatbot %s: %s (check the API key and the route's chatbot id)", route.chatbot, exc)
-        elif isinstance(exc, BadRequest):
-            name = "error"
-            log.error("chatbot %s: InsiteChat refused the request: %s", route.chatbot, exc)
-        else:
-            name = "unavailable"
-            log.warning("chatbot %s: InsiteChat failed: %s", route.chatbot, exc)
-        return await self._notify(adapter, inbound, name)
-
-    async def _notify(self, adapter: Adapter, inbound: Inbound, name: str, **values: object) -> Outcome:
-        text = NOTICES[name].format(**values)
-        parts = RENDERERS[inbound.platform](text)
+        if wait < self._queue_notice_after:
+            return
+        text = NOTICES["queued"].format(position=limiter.position(lane) + 1, seconds=int(wait + 0.999))
+        parts = formatting.RENDERERS[inbound.platform](text)
         outbound = Outbound(inbound.conversation, tuple(parts), OutboundKind.NOTICE, reply_to=inbound.message_id)
         try:
             await adapter.send(outbound)
-        except Exception:
-            log.exception("posting the %s notice to %s failed too", name, inbound.conversation.key)
-            return Outcome.SEND_FAILED
-        return Outcome.NOTICE
+        except Exception as exc:
+            log.warning("posting the queued notice to %s failed: %s", inbound.conversation.key, exc)
+
+    def _failure_notice(self, chatbot: str, exc: InsiteChatError) -> str:
+        """The notice for an InsiteChat failure; the operator's log line says why."""
+        if isinstance(exc, QuotaExhausted):
+            log.error("chatbot %s: monthly quota exhausted: %s", chatbot, exc)
+            return "quota"
+        if isinstance(exc, RateLimited):
+            log.warning("chatbot %s: rate limited past the answer deadline", chatbot)
+            return "busy"
+        if isinstance(exc, Unavailable):
+            log.warning("chatbot %s: InsiteChat unavailable: %s", chatbot, exc)
+            return "unavailable"
+        if isinstance(exc, (Unauthorized, NotFound)):
+            log.error("chatbot %s: %s (check the API key and the route's chatbot id)", chatbot, exc)
+            return "misconfigured"
+        if isinstance(exc, BadRequest):
+            log.error("chatbot %s: InsiteChat refused the request: %s", chatbot, exc)
+            return "error"
+        log.warning("chatbot %s: InsiteChat failed: %s", chatbot, exc)
+        return "unavailable"
 
     # --- shutdown ----------------------------------------------------------------------------
 
@@ -325,9 +400,13 @@ class Relay:
         return len(self._tasks)
 
     async def drain(self, grace: float) -> None:
-        """Stop taking new messages; give those in flight `grace` seconds, then cancel them."""
+        """Stop starting jobs; give those in flight `grace` seconds. What is left stays a job for the next start."""
         self._accepting = False
-        pending = {t for t in self._tasks if not t.done()}
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
+            self._keeper = None
+        pending = {t for t in self._tasks.values() if not t.done()}
         if not pending:
             return
         log.info("waiting up to %.0f s for %d answer(s) in flight", grace, len(pending))
@@ -335,5 +414,9 @@ class Relay:
         for task in still:
             task.cancel()
         if still:
-            log.warning("%d answer(s) cut short by shutdown; their platform retries will be answered", len(still))
+            log.warning("%d answer(s) not finished at shutdown: they stay stored, and the next start answers them", len(still))
             await asyncio.gather(*still, return_exceptions=True)
+
+
+def _notice(name: str, outcome: Outcome = Outcome.NOTICE) -> _Reply:
+    return _Reply(NOTICES[name], ReplyKind.NOTICE, outcome)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TextIO
 
 from bridge import config
-from bridge.app import BridgeApp
+from bridge.app import GRACE, BridgeApp
 from bridge.config import Settings
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, SANDBOX_WEBHOOK_SECRET, Emulator
 
@@ -44,7 +44,7 @@ alerts:
 class Sandbox:
     """Owns the emulator and the bridge; the emulator's webhooks point at the bridge's receiver."""
 
-    def __init__(self, *, grace: float = 10.0, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
+    def __init__(self, *, grace: float = GRACE, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
         self.emulator = Emulator.sandbox()
         self.state_dir = Path(tempfile.mkdtemp(prefix="insitechat-sandbox-"))
         self._grace = grace

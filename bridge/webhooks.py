@@ -8,7 +8,6 @@ import hashlib
 import hmac
 import json
 import logging
-import sqlite3
 from datetime import datetime, timedelta, timezone
 
 from aiohttp import web
@@ -18,6 +17,7 @@ from bridge.alerts import HUMAN_REQUESTED, KNOWN_EVENTS, parse_envelope
 from bridge.clock import Clock
 from bridge.config import Settings
 from bridge.desk import AlertDesk
+from bridge.store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,8 @@ class WebhookReceiver:
             return web.json_response({"ok": True, "ignored": "unknown event"}, status=202)
         try:
             fresh = await self._desk.raise_event(event, raw)
-        except sqlite3.Error:
-            log.exception("webhook for chatbot %s could not be stored", chatbot_id)
+        except StoreError as exc:
+            log.error("webhook for chatbot %s could not be stored: %s", chatbot_id, exc)
             metrics.WEBHOOKS.labels("storage-failure").inc()
             return web.json_response({"ok": False, "error": "storage failure"}, status=503)
         metrics.WEBHOOKS.labels("accepted" if fresh else "duplicate").inc()

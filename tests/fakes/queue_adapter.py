@@ -8,10 +8,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from bridge.messages import Inbound, Outbound
+from bridge.ports import PermanentSendError
 
 
 class QueueAdapter:
-    """Records everything the relay posts; can be told to fail sends."""
+    """Records everything the relay posts; can be told to fail sends, for now or for good."""
 
     def __init__(self, name: str = "console") -> None:
         self.name = name
@@ -19,6 +20,7 @@ class QueueAdapter:
         self.posted: asyncio.Queue[Outbound] = asyncio.Queue()
         self.working_events: list[tuple[str, str]] = []  # ("enter"|"exit", message id)
         self.fail_next_sends = 0
+        self.refuse_sends = False  # refused for good: the channel is gone
         self._ids = itertools.count(1)
 
     async def start(self) -> None:
@@ -28,6 +30,8 @@ class QueueAdapter:
         pass
 
     async def send(self, outbound: Outbound) -> list[str]:
+        if self.refuse_sends:
+            raise PermanentSendError("channel_not_found")
         if self.fail_next_sends:
             self.fail_next_sends -= 1
             raise ConnectionError("platform said no")

@@ -182,7 +182,7 @@ async def test_send_test_alert_goes_through_the_running_bridge(emulator: Emulato
     settings = config_module.loads(text, env=env)
     app = BridgeApp(settings.model_copy(update={"discord": None}), console_in=io.StringIO(""), console_out=io.StringIO())
     discord = FakePoster("discord")
-    app.outbox._posters = {"discord": discord}  # a platform stand-in; the rest of the path is real
+    app.outbox.register(discord)  # a platform stand-in; the rest of the path is real
     await app.start()
     try:
         cfg = tmp_path / "bridge.yaml"

@@ -12,11 +12,13 @@ import pytest
 from bridge import config
 from bridge.app import build_clients
 from bridge.clock import ManualClock, SystemClock
+from bridge.desk import AlertDesk
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
 from bridge.insitechat import InsiteChatClient
 from bridge.messages import Inbound, OutboundKind
+from bridge.outbox import Outbox
 from bridge.relay import NOTICES, Outcome, Relay
-from bridge.store import SQLiteStore
+from bridge.store import JobState, SQLiteStore
 from tests.fakes.queue_adapter import QueueAdapter
 
 BOT = SANDBOX_CHATBOT_ID
@@ -49,9 +51,11 @@ class Harness:
         self.clock = clock or SystemClock()
         self.store = store
         self.clients: dict[str, InsiteChatClient] = clients or build_clients(settings, self.clock)
-        self.relay = Relay(settings, store, self.clients, clock=self.clock, queue_notice_after=10)
+        self.outbox = Outbox(store, AlertDesk(settings, store, self.clock), self.clock, jitter=lambda: 0.0)
+        self.relay = Relay(settings, store, self.clients, self.outbox, clock=self.clock, queue_notice_after=10)
         self.adapter = QueueAdapter("slack")
         self.relay.register(self.adapter)
+        self.outbox.register(self.adapter)
 
     async def close(self) -> None:
         for client in self.clients.values():
@@ -220,13 +224,29 @@ async def test_bad_key_gives_misconfigured_notice_and_log_without_key(make_harne
     assert "ic_revoked_or_wrong" not in caplog.text
 
 
-async def test_failed_post_is_reported_to_the_user_and_logged(make_harness, caplog: pytest.LogCaptureFixture) -> None:
-    h = make_harness()
+async def test_a_failed_post_is_retried_and_the_answer_arrives_once(emulator: Emulator, tmp_path: Path) -> None:
+    clock = ManualClock()
+    h = Harness(settings_for(emulator.base_url), SQLiteStore(tmp_path / "s.db", clock=clock), clock=clock)
     h.adapter.fail_next_sends = 1
-    with caplog.at_level(logging.ERROR):
-        assert await h.relay.handle(msg("hi", channel="D1", is_dm=True)) is Outcome.SEND_FAILED
-    assert "".join(h.adapter.sent[-1].parts) == NOTICES["error"]
-    assert "posting the answer" in caplog.text
+    question = msg("hi", channel="D1", is_dm=True)
+    assert await h.relay.handle(question) is Outcome.PENDING  # the answer exists; the platform said no
+    assert h.adapter.sent == []
+    clock.advance(1.0)  # the chat backoff (jitter 0: half of 1 s)
+    assert await h.outbox.deliver_due() == 1
+    [answer] = h.adapter.sent  # the answer itself, never an error notice in its place
+    assert answer.kind is OutboundKind.ANSWER and answer.delivery is not None and answer.delivery.look_first
+    assert (await h.store.job_by_key(question.dedupe_key))[1] is JobState.DELIVERED  # type: ignore[index]
+    assert len(chat_calls(emulator)) == 1  # InsiteChat was asked once
+    await h.close()
+
+
+async def test_a_post_refused_for_good_fails_the_job_once(make_harness, emulator: Emulator) -> None:
+    h = make_harness()
+    h.adapter.refuse_sends = True
+    question = msg("hi", channel="D1", is_dm=True)
+    assert await h.relay.handle(question) is Outcome.FAILED
+    assert (await h.store.job_by_key(question.dedupe_key))[1] is JobState.FAILED
+    assert await h.outbox.deliver_due() == 0 and await h.store.outbox_due() == []  # not retried
 
 
 async def test_queue_notice_when_the_limiter_is_saturated(emulator: Emulator, tmp_path: Path) -> None:
@@ -250,7 +270,9 @@ async def test_queue_notice_when_the_limiter_is_saturated(emulator: Emulator, tm
     await h.close()
 
 
-async def test_drain_lets_answers_finish_and_refuses_new_ones(make_harness, emulator: Emulator) -> None:
+async def test_drain_lets_answers_finish_and_keeps_later_ones_for_the_next_start(
+    make_harness, emulator: Emulator
+) -> None:
     h = make_harness()
     emulator.latency = 0.3
     task = h.relay.submit(msg("slow one", channel="D1", is_dm=True))
@@ -258,21 +280,39 @@ async def test_drain_lets_answers_finish_and_refuses_new_ones(make_harness, emul
     await h.relay.drain(grace=5)
     assert task.result() is Outcome.ANSWERED
     late = msg("too late", id="2", channel="D1", is_dm=True)
-    assert await h.relay.handle(late) is Outcome.SHUTTING_DOWN
-    assert "".join(h.adapter.sent[-1].parts) == NOTICES["restarting"]  # told, not left in silence
-    assert await h.relay.handle(late) is Outcome.DUPLICATE  # and told only once
+    assert await h.relay.handle(late) is Outcome.DEFERRED  # stored, not answered by a stopping process
+    assert await h.relay.handle(late) is Outcome.DUPLICATE
     assert len(chat_calls(emulator)) == 1
+    restarted = make_harness()  # the next start, on the same state file
+    assert await restarted.relay.recover() == 1
+    answer = await restarted.adapter.next_post()
+    assert "too late" in "".join(answer.parts) and answer.kind is OutboundKind.ANSWER
+    assert len(chat_calls(emulator)) == 2
 
 
-async def test_drain_cancels_after_grace_and_releases_the_claim(make_harness, emulator: Emulator) -> None:
+@pytest.mark.parametrize(("after_restart", "asked_again"), [("ask-again", True), ("notice", False)])
+async def test_an_answer_cut_off_by_shutdown_is_finished_by_the_next_start(
+    make_harness, emulator: Emulator, after_restart: str, asked_again: bool
+) -> None:
     h = make_harness()
-    emulator.inject("hang", seconds=30, path_contains="/chat")
+    emulator.inject("hang", seconds=30, path_contains="/chat", count=1)
     slow = msg("never answered in time", channel="D1", is_dm=True)
     task = h.relay.submit(slow)
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.2)
     await h.relay.drain(grace=0.2)
     assert task.cancelled()
-    assert await h.store.claim(slow.dedupe_key)  # the platform's retry after restart is answered
+    assert h.adapter.sent == []
+    assert (await h.store.job_by_key(slow.dedupe_key))[1] is JobState.ASKED  # the call was out: stays a job
+    restarted = make_harness(extra=f"chat: {{after_restart: {after_restart}}}")
+    assert await restarted.relay.recover() == 1
+    reply = await restarted.adapter.next_post()
+    if asked_again:
+        assert reply.kind is OutboundKind.ANSWER and "never answered in time" in "".join(reply.parts)
+        assert len(chat_calls(emulator)) == 2
+    else:
+        assert "".join(reply.parts) == NOTICES["restarted"]
+        assert len(chat_calls(emulator)) == 1
+    assert await restarted.relay.recover() == 0  # taken over once
 
 
 async def test_answers_in_one_conversation_never_overlap(make_harness, emulator: Emulator) -> None:

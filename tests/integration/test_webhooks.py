@@ -61,7 +61,9 @@ class Bed:
         self.store = SQLiteStore(path, clock=clock)
         self.desk = AlertDesk(settings, self.store, clock)
         self.slack, self.discord = FakePoster("slack"), FakePoster("discord")
-        self.outbox = Outbox(self.store, self.desk, {"slack": self.slack, "discord": self.discord}, clock, jitter=lambda: 0.0)
+        self.outbox = Outbox(self.store, self.desk, clock, jitter=lambda: 0.0)
+        self.outbox.register(self.slack)
+        self.outbox.register(self.discord)
         self.app = web.Application()
         self.desk.on_queued = self.outbox.wake
         WebhookReceiver(settings, self.desk, clock).add_routes(self.app)

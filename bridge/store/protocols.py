@@ -1,0 +1,129 @@
+"""What the bridge keeps across restarts, as small protocols by concern; every backend fits all of them.
+
+Each read-modify-write is one explicit atomic operation (a transaction, an increment, a
+compare-and-set), so that a networked backend is exactly as safe as the embedded one.
+Every failure of the backend itself is raised as `StoreError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from bridge.store.records import DAY, ChatJob, JobState, NewDelivery, NewRecord, OutboxItem, Versioned
+
+
+class StoreError(Exception):
+    """The state store failed (disk, lock, server): the operation did not happen, or not all of it."""
+
+
+class ConversationState(Protocol):
+    """Threads the bot takes part in, and each conversation's session generation."""
+
+    async def follow(self, conversation: str, ttl: float = 30 * DAY) -> None:
+        """Remember that the bot takes part in this thread, so follow-ups need no mention."""
+
+    async def is_followed(self, conversation: str) -> bool: ...
+
+    async def generation(self, conversation: str) -> int:
+        """The conversation's session generation; a reset increments it (fresh InsiteChat memory)."""
+
+    async def bump_generation(self, conversation: str) -> int:
+        """Atomically add one to the generation; returns the new value."""
+
+
+class Records(Protocol):
+    """Small JSON values under (kind, key): alerts, thread references, histories."""
+
+    async def get(self, kind: str, key: str) -> Any | None: ...
+
+    async def get_versioned(self, kind: str, key: str) -> Versioned | None:
+        """The value with its revision, for a later `put_if`."""
+
+    async def put(self, kind: str, key: str, value: Any, ttl: float | None = None) -> None: ...
+
+    async def put_if(self, kind: str, key: str, value: Any, *, revision: int | None, ttl: float | None = None) -> bool:
+        """Compare-and-set: store only if the revision is still `revision` (None: only if absent)."""
+
+    async def delete(self, kind: str, key: str) -> None: ...
+
+
+class EventIntake(Protocol):
+    """Webhook events in: dedupe and queue in one step."""
+
+    async def accept(
+        self,
+        keys: Sequence[str],
+        deliveries: Sequence[NewDelivery],
+        *,
+        ttl: float = DAY,
+        records: Sequence[NewRecord] = (),
+    ) -> bool:
+        """Atomically: unless one of `keys` was seen within its ttl, remember all of them, keep the
+        records and queue every delivery. False for a duplicate; StoreError if any part fails."""
+
+
+class ChatJobs(Protocol):
+    """Accepted questions, from the claim to the stored reply. Leases say which process works on one."""
+
+    async def create_job(self, job: ChatJob, *, lease: float) -> bool:
+        """Store a new job, leased to this process; False when a job with its key exists (a duplicate)."""
+
+    async def job_asked(self, job_id: str) -> None:
+        """The InsiteChat call is about to go out (it may be received even if we never hear back)."""
+
+    async def job_answered(self, job: ChatJob) -> OutboxItem:
+        """Atomically store the reply and queue its delivery (to the job's conversation); returns the item."""
+
+    async def get_job(self, job_id: str) -> ChatJob | None: ...
+
+    async def job_by_key(self, key: str) -> tuple[ChatJob, JobState] | None:
+        """The job of a platform message and its state (its text may be gone after the keep window)."""
+
+    async def take_over_jobs(self, *, lease: float, limit: int = 100) -> list[ChatJob]:
+        """Open jobs (accepted, asked) whose lease ran out, now leased to this process."""
+
+    async def renew_jobs(self, job_ids: Sequence[str], *, lease: float) -> None:
+        """Extend this process's leases on jobs it is still working on."""
+
+    async def job_counts(self) -> dict[JobState, int]: ...
+
+
+class DeliveryQueue(Protocol):
+    """Deliveries waiting for a platform: alert cards, card updates, chat replies, notices."""
+
+    async def outbox_add(self, key: str, destination: str, payload: dict[str, Any]) -> bool:
+        """Queue a delivery; False if one with this key exists (delivered or not)."""
+
+    async def outbox_due(self, limit: int = 50) -> list[OutboxItem]:
+        """Undelivered items due now that nobody holds, oldest first."""
+
+    async def outbox_take(self, item_id: int, *, lease: float) -> OutboxItem | None:
+        """Hold an item for one attempt; None when it is held, done or failed. `started` tells whether
+        an earlier attempt began (then it may have posted before a crash: look first)."""
+
+    async def outbox_done(self, item_id: int, reference: str) -> None:
+        """The platform accepted it; a chat reply's job is delivered with it."""
+
+    async def outbox_retry(self, item_id: int, delay: float, error: str, *, count: bool = True) -> None:
+        """Try again after `delay` (and let go of it); `count=False` when the item itself was not attempted."""
+
+    async def outbox_fail(self, item_id: int, error: str) -> None:
+        """The platform refused it for good; a chat reply's job fails with it."""
+
+    async def outbox_depth(self) -> tuple[int, float | None]:
+        """Undelivered items and the age in seconds of the oldest one."""
+
+
+class Store(ConversationState, Records, EventIntake, ChatJobs, DeliveryQueue, Protocol):
+    """Every concern in one backend."""
+
+    owner: str  # this process: the holder of its leases
+
+    async def prune(self) -> None:
+        """Forget what expired, and drop texts kept longer than the keep window."""
+
+    async def ping(self) -> bool:
+        """True when the store can write (for readiness)."""
+
+    async def close(self) -> None: ...

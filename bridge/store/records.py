@@ -1,0 +1,121 @@
+"""The typed records the store keeps: chat jobs, outbox items, versioned values."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from bridge.messages import Conversation, Inbound
+
+DAY = 86_400.0
+
+
+class JobState(str, enum.Enum):
+    """Where one accepted question stands. Each step is stored before the next begins."""
+
+    ACCEPTED = "accepted"  # stored with its claim, before the platform was told "received"
+    ASKED = "asked"  # the InsiteChat call went out (it may have been received)
+    ANSWERED = "answered"  # the reply (answer or notice) is stored and queued for delivery
+    DELIVERED = "delivered"  # the platform accepted every part
+    FAILED = "failed"  # the platform refused for good (channel gone, bot removed)
+
+    @property
+    def open(self) -> bool:
+        """Still needs a worker: the reply does not exist yet."""
+        return self in (JobState.ACCEPTED, JobState.ASKED)
+
+
+class ReplyKind(str, enum.Enum):
+    ANSWER = "answer"
+    NOTICE = "notice"
+
+
+@dataclass(frozen=True)
+class ChatJob:
+    """One accepted question, from its claim to its delivered reply."""
+
+    id: str
+    inbound: Inbound | None  # None once the text is no longer kept (delivered + the keep window)
+    key: str  # the platform message identity (Inbound.dedupe_key): one job per key
+    conversation: str  # Conversation.key: answers in one conversation keep their order
+    chatbot: str
+    created_at: float
+    state: JobState = JobState.ACCEPTED
+    reply: str = ""
+    reply_kind: ReplyKind = ReplyKind.ANSWER
+    offer_human: bool = False
+    asks: int = 0  # InsiteChat calls sent for it (a restart after "asked" may send one more)
+
+    @classmethod
+    def new(cls, inbound: Inbound, *, chatbot: str, now: float) -> ChatJob:
+        return cls(
+            id=uuid.uuid4().hex,
+            inbound=inbound,
+            key=inbound.dedupe_key,
+            conversation=inbound.conversation.key,
+            chatbot=chatbot,
+            created_at=now,
+        )
+
+    @property
+    def delivery_key(self) -> str:
+        """Marks the reply's posts, so a delivery after a crash can find what was posted."""
+        return f"job:{self.id}"
+
+    @property
+    def place(self) -> Conversation:
+        return Conversation.from_key(self.conversation)
+
+    def answered(self, reply: str, kind: ReplyKind, *, offer_human: bool = False) -> ChatJob:
+        return replace(self, state=JobState.ANSWERED, reply=reply, reply_kind=kind, offer_human=offer_human)
+
+
+def inbound_to_json(inbound: Inbound) -> dict[str, Any]:
+    return asdict(inbound)
+
+
+def inbound_from_json(data: dict[str, Any]) -> Inbound:
+    return Inbound(**data)
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """One delivery to make: a payload for one destination, retried until it is done."""
+
+    id: int
+    key: str  # unique per (event, destination): adding it twice is a no-op
+    destination: str
+    payload: dict[str, Any]
+    attempts: int
+    created_at: float
+    next_attempt_at: float
+    started: bool = False  # an earlier attempt began: it may have posted before a crash
+
+
+@dataclass(frozen=True)
+class NewDelivery:
+    """A delivery to queue: `key` unique per (event, destination)."""
+
+    key: str
+    destination: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """A stored value and its revision, for compare-and-set."""
+
+    value: Any
+    revision: int
+
+
+@dataclass(frozen=True)
+class NewRecord:
+    """A small JSON value to keep under (kind, key), for `ttl` seconds or for good."""
+
+    kind: str
+    key: str
+    value: Any
+    ttl: float | None = None
