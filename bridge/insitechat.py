@@ -10,6 +10,25 @@ Errors (every one has ``.status``, the HTTP status or None; no text ever holds t
      ├─ QuotaExhausted         429 with any other detail: the monthly message quota
      ├─ ServerError            5xx (or a 2xx whose body is not what the API promises)
      └─ Unavailable            network error, timeout, open circuit: .reason, .request_sent
+
+Re-sending. A GET is retried after any 5xx or network error, with backoff, until the deadline.
+A chat call is not idempotent (it spends quota and adds a turn to the session's 10-turn
+memory), so it is re-sent at most once in total, and only when the service cannot have
+processed it::
+
+    chat failure                                     re-sent?
+    connect error, connect timeout, pool timeout     once: no byte of the request left
+    503 Service Unavailable                          once: refused before processing
+    500 Internal Server Error                        no: it may have failed after processing
+    502 Bad Gateway, 504 Gateway Timeout             no: the gateway lost or timed out on the answer;
+                                                     the service may have processed the message
+    any other 5xx, a 2xx with an unusable body       no
+    read timeout, write error, server disconnected   no: the request may have been received
+    429 rate limit                                   waited out within the deadline, not counted as
+                                                     the re-send (the service refused the request)
+    429 quota, 4xx                                   never
+
+After the one re-send the error is raised (ServerError or Unavailable) for the caller to report.
 """
 
 from __future__ import annotations
@@ -42,6 +61,12 @@ MAX_CONNECTIONS = 64
 _RATE_LIMIT_MARKER = "rate limit"
 # Failures that happen before any byte of the request left: safe to re-send even a POST.
 _NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# 503 is the one 5xx that says the request was refused, not processed. 500 may come after the
+# message was spent; 502 and 504 mean a gateway lost the answer, not that the service never ran.
+_REFUSED_UNPROCESSED = 503
+# A chat call that cannot have been processed is re-sent this many times in total, whatever
+# failed: a service that keeps refusing is down, and the user should hear so.
+_MAX_CHAT_RESENDS = 1
 _MAX_DETAIL_CHARS = 300
 
 T = TypeVar("T")
@@ -417,7 +442,7 @@ class InsiteChatClient:
             try:
                 return await self._attempt(method, path, payload, lane, chat=chat)
             except InsiteChatError as error:
-                delay = self._retry_delay(error, backoffs, resend_ok=not chat)
+                delay = self._retry_delay(error, backoffs, chat=chat)
                 if delay is None or not self._circuit.closed:
                     raise
                 if self._clock.monotonic() + delay > deadline:
@@ -428,13 +453,22 @@ class InsiteChatClient:
                 logger.info("[%s] %s %s failed (%s); retrying in %.1fs", self._name, method, path, error, delay)
                 await self._clock.sleep(delay)
 
-    def _retry_delay(self, error: InsiteChatError, backoffs: int, *, resend_ok: bool) -> float | None:
-        """Seconds to wait before the next attempt, or None when this error must not be retried."""
+    def _retry_delay(self, error: InsiteChatError, backoffs: int, *, chat: bool) -> float | None:
+        """Seconds to wait before the next attempt, or None when this error must not be retried.
+
+        ``backoffs`` counts the earlier retries that were not rate limits: for chat, its re-sends.
+        """
         if isinstance(error, RateLimited):
+            # Refused, not processed: waiting it out never spends a message twice.
             return error.retry_after
+        if chat:
+            # Not idempotent: re-sent only when the service cannot have processed it (module docstring).
+            unprocessed = (isinstance(error, Unavailable) and not error.request_sent) or (
+                isinstance(error, ServerError) and error.status == _REFUSED_UNPROCESSED
+            )
+            return self._backoff(backoffs) if unprocessed and backoffs < _MAX_CHAT_RESENDS else None
         if isinstance(error, Unavailable):
-            # A request that may have reached the service is only re-sent when that is harmless.
-            return self._backoff(backoffs) if resend_ok or not error.request_sent else None
+            return self._backoff(backoffs)
         if isinstance(error, ServerError) and error.status is not None and error.status >= 500:
             return self._backoff(backoffs)
         return None

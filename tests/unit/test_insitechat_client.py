@@ -260,10 +260,10 @@ async def test_a_proxy_error_page_still_gives_a_readable_error(
 async def test_5xx_is_retried_with_jittered_backoff(
     api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
 ) -> None:
-    route = api.post(CHAT).mock(side_effect=[fail(500), fail(502), reply("ok")])
+    route = api.get(f"/v1/chatbots/{BOT}").mock(side_effect=[fail(500), fail(502), httpx.Response(200, json={"id": BOT})])
     jitter = iter([0.0, 1.0])
     client = make_client(random=lambda: next(jitter))
-    assert await client.chat(BOT, "hi", "s") == "ok"
+    assert (await client.get_chatbot(BOT)).id == BOT
     assert route.call_count == 3
     # Caps 0.5 s then 1 s; the jitter takes half and all of them.
     assert clock.monotonic() - START == pytest.approx(0.25 + 1.0)
@@ -289,7 +289,9 @@ async def test_chat_is_resent_when_the_request_never_left(
     assert route.call_count == 2
 
 
-@pytest.mark.parametrize("error", [httpx.ReadTimeout, httpx.RemoteProtocolError, httpx.ReadError])
+@pytest.mark.parametrize(
+    "error", [httpx.ReadTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.WriteTimeout]
+)
 async def test_chat_is_not_resent_once_the_request_may_have_arrived(
     api: respx.MockRouter, make_client: MakeClient, error: type[Exception]
 ) -> None:
@@ -298,6 +300,70 @@ async def test_chat_is_not_resent_once_the_request_may_have_arrived(
         await make_client().chat(BOT, "hi", "s")
     assert route.call_count == 1
     assert caught.value.request_sent
+
+
+@pytest.mark.parametrize(
+    "status", [500, 502, 504, 501], ids=["500-may-be-processed", "502-gateway", "504-gateway-timeout", "other-5xx"]
+)
+async def test_chat_is_not_resent_after_a_5xx_that_may_follow_processing(
+    api: respx.MockRouter, make_client: MakeClient, status: int
+) -> None:
+    route = api.post(CHAT).mock(side_effect=[fail(status), reply("ok")])
+    client = make_client()
+    with pytest.raises(ServerError) as caught:
+        await client.chat(BOT, "hi", "s")
+    assert route.call_count == 1
+    assert caught.value.status == status
+
+
+async def test_chat_is_resent_once_after_a_503(api: respx.MockRouter, make_client: MakeClient) -> None:
+    route = api.post(CHAT).mock(side_effect=[fail(503), reply("ok")])
+    assert await make_client().chat(BOT, "hi", "s") == "ok"
+    assert route.call_count == 2
+
+
+async def test_chat_raises_after_a_second_503(api: respx.MockRouter, make_client: MakeClient) -> None:
+    route = api.post(CHAT).mock(side_effect=[fail(503), fail(503), reply("ok")])
+    with pytest.raises(ServerError) as caught:
+        await make_client().chat(BOT, "hi", "s")
+    assert route.call_count == 2
+    assert caught.value.status == 503
+
+
+async def test_chat_raises_after_a_second_connect_error(api: respx.MockRouter, make_client: MakeClient) -> None:
+    route = api.post(CHAT).mock(side_effect=[httpx.ConnectError, httpx.ConnectError, reply("ok")])
+    with pytest.raises(Unavailable) as caught:
+        await make_client().chat(BOT, "hi", "s")
+    assert route.call_count == 2
+    assert not caught.value.request_sent
+
+
+@pytest.mark.parametrize(
+    "failures", [[fail(503), httpx.ConnectError], [httpx.ConnectError, fail(503)]], ids=["503-then-connect", "connect-then-503"]
+)
+async def test_chat_has_one_resend_in_total_across_failure_kinds(
+    api: respx.MockRouter, make_client: MakeClient, failures: list[Any]
+) -> None:
+    route = api.post(CHAT).mock(side_effect=[*failures, reply("ok")])
+    with pytest.raises((ServerError, Unavailable)):
+        await make_client().chat(BOT, "hi", "s")
+    assert route.call_count == 2
+
+
+async def test_a_rate_limit_does_not_use_up_the_chat_resend(
+    api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
+) -> None:
+    # The 429 was refused, not processed: waiting it out is not the one re-send.
+    route = api.post(CHAT).mock(side_effect=[fail(503), fail(429, RATE_LIMIT["detail"]), reply("ok")])
+    assert await make_client().chat(BOT, "hi", "s") == "ok"
+    assert route.call_count == 3
+    assert clock.monotonic() - START == pytest.approx(0.375 + 60.0)
+
+
+async def test_a_get_is_still_retried_after_repeated_5xx(api: respx.MockRouter, make_client: MakeClient) -> None:
+    route = api.get("/v1/chatbots").mock(side_effect=[fail(500), fail(500), httpx.Response(200, json=[])])
+    assert await make_client().list_chatbots() == []
+    assert route.call_count == 3
 
 
 async def test_a_get_is_retried_after_a_read_timeout(
@@ -311,10 +377,10 @@ async def test_a_get_is_retried_after_a_read_timeout(
 async def test_retries_stop_at_the_deadline(
     api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
 ) -> None:
-    route = api.post(CHAT).mock(return_value=fail(500))
+    route = api.get("/v1/chatbots").mock(return_value=fail(500))
     policy = RetryPolicy(deadline=10.0, base_backoff=1.0, max_backoff=4.0, failure_threshold=100)
     with pytest.raises(ServerError) as caught:
-        await make_client(policy=policy).chat(BOT, "hi", "s")
+        await make_client(policy=policy).list_chatbots()
     # Backoffs 0.75, 1.5, 3, 3 (total 8.25); the next 3 would end past 10 s.
     assert route.call_count == 5
     assert clock.monotonic() - START == pytest.approx(8.25)
@@ -500,10 +566,10 @@ async def test_a_cancelled_trial_does_not_wedge_the_circuit(
 async def test_an_opening_circuit_ends_the_retries_of_the_call_in_progress(
     api: respx.MockRouter, make_client: MakeClient
 ) -> None:
-    route = api.post(CHAT).mock(side_effect=[fail(500), fail(500), fail(500), reply()])
+    route = api.get("/v1/chatbots").mock(side_effect=[fail(500), fail(500), fail(500), httpx.Response(200, json=[])])
     client = make_client(policy=RetryPolicy(failure_threshold=2))
     with pytest.raises(ServerError):
-        await client.chat(BOT, "hi", "s")
+        await client.list_chatbots()
     assert route.call_count == 2
     assert client.circuit_state() == "open"
 
@@ -526,7 +592,7 @@ async def test_every_attempt_on_every_endpoint_goes_through_the_limiter(
     api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
 ) -> None:
     limiter = RecordingLimiter(clock)
-    api.post(CHAT).mock(side_effect=[fail(500), httpx.ConnectError, reply()])
+    api.post(CHAT).mock(side_effect=[fail(429, RATE_LIMIT["detail"]), httpx.ConnectError, reply()])
     api.get("/v1/chatbots").mock(return_value=httpx.Response(200, json=[]))
     api.get(f"/v1/chatbots/{BOT}").mock(return_value=httpx.Response(200, json={"id": BOT}))
     api.get(f"/v1/chatbots/{BOT}/sources").mock(return_value=httpx.Response(200, json=[]))
@@ -599,7 +665,7 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-async def test_connection_refused_is_retried_until_the_deadline(
+async def test_a_refused_connection_is_never_sent_so_chat_is_resent_once(
     make_client: MakeClient, clock: ManualClock
 ) -> None:
     policy = RetryPolicy(deadline=5.0, failure_threshold=100)
@@ -607,7 +673,17 @@ async def test_connection_refused_is_retried_until_the_deadline(
     with pytest.raises(Unavailable) as caught:
         await client.chat(BOT, "hi", "s")
     assert not caught.value.request_sent
-    assert 0 < clock.monotonic() - START <= 5.0  # it did back off, within the budget
+    assert clock.monotonic() - START == pytest.approx(0.375)  # one backoff: one re-send, then it gave up
+
+
+async def test_connection_refused_on_a_get_is_retried_until_the_deadline(
+    make_client: MakeClient, clock: ManualClock
+) -> None:
+    policy = RetryPolicy(deadline=5.0, failure_threshold=100)
+    client = make_client(f"http://127.0.0.1:{closed_port()}/api", policy=policy)
+    with pytest.raises(Unavailable):
+        await client.list_chatbots()
+    assert 0.375 < clock.monotonic() - START <= 5.0  # it kept backing off, within the budget
 
 
 @pytest.fixture
