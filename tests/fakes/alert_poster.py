@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,6 +33,9 @@ class FakePoster:
         self.down = False  # every call fails while True
         self.crash_after_post = 0  # post, then fail as if the answer was lost (N times)
         self.calls: list[str] = []
+        # While set: a post is stored at once but its answer waits for the gate (a slow platform).
+        self.gate: asyncio.Event | None = None
+        self.posting = asyncio.Event()  # set when a post reached the platform
         self._ids = itertools.count(1)
 
     async def start(self) -> None:
@@ -58,6 +62,9 @@ class FakePoster:
         self._check("post_alert")
         reference = f"{self.name}-msg-{next(self._ids)}"
         self.posted.append(Posted(channel, card, thread, broadcast, key, reference))
+        self.posting.set()
+        if self.gate is not None:
+            await self.gate.wait()
         if self.crash_after_post:
             self.crash_after_post -= 1
             raise TimeoutError("posted, but the answer never came back")

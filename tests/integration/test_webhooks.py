@@ -389,3 +389,81 @@ async def test_leads_cannot_be_claimed(bed: Bed) -> None:
     assert unchanged is not None and unchanged.state.value == "open"
     await bed.outbox.deliver_due()
     assert lead.updates == []
+
+
+# --- escalation rounds and cards that change while they are posted ------------------------------
+
+
+async def test_a_second_escalation_after_a_resolve_gets_a_new_card(bed: Bed) -> None:
+    first = await post(bed.url, GOOD, {SIGNATURE_HEADER: sign(GOOD)})
+    assert first.json()["duplicate"] is False
+    await bed.outbox.deliver_due()
+    [card] = bed.slack.posted
+    await bed.desk.act(card.key.split("|")[0], "resolve", "<@UALICE>")
+    again = envelope(minutes_ago=0.5)  # the same visitor session asks for a human again
+    response = await post(bed.url, again, {SIGNATURE_HEADER: sign(again)})
+    assert response.status_code == 200 and response.json()["duplicate"] is False
+    await bed.outbox.deliver_due()
+    assert len(bed.slack.posted) == 2 and len(bed.discord.posted) == 2
+    assert bed.slack.posted[1].key.split("|")[0] != card.key.split("|")[0]  # a new round, its own alert
+    # InsiteChat's retry of that second delivery is still one card.
+    assert (await post(bed.url, again, {SIGNATURE_HEADER: sign(again)})).json()["duplicate"] is True
+    await bed.outbox.deliver_due()
+    assert len(bed.slack.posted) == 2
+
+
+async def test_the_same_escalation_while_its_alert_is_open_is_one_card(bed: Bed) -> None:
+    await post(bed.url, GOOD, {SIGNATURE_HEADER: sign(GOOD)})
+    again = envelope(minutes_ago=0.5)
+    assert (await post(bed.url, again, {SIGNATURE_HEADER: sign(again)})).json()["duplicate"] is True
+    await bed.outbox.deliver_due()
+    assert len(bed.slack.posted) == 1
+
+
+async def test_an_escalation_of_the_same_session_days_later_gets_a_new_card(tmp_path: Path) -> None:
+    clock = ManualClock(start=datetime.now(timezone.utc).timestamp())
+    bed = Bed(tmp_path / "state.db", make_settings(), clock)
+    await bed.start()
+    try:
+
+        def escalation() -> bytes:
+            stamp = datetime.fromtimestamp(clock.time(), timezone.utc).isoformat()
+            return json.dumps({"event": ESCALATED, "chatbot_id": BOT, "timestamp": stamp,
+                               "data": {"session_id": "visitor-7", "message": "a human please"}}).encode()
+
+        raw = escalation()
+        assert (await post(bed.url, raw, {SIGNATURE_HEADER: sign(raw)})).json()["duplicate"] is False
+        await bed.outbox.deliver_due()
+        [old] = bed.slack.posted
+        clock.advance(2 * 86_400)  # open (never resolved), two days later
+        raw = escalation()
+        response = await post(bed.url, raw, {SIGNATURE_HEADER: sign(raw)})
+        assert response.status_code == 200 and response.json()["duplicate"] is False
+        await bed.outbox.deliver_due()
+        assert len(bed.slack.posted) == 2 and len(bed.discord.posted) == 2
+        # The old card's buttons still point at its own alert, posts and all.
+        old_id = old.key.split("|")[0]
+        assert await bed.desk.post_reference(old_id, "slack:CALERT") == old.reference
+        claimed = await bed.desk.act(old_id, "claim", "<@UALICE>")
+        assert claimed is not None and claimed.state.value == "claimed"
+    finally:
+        await bed.close()
+
+
+async def test_a_claim_while_a_card_is_being_posted_reaches_that_card(bed: Bed) -> None:
+    await post(bed.url, GOOD, {SIGNATURE_HEADER: sign(GOOD)})
+    bed.slack.gate = asyncio.Event()  # Slack takes the card, its answer is slow
+    delivering = asyncio.create_task(bed.outbox.deliver_due())
+    await asyncio.wait_for(bed.slack.posting.wait(), 5)
+    for _ in range(200):  # Discord's copy is posted meanwhile (destinations go side by side)
+        if await bed.desk.post_reference(bed.slack.posted[0].key.split("|")[0], "discord:555"):
+            break
+        await asyncio.sleep(0.01)
+    alert_id = bed.slack.posted[0].key.split("|")[0]
+    await bed.desk.act(alert_id, "claim", "<@UALICE>")  # clicked on the Discord card
+    bed.slack.gate.set()
+    await delivering
+    await bed.outbox.deliver_due()
+    for copy in (bed.slack.posted[0], bed.discord.posted[0]):
+        assert copy.updates, f"the {copy.channel} card was never updated"
+        assert "Claimed by" in json.dumps(copy.updates[-1])
