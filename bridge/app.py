@@ -19,7 +19,7 @@ from bridge.insitechat import InsiteChatClient, RetryPolicy
 from bridge.limiter import SlidingWindowLimiter
 from bridge.outbox import Outbox
 from bridge.relay import Relay
-from bridge.store import Store, open_store
+from bridge.store import Store, StoreError, open_store
 from bridge.webhooks import WebhookReceiver
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # Together well inside `docker stop`'s 10 s before SIGKILL; whatever is not done stays stored.
 GRACE = 6.0  # answers in flight may finish
 FINAL_PASS = 2.0  # then the outbox posts what is due
+PRUNE_EVERY = 3600.0
 
 
 def build_clients(settings: Settings, clock: Clock) -> dict[str, InsiteChatClient]:
@@ -101,6 +102,7 @@ class BridgeApp:
         self._runner: web.AppRunner | None = None
         self.server_url = ""
         self.stopped = asyncio.Event()
+        self._maintenance: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         for adapter in self.adapters:
@@ -122,6 +124,7 @@ class BridgeApp:
         self.outbox.start()
         await self.relay.recover()
         self.relay.start()
+        self._maintenance = asyncio.get_running_loop().create_task(self._maintain(), name="store-maintenance")
         if self.console is not None and self.settings.platforms == ["console"]:
             # A console-only bridge (the sandbox) ends with its input.
             asyncio.get_running_loop().create_task(self._stop_at_end_of_input(self.console))
@@ -136,6 +139,15 @@ class BridgeApp:
         self.server_url = f"http://{self.settings.server.host}:{port}"
         log.info("web server listening on %s", self.server_url)
 
+    async def _maintain(self) -> None:
+        """Forget what expired and drop kept texts past their window, hour by hour."""
+        while True:
+            await self.clock.sleep(PRUNE_EVERY)
+            try:
+                await self.store.prune()
+            except StoreError as exc:
+                log.error("pruning the state store failed: %s", exc)
+
     async def _stop_at_end_of_input(self, console: ConsoleAdapter) -> None:
         await console.finished.wait()
         log.info("end of input: stopping")
@@ -149,6 +161,8 @@ class BridgeApp:
             stop_intake = getattr(adapter, "stop_intake", None)
             if stop_intake is not None:
                 await stop_intake()
+        if self._maintenance is not None:
+            self._maintenance.cancel()
         await self.relay.drain(self.grace)
         # What is due goes out now if it can (a bounded try); the rest stays queued.
         await self.outbox.stop(final_pass=min(self.grace, FINAL_PASS))
@@ -192,6 +206,8 @@ class BridgeApp:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         depth, oldest = await self.store.outbox_depth()
+        for state, count in (await self.store.job_counts()).items():
+            metrics.CHAT_JOBS.labels(state.value).set(count)
         metrics.OUTBOX_DEPTH.set(depth)
         metrics.OUTBOX_OLDEST.set(oldest or 0.0)
         for name, client in self.clients.items():
