@@ -340,6 +340,21 @@ async def test_a_failed_post_is_retried_and_the_answer_arrives_once(
     assert BOT_TOKEN not in caplog.text
 
 
+async def test_a_busy_channel_answering_429_again_and_again_gets_its_answer_late_once(
+    start_bridge, slack: FakeSlack, emulator: Emulator
+) -> None:
+    # More 429s in a row than slack_sdk waits out (it gives up after 3 retries): the outbox
+    # keeps the answer InsiteChat already produced and posts it once Slack takes it.
+    slack.fail("chat.postMessage", status=429, retry_after=0, count=5)
+    bridge = await start_bridge()
+    await bridge.post_event(payload("message_im"))
+    await slack.wait_for(lambda: slack.posts, timeout=20)
+    await settle(bridge)
+    [answer] = texts(slack)
+    assert answer not in NOTICES.values()
+    assert len(chat_calls(emulator)) == 1
+
+
 @pytest.mark.parametrize(
     ("fault", "notice"),
     [
