@@ -343,8 +343,8 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
             log.error("discord: message %s could not be stored and will not be answered: %s", inbound.message_id, exc)
 
     def _submit(self, inbound: Inbound) -> None:
-        # relay.submit returns a running task; anything else awaitable is scheduled here,
-        # so the gateway reader never waits for an answer.
+        # Slash commands: deferred already (Discord needs that within 3 s); the job is
+        # stored in the background so the gateway reader never waits.
         result = asyncio.ensure_future(self._on_message(inbound))
         self._pending.add(result)
         result.add_done_callback(self._pending.discard)

@@ -299,8 +299,8 @@ class SlackAdapter(SlackInteractions):
         return BoltResponse(status=200, body="")
 
     def _submit(self, inbound: Inbound) -> None:
-        # relay.submit returns a task; a plain coroutine function is scheduled here.
-        # Never awaited in a listener: answering takes seconds.
+        # Slash commands: acknowledged already (Slack needs the ack within 3 s, and the
+        # question's own post must exist first), so the job is stored in the background.
         result = self._on_message(inbound)
         if inspect.isawaitable(result) and not isinstance(result, asyncio.Future):
             self._spawn(result)  # type: ignore[arg-type]

@@ -198,12 +198,18 @@ class Relay:
         for job in jobs:
             if job.id in self._tasks:
                 continue
+            platform = job.inbound.platform if job.inbound is not None else ""
+            if platform not in self._adapters:
+                # The config no longer has that platform: its lease runs out, and a later
+                # start that has the platform again answers it.
+                log.warning("job %s (%s) waits: %s is not configured", job.id, job.key, platform or "its platform")
+                continue
             log.info(
                 "recovered job %s (%s, %s): %s",
                 job.id, job.key, job.state.value,
                 "asking again" if job.state is JobState.ACCEPTED or self._ask_again else "telling the person",
             )
-            metrics.MESSAGES.labels(job.key.split(":")[1], "recovered").inc()
+            metrics.MESSAGES.labels(platform, "recovered").inc()
             self._start(job, recovered=True)
         return len(jobs)
 
