@@ -328,7 +328,9 @@ class SQLiteStore:
     # --- chat jobs ------------------------------------------------------------------------------
 
     async def create_job(self, job: ChatJob, *, lease: float) -> bool:
-        assert job.inbound is not None
+        if job.inbound is None:
+            raise ValueError("a new job carries its question")
+        inbound = json.dumps(inbound_to_json(job.inbound))
 
         def create() -> bool:
             cursor = self._db.execute(
@@ -336,7 +338,7 @@ class SQLiteStore:
                 "lease_until, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.id, job.key, job.conversation, job.chatbot, job.state.value,
-                    json.dumps(inbound_to_json(job.inbound)), self.owner, self._clock.time() + lease, job.created_at,
+                    inbound, self.owner, self._clock.time() + lease, job.created_at,
                 ),
             )
             return cursor.rowcount == 1
