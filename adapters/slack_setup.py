@@ -8,7 +8,11 @@ from typing import Any
 
 import aiohttp
 from slack_sdk.errors import SlackApiError
-from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler, async_default_handlers
+from slack_sdk.http_retry.async_handler import AsyncRetryHandler
+from slack_sdk.http_retry.builtin_async_handlers import AsyncConnectionErrorRetryHandler, AsyncRateLimitErrorRetryHandler
+from slack_sdk.http_retry.request import HttpRequest
+from slack_sdk.http_retry.response import HttpResponse
+from slack_sdk.http_retry.state import RetryState
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bridge.config import Settings
@@ -113,9 +117,46 @@ def manifest(settings: Settings, request_url: str = "") -> dict[str, Any]:
 # --- the Web API client ------------------------------------------------------------------------
 
 
+# Web API methods that create a message: sent twice, they post twice.
+NOT_IDEMPOTENT = frozenset({"chat.postMessage", "chat.postEphemeral", "chat.scheduleMessage", "chat.meMessage"})
+
+
+class ConnectionRetryExceptPosts(AsyncConnectionErrorRetryHandler):
+    """slack_sdk's retry of dropped connections, except where a re-send could post twice.
+
+    A connection that drops after the request went out (ServerDisconnectedError, a reset)
+    does not say whether Slack posted: the SDK's re-send of chat.postMessage then shows the
+    answer twice. Those methods are retried only when the connection could not be opened
+    (ClientConnectorError: nothing was sent); any other drop goes back to the caller, and
+    the outbox tries again later with look_first, which finds what did land. Reads,
+    reactions and chat.update keep the retry: repeating them changes nothing, and it
+    smooths over pooled keep-alive connections that the server closed.
+    """
+
+    async def _can_retry_async(
+        self,
+        *,
+        state: RetryState,
+        request: HttpRequest,
+        response: HttpResponse | None = None,
+        error: Exception | None = None,
+    ) -> bool:
+        if not await super()._can_retry_async(state=state, request=request, response=response, error=error):
+            return False
+        method = request.url.rsplit("/", 1)[-1].split("?", 1)[0]
+        return method not in NOT_IDEMPOTENT or isinstance(error, aiohttp.ClientConnectorError)
+
+
 def make_client(token: str, api_url: str, *, rate_limit_retries: int = RATE_LIMIT_RETRIES) -> AsyncWebClient:
-    """A Web API client that waits out 429s (Retry-After) besides retrying dropped connections."""
-    handlers = [*async_default_handlers(), AsyncRateLimitErrorRetryHandler(max_retry_count=rate_limit_retries)]
+    """A Web API client that waits out 429s (Retry-After) and retries dropped connections, but never re-posts.
+
+    A 429 means Slack did nothing, so waiting it out is safe for every method; see
+    ConnectionRetryExceptPosts for why a dropped connection is not.
+    """
+    handlers: list[AsyncRetryHandler] = [
+        ConnectionRetryExceptPosts(),
+        AsyncRateLimitErrorRetryHandler(max_retry_count=rate_limit_retries),
+    ]
     return AsyncWebClient(token=token, base_url=api_url, retry_handlers=handlers)
 
 

@@ -104,6 +104,7 @@ class SlackFault:
     headers: dict[str, str]
     remaining: int | None  # None = forever
     after: bool = False  # do the work, then answer the error (the answer was "lost")
+    drop: bool = False  # do the work, then close the connection without any answer
 
 
 @dataclass
@@ -162,22 +163,33 @@ class FakeSlack:
         retry_after: int | None = None,
         count: int | None = 1,
         after: bool = False,
+        drop: bool = False,
     ) -> SlackFault:
         """Make the next `count` calls of `method` fail: 429 (+Retry-After), 500, or 200 with ok=false.
 
         `after=True`: the call takes effect first and only its answer is the error, like a
         post whose response was lost on the way back.
+        `drop=True`: the call takes effect, then the connection closes with no answer at all
+        (the client sees ServerDisconnectedError); `status` and `error` are not used.
         """
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
         if status == 429:
             error = "ratelimited"
-        fault = SlackFault(method, status, error, headers, count, after)
+        fault = SlackFault(method, status, error, headers, count, after, drop)
         self.faults.append(fault)
         return fault
 
     def heal(self, method: str | None = None) -> None:
         """Drop the faults of `method` (of every method when None)."""
         self.faults = [f for f in self.faults if method is not None and f.method != method]
+
+    def user_message(self, channel: str, ts: str, text: str = "a question", *, user: str = "U0ALICE", thread_ts: str = "") -> dict[str, Any]:
+        """Store a person's message (events alone do not): the root a thread search needs to exist."""
+        message: dict[str, Any] = {"type": "message", "text": text, "user": user, "ts": ts}
+        if thread_ts:
+            message["thread_ts"] = thread_ts
+        self.messages.setdefault(channel, []).append(message)
+        return message
 
     def message(self, channel: str, ts: str) -> dict[str, Any] | None:
         """The stored message (as last updated), or None."""
@@ -280,20 +292,27 @@ class FakeSlack:
         method = request.match_info["method"]
         args = await self._args(request)
         token = request.headers.get("Authorization", "").removeprefix("Bearer ") or str(args.pop("token", ""))
-        status, data, headers = self._answer(method, args, token)
+        status, data, headers, drop = self._answer(method, args, token)
         self.calls.append(SlackCall(method, args, token, status, bool(data.get("ok")), asyncio.get_running_loop().time(), data))
         self._notify()
-        return web.json_response(data, status=status, headers=headers)
+        if drop and request.transport is not None:
+            # Closed before a byte of the answer: the client cannot tell whether the call worked.
+            request.transport.close()
+        return web.json_response(data, status=status or 200, headers=headers)  # after a drop, never sent
 
-    def _answer(self, method: str, args: dict[str, Any], token: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    def _answer(self, method: str, args: dict[str, Any], token: str) -> tuple[int, dict[str, Any], dict[str, str], bool]:
+        """(status, JSON, headers, drop the connection instead of answering)."""
         fault = next((f for f in self.faults if f.method == method and (f.remaining is None or f.remaining > 0)), None)
         if fault is not None:
             if fault.remaining is not None:
                 fault.remaining -= 1
+            if fault.drop:
+                _, data, headers = self._answer_normally(method, args, token)
+                return 0, data, headers, True  # status 0 in the record: no answer was sent
             if fault.after:
                 self._answer_normally(method, args, token)
-            return fault.status, {"ok": False, "error": fault.error}, fault.headers
-        return self._answer_normally(method, args, token)
+            return fault.status, {"ok": False, "error": fault.error}, fault.headers, False
+        return (*self._answer_normally(method, args, token), False)
 
     def _answer_normally(self, method: str, args: dict[str, Any], token: str) -> tuple[int, dict[str, Any], dict[str, str]]:
         if self._stopping:
