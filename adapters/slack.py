@@ -30,6 +30,7 @@ from adapters.slack_alerts import (
     human_blocks,
     is_dm_channel,
 )
+from adapters.slack_delivery import part_mark, part_metadata, send_error
 from adapters.slack_interactions import SlackInteractions
 from adapters.slack_setup import (
     EVENTS_PATH,
@@ -48,7 +49,7 @@ from bridge.clock import Clock, SystemClock
 from bridge.config import Settings
 from bridge.desk import AlertDesk
 from bridge.formatting import split_text
-from bridge.messages import Conversation, Inbound, Outbound
+from bridge.messages import Conversation, Delivery, Inbound, Outbound
 from bridge.store import Store, StoreError
 
 __all__ = ["SlackAdapter", "SlackError", "check", "manifest"]
@@ -59,7 +60,7 @@ CONNECT_TIMEOUT = 30.0  # Socket Mode: the SDK retries a failed connect forever;
 SIGNAL_GRACE = 2.0  # seconds stop() gives pending reaction removals
 SOCKET_PING_INTERVAL = 10.0  # Socket Mode ping every this many seconds (Bolt's default)
 SILENT_AFTER = 2  # pings: a socket silent for longer is not ready, even if it looks connected
-FIND_PAGES = 5  # conversations.history/replies pages searched for an alert card after a crash
+FIND_PAGES = 5  # conversations.history/replies pages searched for an earlier post after a crash
 FIND_PAGE_SIZE = 200
 _DM_THREADS_KEPT = 1000
 
@@ -317,6 +318,11 @@ class SlackAdapter(SlackInteractions):
 
         With `offer_human`, the last part carries the "Talk to a human" button. Notices the
         outbox sends (no `reply_to`) go to the conversation's thread, or the DM itself.
+
+        With a `delivery`, each part carries (key, part, parts) in its message metadata; with
+        `look_first`, the parts an earlier attempt already posted are found by that mark and
+        only the others are posted. Raises SlackPostRefused (a PermanentSendError) when Slack
+        refuses for good, another SlackError when trying later may work.
         """
         conversation = outbound.conversation
         thread = conversation.thread or self._dm_threads.get((conversation.channel, outbound.reply_to), "")
@@ -325,11 +331,18 @@ class SlackAdapter(SlackInteractions):
         if chatbot and len(parts[-1]) > SECTION_LIMIT:
             # A section holds less than a plain message: the last part is split once more.
             parts[-1:] = split_text(parts[-1], SECTION_LIMIT)
-        posted: list[str] = []
+        delivery = outbound.delivery
+        posted: dict[int, str] = {}
+        if delivery is not None and delivery.look_first and parts:
+            posted = await self._find_parts(conversation.channel, thread, delivery, len(parts))
         for number, part in enumerate(parts, start=1):
+            if number in posted:
+                continue
             extra: dict[str, Any] = {}
             if chatbot and number == len(parts):
                 extra["blocks"] = human_blocks(part, conversation, chatbot)  # `text` stays the fallback
+            if delivery is not None:
+                extra["metadata"] = part_metadata(delivery.key, number, len(parts))
             try:
                 response = await self.client.chat_postMessage(
                     channel=conversation.channel,
@@ -340,12 +353,37 @@ class SlackAdapter(SlackInteractions):
                     **extra,
                 )
             except (SlackApiError, *NETWORK_ERRORS) as exc:
-                raise SlackError(
+                raise send_error(
                     f"chat.postMessage to {conversation.channel} failed on part {number} of "
-                    f"{len(parts)} ({error_code(exc)})"
+                    f"{len(parts)} ({error_code(exc)})",
+                    exc,
                 ) from None
-            posted.append(str(response.get("ts") or ""))
-        return posted
+            posted[number] = str(response.get("ts") or "")
+        return [posted[number] for number in range(1, len(parts) + 1)]
+
+    async def _find_parts(self, channel: str, thread: str, delivery: Delivery, count: int) -> dict[int, str]:
+        """The parts of `delivery` already in Slack: part number -> ts. Raises when Slack cannot be asked."""
+        found: dict[int, str] = {}
+
+        def visit(message: dict[str, Any]) -> bool:
+            mark = part_mark(message)
+            ts = str(message.get("ts") or "")
+            if mark is None or mark.key != delivery.key or not ts:
+                return False
+            if mark.parts != count or not 1 <= mark.part <= count:
+                # Split differently then (another config): matching by number would garble the answer.
+                log.warning(
+                    "slack: an earlier post of %s is part %d of %d, not of %d; ignored", delivery.key, mark.part, mark.parts, count
+                )
+                return False
+            if mark.part not in found or float(ts) < float(found[mark.part]):
+                found[mark.part] = ts  # posted twice (before this fix): the first one stands
+            return len(found) == count
+
+        await self._scan(channel, thread=thread, since=delivery.since, what="the parts of an answer", visit=visit)
+        if found:
+            log.info("slack: %d of %d part(s) of %s were already posted; posting the rest", len(found), count, delivery.key)
+        return found
 
     def _human_chatbot(self, conversation: Conversation) -> str:
         """The chatbot a "Talk to a human" click escalates for: the conversation's route's."""
@@ -441,9 +479,29 @@ class SlackAdapter(SlackInteractions):
     async def find_alert(self, channel: str, key: str, *, since: float, thread: str) -> str | None:
         """The ts of a card posted with `key` since `since`, found by its metadata; None if there is none.
 
-        Searches the thread (conversations.replies) or the channel (conversations.history),
-        a bounded number of pages; raises when Slack cannot be asked, so the outbox waits
-        instead of guessing.
+        Searches the thread or the channel (see _scan); raises when Slack cannot be asked,
+        so the outbox waits instead of guessing.
+        """
+        found: list[str] = []
+
+        def visit(message: dict[str, Any]) -> bool:
+            if alert_key(message) != key:
+                return False
+            found.append(str(message.get("ts") or ""))
+            return True
+
+        await self._scan(channel, thread=thread, since=since, what="an alert", visit=visit)
+        return (found[0] or None) if found else None
+
+    async def _scan(
+        self, channel: str, *, thread: str, since: float, what: str, visit: Callable[[dict[str, Any]], bool]
+    ) -> None:
+        """Show `visit` the bot's own messages posted since `since`, metadata included, until it returns True.
+
+        In the thread (conversations.replies on its root) when there is one, else in the
+        channel or DM itself (conversations.history); at most FIND_PAGES pages, after which
+        what was not found counts as not posted. Raises when Slack cannot be asked (a
+        SlackPostRefused when it never will be), so the outbox waits instead of guessing.
         """
         oldest = f"{max(0.0, since - 60):.6f}"  # a minute of slack for clock skew
         cursor: str | None = None
@@ -456,20 +514,17 @@ class SlackAdapter(SlackInteractions):
                     response = await self.client.conversations_replies(ts=thread, **args)
                 else:
                     response = await self.client.conversations_history(**args)
-            except SlackApiError as exc:
-                if thread and error_code(exc) == "thread_not_found":
-                    return None  # the thread's root is gone, and so is anything posted in it
-                raise SlackError(f"looking for an alert in {channel} failed ({error_code(exc)})") from None
-            except NETWORK_ERRORS as exc:
-                raise SlackError(f"looking for an alert in {channel} failed ({error_code(exc)})") from None
+            except (SlackApiError, *NETWORK_ERRORS) as exc:
+                if thread and isinstance(exc, SlackApiError) and error_code(exc) == "thread_not_found":
+                    return  # the thread's root is gone, and so is anything posted in it
+                raise send_error(f"looking for {what} in {channel} failed ({error_code(exc)})", exc) from None
             for message in response.get("messages") or []:
-                if alert_key(message) == key and self._posted_by_me(message):
-                    return str(message.get("ts") or "") or None
+                if self._posted_by_me(message) and visit(message):
+                    return
             cursor = str((response.get("response_metadata") or {}).get("next_cursor") or "") or None
             if not cursor:
-                return None
-        log.warning("alert search in %s stopped after %d pages; posting again", channel, FIND_PAGES)
-        return None
+                return
+        log.warning("search for %s in %s stopped after %d pages; posting again", what, channel, FIND_PAGES)
 
     def _posted_by_me(self, message: dict[str, Any]) -> bool:
         bot_id = str(message.get("bot_id") or "")

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from adapters.slack_delivery import marked_payload
 from adapters.slack_translate import PLATFORM
 from bridge.messages import Conversation
 
@@ -40,11 +41,8 @@ def alert_metadata(key: str) -> dict[str, Any]:
 
 def alert_key(message: Mapping[str, Any]) -> str | None:
     """The delivery key stored in a message's metadata, or None when it is not one of our cards."""
-    metadata = message.get("metadata")
-    if not isinstance(metadata, Mapping) or metadata.get("event_type") != ALERT_EVENT_TYPE:
-        return None
-    payload = metadata.get("event_payload")
-    key = payload.get("key") if isinstance(payload, Mapping) else None
+    payload = marked_payload(message, ALERT_EVENT_TYPE)
+    key = payload.get("key") if payload is not None else None
     return key if isinstance(key, str) else None
 
 

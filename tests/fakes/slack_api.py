@@ -105,6 +105,7 @@ class SlackFault:
     remaining: int | None  # None = forever
     after: bool = False  # do the work, then answer the error (the answer was "lost")
     drop: bool = False  # do the work, then close the connection without any answer
+    skip: int = 0  # calls let through untouched before the fault starts
 
 
 @dataclass
@@ -164,8 +165,11 @@ class FakeSlack:
         count: int | None = 1,
         after: bool = False,
         drop: bool = False,
+        skip: int = 0,
     ) -> SlackFault:
         """Make the next `count` calls of `method` fail: 429 (+Retry-After), 500, or 200 with ok=false.
+
+        `skip`: the first `skip` calls of `method` are answered normally (part 3 of 3 fails).
 
         `after=True`: the call takes effect first and only its answer is the error, like a
         post whose response was lost on the way back.
@@ -175,7 +179,7 @@ class FakeSlack:
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
         if status == 429:
             error = "ratelimited"
-        fault = SlackFault(method, status, error, headers, count, after, drop)
+        fault = SlackFault(method, status, error, headers, count, after, drop, skip)
         self.faults.append(fault)
         return fault
 
@@ -303,6 +307,9 @@ class FakeSlack:
     def _answer(self, method: str, args: dict[str, Any], token: str) -> tuple[int, dict[str, Any], dict[str, str], bool]:
         """(status, JSON, headers, drop the connection instead of answering)."""
         fault = next((f for f in self.faults if f.method == method and (f.remaining is None or f.remaining > 0)), None)
+        if fault is not None and fault.skip:
+            fault.skip -= 1
+            fault = None
         if fault is not None:
             if fault.remaining is not None:
                 fault.remaining -= 1

@@ -10,6 +10,7 @@ import pytest
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 
 from adapters.slack import SlackAdapter, SlackError
+from adapters.slack_delivery import DELIVERY_EVENT_TYPE
 from bridge import config
 from bridge.emulator import SANDBOX_CHATBOT_ID
 from bridge.messages import Conversation, Delivery, Outbound
@@ -76,3 +77,112 @@ async def test_a_lost_response_is_not_re_sent_by_the_sdk(slack: FakeSlack, start
     assert not isinstance(failure.value, PermanentSendError)  # the outbox tries again later
     assert len(posted(slack)) == 1
     assert len(slack.calls_to("chat.postMessage")) == 1  # no connection-error re-send by slack_sdk
+
+
+async def test_idempotent_calls_keep_the_connection_retry(slack: FakeSlack, start_adapter: StartAdapter) -> None:
+    adapter = await start_adapter()
+    slack.user_message(CHANNEL, QUESTION)
+    slack.fail("conversations.replies", drop=True)
+    # A read whose answer was lost is asked again by the SDK; the search goes through.
+    assert await adapter.send(answer("hello", look_first=True)) == [posted(slack)[0]["ts"]]
+    assert len(slack.calls_to("conversations.replies")) == 2
+
+
+async def test_look_first_after_a_lost_response_posts_each_part_once(slack: FakeSlack, start_adapter: StartAdapter) -> None:
+    adapter = await start_adapter()
+    slack.user_message(CHANNEL, QUESTION)
+    slack.fail("chat.postMessage", drop=True)
+    with pytest.raises(SlackError):
+        await adapter.send(answer("part one", "part two"))  # part one landed; its answer was lost
+
+    ts = await adapter.send(answer("part one", "part two", look_first=True))
+
+    messages = posted(slack)
+    assert [m["text"] for m in messages] == ["part one", "part two"]
+    assert ts == [m["ts"] for m in messages]
+    assert [m["metadata"] for m in messages] == [
+        {"event_type": DELIVERY_EVENT_TYPE, "event_payload": {"key": "job:1", "part": n, "parts": 2}} for n in (1, 2)
+    ]
+    assert all(m["thread_ts"] == QUESTION for m in messages)
+    [search] = slack.calls_to("conversations.replies")
+    assert search.args["ts"] == QUESTION and search.args["include_all_metadata"] in (True, "1", "true")
+
+
+async def test_look_first_after_a_crash_posts_only_the_missing_part(slack: FakeSlack, start_adapter: StartAdapter) -> None:
+    since = time.time() - 5
+    parts = ("part one", "part two", "part three")
+    slack.user_message(CHANNEL, QUESTION)
+    slack.user_message(CHANNEL, "1700000200.000200", "someone else in the thread", thread_ts=QUESTION)
+    before = await start_adapter()
+    slack.fail("chat.postMessage", status=500, skip=2)  # parts one and two posted, then the crash
+    with pytest.raises(SlackError):
+        await before.send(answer(*parts, since=since))
+    await before.send(answer("another answer", key="job:2", since=since))  # same thread, not this delivery
+    await before.stop()
+
+    after = await start_adapter()  # the restarted bridge remembers nothing
+    ts = await after.send(answer(*parts, look_first=True, since=since))
+
+    mine = [m for m in posted(slack) if m["metadata"]["event_payload"]["key"] == "job:1"]
+    assert [m["text"] for m in mine] == list(parts)
+    assert ts == [m["ts"] for m in mine]
+    [resent] = [c for c in slack.calls_to("chat.postMessage") if c.ok][3:]
+    assert resent.args["text"] == "part three"
+    assert slack.calls_to("conversations.replies")[0].args["oldest"] == f"{since - 60:.6f}"
+
+
+async def test_look_first_in_a_dm_searches_its_history(slack: FakeSlack, start_adapter: StartAdapter) -> None:
+    adapter = await start_adapter()
+    first = await adapter.send(answer("dm one", "dm two", channel=DM))
+    assert await adapter.send(answer("dm one", "dm two", look_first=True, channel=DM)) == first
+    assert len(posted(slack, DM)) == 2
+    assert slack.calls_to("conversations.history") and not slack.calls_to("conversations.replies")
+
+
+async def test_look_first_never_guesses_when_slack_cannot_be_asked(slack: FakeSlack, start_adapter: StartAdapter) -> None:
+    adapter = await start_adapter()
+    slack.fail("conversations.history", status=500)
+    with pytest.raises(SlackError) as failure:
+        await adapter.send(answer("dm one", look_first=True, channel=DM))
+    assert not isinstance(failure.value, PermanentSendError)
+    assert slack.calls_to("chat.postMessage") == []  # nothing posted blind
+
+
+# --- permanent and temporary refusals --------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", ["channel_not_found", "is_archived", "not_in_channel", "token_revoked", "restricted_action_read_only_channel"])
+async def test_final_refusals_are_permanent(slack: FakeSlack, start_adapter: StartAdapter, code: str) -> None:
+    adapter = await start_adapter()
+    slack.fail("chat.postMessage", error=code)
+    with pytest.raises(PermanentSendError) as failure:
+        await adapter.send(answer("hello", channel=DM))
+    assert code in str(failure.value) and BOT_TOKEN not in str(failure.value)
+    assert isinstance(failure.value, SlackError)  # callers that catch SlackError still do
+
+
+async def test_a_refused_search_is_permanent_too(slack: FakeSlack, start_adapter: StartAdapter) -> None:
+    adapter = await start_adapter()
+    slack.channels["C0GONE"] = {"name": "gone", "is_member": False}  # the bot was removed
+    with pytest.raises(PermanentSendError, match="not_in_channel"):
+        await adapter.send(answer("hello", look_first=True, channel="C0GONE"))
+
+
+async def test_passing_trouble_is_not_permanent(slack: FakeSlack, start_adapter: StartAdapter) -> None:
+    adapter = await start_adapter()
+    for handler in adapter.client.retry_handlers:
+        if isinstance(handler, AsyncRateLimitErrorRetryHandler):
+            handler.max_retry_count = 1  # one wait (under a second), not three
+    slack.fail("chat.postMessage", error="channel_not_found")
+    with pytest.raises(PermanentSendError):  # the contrast: this one is final
+        await adapter.send(answer("hello", channel=DM))
+    for fault in (
+        dict(status=500),  # fatal_error: Slack may even have posted; worth another look later
+        dict(error="internal_error"),
+        dict(status=429, retry_after=0, count=2),  # still rate limited after the SDK's retry
+    ):
+        slack.fail("chat.postMessage", **fault)  # type: ignore[arg-type]
+        with pytest.raises(SlackError) as failure:
+            await adapter.send(answer("hello", channel=DM))
+        assert not isinstance(failure.value, PermanentSendError), fault
+        slack.heal()
