@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import discord
 
-from adapters.discord_alerts import human_view
+from adapters.discord_alerts import delivery_nonce, human_view
 from adapters.discord_places import Origin, Recent, place_of_channel
 from adapters.discord_translate import Place, PlaceKind
 from bridge.clock import Clock
@@ -30,12 +30,15 @@ INTERACTION_LIFETIME = 15 * 60.0  # an interaction token accepts followups for 1
 
 
 def make_nonce(outbound: Outbound, index: int) -> str:
-    """A nonce from the source message id, the kind and the part index (Discord allows 25 characters).
+    """A nonce from the delivery key (or else the source message id), and the part index; at most 25 characters.
 
-    The same answer part re-sent after a crash gets the same nonce, so Discord (with
-    enforce_nonce) returns the earlier message instead of posting it twice. Notices add a
-    digest of their text: a "queued" and an "error" notice on one message are different posts.
+    The same part re-sent after a crash gets the same nonce, so Discord (with enforce_nonce)
+    returns the earlier message instead of posting it twice. The outbox's delivery key is
+    unique per answer and per notice; without one, notices add a digest of their text: a
+    "queued" and an "error" notice on one message are different posts.
     """
+    if outbound.delivery is not None:
+        return delivery_nonce(outbound.delivery.key, f"part{index}")
     source = outbound.reply_to or outbound.conversation.key
     base = _base36(int(source)) if source.isdigit() else hashlib.sha1(source.encode()).hexdigest()[:12]
     if outbound.kind is OutboundKind.ANSWER:

@@ -1,0 +1,122 @@
+"""Durable Discord posts: nonces from the delivery key, answers where no thread can be made, typed refusals, `check` of "*" routes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.discord_bot import DiscordAdapter
+from bridge import config
+from bridge.app import BridgeApp
+from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
+from bridge.messages import Conversation, Delivery, Outbound, OutboundKind
+from tests.fakes import discord_api as fd
+from tests.fakes.discord_api import FakeDiscord
+
+BOT = SANDBOX_CHATBOT_ID
+
+
+def make_settings(emulator_url: str, state: Path, *, routes: str = "") -> config.Settings:
+    routes = routes or f"  - {{platform: discord, chatbot: {BOT}, reply: mention}}"
+    return config.loads(
+        f"""
+insitechat: {{base_url: "{emulator_url}", api_key: "${{KEY}}"}}
+state: {{sqlite: "{state}"}}
+server: {{listen: "127.0.0.1:0"}}
+discord: {{token: "${{DISCORD_TOKEN}}", message_content_intent: true}}
+routes:
+{routes}
+""",
+        env={"KEY": SANDBOX_KEY, "DISCORD_TOKEN": fd.TOKEN},
+    )
+
+
+async def eventually(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture(autouse=True)
+def fast_ready(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(DiscordAdapter, "guild_ready_timeout", 0.1)
+    monkeypatch.setattr(DiscordAdapter, "start_timeout", 10.0)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeDiscord]:
+    async with fd.running_fake() as discord_fake:
+        yield discord_fake
+
+
+Bridge = Callable[..., Awaitable[BridgeApp]]
+
+
+@pytest.fixture
+async def bridge(emulator: Emulator, fake: FakeDiscord, tmp_path: Path) -> AsyncIterator[Bridge]:
+    apps: list[BridgeApp] = []
+
+    async def start(**kw: Any) -> BridgeApp:
+        app = BridgeApp(make_settings(emulator.base_url, tmp_path / "state.db", **kw), grace=2)
+        apps.append(app)
+        await app.start()
+        await fake.wait_ready()
+        return app
+
+    yield start
+    for app in apps:
+        if not app.stopped.is_set():
+            await app.stop()
+
+
+async def settled(app: BridgeApp) -> None:
+    """The relay has nothing in flight: every answer and notice it meant to post is posted."""
+    await eventually(lambda: not app.relay.in_flight, what="the relay to settle")
+
+
+def chat_calls(emulator: Emulator) -> list[Any]:
+    return [r for r in emulator.requests if r.path.endswith("/chat")]
+
+
+def question_in(fake: FakeDiscord, channel: int, text: str = "asked while the bridge was down") -> dict[str, Any]:
+    """A question that is on Discord but that the bridge never saw (no gateway event)."""
+    question = fake.message_payload(channel, text, mention_bot=True)
+    fake.messages[int(question["id"])] = question
+    return question
+
+
+def outbound(question: dict[str, Any], *parts: str, key: str, look_first: bool = False, **kw: Any) -> Outbound:
+    conversation = Conversation("discord", str(fd.GUILD_ID), question["channel_id"], question["id"])
+    return Outbound(conversation, parts, reply_to=question["id"], delivery=Delivery(key, look_first=look_first), **kw)
+
+
+# --- nonces from the delivery key ---------------------------------------------------------------
+
+
+async def test_a_resend_of_a_delivery_returns_the_same_messages(bridge: Bridge, fake: FakeDiscord) -> None:
+    first = await bridge()
+    question = question_in(fake, fd.GENERAL)
+    thread = int(question["id"])
+    ids = await first.adapters[0].send(outbound(question, "part one", "part two", key="job:1"))
+    await first.stop()
+
+    second = await bridge()  # after a crash: nothing remembered but the delivery
+    assert await second.adapters[0].send(outbound(question, "part one", "part two", key="job:1", look_first=True)) == ids
+    assert [p["content"] for p in fake.bot_posts(thread)] == ["part one", "part two"]
+    nonces = [c.json["nonce"] for c in fake.rest("POST", rf"/channels/{thread}/messages")]
+    assert all(0 < len(n) <= 25 for n in nonces) and nonces[:2] == nonces[2:] and nonces[0] != nonces[1]
+
+    # Other deliveries with the same words in that thread ("I'm back" twice) are posts of their own.
+    notice = Conversation("discord", str(fd.GUILD_ID), str(fd.GENERAL), question["id"])
+    for key in ("notice:1", "notice:2"):
+        await second.adapters[0].send(Outbound(notice, ("I'm back.",), OutboundKind.NOTICE, delivery=Delivery(key)))
+    assert [p["content"] for p in fake.bot_posts(thread)] == ["part one", "part two", "I'm back.", "I'm back."]
