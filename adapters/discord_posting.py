@@ -12,10 +12,12 @@ import discord
 
 from adapters.discord_alerts import delivery_nonce, human_view
 from adapters.discord_places import Origin, Recent, place_of_channel
+from adapters.discord_setup import PERMISSION_NAMES
 from adapters.discord_translate import Place, PlaceKind
 from bridge.clock import Clock
 from bridge.config import DiscordSettings, Settings
 from bridge.messages import Conversation, Outbound, OutboundKind
+from bridge.ports import PermanentSendError
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,11 @@ log = logging.getLogger(__name__)
 NO_MENTIONS = discord.AllowedMentions.none()
 
 THREAD_ALREADY_CREATED = 160004  # Discord's error code when a message already has a thread
+MISSING_ACCESS = 50001
+MISSING_PERMISSIONS = 50013
+WRONG_CHANNEL_TYPE = 50024  # "Cannot execute action on this channel type": no threads here
+# What starting a thread on a message and answering in it takes, beyond posting in the channel.
+THREAD_PERMISSIONS = discord.Permissions(create_public_threads=True, send_messages_in_threads=True, read_message_history=True)
 THREAD_NAME_LIMIT = 100
 THREAD_ARCHIVE_MINUTES = 1440
 NONCE_LIMIT = 25
@@ -131,8 +138,20 @@ class DiscordPosting:
         """Post the parts in order where the conversation lives; returns the message ids; raises on failure.
 
         A notice with no message to answer (from the outbox: "I'm back") goes into the
-        conversation's thread, or as a reply to its question when threads are off.
+        conversation's thread, or as a reply to its question when threads are off or
+        cannot be made. Raises PermanentSendError when Discord refuses for good: 404 (the
+        channel is gone: 10003) or 403 (the bot may not post there: 50001, 50013, also after
+        the reply in the channel was tried). Anything else it raises (429, 5xx, network, and
+        also a 400 such as 50035) is left to the outbox to try again.
         """
+        try:
+            return await self._send(outbound)
+        except (discord.NotFound, discord.Forbidden) as exc:
+            raise PermanentSendError(
+                f"discord refused the post to {outbound.conversation.channel} ({exc.status}, code {exc.code}: {exc.text})"
+            ) from exc
+
+    async def _send(self, outbound: Outbound) -> list[str]:
         client = self._require_client()
         held = self._interactions.get(outbound.reply_to) if outbound.reply_to else None
         if held is not None and self._clock.monotonic() - held[0] < INTERACTION_LIFETIME:
@@ -141,15 +160,20 @@ class DiscordPosting:
         conversation = outbound.conversation
         answering = outbound.reply_to or conversation.thread
         reference: discord.MessageReference | None = None
-        if origin.place.kind in (PlaceKind.DM, PlaceKind.THREAD):
-            target_id = origin.place.channel_id
-        elif (
+        thread_id: str | None = None
+        if (
             origin.place.kind is PlaceKind.TEXT
             and outbound.reply_to
             and conversation.thread == outbound.reply_to
             and self._threads_on(conversation.workspace, conversation.channel)
         ):
-            target_id = await self._ensure_thread(origin, outbound.reply_to)
+            # None when no thread can be made here: the answer becomes a reply to the question,
+            # and a reply to it continues the conversation (thread = question id) through _roots.
+            thread_id = await self._ensure_thread(origin, outbound.reply_to)
+        if origin.place.kind in (PlaceKind.DM, PlaceKind.THREAD):
+            target_id = origin.place.channel_id
+        elif thread_id is not None:
+            target_id = thread_id
         else:
             target_id = origin.place.channel_id
             if answering.isdigit():
@@ -185,8 +209,13 @@ class DiscordPosting:
         chatbot_id = self._human_chatbot(outbound.conversation)
         return human_view(chatbot_id) if chatbot_id else None
 
-    async def _ensure_thread(self, origin: Origin, message_id: str) -> str:
-        """The thread on the user's message, created on first use; its id is the message id."""
+    async def _ensure_thread(self, origin: Origin, message_id: str) -> str | None:
+        """The thread on the user's message, created on first use (its id is the message id).
+
+        None when Discord will not make one there (the bot lacks Create Public Threads, or
+        the channel cannot hold threads): the caller answers in the channel instead, so the
+        answer and any error notice still arrive.
+        """
         client = self._require_client()
         if message_id in self._threads or isinstance(client.get_channel(int(message_id)), discord.Thread):
             return message_id
@@ -194,13 +223,23 @@ class DiscordPosting:
         if not isinstance(channel, discord.TextChannel):
             channel = await client.fetch_channel(int(origin.place.channel_id))
         if not isinstance(channel, discord.TextChannel):
-            raise RuntimeError(f"channel {origin.place.channel_id} cannot hold threads")
+            log.warning("discord: channel %s cannot hold threads; answering in the channel", origin.place.channel_id)
+            return None
         fallback = f"Chat with {client.user.display_name if client.user else 'the bot'}"
         try:
             await channel.get_partial_message(int(message_id)).create_thread(
                 name=thread_name(origin.hint, fallback), auto_archive_duration=THREAD_ARCHIVE_MINUTES
             )
         except discord.HTTPException as exc:
+            if isinstance(exc, discord.Forbidden) and exc.code in (MISSING_PERMISSIONS, MISSING_ACCESS):
+                log.warning(
+                    "discord: cannot start a thread in #%s (%s): the bot lacks %s; answering in the channel instead",
+                    channel.name, channel.id, _thread_permissions_missing(channel, exc.code),
+                )
+                return None
+            if exc.code == WRONG_CHANNEL_TYPE:
+                log.warning("discord: channel %s cannot hold threads; answering in the channel", channel.id)
+                return None
             # Created before a crash, or by a person in the meantime: post into it.
             if exc.code != THREAD_ALREADY_CREATED:
                 raise
@@ -220,3 +259,14 @@ class DiscordPosting:
             ids.append(str(message.id))
             self._roots[str(message.id)] = outbound.conversation.thread
         return ids
+
+
+def _thread_permissions_missing(channel: discord.TextChannel, code: int) -> str:
+    """The permission names behind a refused thread, from discord.py's cache; Discord's code tells when it knows nothing."""
+    me = channel.guild.me
+    if me is not None:
+        perms = channel.permissions_for(me)
+        missing = [PERMISSION_NAMES.get(name, name) for name, on in THREAD_PERMISSIONS if on and not getattr(perms, name)]
+        if missing:
+            return ", ".join(missing)
+    return "View Channel or Read Message History" if code == MISSING_ACCESS else PERMISSION_NAMES["create_public_threads"]

@@ -37,6 +37,7 @@ DM_CHANNEL = 1200000000000000030
 
 MESSAGE_CONTENT_INTENT = 1 << 15
 P = discord.Permissions
+ADMINISTRATOR = P(administrator=True).value
 EVERYONE_PERMS = P(
     view_channel=True,
     send_messages=True,
@@ -251,6 +252,58 @@ class FakeDiscord:
         fault = Fault(status, body or {"message": "Injected failure", "code": 0}, headers or {}, path, method, count, commit)
         self.faults.append(fault)
         return fault
+
+    async def revoke(self, *permissions: str, channel: int | None = None) -> None:
+        """Take permissions (discord.Permissions names) from the bot, in one channel or server-wide.
+
+        In a channel by a deny overwrite on the bot's role, else from its roles (and @everyone).
+        Connected clients get the update; REST enforces it from then on (403 50013, e.g. for a
+        thread without create_public_threads).
+        """
+        bits = P(**{name: True for name in permissions}).value
+        if channel is None:
+            for role in self.roles:
+                if int(role["id"]) in (GUILD_ID, BOT_ROLE_ID):
+                    role["permissions"] = str(int(role["permissions"]) & ~bits)
+                    await self.dispatch("GUILD_ROLE_UPDATE", {"guild_id": str(GUILD_ID), "role": role})
+            return
+        data = self.channels[channel]
+        overwrites = data.setdefault("permission_overwrites", [])
+        own = next((o for o in overwrites if int(o["id"]) == BOT_ROLE_ID), None)
+        if own is None:
+            own = {"id": str(BOT_ROLE_ID), "type": 0, "allow": "0", "deny": "0"}
+            overwrites.append(own)
+        own["deny"] = str(int(own["deny"]) | bits)
+        own["allow"] = str(int(own["allow"]) & ~bits)
+        await self.dispatch("CHANNEL_UPDATE", data)
+
+    def bot_permissions(self, channel_id: int) -> int:
+        """The bot's permissions in a guild channel (a thread: its parent's), computed as Discord does."""
+        channel = self.threads.get(channel_id) or self.channels.get(channel_id) or {}
+        if channel.get("parent_id") and int(channel["parent_id"]) in self.channels:
+            channel = self.channels[int(channel["parent_id"])]
+        roles = {int(role["id"]): int(role["permissions"]) for role in self.roles}
+        value = roles.get(GUILD_ID, 0) | roles.get(BOT_ROLE_ID, 0)
+        if value & ADMINISTRATOR:
+            return P.all().value
+        overwrites = {int(o["id"]): o for o in channel.get("permission_overwrites") or []}
+        for target in (GUILD_ID, BOT_ROLE_ID, BOT_ID):  # @everyone, then the bot's role, then the bot itself
+            overwrite = overwrites.get(target)
+            if overwrite is not None:
+                value = (value & ~int(overwrite["deny"])) | int(overwrite["allow"])
+        return value
+
+    def _refusal(self, channel_id: int, needed: discord.Permissions) -> web.Response | None:
+        """Discord's 403 when the bot lacks `needed` in a guild channel; None when it may go ahead."""
+        channel = self.threads.get(channel_id) or self.channels.get(channel_id) or {}
+        if not channel.get("guild_id"):
+            return None  # DMs: no permissions
+        perms = self.bot_permissions(channel_id)
+        if not perms & P(view_channel=True).value:
+            return self._error(403, 50001, "Missing Access")
+        if perms & needed.value != needed.value:
+            return self._error(403, 50013, "Missing Permissions")
+        return None
 
     async def wait_ready(self, timeout: float = 5.0) -> None:
         await asyncio.wait_for(self._ready.wait(), timeout)
@@ -615,6 +668,10 @@ class FakeDiscord:
             return self._error(404, 10003, "Unknown Channel")
         if channel["type"] == 15:
             return self._error(400, 50008, "Cannot send messages in a non-text channel")
+        in_thread = cid in self.threads
+        refused = self._refusal(cid, P(send_messages_in_threads=True) if in_thread else P(send_messages=True))
+        if refused is not None:
+            return refused
         content = body.get("content") or ""
         if len(content) > 2000:
             return self._json({"message": "Invalid Form Body", "code": 50035, "errors": {"content": {"_errors": [
@@ -675,6 +732,9 @@ class FakeDiscord:
             return self._error(404, 10008, "Unknown Message")
         if self.channels.get(int(channel_id), {}).get("type") != 0:
             return self._error(400, 50024, "Cannot execute action on this channel type")
+        refused = self._refusal(int(channel_id), P(create_public_threads=True, read_message_history=True))
+        if refused is not None:
+            return refused
         thread = self._thread_payload(mid, int(channel_id), body.get("name", "thread"), owner=BOT_ID)
         thread["thread_metadata"]["auto_archive_duration"] = body.get("auto_archive_duration", 1440)
         self.threads[mid] = thread

@@ -14,6 +14,7 @@ from bridge import config
 from bridge.app import BridgeApp
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
 from bridge.messages import Conversation, Delivery, Outbound, OutboundKind
+from bridge.ports import PermanentSendError
 from tests.fakes import discord_api as fd
 from tests.fakes.discord_api import FakeDiscord
 
@@ -120,3 +121,81 @@ async def test_a_resend_of_a_delivery_returns_the_same_messages(bridge: Bridge, 
     for key in ("notice:1", "notice:2"):
         await second.adapters[0].send(Outbound(notice, ("I'm back.",), OutboundKind.NOTICE, delivery=Delivery(key)))
     assert [p["content"] for p in fake.bot_posts(thread)] == ["part one", "part two", "I'm back.", "I'm back."]
+
+
+# --- where no thread can be made ------------------------------------------------------------------
+
+
+async def test_without_thread_permission_the_answer_is_a_reply_in_the_channel(
+    bridge: Bridge, fake: FakeDiscord, emulator: Emulator
+) -> None:
+    app = await bridge()
+    await fake.revoke("create_public_threads")  # the bot's role lacks Create Public Threads
+    question = await fake.user_message(fd.GENERAL, "first question about pricing", mention_bot=True)
+    [answer] = await eventually(lambda: fake.bot_posts(fd.GENERAL), what="an answer in the channel")
+    await settled(app)
+    assert [p["content"] for p in fake.bot_posts()] == [answer["content"]]  # exactly once, no error notice
+    assert "first question about pricing" in answer["content"]
+    assert int(question["id"]) not in fake.threads
+    [refused] = fake.rest("POST", rf"/channels/{fd.GENERAL}/messages/{question['id']}/threads")
+    [post] = fake.rest("POST", rf"/channels/{fd.GENERAL}/messages")
+    assert str(post.json["message_reference"]["message_id"]) == question["id"]
+    assert post.json["message_reference"]["fail_if_not_exists"] is False
+    assert post.json["allowed_mentions"] == {"parse": [], "replied_user": False}
+
+    # A reply to the answer, without a mention, continues the same conversation.
+    follow_up = await fake.user_message(fd.GENERAL, "and the second one?", reply_to=int(answer["id"]))
+    await eventually(lambda: len(fake.bot_posts(fd.GENERAL)) == 2, what="the follow-up's answer")
+    await settled(app)
+    second = fake.bot_posts(fd.GENERAL)[1]
+    assert "first question about pricing" in second["content"]  # the chatbot remembered the thread
+    assert str(second["message_reference"]["message_id"]) == follow_up["id"]
+    first_call, second_call = chat_calls(emulator)
+    assert first_call.json["session_id"] == second_call.json["session_id"]
+    assert len(fake.bot_posts()) == 2
+
+
+async def test_the_resend_of_a_reply_in_the_channel_is_deduped_too(bridge: Bridge, fake: FakeDiscord) -> None:
+    app = await bridge()
+    await fake.revoke("create_public_threads", channel=fd.GENERAL)  # one channel's overwrite
+    question = question_in(fake, fd.GENERAL)
+    ids = await app.adapters[0].send(outbound(question, "in the channel", key="job:1"))
+    assert await app.adapters[0].send(outbound(question, "in the channel", key="job:1", look_first=True)) == ids
+    assert [p["content"] for p in fake.bot_posts()] == ["in the channel"]
+
+
+# --- permanent and temporary refusals -----------------------------------------------------------------
+
+
+async def test_refusals_that_never_change_are_permanent(bridge: Bridge, fake: FakeDiscord) -> None:
+    app = await bridge()
+    adapter = app.adapters[0]
+    # No thread and no posting in the channel either: the fallback fails too.
+    await fake.revoke("create_public_threads", "send_messages", channel=fd.GENERAL)
+    with pytest.raises(PermanentSendError, match="50013"):
+        await adapter.send(outbound(question_in(fake, fd.GENERAL), "nowhere to go", key="job:1"))
+    # The channel was deleted.
+    gone = fake.message_payload(fd.ASK_ALL, "asked in a channel since deleted", mention_bot=True) | {"channel_id": "1299999999999999999"}
+    with pytest.raises(PermanentSendError, match="10003"):
+        await adapter.send(outbound(gone, "too late", key="job:2"))
+    assert fake.bot_posts() == []
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        dict(status=503),  # discord.py gives up on a 503 at once
+        dict(status=429, headers={}),  # a 429 discord.py does not wait out (no Via header)
+    ],
+)
+async def test_passing_trouble_is_not_permanent(bridge: Bridge, fake: FakeDiscord, fault: dict[str, Any]) -> None:
+    app = await bridge()
+    dm = Outbound(Conversation("discord", "", str(fd.DM_CHANNEL), ""), ("hello",), delivery=Delivery("job:1"))
+    fake.inject(path=r"/messages$", method="POST", **fault)
+    with pytest.raises(Exception) as failure:
+        await app.adapters[0].send(dm)
+    assert not isinstance(failure.value, PermanentSendError)
+    # ... and a refusal for good is, in the same place.
+    fake.inject(403, path=r"/messages$", method="POST", body={"message": "Cannot send messages to this user", "code": 50007})
+    with pytest.raises(PermanentSendError):
+        await app.adapters[0].send(dm)
