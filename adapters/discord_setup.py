@@ -5,13 +5,13 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
 import discord
 
-from bridge.config import ReplyMode, Settings
+from bridge.config import ReplyMode, RouteSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ PERMISSION_NAMES = {
     "embed_links": "Embed Links",
 }
 SCOPES = ("bot", "applications.commands")
+TEXT, ANNOUNCEMENT, FORUM = 0, 5, 15  # the channel types people ask the bot in
+CHANNEL_LINES = 10  # per server and route: the rest of a long list is counted, not listed
 
 
 class DiscordStartError(RuntimeError):
@@ -183,9 +185,15 @@ async def check(settings: Settings) -> list[str]:
                     f"routes[{i}].workspace: the bot is not in Discord server {route.workspace}; "
                     "invite it with the URL from `insitechat-bridge discord-invite`"
                 )
+            threads = route.threads if route.threads is not None else config.threads
+            if route.channel == "*" and route.reply is not ReplyMode.OFF:
+                for guild_id in sorted(guild_ids) if route.workspace == "*" else [route.workspace]:
+                    if guild_id in guild_ids:  # else reported above
+                        covers = _covered_by(settings, route, guild_id)
+                        for problem in await _check_server(client, bot_id, guild_id, threads=threads, covers=covers):
+                            problems.append(f"routes[{i}].channel: {problem}")
             if route.channel in ("*", "dm"):
                 continue
-            threads = route.threads if route.threads is not None else config.threads
             problem = await _check_channel(client, bot_id, route.channel, threads=threads, alerts=False)
             if problem:
                 problems.append(f"routes[{i}].channel: {problem}")
@@ -227,8 +235,16 @@ async def _channel_problem(client: discord.Client, bot_id: str, channel_id: str,
     perms = channel_permissions(
         guild=guild, member=member, user_id=bot_id, overwrites=list(channel.get("permission_overwrites", []))
     )
+    missing = _missing(perms, _needed(int(channel.get("type", 0)), threads=threads, alerts=alerts))
+    if missing:
+        return f"in #{channel.get('name', channel_id)} ({channel_id}) the bot lacks {', '.join(missing)}"
+    return ""
+
+
+def _needed(kind: int, *, threads: bool, alerts: bool) -> discord.Permissions:
+    """What answering (or posting alert cards) in a channel of this type takes."""
     needed = discord.Permissions(view_channel=True, read_message_history=True)
-    if int(channel.get("type", 0)) == 15:  # forum: posts are threads
+    if kind == FORUM:  # forum: posts are threads
         needed.send_messages_in_threads = True
     else:
         needed.send_messages = True
@@ -237,7 +253,57 @@ async def _channel_problem(client: discord.Client, bot_id: str, channel_id: str,
             needed.send_messages_in_threads = True
     if alerts:
         needed.embed_links = True
-    missing = _missing(perms, needed)
-    if missing:
-        return f"in #{channel.get('name', channel_id)} ({channel_id}) the bot lacks {', '.join(missing)}"
-    return ""
+    return needed
+
+
+def _covered_by(settings: Settings, route: RouteSettings, guild_id: str) -> Callable[[str], bool]:
+    """Whether `route` is the one that decides in a channel of the server (not a more specific route)."""
+    return lambda channel_id: settings.route_for("discord", guild_id, channel_id, False) is route
+
+
+async def _check_server(
+    client: discord.Client, bot_id: str, guild_id: str, *, threads: bool, covers: Callable[[str], bool]
+) -> list[str]:
+    """For a `channel: "*"` route: what stops the bot in the server's channels it is meant to answer in.
+
+    Every text, announcement and forum channel the route covers, where the bot can see the
+    channel and post in it, must grant what answering there takes; a channel where the bot
+    cannot post at all is taken as read-only on purpose. What the bot's roles lack server-wide
+    is said once for the server; what single channels take away, per channel.
+    """
+    try:
+        guild = await client.http.get_guild(int(guild_id))
+        member = await client.http.get_member(int(guild_id), int(bot_id))
+        channels = await client.http.get_all_guild_channels(int(guild_id))
+    except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+        return [f"could not check the channels of Discord server {guild_id} ({type(exc).__name__})"]
+    lacking: list[tuple[Mapping[str, Any], list[str]]] = []
+    for channel in sorted(channels, key=lambda c: (int(c.get("position") or 0), int(c["id"]))):
+        kind = int(channel.get("type", 0))
+        if kind not in (TEXT, ANNOUNCEMENT, FORUM) or not covers(str(channel["id"])):
+            continue
+        perms = channel_permissions(
+            guild=guild, member=member, user_id=bot_id, overwrites=list(channel.get("permission_overwrites") or [])
+        )
+        posts = perms.send_messages_in_threads if kind == FORUM else perms.send_messages
+        if not perms.view_channel or not posts:
+            continue
+        missing = _missing(perms, _needed(kind, threads=threads, alerts=False))
+        if missing:
+            lacking.append((channel, missing))
+    roles = channel_permissions(guild=guild, member=member, user_id=bot_id, overwrites=[])
+    shared = [name for name in _missing(roles, _needed(TEXT, threads=threads, alerts=False)) if any(name in m for _, m in lacking)]
+    lines: list[str] = []
+    if shared:
+        affected = sum(1 for _, missing in lacking if set(shared) & set(missing))
+        lines.append(
+            f"in Discord server {guild.get('name') or guild_id} ({guild_id}) the bot's roles lack {', '.join(shared)}, "
+            f"needed in {affected} channel(s) it answers in; grant it to the bot's role"
+        )
+    rest = [(channel, [name for name in missing if name not in shared]) for channel, missing in lacking]
+    rest = [(channel, missing) for channel, missing in rest if missing]
+    for channel, missing in rest[:CHANNEL_LINES]:
+        lines.append(f"in #{channel.get('name', channel['id'])} ({channel['id']}) the bot lacks {', '.join(missing)}")
+    if len(rest) > CHANNEL_LINES:
+        lines.append(f"and {len(rest) - CHANNEL_LINES} more channel(s) in Discord server {guild_id}")
+    return lines

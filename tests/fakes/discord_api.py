@@ -596,6 +596,7 @@ class FakeDiscord:
             ("GET", r"/oauth2/applications/@me", self._get_application),
             ("GET", r"/channels/(\d+)", self._get_channel),
             ("GET", r"/guilds/(\d+)", self._get_guild),
+            ("GET", r"/guilds/(\d+)/channels", self._get_guild_channels),
             ("GET", r"/guilds/(\d+)/members/(\d+)", self._get_member),
             ("POST", r"/channels/(\d+)/messages", self._post_message),
             ("GET", r"/channels/(\d+)/messages", self._get_messages),
@@ -633,6 +634,11 @@ class FakeDiscord:
             return self._error(404, 10004, "Unknown Guild")
         guild = self._guild_payload()
         return self._json({k: v for k, v in guild.items() if k not in ("channels", "threads", "members", "presences")})
+
+    async def _get_guild_channels(self, request: web.Request, body: Any, guild_id: str) -> web.Response:
+        if int(guild_id) != GUILD_ID:
+            return self._error(404, 10004, "Unknown Guild")
+        return self._json([c for c in self.channels.values() if c.get("guild_id")])  # threads are not listed
 
     async def _get_member(self, request: web.Request, body: Any, guild_id: str, user_id: str) -> web.Response:
         if int(guild_id) != GUILD_ID or int(user_id) != BOT_ID:

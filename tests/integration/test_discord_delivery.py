@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from adapters.discord_bot import DiscordAdapter
+from adapters.discord_bot import DiscordAdapter, check
 from bridge import config
 from bridge.app import BridgeApp
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
@@ -199,3 +199,37 @@ async def test_passing_trouble_is_not_permanent(bridge: Bridge, fake: FakeDiscor
     fake.inject(403, path=r"/messages$", method="POST", body={"message": "Cannot send messages to this user", "code": 50007})
     with pytest.raises(PermanentSendError):
         await app.adapters[0].send(dm)
+
+
+# --- check --live of a "*" route ----------------------------------------------------------------------
+
+
+def check_settings(routes: str, *, threads: bool = True) -> config.Settings:
+    return config.loads(
+        f"""
+insitechat: {{api_key: "${{KEY}}"}}
+discord: {{token: "${{DISCORD_TOKEN}}", threads: {str(threads).lower()}}}
+routes:
+{routes}
+""",
+        env={"KEY": "ic_x", "DISCORD_TOKEN": fd.TOKEN},
+    )
+
+
+async def test_check_finds_a_missing_thread_permission_under_a_star_route(fake: FakeDiscord) -> None:
+    routes = (
+        f'  - {{platform: discord, channel: "{fd.ASK_ALL}", chatbot: {BOT}, threads: false}}\n'
+        f'  - {{platform: discord, workspace: "{fd.GUILD_ID}", channel: "*", chatbot: {BOT}}}'
+    )
+    await fake.revoke("create_public_threads", channel=fd.GENERAL)
+    assert await check(check_settings(routes)) == [
+        f"routes[1].channel: in #general ({fd.GENERAL}) the bot lacks Create Public Threads",
+    ]
+    # Server-wide (the bot's role): one line, not one per channel; ask-the-bot has its own route.
+    await fake.revoke("create_public_threads")
+    assert await check(check_settings(routes)) == [
+        f"routes[1].channel: in Discord server Test Server ({fd.GUILD_ID}) the bot's roles lack Create Public Threads, "
+        "needed in 2 channel(s) it answers in; grant it to the bot's role",  # general and alerts; the forum needs none
+    ]
+    # Answering in place needs no thread permission.
+    assert await check(check_settings(routes, threads=False)) == []
