@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
+import aiohttp
 import aiohttp.web
 import pytest
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
@@ -12,10 +15,12 @@ from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetry
 from adapters.slack import SlackAdapter, SlackError
 from adapters.slack_delivery import DELIVERY_EVENT_TYPE
 from bridge import config
-from bridge.emulator import SANDBOX_CHATBOT_ID
+from bridge.app import BridgeApp
+from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
 from bridge.messages import Conversation, Delivery, Outbound
 from bridge.ports import PermanentSendError
-from tests.fakes.slack_api import BOT_TOKEN, SIGNING_SECRET, TEAM, FakeSlack
+from bridge.relay import NOTICES
+from tests.fakes.slack_api import BOT_TOKEN, SIGNING_SECRET, TEAM, FakeSlack, payload, sign
 
 CHANNEL = "C0GENERAL"
 DM = "D0ALICE"
@@ -186,3 +191,37 @@ async def test_passing_trouble_is_not_permanent(slack: FakeSlack, start_adapter:
             await adapter.send(answer("hello", channel=DM))
         assert not isinstance(failure.value, PermanentSendError), fault
         slack.heal()
+
+
+# --- the whole bridge ---------------------------------------------------------------------------
+
+
+async def test_an_answer_whose_response_was_lost_is_posted_once(slack: FakeSlack, emulator: Emulator, tmp_path: Path) -> None:
+    settings = config.loads(
+        f"""
+insitechat: {{base_url: "{emulator.base_url}", api_key: "${{KEY}}"}}
+state: {{sqlite: "{tmp_path / 'state.db'}"}}
+server: {{listen: "127.0.0.1:0"}}
+slack: {{bot_token: "${{BOT}}", signing_secret: "${{SECRET}}", mode: http, api_url: "{slack.api_url}"}}
+routes:
+  - {{platform: slack, chatbot: {SANDBOX_CHATBOT_ID}}}
+""",
+        env={"KEY": SANDBOX_KEY, "BOT": BOT_TOKEN, "SECRET": SIGNING_SECRET},
+    )
+    app = BridgeApp(settings, grace=2)
+    await app.start()
+    slack.fail("chat.postMessage", drop=True)  # the answer lands in Slack; the bridge never hears back
+    try:
+        raw = json.dumps(payload("message_im")).encode()
+        async with aiohttp.ClientSession() as http:
+            headers = {"Content-Type": "application/json", **sign(raw)}
+            async with http.post(app.server_url + "/slack/events", data=raw, headers=headers) as response:
+                assert response.status == 200
+        # The outbox tries again after its backoff, looks first, and finds the answer there.
+        await slack.wait_for(lambda: slack.calls_to("conversations.history"), timeout=10)
+        await slack.wait_for(lambda: not app.relay.in_flight, timeout=5)
+    finally:
+        await app.stop()
+    [message] = posted(slack, "D0ALICE")
+    assert "reset my password" in message["text"] and message["text"] not in NOTICES.values()
+    assert len(slack.calls_to("chat.postMessage")) == 1
