@@ -1,6 +1,8 @@
-"""The ports between the core and the platform adapters: errors adapters raise."""
+"""The ports between the core and the platform adapters: errors adapters raise, and connections that can end."""
 
 from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
 
 
 class PermanentSendError(Exception):
@@ -8,3 +10,33 @@ class PermanentSendError(Exception):
 
     The outbox stops retrying it. Anything else an adapter raises is tried again later.
     """
+
+
+class PlatformRefused(Exception):
+    """The platform refused the bridge for a reason that waiting will not fix (a revoked token, a disallowed intent).
+
+    The message is the plain reason for the operator and never holds a secret. Any other
+    exception from a platform's start is transient: the bridge tries again with backoff.
+    Adapters raise a subclass of their own error type and this, so their callers keep
+    catching what they caught before.
+    """
+
+
+@runtime_checkable
+class Platform(Protocol):
+    """A platform adapter as its supervisor sees it: start, stop, and a way to hear that the connection ended."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Connect; return once connected, raise (PlatformRefused when it cannot heal) otherwise."""
+
+    async def stop(self) -> None:
+        """Disconnect; safe to call twice and after a failed start."""
+
+    async def wait_ended(self) -> Exception:
+        """Return once the started connection is gone for good (its library will not bring it back).
+
+        The result says why: a PlatformRefused when it cannot heal, any other exception when
+        a new connection may work. Drops the library heals by itself do not end it.
+        """
