@@ -26,6 +26,7 @@ from adapters.discord_posting import (
 )
 from adapters.discord_setup import (
     REQUIRED_PERMISSIONS,
+    DiscordRefused,
     DiscordSetupError,
     DiscordStartError,
     application_id_from_token,
@@ -51,6 +52,7 @@ from bridge.store import Store, StoreError
 __all__ = [
     "REQUIRED_PERMISSIONS",
     "DiscordAdapter",
+    "DiscordRefused",
     "DiscordSetupError",
     "DiscordStartError",
     "application_id_from_token",
@@ -125,6 +127,7 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
     # a second of slack), or when a heartbeat takes this long to be acknowledged.
     heartbeat_grace: float = 2.0
     max_latency: float = 10.0
+    _ended: asyncio.Future[Exception] | None = None  # why client.start() ended (wait_ended)
 
     def __init__(
         self,
@@ -188,13 +191,22 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
         return client
 
     async def start(self) -> None:
-        """Log in, connect the gateway and return once Discord says ready; raise a plain error otherwise."""
+        """Log in, connect the gateway and return once Discord says ready; raise a plain error otherwise.
+
+        DiscordRefused when another try cannot help (the token, the intent, a command name
+        Discord refuses); DiscordStartError when it may (unreachable, slow, closed).
+        """
         if self._client is not None:
             return
         self._stopping = False
         self._ready = asyncio.Event()
-        self._client = client = self._make_client()
-        self._task = task = asyncio.get_running_loop().create_task(client.start(self._config.token), name="discord-client")
+        loop = asyncio.get_running_loop()
+        self._ended = loop.create_future()
+        try:
+            self._client = client = self._make_client()
+        except DiscordStartError as exc:  # the slash command names: only a config change helps
+            raise DiscordRefused(str(exc)) from None
+        self._task = task = loop.create_task(client.start(self._config.token), name="discord-client")
         ready = asyncio.ensure_future(self._ready.wait())
         try:
             await asyncio.wait({task, ready}, timeout=self.start_timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -237,13 +249,31 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
         log.info("discord: slash commands registered: %s", ", ".join("/" + c.name for c in synced))
 
     def _client_ended(self, task: asyncio.Task[None]) -> None:
-        if self._stopping or task.cancelled():
+        # discord.py resumes and reconnects what it can by itself: once client.start() has
+        # ended, the connection is gone for good, and wait_ended() tells the supervisor why.
+        if self._stopping:
             return
-        exc = task.exception()
-        if exc is not None:
-            log.error("discord: the connection ended and will not come back: %s", describe_failure(exc, 0))
+        exc = None if task.cancelled() else task.exception()
+        reason: Exception
+        if exc is None:
+            reason = DiscordStartError("the Discord client stopped")
         else:
-            log.error("discord: the connection ended")
+            reason = describe_failure(exc, 0)
+            if not isinstance(reason, DiscordRefused) and not isinstance(exc, discord.ConnectionClosed):
+                # Not a connection problem: discord.py itself failed (a frame it could not handle).
+                reason = DiscordStartError(f"the Discord client stopped on {type(exc).__name__}: {exc}")
+        log.debug("discord: client.start() ended: %s", reason)
+        ended = self._ended
+        if ended is not None and not ended.done():
+            ended.set_result(reason)
+
+    async def wait_ended(self) -> Exception:
+        """Return once discord.py's client has stopped for good, with why (DiscordRefused: it cannot heal)."""
+        ended = self._ended
+        if ended is None:
+            raise RuntimeError("the Discord adapter was not started")
+        # Shielded: the supervisor stopping its wait must not cancel the adapter's record.
+        return await asyncio.shield(ended)
 
     async def stop(self) -> None:
         """Close the gateway and the HTTP session; safe twice and after a failed start."""

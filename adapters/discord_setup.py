@@ -12,6 +12,7 @@ import aiohttp
 import discord
 
 from bridge.config import ReplyMode, RouteSettings, Settings
+from bridge.ports import PlatformRefused
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ class DiscordStartError(RuntimeError):
     """The Discord client could not connect; the message tells the operator what to change."""
 
 
+class DiscordRefused(DiscordStartError, PlatformRefused):
+    """Discord refused the bot for good (the token, a privileged intent): trying again will not help."""
+
+
 class DiscordSetupError(RuntimeError):
     """A set-up helper (invite URL) cannot do its job; the message is plain and has no token."""
 
@@ -51,16 +56,20 @@ class DiscordSetupError(RuntimeError):
 
 
 def describe_failure(exc: BaseException | None, timeout: float) -> DiscordStartError:
-    """A plain sentence for why the client did not connect (never the token)."""
+    """A plain sentence for why the client did not connect or its connection ended (never the token).
+
+    A DiscordRefused when waiting will not fix it (a refused token, a disallowed intent);
+    a plain DiscordStartError when another try may work.
+    """
     if exc is None:
         return DiscordStartError(f"Discord did not report ready within {timeout:.0f} s; check the network and discord.token")
     if isinstance(exc, discord.PrivilegedIntentsRequired) or (isinstance(exc, discord.ConnectionClosed) and exc.code == 4014):
-        return DiscordStartError(
+        return DiscordRefused(
             "Discord refused the Message Content intent (gateway close code 4014): switch on Message Content "
             "Intent in the Developer Portal (Bot tab), or set discord.message_content_intent: false"
         )
     if isinstance(exc, discord.LoginFailure) or (isinstance(exc, discord.ConnectionClosed) and exc.code == 4004):
-        return DiscordStartError(
+        return DiscordRefused(
             "Discord refused the bot token (discord.token): copy a fresh token from the Developer Portal, Bot tab"
         )
     if isinstance(exc, discord.ConnectionClosed):

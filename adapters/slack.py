@@ -35,8 +35,10 @@ from adapters.slack_interactions import SlackInteractions
 from adapters.slack_setup import (
     EVENTS_PATH,
     NETWORK_ERRORS,
+    REFUSED_CODES,
     REQUIRED_SCOPES,
     SlackError,
+    SlackRefused,
     check,
     error_code,
     make_client,
@@ -52,7 +54,7 @@ from bridge.formatting import split_text
 from bridge.messages import Conversation, Delivery, Inbound, Outbound
 from bridge.store import Store, StoreError
 
-__all__ = ["SlackAdapter", "SlackError", "check", "manifest"]
+__all__ = ["SlackAdapter", "SlackError", "SlackRefused", "check", "manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,8 @@ class SlackAdapter(SlackInteractions):
     """
 
     name = PLATFORM
+    token_check_interval = 300.0  # seconds between auth.test checks of the bot token while connected
+    _ended: asyncio.Future[Exception] | None = None  # set when Slack refuses the bridge mid-run (wait_ended)
 
     def __init__(
         self,
@@ -136,10 +140,15 @@ class SlackAdapter(SlackInteractions):
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """auth.test (who the bot is), then Socket Mode connect or HTTP events accepted."""
+        """auth.test (who the bot is), then Socket Mode connect or HTTP events accepted.
+
+        Raises SlackRefused when Slack refuses a token for good, SlackError when Slack cannot
+        be reached or fails otherwise (another try may work).
+        """
         if self._running:
             return
         self._intake = True
+        self._ended = asyncio.get_running_loop().create_future()
         # One connection pool for every Web API call: without a session slack_sdk opens a
         # new connection per call (three per answer), which dominated the bridge's CPU.
         self._session = aiohttp.ClientSession()
@@ -148,7 +157,10 @@ class SlackAdapter(SlackInteractions):
             auth = await self.client.auth_test()
         except SlackApiError as exc:
             await self._close_session()
-            raise SlackError(f"Slack refused the bot token (auth.test: {error_code(exc)})") from None
+            code = error_code(exc)
+            if code in REFUSED_CODES:
+                raise SlackRefused(f"Slack refused the bot token (auth.test: {code})") from None
+            raise SlackError(f"Slack could not check the bot token (auth.test: {code})") from None
         except NETWORK_ERRORS as exc:
             await self._close_session()
             raise SlackError(f"cannot reach the Slack API at {self._slack.api_url} ({error_code(exc)})") from None
@@ -164,7 +176,11 @@ class SlackAdapter(SlackInteractions):
             log.warning("the Slack bot token lacks scope(s) %s; `check` explains what each is for", ", ".join(missing))
         self._seed_authorization(auth)
         if not self._http:
-            await self._connect_socket()
+            try:
+                await self._connect_socket()
+            except BaseException:
+                await self._close_session()
+                raise
         self._running = True
         log.info(
             "slack connected: team=%s bot_user=%s transport=%s", self.me.team_id, self.me.user_id, self._slack.transport
@@ -180,24 +196,76 @@ class SlackAdapter(SlackInteractions):
     async def _connect_socket(self) -> None:
         handler = AsyncSocketModeHandler(self.app, self._slack.app_token, ping_interval=self.ping_interval)
         handler.client.on_message_listeners.append(self._heard)
+        issue_url = handler.client.issue_new_wss_url
+        ended = self._ended
+
+        async def issue_url_watched() -> str:
+            # The SDK asks for a new URL on each reconnect and retries a refusal forever, so a
+            # revoked app token would leave the socket down for good, unseen: tell wait_ended().
+            try:
+                return await issue_url()
+            except SlackApiError as exc:
+                code = error_code(exc)
+                if code in REFUSED_CODES and ended is not None and not ended.done():
+                    ended.set_result(SlackRefused(f"Slack refused the app token (apps.connections.open: {code})"))
+                raise
+
         try:
             # Asked here, not inside connect(): connect() retries a refused app token forever.
-            handler.client.wss_uri = await handler.client.issue_new_wss_url()
+            handler.client.wss_uri = await issue_url()
             await asyncio.wait_for(handler.connect_async(), CONNECT_TIMEOUT)
         except SlackApiError as exc:
             await handler.close_async()
-            raise SlackError(f"Slack refused the app token (apps.connections.open: {error_code(exc)})") from None
+            code = error_code(exc)
+            if code in REFUSED_CODES:
+                raise SlackRefused(f"Slack refused the app token (apps.connections.open: {code})") from None
+            raise SlackError(f"Slack did not open a Socket Mode connection (apps.connections.open: {code})") from None
         except (*NETWORK_ERRORS, asyncio.CancelledError) as exc:
             await handler.close_async()
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise SlackError(f"could not open the Slack Socket Mode connection ({error_code(exc)})") from None
+        handler.client.issue_new_wss_url = issue_url_watched  # type: ignore[method-assign]
         self._last_frame = time.time()
         self._socket = handler
 
     async def _heard(self, message: Any) -> None:
         # Wall-clock, like the SDK's last_ping_pong_time, so the two compare.
         self._last_frame = time.time()
+
+    async def wait_ended(self) -> Exception:
+        """Return when Slack refuses the bridge mid-run; Slack's clients heal every other drop themselves.
+
+        The app token is watched on each Socket Mode reconnect (see _connect_socket). The bot
+        token is checked with auth.test every `token_check_interval`: a revoked one would
+        otherwise leave a bot that neither hears nor answers behind a healthy-looking process.
+        """
+        ended = self._ended
+        if ended is None:
+            raise RuntimeError("the Slack adapter was not started")
+        while True:
+            nap = asyncio.ensure_future(self._clock.sleep(self.token_check_interval))
+            try:
+                await asyncio.wait({ended, nap}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                nap.cancel()
+            if ended.done():
+                return ended.result()
+            refusal = await self._bot_token_refused()
+            if refusal is not None:
+                return refusal
+
+    async def _bot_token_refused(self) -> SlackRefused | None:
+        try:
+            await self.client.auth_test()
+        except SlackApiError as exc:
+            code = error_code(exc)
+            if code in REFUSED_CODES:
+                return SlackRefused(f"Slack refused the bot token (auth.test: {code})")
+            log.info("slack: the bot token check failed (%s); checking again later", code)
+        except NETWORK_ERRORS as exc:
+            log.info("slack: the bot token check failed (%s); checking again later", error_code(exc))
+        return None
 
     async def stop_intake(self) -> None:
         """Take no new events while answers in flight finish; posting keeps working.

@@ -16,6 +16,7 @@ from slack_sdk.http_retry.state import RetryState
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bridge.config import Settings
+from bridge.ports import PlatformRefused
 
 RATE_LIMIT_RETRIES = 3  # 429s waited out per Web API call before it counts as failed
 NETWORK_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
@@ -48,6 +49,16 @@ BOT_EVENTS = ("app_mention", "message.channels", "message.groups", "message.im")
 
 class SlackError(Exception):
     """Slack refused or could not be reached; the message is plain and never holds a token."""
+
+
+class SlackRefused(SlackError, PlatformRefused):
+    """Slack refused a token for good (revoked, wrong, deactivated): trying again will not help."""
+
+
+# Slack's answers to a token that no retry will make work; any other error may pass.
+REFUSED_CODES = frozenset(
+    {"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired", "not_allowed_token_type"}
+)
 
 
 def manifest(settings: Settings, request_url: str = "") -> dict[str, Any]:
