@@ -18,8 +18,10 @@ from bridge.desk import AlertDesk
 from bridge.insitechat import InsiteChatClient, RetryPolicy
 from bridge.limiter import SlidingWindowLimiter
 from bridge.outbox import Outbox
+from bridge.ports import Platform
 from bridge.relay import Relay
 from bridge.store import Store, StoreError, open_store
+from bridge.supervisor import Backoff, Supervisor
 from bridge.webhooks import WebhookReceiver
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,15 @@ def build_clients(settings: Settings, clock: Clock) -> dict[str, InsiteChatClien
 
 
 class BridgeApp:
-    """The running bridge: start everything, run until told to stop, stop everything once."""
+    """The running bridge: start everything, run until told to stop, stop everything once.
+
+    Slack and Discord connect in the background, each kept connected by its Supervisor: the
+    webhook receiver and the outbox run whatever a platform does. A platform that refuses
+    the bridge for good (a wrong token) at start stops it (`failure` says why, `stopped`
+    is set); one that does so mid-run makes /healthz fail, so the orchestrator restarts it.
+    """
+
+    backoff = Backoff()  # between the connection attempts of each platform; tests shorten it
 
     def __init__(
         self,
@@ -101,10 +111,17 @@ class BridgeApp:
         WebhookReceiver(settings, self.desk, self.clock).add_routes(self.web)
         self._runner: web.AppRunner | None = None
         self.server_url = ""
-        self.stopped = asyncio.Event()
+        self.stopped = asyncio.Event()  # set to ask for a stop (signals, end of input, a refusal at start)
         self._maintenance: asyncio.Task[None] | None = None
+        self.supervisors: dict[str, Supervisor] = {}
+        self.failure = ""  # why the bridge stopped itself: a platform refused it at start
 
     async def start(self) -> None:
+        """Start the web server, local adapters and the outbox; connect each platform in the background.
+
+        Returns without waiting for Slack or Discord: webhooks are taken (and stored) while a
+        platform is still connecting or down. `connected()` waits for the platforms.
+        """
         for adapter in self.adapters:
             self.relay.register(adapter)
             self.outbox.register(adapter)
@@ -112,16 +129,23 @@ class BridgeApp:
         started: list[Adapter] = []
         try:
             for adapter in self.adapters:
-                await adapter.start()
-                started.append(adapter)
-                log.info("%s adapter started", adapter.name)
+                if not isinstance(adapter, Platform):  # the console: nothing to reach, nothing to lose
+                    await adapter.start()
+                    started.append(adapter)
+                    log.info("%s adapter started", adapter.name)
         except BaseException:
             for adapter in reversed(started):
                 await adapter.stop()
             raise
-        # Alerts and replies start flowing once the platforms are up; undelivered ones from
-        # before wait in the store, and the jobs a dead run left are answered now.
+        # Alerts and replies flow from the start; one for a platform that is not up yet fails
+        # and waits in the store for the outbox's next try.
         self.outbox.start()
+        for adapter in self.adapters:
+            if isinstance(adapter, Platform):
+                supervisor = Supervisor(adapter, self.clock, backoff=self.backoff, on_refused=self._refused)
+                self.supervisors[adapter.name] = supervisor
+                supervisor.start()
+        # The jobs a dead run left are answered now (their replies wait in the outbox like the rest).
         await self.relay.recover()
         self.relay.start()
         self._maintenance = asyncio.get_running_loop().create_task(self._maintain(), name="store-maintenance")
@@ -153,8 +177,28 @@ class BridgeApp:
         log.info("end of input: stopping")
         self.stopped.set()
 
+    async def connected(self) -> None:
+        """Wait until every platform is connected; raises PlatformRefused if one never will be."""
+        for supervisor in self.supervisors.values():
+            await supervisor.wait_up()
+
+    def _refused(self, supervisor: Supervisor) -> None:
+        reason = f"{supervisor.name}: {supervisor.refused}"
+        if supervisor.was_up:
+            # Mid-run (a token reset): webhooks are still taken and stored, but a deaf bot must
+            # not look healthy. /healthz fails and the orchestrator restarts the process.
+            log.error("%s; /healthz now fails so that the bridge is restarted", reason)
+            return
+        # At start: a token that was never accepted will not be on the next try either.
+        log.error("%s; stopping", reason)
+        self.failure = reason
+        self.stopped.set()
+
     async def stop(self) -> None:
         """Stop taking messages, let answers in flight finish within the grace period, close all."""
+        # No more connection attempts; a platform that is up stays up until the answers in flight went out.
+        for supervisor in self.supervisors.values():
+            await supervisor.halt()
         for adapter in self.adapters:
             # Platforms that redeliver (Slack) stop taking events first, so nothing new is
             # acked and then dropped while the answers in flight finish.
@@ -179,7 +223,14 @@ class BridgeApp:
         self.stopped.set()
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        """Alive: the loop answers. Restart the process when this fails."""
+        """Alive: the loop answers and no platform refused the bridge for good. Restart the process when this fails.
+
+        A platform that is merely unreachable keeps this at 200 (a restart would not help;
+        /readyz says what is down); a refused token is 503 with the reason.
+        """
+        refused = [f"{name}: {s.refused}" for name, s in self.supervisors.items() if s.refused is not None]
+        if refused:
+            return web.json_response({"status": "failing", "reason": "; ".join(refused)}, status=503)
         return web.json_response({"status": "ok"})
 
     async def readiness(self) -> dict[str, str]:
@@ -193,6 +244,11 @@ class BridgeApp:
                 "quota": "InsiteChat monthly quota exhausted",
             }.get(state, "ok")
         for adapter in self.adapters:
+            supervisor = self.supervisors.get(adapter.name)
+            state = supervisor.readiness() if supervisor is not None else None
+            if state is not None:  # connecting, refused: the supervisor knows why
+                parts[adapter.name] = state
+                continue
             check = getattr(adapter, "readiness", None)
             if check is not None:
                 parts[adapter.name] = check() or "ok"

@@ -178,6 +178,9 @@ async def _run_until_signal(app: BridgeApp, on_started: Callable[[], None] | Non
         log.info("stopping")
         stop.clear()
         await app.stop()
+        if app.failure:
+            # A platform refused the bridge at start (a wrong token): one line, exit 1.
+            raise CommandFailed(app.failure)
         return EXIT_OK
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from adapters.discord_bot import DiscordAdapter, DiscordStartError
+from adapters.discord_bot import DiscordAdapter, DiscordRefused
 from bridge import config
 from bridge.app import BridgeApp
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
@@ -97,6 +97,7 @@ async def bridge(emulator: Emulator, fake: FakeDiscord, tmp_path: Path) -> Async
         app = BridgeApp(make_settings(emulator.base_url, tmp_path / "state.db", **kw), grace=2)
         apps.append(app)
         await app.start()
+        await asyncio.wait_for(app.connected(), 15)  # the platforms connect in the background
         await fake.wait_ready()
         return app
 
@@ -334,6 +335,7 @@ async def test_slash_commands_use_the_configured_names(
     settings = settings.model_copy(update={"discord": settings.discord.model_copy(update={"ask_command": "question", "reset_command": "forget"})})  # type: ignore[union-attr]
     app = BridgeApp(settings, grace=1)
     await app.start()
+    await asyncio.wait_for(app.connected(), 15)  # the platforms connect in the background
     try:
         assert [c["name"] for c in fake.commands] == ["question", "forget"]
         interaction = await fake.slash("question", {"question": "renamed?"}, dm=True)
@@ -346,10 +348,14 @@ async def test_slash_commands_use_the_configured_names(
 
 
 async def test_missing_intent_in_the_portal_gives_a_clear_error(emulator: Emulator, tmp_path: Path) -> None:
-    async with fd.running_fake(message_content_allowed=False):
+    async with fd.running_fake(message_content_allowed=False) as fake:
         app = BridgeApp(make_settings(emulator.base_url, tmp_path / "s.db", intent=True), grace=1)
-        with pytest.raises(DiscordStartError) as failure:
-            await app.start()
+        await app.start()
+        with pytest.raises(DiscordRefused) as failure:
+            await asyncio.wait_for(app.connected(), 15)
+        # Refused at start: the bridge asks to be stopped, with the reason, and tries no more.
+        assert app.stopped.is_set() and app.failure == f"discord: {failure.value}"
+        assert len(fake.identifies) == 1
         await app.stop()
     message = str(failure.value)
     assert "Message Content Intent" in message and "discord.message_content_intent: false" in message
@@ -359,20 +365,15 @@ async def test_missing_intent_in_the_portal_gives_a_clear_error(emulator: Emulat
 async def test_bad_token_gives_a_plain_error(emulator: Emulator, tmp_path: Path) -> None:
     async with fd.running_fake(token=fd.make_token(fd.BOT_ID, "the-real-one")) as fake:
         app = BridgeApp(make_settings(emulator.base_url, tmp_path / "s.db"), grace=1)
-        with pytest.raises(DiscordStartError) as failure:
-            await app.start()
+        await app.start()
+        with pytest.raises(DiscordRefused) as failure:
+            await asyncio.wait_for(app.connected(), 15)
+        assert app.stopped.is_set() and app.failure == f"discord: {failure.value}"
         await app.stop()
         assert fake.identifies == []  # refused at login, before the gateway
+        assert len(fake.rest("GET", r"/users/@me")) == 1  # and not asked again
     assert "refused the bot token (discord.token)" in str(failure.value)
     assert fd.TOKEN not in str(failure.value)
-
-
-async def test_gateway_closed_with_4014_later_is_logged_plainly(
-    bridge: Bridge, fake: FakeDiscord, caplog: pytest.LogCaptureFixture
-) -> None:
-    await bridge()
-    await fake.close_gateway(4014)
-    await eventually(lambda: "Message Content Intent" in caplog.text, what="the error log")
 
 
 async def test_without_the_intent_it_degrades_and_says_so(

@@ -109,6 +109,7 @@ async def start_bridge(
     async def start(**kw: Any) -> Bridge:
         app = BridgeApp(bridge_settings(emulator, slack, tmp_path / "state.db", **kw), grace=2)
         await app.start()
+        await asyncio.wait_for(app.connected(), 15)  # the platforms connect in the background
         bridge = Bridge(app)
         running.append(bridge)
         return bridge

@@ -142,6 +142,7 @@ async def start_bridge(emulator: Emulator, slack: FakeSlack, tmp_path: Path) -> 
         if ping_interval is not None:
             bridge.adapter.ping_interval = ping_interval
         await app.start()
+        await asyncio.wait_for(app.connected(), 15)  # the platforms connect in the background
         emulator.chatbots[BOT].webhook_url = bridge.hook_url  # the dashboard's webhook card, pointed at us
         running.append(bridge)
         return bridge

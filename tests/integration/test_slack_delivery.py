@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -210,6 +211,7 @@ routes:
     )
     app = BridgeApp(settings, grace=2)
     await app.start()
+    await asyncio.wait_for(app.connected(), 15)  # the platforms connect in the background
     slack.fail("chat.postMessage", drop=True)  # the answer lands in Slack; the bridge never hears back
     try:
         raw = json.dumps(payload("message_im")).encode()
