@@ -17,18 +17,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Backoff:
-    """Waits between connection attempts: `first`, doubling each failure in a row, never above `cap`."""
+    """Waits between connection attempts: `base`, doubling with each failure in a row, never above `cap`.
 
-    first: float = 1.0
+    The same rule as the outbox's per-item backoff (bridge.outbox.Backoff), with defaults for
+    a connection: 1 s doubling to 60 s.
+    """
+
+    base: float = 1.0
     cap: float = 60.0
-    factor: float = 2.0
 
-    def delay(self, failures: int, jitter: float) -> float:
-        """The wait after `failures` failures in a row (1 or more); `jitter` in [0, 1] takes off up to half."""
+    def delay(self, retries: int, jitter: float) -> float:
+        """The wait before retry number `retries` (0 for the first); `jitter` in [0, 1] takes off up to half."""
         # Half fixed, half random: replicas restarted together spread out, and every wait still
         # grows, so a platform that is down is not hammered.
-        full = min(self.cap, self.first * self.factor ** max(0, failures - 1))
-        return full * (0.5 + 0.5 * jitter)
+        return min(self.cap, self.base * 2 ** min(retries, 16)) * (0.5 + 0.5 * jitter)
 
 
 class State(enum.Enum):
@@ -172,7 +174,7 @@ class Supervisor:
             return exc
 
     async def _retry_later(self, reason: str, *, ended: bool) -> None:
-        delay = self._backoff.delay(self._failures, self._jitter())
+        delay = self._backoff.delay(self._failures - 1, self._jitter())
         self.error = reason
         self._retry_at = self._clock.monotonic() + delay
         self._set(State.WAITING)
