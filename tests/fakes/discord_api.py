@@ -152,6 +152,7 @@ class FakeDiscord:
         self.message_content_allowed = message_content_allowed
         self.heartbeat_interval = heartbeat_interval  # seconds, sent in HELLO
         self.ack_heartbeats = True  # False: heartbeats are read but never acknowledged (a silent gateway)
+        self.identify_close_code: int | None = None  # close every IDENTIFY with this code (4004: the token was reset)
         self.heartbeats = 0
         self.edits: list[tuple[int, dict[str, Any]]] = []  # (message id, PATCH body), in order
         self.interactions: dict[int, dict[str, Any]] = {}  # INTERACTION_CREATE payloads by id
@@ -196,13 +197,14 @@ class FakeDiscord:
 
     # ----- lifecycle ---------------------------------------------------------------------
 
-    async def start(self) -> str:
+    async def start(self, port: int = 0) -> str:
+        """Listen on `port` (0: any free one); a given port lets a test start Discord "coming back" where the bridge looks."""
         app = web.Application()
         app.router.add_get("/gateway", self._gateway)
         app.router.add_route("*", "/api/v10/{tail:.*}", self._rest)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.base_url = f"http://127.0.0.1:{port}"
@@ -320,6 +322,12 @@ class FakeDiscord:
         self._ready.clear()
         for conn in list(self._conns):
             await conn.ws.send_str(json.dumps({"op": 7, "d": None, "s": None, "t": None}))
+
+    async def send_raw(self, frame: str) -> None:
+        """Send one text frame as it is to every identified connection (a payload discord.py may choke on)."""
+        for conn in list(self._conns):
+            if conn.session is not None and not conn.ws.closed:
+                await conn.ws.send_str(frame)
 
     async def close_gateway(self, code: int) -> None:
         for conn in list(self._conns):
@@ -500,8 +508,11 @@ class FakeDiscord:
 
     async def _identify(self, conn: _Conn, data: dict[str, Any]) -> None:
         self.identifies.append(data)
-        if data.get("token") != self.token:
+        if data.get("token") != self.token or self.identify_close_code == 4004:
             await conn.ws.close(code=4004, message=b"Authentication failed.")
+            return
+        if self.identify_close_code is not None:
+            await conn.ws.close(code=self.identify_close_code, message=b"closed by the fake")
             return
         intents = int(data.get("intents", 0))
         if intents & MESSAGE_CONTENT_INTENT and not self.message_content_allowed:

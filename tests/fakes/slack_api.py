@@ -253,14 +253,20 @@ class FakeSlack:
         """A button click over Socket Mode: an `interactive` envelope."""
         return await self.send_envelope(body, kind="interactive")
 
-    async def start(self) -> str:
+    async def close_sockets(self) -> None:
+        """Slack drops every Socket Mode connection (as when it rotates them, or a token is revoked)."""
+        for ws in list(self.sockets):
+            await ws.close()
+
+    async def start(self, port: int = 0) -> str:
+        """Listen on `port` (0: any free one); a given port lets a test start Slack "coming back" where the bridge looks."""
         app = web.Application()
         app.router.add_route("*", "/api/{method}", self._api)
         app.router.add_get("/link", self._socket)
         app.router.add_post("/response/{name}", self._response)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
         self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
         return self.url
