@@ -13,6 +13,7 @@ from bridge import config
 from bridge.clock import SystemClock
 from bridge.emulator import SANDBOX_CHATBOT_ID
 from bridge.messages import Inbound
+from bridge.ports import PlatformRefused
 from bridge.store import SQLiteStore
 from tests.fakes.slack_api import ALL_SCOPES, APP_TOKEN, BOT_TOKEN, SIGNING_SECRET, FakeSlack
 
@@ -151,10 +152,30 @@ async def test_start_fails_fast_and_plainly(fake: FakeSlack, tmp_path: Path, tok
     with pytest.raises(SlackError) as raised:
         await adapter.start()
     assert str(raised.value) == message
+    assert isinstance(raised.value, PlatformRefused)  # no retry helps: the bridge stops and says so
     assert_no_secret([str(raised.value)])
     assert fake.sockets == []
     await adapter.stop()
     await adapter.stop()  # safe twice, and after a failed start
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        ("auth.test", "Slack could not check the bot token (auth.test: fatal_error)"),
+        ("apps.connections.open", "Slack did not open a Socket Mode connection (apps.connections.open: fatal_error)"),
+    ],
+)
+async def test_a_slack_failure_that_may_pass_is_not_a_refusal(fake: FakeSlack, method: str, message: str) -> None:
+    fake.fail(method, status=500)
+    adapter = SlackAdapter(settings_for(fake.api_url), noop)
+    with pytest.raises(SlackError) as raised:
+        await adapter.start()
+    assert str(raised.value) == message and not isinstance(raised.value, PlatformRefused)
+    await adapter.stop()
+    await adapter.start()  # the next try works
+    await fake.wait_for(lambda: fake.sockets)
+    await adapter.stop()
 
 
 async def test_socket_stop_is_idempotent_and_closes_the_socket(fake: FakeSlack) -> None:

@@ -80,3 +80,24 @@ def test_administrators_and_owners_may_do_everything() -> None:
     hide = [{"id": "10", "type": 0, "allow": "0", "deny": str(discord.Permissions(view_channel=True).value)}]
     assert channel_permissions(guild=GUILD, member={"roles": ["12"]}, user_id="5", overwrites=hide).view_channel
     assert channel_permissions(guild=GUILD, member={"roles": []}, user_id="99", overwrites=hide).view_channel
+
+
+def test_start_failures_say_whether_another_try_can_help() -> None:
+    from types import SimpleNamespace
+
+    from adapters.discord_setup import DiscordRefused, DiscordStartError, describe_failure
+    from bridge.ports import PlatformRefused
+
+    def closed(code: int) -> discord.ConnectionClosed:
+        return discord.ConnectionClosed(SimpleNamespace(close_code=code), shard_id=None)  # type: ignore[arg-type]
+
+    refused = [discord.LoginFailure("Improper token has been passed."), closed(4004), closed(4014),
+               discord.PrivilegedIntentsRequired(None)]
+    for exc in refused:
+        assert isinstance(describe_failure(exc, 60), DiscordRefused), exc
+        assert isinstance(describe_failure(exc, 60), PlatformRefused)
+    transient = [None, closed(4011), closed(1006), OSError("Connect call failed"), ValueError("bad frame")]
+    for exc in transient:
+        failure = describe_failure(exc, 60)
+        assert isinstance(failure, DiscordStartError) and not isinstance(failure, PlatformRefused), exc
+    assert str(describe_failure(closed(4011), 60)) == "Discord closed the gateway connection (code 4011)"
