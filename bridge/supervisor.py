@@ -190,7 +190,8 @@ class Supervisor:
         self.refused = exc
         self.error = _reason(exc)
         self._set(State.REFUSED)
-        log.error("%s: refused for good, not trying again: %s", self.name, self.error)
+        # The owner logs the consequence (stopping, or /healthz failing); this is the supervisor's part.
+        log.info("%s: refused for good, no more attempts: %s", self.name, self.error)
         if self._on_refused is not None:
             self._on_refused(self)
 
