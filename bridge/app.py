@@ -21,7 +21,8 @@ from bridge.outbox import Outbox
 from bridge.ports import Platform
 from bridge.relay import Relay
 from bridge.store import Store, StoreError, open_store
-from bridge.supervisor import Backoff, Supervisor
+from bridge.backoff import Backoff
+from bridge.supervisor import Supervisor
 from bridge.webhooks import WebhookReceiver
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class BridgeApp:
         self.server_url = ""
         self.stopped = asyncio.Event()  # set to ask for a stop (signals, end of input, a refusal at start)
         self._maintenance: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self.supervisors: dict[str, Supervisor] = {}
         self.failure = ""  # why the bridge stopped itself: a platform refused it at start
 
@@ -142,7 +144,9 @@ class BridgeApp:
         self.outbox.start()
         for adapter in self.adapters:
             if isinstance(adapter, Platform):
-                supervisor = Supervisor(adapter, self.clock, backoff=self.backoff, on_refused=self._refused)
+                supervisor = Supervisor(
+                    adapter, self.clock, backoff=self.backoff, on_refused=self._refused, on_up=self._platform_up
+                )
                 self.supervisors[adapter.name] = supervisor
                 supervisor.start()
         # The jobs a dead run left are answered now (their replies wait in the outbox like the rest).
@@ -181,6 +185,12 @@ class BridgeApp:
         """Wait until every platform is connected; raises PlatformRefused if one never will be."""
         for supervisor in self.supervisors.values():
             await supervisor.wait_up()
+
+    def _platform_up(self, supervisor: Supervisor) -> None:
+        # What waited out the outage goes now, not at the end of its backoff (up to minutes).
+        task = asyncio.get_running_loop().create_task(self.outbox.platform_up(supervisor.name))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _refused(self, supervisor: Supervisor) -> None:
         reason = f"{supervisor.name}: {supervisor.refused}"

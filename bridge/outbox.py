@@ -8,11 +8,11 @@ import logging
 import random
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from adapters.base import Adapter, AlertPoster
 from bridge import metrics
 from bridge.alerts import ESCALATED, HUMAN_REQUESTED, LEAD, Alert
+from bridge.backoff import Backoff
 from bridge.cards import console_card, discord_card, slack_card
 from bridge.clock import Clock
 from bridge.desk import AlertDesk
@@ -34,17 +34,6 @@ class DeliveryResult(enum.Enum):
     RETRYING = "retrying"  # the platform is down or refused for now: tried again later
     FAILED = "failed"  # refused for a reason that cannot heal
     SKIPPED = "skipped"  # someone else holds it, or it is done already
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Jittered exponential delays between attempts, from `base` up to `cap` seconds."""
-
-    base: float
-    cap: float
-
-    def delay(self, attempts: int, jitter: float) -> float:
-        return min(self.cap, self.base * 2 ** min(attempts, 16)) * (0.5 + 0.5 * jitter)
 
 
 # A person waits for a chat reply: retry it sooner than an alert card.
@@ -89,6 +78,13 @@ class Outbox:
     def wake(self) -> None:
         """New work was stored: deliver now instead of at the next poll."""
         self._wake.set()
+
+    async def platform_up(self, platform: str) -> None:
+        """A platform (re)connected: what waits for it is due now, not at the end of its backoff."""
+        count = await self._store.outbox_hasten(platform)
+        if count:
+            log.info("%s is up: delivering the %d item(s) that waited for it", platform, count)
+        self.wake()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="outbox")

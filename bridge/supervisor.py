@@ -7,30 +7,12 @@ import enum
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from bridge.backoff import Backoff
 from bridge.clock import Clock
 from bridge.ports import Platform, PlatformRefused
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Waits between connection attempts: `base`, doubling with each failure in a row, never above `cap`.
-
-    The same rule as the outbox's per-item backoff (bridge.outbox.Backoff), with defaults for
-    a connection: 1 s doubling to 60 s.
-    """
-
-    base: float = 1.0
-    cap: float = 60.0
-
-    def delay(self, retries: int, jitter: float) -> float:
-        """The wait before retry number `retries` (0 for the first); `jitter` in [0, 1] takes off up to half."""
-        # Half fixed, half random: replicas restarted together spread out, and every wait still
-        # grows, so a platform that is down is not hammered.
-        return min(self.cap, self.base * 2 ** min(retries, 16)) * (0.5 + 0.5 * jitter)
 
 
 class State(enum.Enum):
@@ -61,6 +43,7 @@ class Supervisor:
         backoff: Backoff | None = None,
         jitter: Callable[[], float] = random.random,
         on_refused: Callable[[Supervisor], None] | None = None,
+        on_up: Callable[[Supervisor], None] | None = None,
         stable_after: float | None = None,
     ) -> None:
         self.platform = platform
@@ -69,6 +52,7 @@ class Supervisor:
         self._backoff = backoff or Backoff()
         self._jitter = jitter
         self._on_refused = on_refused
+        self._on_up = on_up
         # A connection that lasted this long starts the backoff afresh. One that keeps dying
         # right after connecting (a frame its library chokes on, every time) backs off like
         # a failed attempt instead of reconnecting every second.
@@ -152,6 +136,8 @@ class Supervisor:
             up_since = self._clock.monotonic()
             self.attempt, self.error, self.was_up = 0, "", True
             self._set(State.UP)
+            if self._on_up is not None:
+                self._on_up(self)
             ended = await self._wait_ended()
             self.error = _reason(ended)
             self._set(State.DOWN)

@@ -111,6 +111,9 @@ class DeliveryQueue(Protocol):
     async def outbox_fail(self, item_id: int, error: str) -> None:
         """The platform refused it for good; a chat reply's job fails with it."""
 
+    async def outbox_hasten(self, platform: str) -> int:
+        """Make every undelivered item for `platform` due now (it is back); returns how many."""
+
     async def outbox_depth(self) -> tuple[int, float | None]:
         """Undelivered items and the age in seconds of the oldest one."""
 

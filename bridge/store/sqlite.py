@@ -490,6 +490,18 @@ class SQLiteStore:
 
         await self._run(fail)
 
+    async def outbox_hasten(self, platform: str) -> int:
+        def hasten() -> int:
+            now = self._now()
+            cursor = self._db.execute(
+                "UPDATE outbox SET next_attempt_at = ? WHERE delivered_at IS NULL AND failed_at IS NULL "
+                "AND next_attempt_at > ? AND substr(destination, 1, ?) = ?",
+                (now, now, len(platform) + 1, platform + ":"),
+            )
+            return cursor.rowcount
+
+        return await self._run(hasten)
+
     async def outbox_depth(self) -> tuple[int, float | None]:
         count, oldest = await self._run(lambda: self._db.execute(
             "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL"

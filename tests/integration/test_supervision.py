@@ -28,7 +28,7 @@ from bridge import config
 from bridge.app import BridgeApp
 from bridge.clock import SystemClock
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator, sign_webhook
-from bridge.supervisor import Backoff
+from bridge.backoff import Backoff
 from bridge.webhooks import SIGNATURE_HEADER
 from tests.fakes import discord_api as fd
 from tests.fakes.discord_api import FakeDiscord

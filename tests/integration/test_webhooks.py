@@ -420,23 +420,24 @@ async def test_the_same_escalation_while_its_alert_is_open_is_one_card(bed: Bed)
     assert len(bed.slack.posted) == 1
 
 
+def escalation_at(clock: ManualClock) -> bytes:
+    """An escalation stamped with the injected clock's time (the receiver refuses old ones)."""
+    stamp = datetime.fromtimestamp(clock.time(), timezone.utc).isoformat()
+    return json.dumps({"event": ESCALATED, "chatbot_id": BOT, "timestamp": stamp,
+                       "data": {"session_id": "visitor-7", "message": "a human please"}}).encode()
+
+
 async def test_an_escalation_of_the_same_session_days_later_gets_a_new_card(tmp_path: Path) -> None:
-    clock = ManualClock(start=datetime.now(timezone.utc).timestamp())
+    clock = ManualClock()
     bed = Bed(tmp_path / "state.db", make_settings(), clock)
     await bed.start()
     try:
-
-        def escalation() -> bytes:
-            stamp = datetime.fromtimestamp(clock.time(), timezone.utc).isoformat()
-            return json.dumps({"event": ESCALATED, "chatbot_id": BOT, "timestamp": stamp,
-                               "data": {"session_id": "visitor-7", "message": "a human please"}}).encode()
-
-        raw = escalation()
+        raw = escalation_at(clock)
         assert (await post(bed.url, raw, {SIGNATURE_HEADER: sign(raw)})).json()["duplicate"] is False
         await bed.outbox.deliver_due()
         [old] = bed.slack.posted
         clock.advance(2 * 86_400)  # open (never resolved), two days later
-        raw = escalation()
+        raw = escalation_at(clock)
         response = await post(bed.url, raw, {SIGNATURE_HEADER: sign(raw)})
         assert response.status_code == 200 and response.json()["duplicate"] is False
         await bed.outbox.deliver_due()
@@ -467,3 +468,24 @@ async def test_a_claim_while_a_card_is_being_posted_reaches_that_card(bed: Bed) 
     for copy in (bed.slack.posted[0], bed.discord.posted[0]):
         assert copy.updates, f"the {copy.channel} card was never updated"
         assert "Claimed by" in json.dumps(copy.updates[-1])
+
+
+async def test_cards_that_waited_out_an_outage_go_as_soon_as_the_platform_is_back(tmp_path: Path) -> None:
+    clock = ManualClock()
+    bed = Bed(tmp_path / "state.db", make_settings(), clock)
+    await bed.start()
+    try:
+        bed.slack.down = True
+        raw = escalation_at(clock)
+        assert (await post(bed.url, raw, {SIGNATURE_HEADER: sign(raw)})).status_code == 200
+        for _ in range(5):  # five failed tries: the next one is minutes away
+            clock.advance(400)
+            await bed.outbox.deliver_due()
+        assert bed.slack.posted == [] and len(bed.discord.posted) == 1
+        bed.slack.down = False
+        assert await bed.outbox.deliver_due() == 0  # still backing off...
+        await bed.outbox.platform_up("slack")  # ...until Slack is connected again
+        assert await bed.outbox.deliver_due() == 1
+        assert len(bed.slack.posted) == 1 and len(bed.discord.posted) == 1
+    finally:
+        await bed.close()

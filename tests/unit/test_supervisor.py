@@ -8,7 +8,8 @@ import pytest
 
 from bridge.clock import ManualClock
 from bridge.ports import PlatformRefused
-from bridge.supervisor import Backoff, State, Supervisor
+from bridge.backoff import Backoff
+from bridge.supervisor import State, Supervisor
 
 
 class Scripted:
