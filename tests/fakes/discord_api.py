@@ -104,6 +104,24 @@ class Fault:
 
 
 @dataclass
+class Hang:
+    """Hold the answer of the next `count` matching REST requests until release() or stop().
+
+    With `commit` the request is carried out first (Discord posted; the answer never reached
+    the bot); without, it is held before anything happens.
+    """
+
+    path: str  # a regular expression searched in the path
+    method: str | None
+    count: int | None
+    commit: bool = True
+    hung: int = 0  # requests being held right now
+
+    def matches(self, method: str, path: str) -> bool:
+        return bool(re.search(self.path, path)) and (self.method is None or self.method == method) and self.count != 0
+
+
+@dataclass
 class _Session:
     id: str
     seq: int = 0
@@ -158,6 +176,8 @@ class FakeDiscord:
         self.interactions: dict[int, dict[str, Any]] = {}  # INTERACTION_CREATE payloads by id
         self.calls: list[Call] = []
         self.faults: list[Fault] = []
+        self.hangs: list[Hang] = []
+        self._release = asyncio.Event()  # set: every held answer goes out
         self.identifies: list[dict[str, Any]] = []
         self.resumes: list[dict[str, Any]] = []
         self.commands: list[dict[str, Any]] = []
@@ -199,7 +219,7 @@ class FakeDiscord:
 
     async def start(self, port: int = 0) -> str:
         """Listen on `port` (0: any free one); a given port lets a test start Discord "coming back" where the bridge looks."""
-        app = web.Application()
+        app = web.Application(middlewares=[self._hold_answers])
         app.router.add_get("/gateway", self._gateway)
         app.router.add_route("*", "/api/v10/{tail:.*}", self._rest)
         self._runner = web.AppRunner(app, access_log=None)
@@ -211,6 +231,7 @@ class FakeDiscord:
         return self.base_url
 
     async def stop(self) -> None:
+        self._release.set()
         for conn in list(self._conns):
             await conn.ws.close()
         for task in list(self._tasks):
@@ -332,6 +353,18 @@ class FakeDiscord:
     async def close_gateway(self, code: int) -> None:
         for conn in list(self._conns):
             await conn.ws.close(code=code, message=b"closed by the fake")
+
+    def hang(self, *, path: str, method: str | None = None, count: int | None = 1, commit: bool = True) -> Hang:
+        """Hold REST answers (see Hang): a post that happened, or not, while the bot dies waiting."""
+        hang = Hang(path, method, count, commit)
+        self.hangs.append(hang)
+        self._release.clear()
+        return hang
+
+    def release(self) -> None:
+        """Answer every held request now, and hold no more."""
+        self.hangs.clear()
+        self._release.set()
 
     def message_payload(
         self,
@@ -565,6 +598,23 @@ class FakeDiscord:
         }
 
     # ----- REST --------------------------------------------------------------------------
+
+    @web.middleware
+    async def _hold_answers(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        tail = request.match_info.get("tail")
+        path = "/" + tail if tail is not None else ""
+        hang = next((h for h in self.hangs if tail is not None and h.matches(request.method, path)), None)
+        if hang is None or self._release.is_set():
+            return await handler(request)
+        if hang.count is not None:
+            hang.count -= 1
+        response = await handler(request) if hang.commit else None
+        hang.hung += 1
+        try:
+            await self._release.wait()
+        finally:
+            hang.hung -= 1
+        return response if response is not None else await handler(request)
 
     def _json(self, body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
         # Exactly "application/json": discord.py does not parse JSON with a charset suffix.

@@ -109,6 +109,13 @@ class SlackFault:
 
 
 @dataclass
+class SlackHang:
+    method: str
+    remaining: int | None  # None = forever
+    hung: int = 0  # answers being held right now
+
+
+@dataclass
 class Envelope:
     envelope_id: str
     acked: asyncio.Event = field(default_factory=asyncio.Event)
@@ -136,6 +143,9 @@ class FakeSlack:
         # Every message posted or updated through the API, per channel, in posting order.
         self.messages: dict[str, list[dict[str, Any]]] = {}
         self.ephemeral: list[dict[str, Any]] = []  # chat.postEphemeral arguments
+        # Reactions the bot has on messages now: (channel, ts) -> names (reactions.add / remove).
+        self.reactions: dict[tuple[str, str], set[str]] = {}
+        self.hangs: list[SlackHang] = []
         self.silent = False  # the socket neither answers pings nor greets new connections
         self.history_page = 100  # messages per conversations.history/replies page at most
         self.sockets: list[web.WebSocketResponse] = []
@@ -145,6 +155,7 @@ class FakeSlack:
         self._runner: web.AppRunner | None = None
         self._changed = asyncio.Event()
         self._stopping = False
+        self._release = asyncio.Event()  # set: every hung answer goes out (stop(), release())
 
     # --- test controls -----------------------------------------------------------------------
 
@@ -207,6 +218,28 @@ class FakeSlack:
         """Arguments of every chat.postMessage that succeeded, in order."""
         return [c.args for c in self.calls if c.method == "chat.postMessage" and c.ok]
 
+    def hang_after(self, method: str, *, count: int | None = 1) -> SlackHang:
+        """The next `count` calls of `method` take effect, then their answer is held back.
+
+        Like a post Slack made whose response never reached the bridge before it died: the
+        call is recorded (and the message stored) at once; the answer goes out only on
+        release() or stop(), by which time the caller is usually gone.
+        """
+        hang = SlackHang(method, count)
+        self.hangs.append(hang)
+        if not self._stopping:
+            self._release.clear()
+        return hang
+
+    def release(self) -> None:
+        """Send every held answer now, and hold no more."""
+        self.hangs.clear()
+        self._release.set()
+
+    def reactions_on(self, channel: str, ts: str) -> set[str]:
+        """The bot's reactions on a message right now."""
+        return set(self.reactions.get((channel, ts), set()))
+
     async def wait_for(self, condition: Callable[[], Any], timeout: float = 10.0) -> Any:
         """Poll until condition() is truthy (re-checked on every call the fake receives)."""
         deadline = asyncio.get_running_loop().time() + timeout
@@ -260,7 +293,7 @@ class FakeSlack:
 
     async def start(self, port: int = 0) -> str:
         """Listen on `port` (0: any free one); a given port lets a test start Slack "coming back" where the bridge looks."""
-        app = web.Application()
+        app = web.Application(middlewares=[self._hold_answers])
         app.router.add_route("*", "/api/{method}", self._api)
         app.router.add_get("/link", self._socket)
         app.router.add_post("/response/{name}", self._response)
@@ -274,12 +307,31 @@ class FakeSlack:
     async def stop(self) -> None:
         # A client that never closed its socket reconnects at once: refuse it from here on.
         self._stopping = True
+        self._release.set()
         for ws in list(self.sockets):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(ws.close(), 1)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    @web.middleware
+    async def _hold_answers(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        hang = next(
+            (h for h in self.hangs if h.method == request.match_info.get("method") and (h.remaining is None or h.remaining > 0)),
+            None,
+        )
+        if hang is not None and hang.remaining is not None:
+            hang.remaining -= 1
+        response = await handler(request)  # the call takes effect (and is recorded) first
+        if hang is not None and not self._release.is_set():
+            hang.hung += 1
+            self._notify()
+            try:
+                await self._release.wait()
+            finally:
+                hang.hung -= 1
+        return response
 
     def _new_ts(self) -> str:
         """A message ts like Slack's: the posting time, unique and increasing within the workspace."""
@@ -428,9 +480,19 @@ class FakeSlack:
         }
 
     def _m_reactions_add(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        names = self.reactions.setdefault((str(args.get("channel") or ""), str(args.get("timestamp") or "")), set())
+        name = str(args.get("name") or "")
+        if name in names:
+            return {"ok": False, "error": "already_reacted"}, {}
+        names.add(name)
         return {"ok": True}, {}
 
     def _m_reactions_remove(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        names = self.reactions.get((str(args.get("channel") or ""), str(args.get("timestamp") or "")), set())
+        name = str(args.get("name") or "")
+        if name not in names:
+            return {"ok": False, "error": "no_reaction"}, {}
+        names.discard(name)
         return {"ok": True}, {}
 
     def _m_assistant_threads_setStatus(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
