@@ -37,7 +37,7 @@ import asyncio
 import logging
 import math
 import random as _random
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
@@ -411,8 +411,20 @@ class InsiteChatClient:
         data = await self._call("GET", f"/v1/chatbots/{quote(chatbot_id, safe='')}/sources")
         return self._parse_list(data, Source.from_json, "source")
 
-    async def chat(self, chatbot_id: str, message: str, session_id: str, *, lane: str = "") -> str:
-        """Send one message in a session; returns the reply text (may contain Markdown)."""
+    async def chat(
+        self,
+        chatbot_id: str,
+        message: str,
+        session_id: str,
+        *,
+        lane: str = "",
+        before_send: Callable[[], Awaitable[None]] | None = None,
+    ) -> str:
+        """Send one message in a session; returns the reply text (may contain Markdown).
+
+        `before_send` is awaited each time the request is about to leave, after the wait in
+        the limiter's queue: the relay records there that the call may have been received.
+        """
         if len(message) > MAX_MESSAGE_CHARS:
             logger.debug(
                 "[%s] chat message cut from %d to %d characters", self._name, len(message), MAX_MESSAGE_CHARS
@@ -424,6 +436,7 @@ class InsiteChatClient:
             payload={"message": message, "session_id": session_id},
             lane=lane,
             chat=True,
+            before_send=before_send,
         )
         reply = data.get("response") if isinstance(data, dict) else None
         if not isinstance(reply, str):
@@ -433,14 +446,21 @@ class InsiteChatClient:
     # --- one call: attempts, retries, deadline ---
 
     async def _call(
-        self, method: str, path: str, *, payload: dict[str, Any] | None = None, lane: str = "", chat: bool = False
+        self,
+        method: str,
+        path: str,
+        *,
+        payload: dict[str, Any] | None = None,
+        lane: str = "",
+        chat: bool = False,
+        before_send: Callable[[], Awaitable[None]] | None = None,
     ) -> Any:
         self._circuit.check(chat=chat)  # fail fast, before waiting in the limiter's queue
         deadline = self._clock.monotonic() + self._policy.deadline
         backoffs = 0
         while True:
             try:
-                return await self._attempt(method, path, payload, lane, chat=chat)
+                return await self._attempt(method, path, payload, lane, chat=chat, before_send=before_send)
             except InsiteChatError as error:
                 delay = self._retry_delay(error, backoffs, chat=chat)
                 if delay is None or not self._circuit.closed:
@@ -478,7 +498,16 @@ class InsiteChatClient:
         # Half fixed, half random: spreads retries without ever retrying at once.
         return cap * (0.5 + 0.5 * self._random())
 
-    async def _attempt(self, method: str, path: str, payload: dict[str, Any] | None, lane: str, *, chat: bool) -> Any:
+    async def _attempt(
+        self,
+        method: str,
+        path: str,
+        payload: dict[str, Any] | None,
+        lane: str,
+        *,
+        chat: bool,
+        before_send: Callable[[], Awaitable[None]] | None = None,
+    ) -> Any:
         grant: Grant | None = None
         if self._limiter is not None:
             queued = self._clock.monotonic()
@@ -487,12 +516,20 @@ class InsiteChatClient:
             grant = await self._limiter.acquire(lane, hold=True)
             metrics.LIMITER_WAIT.observe(self._clock.monotonic() - queued)
         try:
-            return await self._send(method, path, payload, chat=chat)
+            return await self._send(method, path, payload, chat=chat, before_send=before_send)
         finally:
             if grant is not None and self._limiter is not None:
                 self._limiter.settle(grant)
 
-    async def _send(self, method: str, path: str, payload: dict[str, Any] | None, *, chat: bool) -> Any:
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        payload: dict[str, Any] | None,
+        *,
+        chat: bool,
+        before_send: Callable[[], Awaitable[None]] | None = None,
+    ) -> Any:
         # Checked again after the queue: the circuit may have opened while we waited (the slot is then unused).
         trial = self._circuit.admit(chat=chat)
         endpoint = _endpoint_name(path)
@@ -500,6 +537,8 @@ class InsiteChatClient:
             # Requests beyond the connection pool wait here, not in httpcore's queue, whose
             # bookkeeping grows with its length.
             async with self._in_flight:
+                if before_send is not None:
+                    await before_send()
                 sent = self._clock.monotonic()
                 try:
                     response = await self._http.request(method, self._base + path, json=payload)

@@ -348,9 +348,15 @@ class Relay:
         session_id = conversation.session_id(await self._store.generation(conversation.key))
         text = inbound.text.strip()
         await self._maybe_queue_notice(adapter, inbound, client, lane)
-        await self._store.job_asked(job.id)
+
+        async def asking() -> None:
+            # Stored as the request leaves, not before the limiter's queue: a question that
+            # was still queued when the process died never reached InsiteChat, and is asked
+            # after a restart even with after_restart: notice.
+            await self._store.job_asked(job.id)
+
         try:
-            answer = await client.chat(job.chatbot, text, session_id, lane=lane)
+            answer = await client.chat(job.chatbot, text, session_id, lane=lane, before_send=asking)
         except InsiteChatError as exc:
             return _notice(self._failure_notice(job.chatbot, exc))
         if not formatting.RENDERERS[inbound.platform](answer):

@@ -731,3 +731,22 @@ async def test_the_limiter_slot_is_held_while_the_request_is_on_its_way(
     api.post(CHAT).mock(side_effect=answer)
     assert await make_client(limiter=limiter).chat(BOT, "hi", "s") == "ok"
     assert seen == [True] and not limiter.held[-1].held
+
+
+async def test_before_send_runs_after_the_limiter_queue_once_per_request_sent(
+    api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
+) -> None:
+    # The relay marks a job "asked" here: a question still queued in the limiter was not sent.
+    limiter = RecordingLimiter(clock)
+    events: list[str] = []
+
+    async def before_send() -> None:
+        events.append(f"send after {len(limiter.held)} grant(s)")
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        events.append("request")
+        return fail(429, RATE_LIMIT["detail"], **{"Retry-After": "1"}) if events.count("request") == 1 else reply("ok")
+
+    api.post(CHAT).mock(side_effect=answer)
+    assert await make_client(limiter=limiter).chat(BOT, "hi", "s", before_send=before_send) == "ok"
+    assert events == ["send after 1 grant(s)", "request", "send after 2 grant(s)", "request"]
