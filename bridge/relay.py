@@ -296,6 +296,11 @@ class Relay:
     async def _answer(self, job: ChatJob, inbound: Inbound, *, recovered: bool) -> Outcome:
         adapter = self._adapters[inbound.platform]
         reply = await self._without_asking(job, inbound, recovered=recovered)
+        if reply is not None and recovered:
+            # The process that died may have left its working signal (a reaction) on the
+            # question: shown and cleared again around the reply, as the outbox does.
+            async with adapter.working(inbound):
+                return await self._deliver(job, reply)
         if reply is not None:
             return await self._deliver(job, reply)
         async with adapter.working(inbound):
