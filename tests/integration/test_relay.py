@@ -315,6 +315,32 @@ async def test_an_answer_cut_off_by_shutdown_is_finished_by_the_next_start(
     assert await restarted.relay.recover() == 0  # taken over once
 
 
+async def test_a_question_still_in_the_limiters_queue_at_shutdown_is_asked_by_the_next_start_even_in_notice_mode(
+    make_harness, emulator: Emulator
+) -> None:
+    h = make_harness(rate_limit=1)
+    emulator.inject("hang", seconds=30, path_contains="/chat", count=1)  # holds the only slot
+    out = msg("the call that went out", id="1", channel="D1", is_dm=True)
+    queued = msg("still in the queue", id="2", channel="D2", is_dm=True)
+    tasks = [h.relay.submit(out), h.relay.submit(queued)]
+    limiter = h.clients["default"].limiter
+    assert limiter is not None
+    while not (chat_calls(emulator) and limiter.waiting == 1):
+        await asyncio.sleep(0.01)
+    await h.relay.drain(grace=0.1)
+    assert all(t.cancelled() for t in tasks)
+    assert (await h.store.job_by_key(out.dedupe_key))[1] is JobState.ASKED
+    assert (await h.store.job_by_key(queued.dedupe_key))[1] is JobState.ACCEPTED  # never sent
+    restarted = make_harness(extra="chat: {after_restart: notice}")
+    assert await restarted.relay.recover() == 2
+    replies = {r.conversation.channel: "".join(r.parts) for r in [await restarted.adapter.next_post() for _ in range(2)]}
+    assert replies["D1"] == NOTICES["restarted"]
+    assert "still in the queue" in replies["D2"]
+    assert len(chat_calls(emulator)) == 2
+    # The restarted notice, too, clears a working signal the dead run may have left.
+    assert ("exit", "1") in restarted.adapter.working_events
+
+
 async def test_answers_in_one_conversation_never_overlap(make_harness, emulator: Emulator) -> None:
     h = make_harness()
     emulator.latency = 0.1  # every chat call takes at least this long to answer
