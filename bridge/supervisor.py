@@ -67,6 +67,7 @@ class Supervisor:
         self._changed: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._cleanup: asyncio.Future[None] | None = None
+        self._halted = False  # halt() was called: no attempt or wait may outlive it
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -78,6 +79,7 @@ class Supervisor:
     async def halt(self) -> None:
         """No more attempts. An attempt under way is abandoned and its platform stopped; a live
         connection stays up, for the owner to stop after the answers in flight went out."""
+        self._halted = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -119,7 +121,7 @@ class Supervisor:
     # --- the loop ------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
+        while not self._halted:
             self.attempt += 1
             self._set(State.CONNECTING)
             try:
@@ -136,6 +138,11 @@ class Supervisor:
             up_since = self._clock.monotonic()
             self.attempt, self.error, self.was_up = 0, "", True
             self._set(State.UP)
+            if self._halted:
+                # halt() cancelled the attempt, but the connection completed in the same loop
+                # turn and start() returned anyway (3.11's wait_for swallows the cancellation
+                # then): left up for the owner to stop, as any live connection at halt().
+                return
             if self._on_up is not None:
                 self._on_up(self)
             ended = await self._wait_ended()
@@ -160,6 +167,8 @@ class Supervisor:
             return exc
 
     async def _retry_later(self, reason: str, *, ended: bool) -> None:
+        if self._halted:  # the attempt failed as halt() cancelled it: no retry to wait for
+            return
         delay = self._backoff.delay(self._failures - 1, self._jitter())
         self.error = reason
         self._retry_at = self._clock.monotonic() + delay

@@ -169,3 +169,49 @@ async def test_halt_abandons_the_attempts() -> None:
     assert len(platform.starts) == 1 and platform.stops == 2  # after the failure, and once more: safe twice
     with pytest.raises(RuntimeError, match="halted"):
         await supervisor.wait_up()
+
+
+async def test_halt_returns_when_the_connection_completed_as_it_was_cancelled() -> None:
+    # Python 3.11's wait_for (the Slack adapter's Socket Mode connect) returns the result,
+    # swallowing the cancellation, when the inner call finished in the same loop turn: the
+    # supervisor then ran on into "up" and waited for the connection to end, and halt() (so
+    # SIGTERM) never returned. The subprocess crash tests hit it now and then.
+    clock = ManualClock()
+    connected = asyncio.get_running_loop().create_future()
+
+    class ConnectsAsItIsCancelled(Scripted):
+        async def start(self) -> None:
+            await asyncio.wait_for(connected, 30)
+            await super().start()
+
+    platform = ConnectsAsItIsCancelled(clock)
+    supervisor = Supervisor(platform, clock)
+    supervisor.start()
+    await settle(supervisor, clock, State.CONNECTING)
+    await asyncio.sleep(0)  # into wait_for
+    connected.set_result(None)  # the connection completes...
+    await asyncio.wait_for(supervisor.halt(), 2)  # ...as halt() cancels the attempt
+    assert supervisor.state in (State.UP, State.STOPPED)
+    if supervisor.state is State.UP:
+        assert platform.live  # left up for the owner to stop, as any live connection at halt()
+
+
+async def test_halt_returns_when_the_attempt_failed_as_it_was_cancelled() -> None:
+    # The same race with a failed attempt: without care it waited out a backoff and tried again.
+    clock = ManualClock()
+    failed = asyncio.get_running_loop().create_future()
+
+    class FailsAsItIsCancelled(Scripted):
+        async def start(self) -> None:
+            self.starts.append(self.clock.monotonic())
+            await asyncio.wait_for(failed, 30)
+
+    platform = FailsAsItIsCancelled(clock)
+    supervisor = Supervisor(platform, clock)
+    supervisor.start()
+    await settle(supervisor, clock, State.CONNECTING)
+    await asyncio.sleep(0)
+    failed.set_exception(ConnectionError("refused"))
+    await asyncio.wait_for(supervisor.halt(), 2)
+    assert supervisor.state is State.STOPPED
+    assert len(platform.starts) == 1 and platform.stops >= 1  # no second attempt; the first one cleaned up
