@@ -213,7 +213,10 @@ class SlackAdapter(SlackInteractions):
         try:
             # Asked here, not inside connect(): connect() retries a refused app token forever.
             handler.client.wss_uri = await issue_url()
-            await asyncio.wait_for(handler.connect_async(), CONNECT_TIMEOUT)
+            # asyncio.timeout, not wait_for: 3.11's wait_for can lose a cancellation that comes
+            # in the same loop turn as the connect completing (a SIGTERM during start-up).
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await handler.connect_async()
         except SlackApiError as exc:
             await handler.close_async()
             code = error_code(exc)
