@@ -7,7 +7,6 @@ import inspect
 import logging
 import re
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
@@ -64,7 +63,6 @@ SOCKET_PING_INTERVAL = 10.0  # Socket Mode ping every this many seconds (Bolt's 
 SILENT_AFTER = 2  # pings: a socket silent for longer is not ready, even if it looks connected
 FIND_PAGES = 5  # conversations.history/replies pages searched for an earlier post after a crash
 FIND_PAGE_SIZE = 200
-_DM_THREADS_KEPT = 1000
 
 
 class SlackAdapter(SlackInteractions):
@@ -128,9 +126,6 @@ class SlackAdapter(SlackInteractions):
         self._intake = True  # False once stop_intake() ran: no new events, sends still work
         self._last_frame = 0.0  # wall-clock time of the socket's last text frame (hello, envelope)
         self._tasks: set[asyncio.Task[Any]] = set()
-        # DM messages written inside a thread (the assistant pane, a threaded DM reply):
-        # the relay keeps one conversation per DM, but the answer belongs in that thread.
-        self._dm_threads: OrderedDict[tuple[str, str], str] = OrderedDict()
         if self._http:
             if web is None:
                 raise ValueError("Slack HTTP mode needs the bridge's web application")
@@ -361,8 +356,6 @@ class SlackAdapter(SlackInteractions):
             # Not dropped: after a restart the retry may be the only delivery. The relay dedupes.
             reason = (req.headers.get("x-slack-retry-reason") or [""])[0]
             log.info("slack retry %s (%s) of %s", retry, reason or "?", inbound.dedupe_key)
-        if inbound.is_dm and inbound.in_thread:
-            self._remember_dm_thread(inbound.channel, inbound.message_id, inbound.thread)
         try:
             await self._on_message(inbound)
         except StoreError as exc:
@@ -376,11 +369,6 @@ class SlackAdapter(SlackInteractions):
         result = self._on_message(inbound)
         if inspect.isawaitable(result) and not isinstance(result, asyncio.Future):
             self._spawn(result)  # type: ignore[arg-type]
-
-    def _remember_dm_thread(self, channel: str, message_id: str, thread: str) -> None:
-        self._dm_threads[(channel, message_id)] = thread
-        while len(self._dm_threads) > _DM_THREADS_KEPT:
-            self._dm_threads.popitem(last=False)
 
     # --- outbound ------------------------------------------------------------------------------
 
@@ -396,7 +384,7 @@ class SlackAdapter(SlackInteractions):
         refuses for good, another SlackError when trying later may work.
         """
         conversation = outbound.conversation
-        thread = conversation.thread or self._dm_threads.get((conversation.channel, outbound.reply_to), "")
+        thread = conversation.thread or outbound.question_thread
         parts = list(outbound.parts)
         chatbot = self._human_chatbot(conversation) if outbound.offer_human and parts else ""
         if chatbot and len(parts[-1]) > SECTION_LIMIT:

@@ -227,6 +227,7 @@ class Outbox:
             parts,
             OutboundKind.ANSWER if job.reply_kind is ReplyKind.ANSWER else OutboundKind.NOTICE,
             reply_to=inbound.message_id,
+            question_thread=inbound.thread if inbound.in_thread else "",
             offer_human=job.offer_human,
             delivery=Delivery(job.delivery_key, look_first=item.started or item.attempts > 0, since=job.created_at),
         )

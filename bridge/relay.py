@@ -384,7 +384,13 @@ class Relay:
             return
         text = NOTICES["queued"].format(position=limiter.position(lane) + 1, seconds=int(wait + 0.999))
         parts = formatting.RENDERERS[inbound.platform](text)
-        outbound = Outbound(inbound.conversation, tuple(parts), OutboundKind.NOTICE, reply_to=inbound.message_id)
+        outbound = Outbound(
+            inbound.conversation,
+            tuple(parts),
+            OutboundKind.NOTICE,
+            reply_to=inbound.message_id,
+            question_thread=inbound.thread if inbound.in_thread else "",
+        )
         try:
             await adapter.send(outbound)
         except Exception as exc:

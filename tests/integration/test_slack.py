@@ -225,6 +225,20 @@ async def test_direct_messages(start_bridge, slack: FakeSlack, emulator: Emulato
     assert len(sessions) == 1
 
 
+async def test_an_answer_for_a_dm_thread_still_lands_in_that_thread_after_a_restart(
+    start_bridge, slack: FakeSlack
+) -> None:
+    slack.fail("chat.postMessage", status=500, count=None)  # the answer exists but cannot be posted
+    first = await start_bridge()
+    await first.post_event(payload("message_im_in_thread"))
+    await settle(first)
+    await first.close()  # stopped with the answer still in the outbox
+    slack.heal()
+    await start_bridge()  # the next run: it knows the question's thread from the stored job alone
+    [answer] = await slack.wait_for(lambda: slack.posts)
+    assert answer["channel"] == "D0ALICE" and answer["thread_ts"] == "1700000400.000400"
+
+
 async def test_bots_self_and_subtypes_are_ignored(start_bridge, slack: FakeSlack, emulator: Emulator) -> None:
     bridge = await start_bridge()
     await bridge.post_event(payload("app_mention"))  # the bot now follows this thread
