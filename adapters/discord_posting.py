@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any
 
 import aiohttp
@@ -33,7 +34,9 @@ THREAD_PERMISSIONS = discord.Permissions(create_public_threads=True, send_messag
 THREAD_NAME_LIMIT = 100
 THREAD_ARCHIVE_MINUTES = 1440
 NONCE_LIMIT = 25
-INTERACTION_LIFETIME = 15 * 60.0  # an interaction token accepts followups for 15 minutes
+INTERACTION_LIFETIME = 15 * 60.0
+FIND_LIMIT = 100  # messages read back when looking for parts posted before a crash
+DISCORD_EPOCH_SECONDS = discord.utils.DISCORD_EPOCH / 1000  # an interaction token accepts followups for 15 minutes
 
 
 def make_nonce(outbound: Outbound, index: int) -> str:
@@ -185,8 +188,12 @@ class DiscordPosting:
                 )
         target = client.get_partial_messageable(int(target_id), guild_id=int(origin.guild_id) if origin.guild_id else None)
         last_view = self._answer_view(outbound)
+        posted = await self._posted_parts(target, outbound) if outbound.delivery and outbound.delivery.look_first else {}
         ids: list[str] = []
         for index, part in enumerate(outbound.parts):
+            if index in posted:
+                ids.append(posted[index])
+                continue
             extra: dict[str, Any] = {}
             if last_view is not None and index == len(outbound.parts) - 1:
                 extra["view"] = last_view
@@ -201,6 +208,35 @@ class DiscordPosting:
             ids.append(str(message.id))
             self._roots[str(message.id)] = conversation.thread
         return ids
+
+    async def _posted_parts(self, target: discord.PartialMessageable, outbound: Outbound) -> dict[int, str]:
+        """Parts an earlier attempt already posted here: the bot's own messages since the job began, by their text.
+
+        Discord dedupes a re-sent nonce for a few minutes only; after a longer outage or a
+        restart the history is what tells. A part counts once, matched in order.
+        """
+        delivery = outbound.delivery
+        client = self._require_client()
+        if delivery is None or client.user is None:
+            return {}
+        # A minute of slack for clock skew; history after a snowflake of that time.
+        start = datetime.fromtimestamp(max(delivery.since - 60, DISCORD_EPOCH_SECONDS), timezone.utc)
+        after = discord.Object(id=discord.utils.time_snowflake(start))
+        mine = [
+            message
+            async for message in target.history(after=after, limit=FIND_LIMIT, oldest_first=True)
+            if message.author.id == client.user.id
+        ]
+        found: dict[int, str] = {}
+        for index, part in enumerate(outbound.parts):
+            match = next((m for m in mine if m.content == part), None)
+            if match is not None:
+                found[index] = str(match.id)
+                mine.remove(match)
+        if found:
+            log.info("discord: %d of %d part(s) of %s were posted before; not posting them again",
+                     len(found), len(outbound.parts), delivery.key)
+        return found
 
     def _answer_view(self, outbound: Outbound) -> discord.ui.View | None:
         """The "Talk to a human" button for the last part of an answer, when the relay offers it."""
