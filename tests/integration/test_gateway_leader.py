@@ -17,9 +17,16 @@ import pytest
 
 redis_asyncio = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install redis)")
 
+from adapters.discord_bot import DiscordAdapter, DiscordRefused  # noqa: E402
+from bridge import config  # noqa: E402
 from bridge.leader import RedisLease  # noqa: E402
+from bridge.messages import Conversation, Delivery, Inbound, Outbound  # noqa: E402
+from tests.fakes import discord_api as fd  # noqa: E402
+from tests.fakes.discord_api import FakeDiscord  # noqa: E402
 
 LEASE = 0.6  # seconds: short, so an expiry is seen quickly
+GATEWAY_LEASE = 1.0  # the adapters' lease: a takeover within it, one standby poll and an IDENTIFY
+BOT = "0a1b2c3d-4e5f-6789-abcd-ef0123456789"
 
 
 # --- Redis: REDIS_URL when set, else a redis-server of our own ---------------------------------
@@ -232,3 +239,173 @@ async def test_a_replica_starts_as_a_standby_while_redis_is_unreachable() -> Non
     finally:
         await lease.stop()
         await client.aclose()
+
+
+# --- DiscordAdapters following the lease: two "replicas" in one process, one FakeDiscord ---------
+
+
+@pytest.fixture(autouse=True)
+def fast_ready(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(DiscordAdapter, "guild_ready_timeout", 0.1)
+    monkeypatch.setattr(DiscordAdapter, "start_timeout", 10.0)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeDiscord]:
+    async with fd.running_fake() as discord_fake:
+        yield discord_fake
+
+
+def settings() -> config.Settings:
+    return config.loads(
+        f"""
+insitechat: {{base_url: "http://127.0.0.1:9", api_key: "${{KEY}}"}}
+discord: {{token: "${{DISCORD_TOKEN}}"}}
+routes:
+  - {{platform: discord, chatbot: {BOT}, reply: mention}}
+""",
+        env={"KEY": "unused", "DISCORD_TOKEN": fd.TOKEN},
+    )
+
+
+class Replica:
+    """One replica's Discord half: its own lease object and its own discord.py clients."""
+
+    def __init__(self, lease: RedisLease) -> None:
+        self.lease = lease
+        self.heard: list[Inbound] = []
+        self.adapter = DiscordAdapter(settings(), self._on_message, leadership=lease)
+
+    async def _on_message(self, inbound: Inbound) -> None:
+        self.heard.append(inbound)
+
+
+Replicas = Callable[..., Awaitable[Replica]]
+
+
+@pytest.fixture
+async def replicas(leases: Leases, fake: FakeDiscord) -> AsyncIterator[Replicas]:
+    made: list[Replica] = []
+
+    async def start(name: str, **kw: Any) -> Replica:
+        replica = Replica(await leases(name, lease=kw.pop("lease", GATEWAY_LEASE), **kw))
+        made.append(replica)
+        await replica.adapter.start()
+        return replica
+
+    yield start
+    for replica in made:
+        await replica.adapter.stop()
+
+
+def general() -> Conversation:
+    return Conversation("discord", str(fd.GUILD_ID), str(fd.GENERAL))
+
+
+CARD = {"content": "", "embed": {"title": "A visitor asked for a human", "description": "[Open](https://insitechat.ai/x)"}}
+
+
+async def test_only_the_lease_holder_opens_a_gateway_and_every_replica_posts(replicas: Replicas, fake: FakeDiscord) -> None:
+    a = await replicas("host-a:1")
+    b = await replicas("host-b:2")
+    assert a.lease.is_leader and not b.lease.is_leader
+    assert len(fake.identifies) == 1 and fake.open_sessions() == 1
+    assert a.adapter.client is not None and b.adapter.client is None
+    assert len(fake.rest("GET", r"/users/@me")) == 3  # a over REST and on the gateway, b over REST only
+
+    question = await fake.user_message(fd.GENERAL, "hello?", mention_bot=True)
+    await eventually(lambda: a.heard, what="the holder to hear the mention")
+    assert [i.message_id for i in a.heard] == [question["id"]] and b.heard == []
+
+    # Both post: answers and alert cards go over REST from either replica.
+    [from_a] = await a.adapter.send(Outbound(general(), ("from a",), delivery=Delivery("answer-a")))
+    [from_b] = await b.adapter.send(Outbound(general(), ("from b",), delivery=Delivery("answer-b")))
+    card = await b.adapter.post_alert(str(fd.ALERTS), CARD, thread="", broadcast=False, key="alert-1")
+    assert await a.adapter.find_alert(str(fd.ALERTS), "alert-1", since=time.time() - 60, thread="") == card
+    await a.adapter.update_alert(str(fd.ALERTS), card, CARD | {"embed": CARD["embed"] | {"title": "Claimed"}})
+    assert [m["content"] for m in fake.bot_posts(fd.GENERAL)] == ["from a", "from b"]
+    assert fake.messages[int(card)]["embeds"][0]["title"] == "Claimed"
+    assert {from_a, from_b} <= {m["id"] for m in fake.bot_posts()}
+    assert len(fake.identifies) == 1  # posting never needed a second gateway
+
+    assert a.adapter.readiness() == "ok (gateway held here: host-a:1)"
+    assert b.adapter.readiness() == "ok (standby; gateway held by host-a:1)"
+
+
+async def test_the_standby_opens_the_gateway_when_the_holder_dies(replicas: Replicas, fake: FakeDiscord) -> None:
+    a = await replicas("host-a:1")
+    b = await replicas("host-b:2")
+    took_over = asyncio.ensure_future(b.lease.wait_changed())
+    died = time.monotonic()
+    # A death in one process: renewals stop without a release, and the clients go.
+    await a.lease.stop(release=False)
+    await a.adapter.stop()
+    await asyncio.wait_for(took_over, GATEWAY_LEASE + b.lease.retry_every + 1)
+    await eventually(lambda: b.adapter.readiness() == "ok (gateway held here: host-b:2)", what="b's gateway")
+    assert time.monotonic() - died <= GATEWAY_LEASE + b.lease.retry_every + 1.0
+    assert len(fake.identifies) == 2 and fake.open_sessions() == 1
+
+    await fake.user_message(fd.GENERAL, "anyone there?", mention_bot=True)
+    await eventually(lambda: b.heard, what="the new holder to hear the mention")
+    await fake.slash("ask", {"question": "and commands?"})
+    await eventually(lambda: any(i.is_command for i in b.heard), what="the slash command on the new holder")
+    assert a.heard == []
+
+
+async def test_losing_the_lease_closes_the_gateway_at_once(replicas: Replicas, fake: FakeDiscord, redis: Any, key: str) -> None:
+    a = await replicas("host-a:1", renew_every=0.1)
+    assert fake.open_sessions() == 1
+    # Another replica holds the key now (a paused past its lease, say): a's next renewal is refused.
+    await redis.set(key, "host-c:3#ffff", px=30_000)
+    await eventually(lambda: fake.open_sessions() == 0, timeout=1.0, what="a to close its gateway")
+    assert a.adapter.client is None and a.adapter.readiness() == "ok (standby; gateway held by host-c:3)"
+    # Still posts over REST as a standby.
+    await a.adapter.send(Outbound(general(), ("still here",), delivery=Delivery("still-here")))
+    assert fake.bot_posts(fd.GENERAL)[-1]["content"] == "still here"
+    # The key is free again: a takes the lease back and reconnects.
+    await redis.delete(key)
+    await eventually(lambda: a.adapter.readiness() == "ok (gateway held here: host-a:1)", timeout=3, what="a back on the gateway")
+    assert len(fake.identifies) == 2 and fake.open_sessions() == 1
+
+
+async def test_a_slash_command_taken_before_the_lease_moved_on_is_answered_by_its_replica(
+    replicas: Replicas, fake: FakeDiscord, redis: Any, key: str
+) -> None:
+    a = await replicas("host-a:1", renew_every=0.1)
+    interaction = await fake.slash("ask", {"question": "will you still answer?"})
+    [command] = await eventually(lambda: [i for i in a.heard if i.is_command], what="the command on the holder")
+    await redis.set(key, "host-c:3#ffff", px=30_000)
+    await eventually(lambda: a.adapter.client is None, timeout=1.0, what="a to close its gateway")
+    # The followup rides the REST client's session: the gateway client's closed with it.
+    await a.adapter.send(Outbound(command.conversation, ("yes",), reply_to=command.message_id))
+    [followup] = fake.rest("POST", rf"/webhooks/{fd.APP_ID}/{interaction['token']}")
+    assert followup.json["content"] == "yes"
+
+
+async def test_a_standby_without_redis_still_posts_and_says_why_it_is_not_on_the_gateway(fake: FakeDiscord) -> None:
+    client = redis_asyncio.Redis.from_url(f"redis://127.0.0.1:{_free_port()}/0")  # nobody listens there
+    lease = RedisLease(client, "test-bridge:nowhere", name="host-a:1", lease=GATEWAY_LEASE)
+    adapter = DiscordAdapter(settings(), lambda inbound: asyncio.sleep(0), leadership=lease)
+    try:
+        await lease.start()
+        await adapter.start()
+        assert fake.identifies == []
+        assert str(adapter.readiness()).startswith("ok (standby; cannot ask Redis which replica holds the gateway: ")
+        await adapter.send(Outbound(general(), ("posted anyway",), delivery=Delivery("posted-anyway")))
+        assert fake.bot_posts(fd.GENERAL)[-1]["content"] == "posted anyway"
+    finally:
+        await adapter.stop()
+        await lease.stop()
+        await client.aclose()
+
+
+async def test_a_gateway_the_new_holder_cannot_open_ends_the_connection_for_its_supervisor(
+    replicas: Replicas, fake: FakeDiscord
+) -> None:
+    a = await replicas("host-a:1")
+    b = await replicas("host-b:2")
+    fake.identify_close_code = 4004  # the token was reset while a held the gateway
+    await a.lease.stop(release=False)
+    await a.adapter.stop()
+    ended = await asyncio.wait_for(b.adapter.wait_ended(), GATEWAY_LEASE + b.lease.retry_every + 3)
+    assert isinstance(ended, DiscordRefused) and "bot token" in str(ended)
