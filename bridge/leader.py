@@ -151,6 +151,7 @@ class RedisLease:
             self._set_leader(False)
         self._holder = None
         if self._owns_client:
+            self._owns_client = False  # stop() twice closes it once
             await self._redis.aclose()
 
     # --- the loop ------------------------------------------------------------------------

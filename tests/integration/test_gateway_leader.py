@@ -11,14 +11,18 @@ import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 redis_asyncio = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install redis)")
 
 from adapters.discord_bot import DiscordAdapter, DiscordRefused  # noqa: E402
 from bridge import config  # noqa: E402
+from bridge.app import BridgeApp  # noqa: E402
+from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator  # noqa: E402
 from bridge.leader import RedisLease  # noqa: E402
 from bridge.messages import Conversation, Delivery, Inbound, Outbound  # noqa: E402
 from tests.fakes import discord_api as fd  # noqa: E402
@@ -298,6 +302,20 @@ async def replicas(leases: Leases, fake: FakeDiscord) -> AsyncIterator[Replicas]
         await replica.adapter.stop()
 
 
+def bridge_settings(emulator_url: str, state: Path) -> config.Settings:
+    return config.loads(
+        f"""
+insitechat: {{base_url: "{emulator_url}", api_key: "${{KEY}}"}}
+state: {{sqlite: "{state}"}}
+server: {{listen: "127.0.0.1:0"}}
+discord: {{token: "${{DISCORD_TOKEN}}"}}
+routes:
+  - {{platform: discord, chatbot: {SANDBOX_CHATBOT_ID}, reply: mention}}
+""",
+        env={"KEY": SANDBOX_KEY, "DISCORD_TOKEN": fd.TOKEN},
+    )
+
+
 def general() -> Conversation:
     return Conversation("discord", str(fd.GUILD_ID), str(fd.GENERAL))
 
@@ -409,3 +427,37 @@ async def test_a_gateway_the_new_holder_cannot_open_ends_the_connection_for_its_
     await a.adapter.stop()
     ended = await asyncio.wait_for(b.adapter.wait_ended(), GATEWAY_LEASE + b.lease.retry_every + 3)
     assert isinstance(ended, DiscordRefused) and "bot token" in str(ended)
+
+
+# --- two bridges -----------------------------------------------------------------------------
+
+
+async def test_two_bridges_one_gateway_both_ready_and_a_clean_stop_hands_it_over(
+    emulator: Emulator, fake: FakeDiscord, redis: Any, key: str, tmp_path: Path
+) -> None:
+    def bridge(name: str) -> BridgeApp:
+        lease = RedisLease(redis, key, name=name, lease=GATEWAY_LEASE, retry_every=0.1)
+        return BridgeApp(bridge_settings(emulator.base_url, tmp_path / f"{name}.db"), grace=1, gateway_lease=lease)
+
+    async def readyz(app: BridgeApp) -> tuple[int, str]:
+        async with aiohttp.ClientSession() as http, http.get(app.server_url + "/readyz") as response:
+            return response.status, (await response.json())["parts"]["discord"]
+
+    a, b = bridge("host-a"), bridge("host-b")
+    try:
+        for app in (a, b):
+            await app.start()
+            await asyncio.wait_for(app.connected(), 10)
+        assert fake.open_sessions() == 1
+        assert await readyz(a) == (200, "ok (gateway held here: host-a)")
+        assert await readyz(b) == (200, "ok (standby; gateway held by host-a)")
+        await a.stop()  # released on the way out: b need not wait for the lease to run out
+        await eventually(lambda: b.gateway_lease is not None and b.gateway_lease.is_leader, timeout=1, what="b to take the lease")
+        await eventually(lambda: fake.open_sessions() == 1 and len(fake.identifies) == 2, timeout=3, what="b's gateway")
+        b_discord = next(adapter for adapter in b.adapters if isinstance(adapter, DiscordAdapter))
+        await eventually(lambda: b_discord.readiness() == "ok (gateway held here: host-b)", what="b ready on the gateway")
+        assert await readyz(b) == (200, "ok (gateway held here: host-b)")
+    finally:
+        for app in (a, b):
+            if not app.stopped.is_set():
+                await app.stop()
