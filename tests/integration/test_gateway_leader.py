@@ -209,6 +209,15 @@ async def test_the_holder_steps_down_when_redis_names_another(leases: Leases, re
     assert (await redis.get(key)) == b"host-c:3#ffff"  # the renewal did not extend or take c's lease
 
 
+async def test_a_lease_from_a_url_closes_its_own_client(redis_url: str, redis: Any, key: str) -> None:
+    lease = RedisLease.from_url(redis_url, key, name="host-a:1", lease=LEASE)
+    await lease.start()
+    assert lease.is_leader
+    await lease.stop()
+    await lease.stop()  # twice: safe
+    assert await redis.exists(key) == 0
+
+
 async def test_the_holder_steps_down_when_redis_stops_answering() -> None:
     server = RedisServer()  # our own: this test freezes it
     client = redis_asyncio.Redis.from_url(server.url)
