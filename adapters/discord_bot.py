@@ -46,6 +46,7 @@ from bridge.clock import Clock, SystemClock
 from bridge.config import ReplyMode, Settings
 from bridge.desk import AlertDesk
 from bridge.messages import Conversation, Inbound
+from bridge.ports import GatewayLease
 from bridge.store import Store, StoreError
 
 # What callers (the CLI, tests, bench) import from here, wherever it now lives.
@@ -81,7 +82,9 @@ class _Client(discord.Client):
         self.tree = app_commands.CommandTree(self)
 
     async def on_ready(self) -> None:
-        self.adapter._ready.set()
+        # A gateway client being dropped (leadership moved on) must not mark its successor ready.
+        if self.adapter._client is self:
+            self.adapter._ready.set()
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
         # Slash commands go through the command tree; button clicks come here.
@@ -117,6 +120,14 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
     Alerts (AlertPoster): cards are embeds with Claim / Resolve buttons; a visitor session's
     cards share a thread on its first card, and an escalation there is also announced in the
     channel. Under answers, a "Talk to a human" button hands the thread over to the team.
+
+    Several replicas (`leadership`, a GatewayLease): every replica logs in over REST only and
+    posts through that client (answers, notices, cards, interaction followups); only the lease
+    holder also runs the gateway client, which hears messages and clicks. The gateway client is
+    a second discord.py Client because `Client.close()` is the one clean way to end a gateway
+    session and it closes the client's HTTP session too: a gateway dropped on losing the lease
+    must not take the REST half with it. Without a lease this replica is the leader and one
+    client does both, as ever.
     """
 
     name = "discord"
@@ -138,6 +149,7 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
         store: Store | None = None,
         clock: Clock | None = None,
         desk: AlertDesk | None = None,
+        leadership: GatewayLease | None = None,
     ) -> None:
         if settings.discord is None:
             raise ValueError("the config has no discord section")
@@ -148,8 +160,11 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
         self._store = store
         self._clock = clock or SystemClock()
         self._desk = desk  # alert buttons and "Talk to a human" go through it
-        self._client: _Client | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._lease = leadership
+        self._client: _Client | None = None  # the gateway client (also the REST one without a lease)
+        self._task: asyncio.Task[None] | None = None  # its client.start()
+        self._rest: discord.Client | None = None  # with a lease: logged in over REST only, never on the gateway
+        self._follower: asyncio.Task[None] | None = None  # with a lease: opens and closes the gateway as it moves
         self._ready = asyncio.Event()
         self._stopping = False
         self._origins: Recent[str, Origin] = Recent()
@@ -190,18 +205,37 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
         self._add_commands(client.tree)
         return client
 
+    def _make_rest_client(self) -> discord.Client:
+        # Never connected: login() alone gives discord.py's HTTP client, which is all posting needs.
+        # Its intents are never sent; guilds only keeps discord.py from warning that state may suffer.
+        intents = discord.Intents.none()
+        intents.guilds = True
+        return discord.Client(intents=intents, allowed_mentions=NO_MENTIONS, max_messages=None)
+
     async def start(self) -> None:
         """Log in, connect the gateway and return once Discord says ready; raise a plain error otherwise.
 
         DiscordRefused when another try cannot help (the token, the intent, a command name
-        Discord refuses); DiscordStartError when it may (unreachable, slow, closed).
+        Discord refuses); DiscordStartError when it may (unreachable, slow, closed). With a
+        lease: log in over REST, and connect the gateway only while this replica holds it.
         """
-        if self._client is not None:
+        if self._client is not None or self._rest is not None:
             return
         self._stopping = False
+        self._ended = asyncio.get_running_loop().create_future()
+        if self._lease is None:
+            try:
+                await self._open_gateway()
+            except BaseException:
+                await self.stop()
+                raise
+            return
+        await self._start_with_lease(self._lease)
+
+    async def _open_gateway(self) -> None:
+        """Start a gateway client and return once Discord says ready; close it and raise a plain error otherwise."""
         self._ready = asyncio.Event()
         loop = asyncio.get_running_loop()
-        self._ended = loop.create_future()
         try:
             self._client = client = self._make_client()
         except DiscordStartError as exc:  # the slash command names: only a config change helps
@@ -210,20 +244,103 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
         ready = asyncio.ensure_future(self._ready.wait())
         try:
             await asyncio.wait({task, ready}, timeout=self.start_timeout, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # cancelled mid-start (a signal): leave nothing running
-            await self.stop()
+        except BaseException:  # cancelled mid-start (a signal, the lease gone): leave nothing running
+            await self._close_gateway()
             raise
         finally:
             ready.cancel()
         if not self._ready.is_set():
             error = describe_failure(task.exception() if task.done() and not task.cancelled() else None, self.start_timeout)
-            await self.stop()
+            await self._close_gateway()
             raise error
         task.add_done_callback(self._client_ended)
         user = client.user
         log.info("discord: logged in as %s (%s) in %d server(s)", user, user.id if user else "?", len(client.guilds))
         self._log_intents()
         await self._sync_commands(client)
+
+    async def _close_gateway(self) -> None:
+        """Close the gateway client (its session ends; discord.py's close also ends its HTTP session)."""
+        client, task = self._client, self._task
+        self._client = self._task = None  # first: _client_ended ignores the end of a client closed on purpose
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
+        if task is not None:
+            done, _ = await asyncio.wait({task}, timeout=10)
+            if not done:
+                task.cancel()
+                await asyncio.wait({task}, timeout=1)
+            elif not task.cancelled():
+                task.exception()  # retrieved: a failed start already raised its own error
+
+    # --- leadership (several replicas) -----------------------------------------------------------
+
+    async def _start_with_lease(self, lease: GatewayLease) -> None:
+        self._rest = rest = self._make_rest_client()
+        try:
+            await asyncio.wait_for(rest.login(self._config.token), self.start_timeout)
+        except BaseException as exc:
+            await self.stop()
+            if isinstance(exc, asyncio.TimeoutError):
+                raise DiscordStartError(f"Discord did not answer the login within {self.start_timeout:.0f} s") from None
+            if isinstance(exc, Exception):
+                raise describe_failure(exc, self.start_timeout) from None
+            raise
+        log.info("discord: logged in as %s over REST; the gateway is for the replica holding the lease", rest.user)
+        # The first holder connects within start(), so a refused intent still stops the bridge at start.
+        changed = asyncio.ensure_future(lease.wait_changed())
+        try:
+            if lease.is_leader:
+                await self._open_while_leader(changed)
+        except BaseException:
+            await self.stop()
+            raise
+        finally:
+            changed.cancel()
+        self._follower = asyncio.get_running_loop().create_task(self._follow_lease(lease), name="discord-lease")
+
+    async def _open_while_leader(self, changed: asyncio.Future[None]) -> None:
+        """Open the gateway; give up (and close it) if the lease moves on meanwhile. Raises what opening raised."""
+        opening = asyncio.ensure_future(self._open_gateway())
+        try:
+            await asyncio.wait({opening, changed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not opening.done():
+                opening.cancel()  # _open_gateway closes what it had started
+                await asyncio.gather(opening, return_exceptions=True)
+        if not opening.cancelled():
+            opening.result()
+
+    async def _follow_lease(self, lease: GatewayLease) -> None:
+        """The gateway follows the lease: opened when this replica takes it, closed at once when it loses it."""
+        try:
+            while True:
+                # Asked for before looking, so a change while the gateway opens or closes is not missed.
+                changed = asyncio.ensure_future(lease.wait_changed())
+                try:
+                    if lease.is_leader and self._client is None:
+                        log.info("discord: this replica now holds the gateway lease; connecting the gateway")
+                        await self._open_while_leader(changed)
+                    elif not lease.is_leader and self._client is not None:
+                        log.warning(
+                            "discord: this replica lost the gateway lease (now held by %s); closing the gateway",
+                            lease.holder() or "nobody",
+                        )
+                        await self._close_gateway()
+                    await changed
+                finally:
+                    changed.cancel()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The gateway would not open (or this loop broke): the supervisor starts afresh, with its backoff.
+            reason = exc if isinstance(exc, DiscordStartError) else DiscordStartError(
+                f"the Discord gateway could not follow the lease: {type(exc).__name__}: {exc}"
+            )
+            ended = self._ended
+            if ended is not None and not ended.done():
+                ended.set_result(reason)
 
     def _log_intents(self) -> None:
         if self._config.message_content_intent:
@@ -251,7 +368,7 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
     def _client_ended(self, task: asyncio.Task[None]) -> None:
         # discord.py resumes and reconnects what it can by itself: once client.start() has
         # ended, the connection is gone for good, and wait_ended() tells the supervisor why.
-        if self._stopping:
+        if self._stopping or task is not self._task:
             return
         exc = None if task.cancelled() else task.exception()
         reason: Exception
@@ -278,18 +395,15 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
     async def stop(self) -> None:
         """Close the gateway and the HTTP session; safe twice and after a failed start."""
         self._stopping = True
-        client, task = self._client, self._task
-        self._client = self._task = None
-        if client is not None:
+        follower, self._follower = self._follower, None
+        if follower is not None:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+        await self._close_gateway()
+        rest, self._rest = self._rest, None
+        if rest is not None:
             with contextlib.suppress(Exception):
-                await client.close()
-        if task is not None:
-            done, _ = await asyncio.wait({task}, timeout=10)
-            if not done:
-                task.cancel()
-                await asyncio.wait({task}, timeout=1)
-            elif not task.cancelled():
-                task.exception()  # retrieved: a failed start already raised its own error
+                await rest.close()
         for pending in list(self._pending):
             pending.cancel()
 
@@ -298,7 +412,26 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
 
         A socket can look open while Discord has stopped answering: the last heartbeat ACK
         tells (discord.py itself only reconnects after a minute without any frame).
+        With a lease, "ok (...)" names the replica on the gateway: a standby is ready (it
+        posts over REST); the holder is ready while its gateway is live.
         """
+        lease = self._lease
+        if lease is None:
+            return self._gateway_readiness()
+        if self._rest is None or self._rest.is_closed():
+            return "not connected to Discord"
+        if not lease.is_leader:
+            holder = lease.holder()
+            if holder:
+                return f"ok (standby; gateway held by {holder})"
+            if lease.error:
+                return f"ok (standby; cannot ask Redis which replica holds the gateway: {lease.error})"
+            return "ok (standby; no replica holds the gateway right now)"
+        if self._client is None:
+            return "connecting to the Discord gateway (this replica holds the lease)"
+        return self._gateway_readiness() or f"ok (gateway held here: {lease.holder()})"
+
+    def _gateway_readiness(self) -> str | None:
         client, task = self._client, self._task
         if client is None or task is None or task.done():
             return "not connected to Discord"
@@ -335,10 +468,10 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
         channel_id = int(data["channel_id"])
         if not data.get("guild_id"):
             return Place(str(channel_id), PlaceKind.DM)
-        client = self._client
+        client = self._poster()
         if client is None:
             return None
-        place = place_of_channel(client.get_channel(channel_id)) or self._places.get(channel_id)
+        place = place_of_channel(self._cached_channel(channel_id)) or self._places.get(channel_id)
         if place is not None:
             return place
         try:
@@ -399,21 +532,45 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
             return jump_url(None, conversation.channel)
         if not conversation.thread:
             return jump_url(conversation.workspace, conversation.channel)
-        if conversation.thread.isdigit() and self._client is not None and await self._thread_place(int(conversation.thread)):
+        if conversation.thread.isdigit() and self._poster() is not None and await self._thread_place(int(conversation.thread)):
             return jump_url(conversation.workspace, conversation.thread)
         return jump_url(conversation.workspace, conversation.channel, conversation.thread)
 
     # --- outbound ----------------------------------------------------------------------------
 
-    def _require_client(self) -> _Client:
-        if self._client is None:
+    def _poster(self) -> discord.Client | None:
+        # With a lease every post goes through the REST client, also on the holder: a gateway
+        # closed when the lease moves on never cuts a post (or a followup) in half.
+        return self._rest if self._lease is not None else self._client
+
+    def _require_client(self) -> discord.Client:
+        client = self._poster()
+        if client is None:
             raise RuntimeError("the Discord adapter is not running")
-        return self._client
+        return client
+
+    def _cached_channel(self, channel_id: int) -> Any:
+        """A channel from the gateway client's cache; None without a gateway (a standby asks over REST)."""
+        client = self._client
+        return client.get_channel(channel_id) if client is not None else None
+
+    def _followup_of(self, interaction: discord.Interaction) -> discord.Webhook:
+        """The interaction's followup webhook, on the posting client's HTTP session.
+
+        interaction.followup rides the gateway client's session, which closes with the gateway
+        when the lease moves on; the token is good for 15 minutes from any client. This is
+        exactly what discord.py builds for interaction.followup, on the REST client's state.
+        """
+        client = self._poster()
+        if self._lease is None or client is None:
+            return interaction.followup
+        payload: Any = {"id": interaction.application_id, "type": 3, "token": interaction.token}
+        return discord.Webhook.from_state(data=payload, state=client._connection)
 
     @contextlib.asynccontextmanager
     async def working(self, inbound: Inbound) -> AsyncIterator[None]:
         """The typing indicator for the whole wait, where the user wrote (a slash command shows "thinking")."""
-        client = self._client
+        client = self._poster()
         origin = self._origins.get(inbound.message_id)
         if inbound.is_command or client is None or origin is None:
             yield

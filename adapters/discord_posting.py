@@ -88,7 +88,9 @@ class DiscordPosting:
     _places: Recent[int, Place]
     _threads: Recent[str, bool]
     _interactions: dict[str, tuple[float, discord.Interaction]]
-    _require_client: Callable[[], discord.Client]
+    _require_client: Callable[[], discord.Client]  # posts go through this one
+    _cached_channel: Callable[[int], Any]  # the gateway client's cache, None without a gateway
+    _followup_of: Callable[[discord.Interaction], discord.Webhook]
 
     def _threads_on(self, workspace: str, channel: str) -> bool:
         route = self._settings.route_for(self.name, workspace, channel, False)
@@ -114,7 +116,7 @@ class DiscordPosting:
     async def _thread_place(self, channel_id: int) -> Place | None:
         """The thread with this id, from discord.py's cache or REST; None when there is no such thread."""
         client = self._require_client()
-        place = place_of_channel(client.get_channel(channel_id)) or self._places.get(channel_id)
+        place = place_of_channel(self._cached_channel(channel_id)) or self._places.get(channel_id)
         if place is None:
             try:
                 place = place_of_channel(await client.fetch_channel(channel_id))
@@ -253,9 +255,9 @@ class DiscordPosting:
         answer and any error notice still arrive.
         """
         client = self._require_client()
-        if message_id in self._threads or isinstance(client.get_channel(int(message_id)), discord.Thread):
+        if message_id in self._threads or isinstance(self._cached_channel(int(message_id)), discord.Thread):
             return message_id
-        channel = client.get_channel(int(origin.place.channel_id))
+        channel = self._cached_channel(int(origin.place.channel_id))
         if not isinstance(channel, discord.TextChannel):
             channel = await client.fetch_channel(int(origin.place.channel_id))
         if not isinstance(channel, discord.TextChannel):
@@ -263,8 +265,9 @@ class DiscordPosting:
             return None
         fallback = f"Chat with {client.user.display_name if client.user else 'the bot'}"
         try:
-            await channel.get_partial_message(int(message_id)).create_thread(
-                name=thread_name(origin.hint, fallback), auto_archive_duration=THREAD_ARCHIVE_MINUTES
+            # Through the posting client, not the cached channel's own (the gateway client's) session.
+            await client.http.start_thread_with_message(
+                channel.id, int(message_id), name=thread_name(origin.hint, fallback), auto_archive_duration=THREAD_ARCHIVE_MINUTES
             )
         except discord.HTTPException as exc:
             if isinstance(exc, discord.Forbidden) and exc.code in (MISSING_PERMISSIONS, MISSING_ACCESS):
@@ -291,7 +294,7 @@ class DiscordPosting:
             extra: dict[str, Any] = {}
             if last_view is not None and index == len(outbound.parts) - 1:
                 extra["view"] = last_view
-            message = await interaction.followup.send(part, allowed_mentions=NO_MENTIONS, wait=True, **extra)
+            message = await self._followup_of(interaction).send(part, allowed_mentions=NO_MENTIONS, wait=True, **extra)
             ids.append(str(message.id))
             self._roots[str(message.id)] = outbound.conversation.thread
         return ids

@@ -16,6 +16,7 @@ from bridge.clock import Clock, SystemClock
 from bridge.config import Settings
 from bridge.desk import AlertDesk
 from bridge.insitechat import InsiteChatClient, RetryPolicy
+from bridge.leader import RedisLease
 from bridge.limiter import SlidingWindowLimiter
 from bridge.outbox import Outbox
 from bridge.ports import Platform
@@ -71,6 +72,7 @@ class BridgeApp:
         console_out: TextIO | None = None,
         console_commands: Mapping[str, ConsoleCommand] | None = None,
         grace: float = GRACE,
+        gateway_lease: RedisLease | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
@@ -83,6 +85,9 @@ class BridgeApp:
         self.desk.on_queued = self.outbox.wake
         self.relay = Relay(settings, self.store, self.clients, self.outbox, clock=self.clock, desk=self.desk)
         self.grace = grace
+        # Several replicas: only the holder of this lease connects Discord's gateway (all post).
+        # Started and released by this app; None: one replica, always on the gateway.
+        self.gateway_lease = gateway_lease
         self.adapters: list[Adapter] = []
         self.console: ConsoleAdapter | None = None
         if settings.console is not None and settings.console.enabled:
@@ -107,7 +112,10 @@ class BridgeApp:
             from adapters.discord_bot import DiscordAdapter
 
             self.adapters.append(
-                DiscordAdapter(settings, self.relay.accept, web=self.web, store=self.store, clock=self.clock, desk=self.desk)
+                DiscordAdapter(
+                    settings, self.relay.accept, web=self.web, store=self.store, clock=self.clock, desk=self.desk,
+                    leadership=gateway_lease,
+                )
             )
         WebhookReceiver(settings, self.desk, self.clock).add_routes(self.web)
         self._runner: web.AppRunner | None = None
@@ -142,6 +150,8 @@ class BridgeApp:
         # Alerts and replies flow from the start; one for a platform that is not up yet fails
         # and waits in the store for the outbox's next try.
         self.outbox.start()
+        if self.gateway_lease is not None:
+            await self.gateway_lease.start()  # one try first: a lone replica's first attempt connects the gateway
         for adapter in self.adapters:
             if isinstance(adapter, Platform):
                 supervisor = Supervisor(
@@ -209,6 +219,10 @@ class BridgeApp:
         # No more connection attempts; a platform that is up stays up until the answers in flight went out.
         for supervisor in self.supervisors.values():
             await supervisor.halt()
+        if self.gateway_lease is not None:
+            # Released first: this gateway closes now and a standby takes it within a poll, so
+            # messages sent while the answers in flight finish here are heard there.
+            await self.gateway_lease.stop()
         for adapter in self.adapters:
             # Platforms that redeliver (Slack) stop taking events first, so nothing new is
             # acked and then dropped while the answers in flight finish.
@@ -244,7 +258,7 @@ class BridgeApp:
         return web.json_response({"status": "ok"})
 
     async def readiness(self) -> dict[str, str]:
-        """Each part's state: "ok" or why it cannot do its job right now."""
+        """Each part's state: "ok" (maybe with a note: "ok (standby; ...)") or why it cannot do its job right now."""
         parts: dict[str, str] = {}
         parts["state"] = "ok" if await self.store.ping() else "the state store does not answer"
         for name, client in self.clients.items():
@@ -267,7 +281,7 @@ class BridgeApp:
     async def _readyz(self, request: web.Request) -> web.Response:
         """Ready: every part can do its job. The body says which part is not."""
         parts = await self.readiness()
-        ready = all(v == "ok" for v in parts.values())
+        ready = all(v == "ok" or v.startswith("ok (") for v in parts.values())
         return web.json_response({"ready": ready, "parts": parts}, status=200 if ready else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:

@@ -40,3 +40,26 @@ class Platform(Protocol):
         The result says why: a PlatformRefused when it cannot heal, any other exception when
         a new connection may work. Drops the library heals by itself do not end it.
         """
+
+
+class GatewayLease(Protocol):
+    """Which replica may hold a platform's gateway connection (bridge.leader.RedisLease is one).
+
+    Several unsharded Discord gateway sessions of one bot each receive every event, so with
+    several replicas only the leader connects one; every replica posts over REST. Without a
+    lease an adapter is its own leader (one replica).
+    """
+
+    @property
+    def is_leader(self) -> bool:
+        """This replica holds the lease now."""
+
+    @property
+    def error(self) -> str:
+        """Why the lease could not be checked the last time; "" while it can."""
+
+    def holder(self) -> str | None:
+        """The replica that holds the lease (this one's name while leader); None when nobody or unknown."""
+
+    async def wait_changed(self) -> None:
+        """Return the next time `is_leader` flips."""

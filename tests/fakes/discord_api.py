@@ -490,6 +490,10 @@ class FakeDiscord:
         """Calls whose path matches the regular expression (fully)."""
         return [c for c in self.calls if c.method == method and re.fullmatch(path_pattern, c.path)]
 
+    def open_sessions(self) -> int:
+        """Gateway connections that identified (or resumed) and are still open: each gets every event."""
+        return sum(1 for conn in self._conns if conn.session is not None and not conn.ws.closed)
+
     def bot_posts(self, channel_id: int | None = None) -> list[dict[str, Any]]:
         """Messages the bot created, in order (channel messages and interaction followups)."""
         return [
