@@ -53,3 +53,26 @@ def test_no_secrets_baked_in() -> None:
 def test_installs_from_the_project_metadata() -> None:
     runs = " ".join(rest for keyword, rest in instructions() if keyword == "RUN")
     assert "pip install" in runs and "requirements" not in runs
+
+
+def test_compose_runs_two_replicas_on_a_persistent_redis_with_time_to_stop() -> None:
+    import yaml
+
+    services = yaml.safe_load((ROOT / "docker-compose.yaml").read_text())["services"]
+    bridges = [s for s in services.values() if s.get("image") == "insitechat-bridge"]
+    assert len(bridges) >= 2
+    redis_command = " ".join(services["redis"]["command"])
+    assert "--appendonly yes" in redis_command  # a Redis restart must not lose queued work
+    for bridge in bridges:
+        assert bridge["restart"] == "unless-stopped"
+        grace = float(bridge["command"][bridge["command"].index("--grace") + 1])
+        assert grace < float(bridge["stop_grace_period"].rstrip("s"))  # the grace ends before SIGKILL
+        assert "${" not in str(bridge.get("environment", {}))  # secrets come from bridge.env
+
+
+def test_env_example_holds_every_secret_the_example_config_names() -> None:
+    import re as _re
+
+    names = set(_re.findall(r"\$\{([A-Z_]+)\}", (ROOT / "config.example.yaml").read_text())) - {"VAR", "INSITECHAT_BASE_URL"}
+    example = (ROOT / "bridge.env.example").read_text()
+    assert all(_re.search(rf"^#? ?{name}=", example, _re.M) for name in names), names
