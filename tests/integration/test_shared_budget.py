@@ -27,11 +27,15 @@ from redis.asyncio import Redis  # noqa: E402
 from redis.asyncio.retry import Retry  # noqa: E402
 from redis.backoff import NoBackoff  # noqa: E402
 
+from bridge.app import build_clients  # noqa: E402
 from bridge.budget import RedisWindow, key_base  # noqa: E402
 from bridge.clock import ManualClock  # noqa: E402
+from bridge.emulator import SANDBOX_KEY, Emulator  # noqa: E402
 from bridge.insitechat import InsiteChatClient, Unavailable  # noqa: E402
 from bridge.limiter import SlidingWindowLimiter  # noqa: E402
-from bridge.store import StoreError  # noqa: E402
+from bridge.relay import NOTICES, Outcome  # noqa: E402
+from bridge.store import SQLiteStore, StoreError  # noqa: E402
+from tests.integration.test_relay import Harness, chat_calls, msg, settings_for  # noqa: E402
 from tests.unit.test_limiter import window_violations  # noqa: E402
 
 START = 1_000_000.0  # with ManualClock's epoch offset, wall times stay exact in binary fractions
@@ -416,3 +420,56 @@ async def test_a_redis_that_hangs_costs_the_queue_one_timeout_not_one_each(prefi
         server.close()
     assert all(isinstance(r, StoreError) for r in results), results
     assert time.monotonic() - began < 0.6  # one 0.2 s timeout (the head's), then the rest at once
+
+
+async def test_through_the_relay_redis_down_is_the_unavailable_notice(emulator: Emulator, tmp_path: Path) -> None:
+    settings = settings_for(emulator.base_url)
+    clock = ManualClock(START, autojump=True)
+    clients = build_clients(settings, clock, redis_url=f"redis://127.0.0.1:{_free_port()}/0")
+    h = Harness(settings, SQLiteStore(tmp_path / "s.db"), clock=clock, clients=clients)
+    try:
+        assert await h.relay.handle(msg("anyone there?", channel="D1", is_dm=True)) is Outcome.NOTICE
+    finally:
+        await h.close()
+        for client in clients.values():
+            assert client.limiter is not None
+            await client.limiter.aclose()
+    assert "".join(h.adapter.sent[-1].parts) == NOTICES["unavailable"]
+    assert chat_calls(emulator) == []
+
+
+async def test_two_bridges_wired_to_one_redis_share_the_key_budget(
+    emulator: Emulator, tmp_path: Path, redis_url: str
+) -> None:
+    # build_clients' own key names: clean before and after, as other runs may share this Redis.
+    base = key_base(SANDBOX_KEY)
+    redis = Redis.from_url(redis_url)
+    await redis.delete(f"{base}:window", f"{base}:penalty")
+    clock = ManualClock(START)
+    settings = settings_for(emulator.base_url, rate_limit=2)
+    bridges = [
+        Harness(settings, SQLiteStore(tmp_path / f"{n}.db"), clock=clock, clients=build_clients(settings, clock, redis_url=redis_url))
+        for n in ("one", "two")
+    ]
+    try:
+        one, two = bridges
+        for n in ("1", "2"):
+            assert await one.relay.handle(msg(f"q{n}", id=n, channel="D1", is_dm=True)) is Outcome.ANSWERED
+        third = asyncio.create_task(two.relay.handle(msg("q3", id="3", channel="D2", is_dm=True)))
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert not third.done()  # the other bridge spent the key's two slots
+        while not third.done():
+            clock.advance(5)
+            await asyncio.sleep(0.01)
+        assert third.result() is Outcome.ANSWERED
+        assert clock.monotonic() >= START + 60.0
+        assert len(chat_calls(emulator)) == 3
+    finally:
+        for h in bridges:
+            await h.close()
+            for client in h.clients.values():
+                assert client.limiter is not None
+                await client.limiter.aclose()
+        await redis.delete(f"{base}:window", f"{base}:penalty")
+        await redis.aclose()
