@@ -34,14 +34,28 @@ FINAL_PASS = 2.0  # then the outbox posts what is due
 PRUNE_EVERY = 3600.0
 
 
-def build_clients(settings: Settings, clock: Clock) -> dict[str, InsiteChatClient]:
-    """One client and one limiter per API key: the upstream limit is per key, whatever the chatbot."""
+def build_clients(settings: Settings, clock: Clock, *, redis_url: str | None = None) -> dict[str, InsiteChatClient]:
+    """One client and one limiter per API key: the upstream limit is per key, whatever the chatbot.
+
+    With `redis_url` each key's window is kept in Redis, shared by every replica.
+    """
     ic = settings.insitechat
+
+    def limiter(key: str) -> SlidingWindowLimiter:
+        if not redis_url:
+            return SlidingWindowLimiter(ic.rate_limit, ic.rate_window, clock=clock)
+        from bridge.budget import DEFAULT_HOLD, RedisWindow  # redis is needed only then
+
+        # A held slot must outlast one attempt on its way: connect, write and read timeouts.
+        hold = max(DEFAULT_HOLD, 3 * ic.timeout + 10)
+        shared = RedisWindow.from_url(redis_url, key, ic.rate_limit, ic.rate_window, clock=clock, hold=hold)
+        return SlidingWindowLimiter(ic.rate_limit, ic.rate_window, clock=clock, shared=shared)
+
     return {
         name: InsiteChatClient(
             ic.base_url,
             key,
-            limiter=SlidingWindowLimiter(ic.rate_limit, ic.rate_window, clock=clock),
+            limiter=limiter(key),
             clock=clock,
             policy=RetryPolicy(deadline=ic.deadline),
             timeout=ic.timeout,
@@ -243,6 +257,8 @@ class BridgeApp:
             await self._runner.cleanup()
         for client in self.clients.values():
             await client.aclose()
+            if client.limiter is not None:
+                await client.limiter.aclose()  # a shared budget writes its last settles
         await self.store.close()
         self.stopped.set()
 

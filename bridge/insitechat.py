@@ -9,7 +9,8 @@ Errors (every one has ``.status``, the HTTP status or None; no text ever holds t
      ├─ RateLimited            429 "API rate limit exceeded...": .retry_after seconds
      ├─ QuotaExhausted         429 with any other detail: the monthly message quota
      ├─ ServerError            5xx (or a 2xx whose body is not what the API promises)
-     └─ Unavailable            network error, timeout, open circuit: .reason, .request_sent
+     └─ Unavailable            network error, timeout, open circuit, shared rate budget (Redis)
+                               unreachable: .reason, .request_sent
 
 Re-sending. A GET is retried after any 5xx or network error, with backoff, until the deadline.
 A chat call is not idempotent (it spends quota and adds a turn to the session's 10-turn
@@ -49,6 +50,7 @@ import httpx
 from bridge import __version__, metrics
 from bridge.clock import Clock, SystemClock
 from bridge.limiter import Grant, SlidingWindowLimiter
+from bridge.store import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -513,7 +515,12 @@ class InsiteChatClient:
             queued = self._clock.monotonic()
             # The upstream limit counts every endpoint and every retry. The slot is held until
             # the answer: the service may count the request any time before it answers.
-            grant = await self._limiter.acquire(lane, hold=True)
+            try:
+                grant = await self._limiter.acquire(lane, hold=True)
+            except StoreError as exc:
+                # The budget shared with the other replicas (Redis) cannot say whether we may
+                # send: nothing was sent, and the user hears "unavailable".
+                raise Unavailable(str(exc)) from exc
             metrics.LIMITER_WAIT.observe(self._clock.monotonic() - queued)
         try:
             return await self._send(method, path, payload, chat=chat, before_send=before_send)

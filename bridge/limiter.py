@@ -6,6 +6,7 @@ import asyncio
 import logging
 import math
 from collections import OrderedDict, deque
+from typing import Protocol
 
 from bridge.clock import Clock, SystemClock
 
@@ -27,6 +28,89 @@ class Grant:
         self.held = held
 
 
+class SharedWindow(Protocol):
+    """A window kept outside this process (bridge.budget.RedisWindow): every replica's grants count in it.
+
+    Only the head of each replica's queue asks it, so each replica keeps its own fair queue
+    in front of the one budget. Nothing wakes a head when another replica's slot frees:
+    `take` says how long to sleep before asking again.
+    """
+
+    @property
+    def max_calls(self) -> int: ...
+
+    @property
+    def window(self) -> float: ...
+
+    async def take(self, hold: bool) -> Grant | float:
+        """A slot taken now, or the seconds to wait before asking again. Raises StoreError when unreachable."""
+
+    def settle(self, grant: Grant) -> None:
+        """The held request was answered (or failed): its slot counts from now on."""
+
+    def penalize(self, until: float) -> None:
+        """No replica gets a slot before clock.monotonic() >= until."""
+
+    def estimated_wait(self, ahead: int) -> float:
+        """Seconds until the slot after `ahead` queued requests of this replica, from what the window last said."""
+
+    async def aclose(self) -> None:
+        """Finish the writes still on their way; release the connection."""
+
+
+class LocalWindow:
+    """The in-memory window: who may take a slot now and when the next frees, for this process alone."""
+
+    def __init__(self, max_calls: int, window: float, clock: Clock) -> None:
+        self._max_calls = max_calls
+        self._window = window
+        self._clock = clock
+        # Grants that may still count: held ones, and settled ones inside the window.
+        self._grants: list[Grant] = []
+        self._penalty_until = float("-inf")
+
+    def take(self, hold: bool) -> Grant:
+        grant = Grant(self._clock.monotonic(), hold)
+        self._grants.append(grant)
+        return grant
+
+    def penalize(self, until: float) -> None:
+        if until > self._penalty_until:
+            self._penalty_until = until
+            logger.info("rate limiter paused for %.1fs after an upstream 429", until - self._clock.monotonic())
+
+    def counting(self) -> list[float]:
+        """When each slot that still counts was taken, oldest first; a held slot is +inf."""
+        cutoff = self._clock.monotonic() - self._window
+        self._grants = [g for g in self._grants if g.held or g.at > cutoff]
+        return sorted(math.inf if g.held else g.at for g in self._grants)
+
+    def next_free_at(self) -> float | None:
+        """The earliest moment the next grant may happen; None while held slots fill the window."""
+        times = self.counting()
+        if len(times) < self._max_calls:
+            return self._penalty_until
+        # The next grant waits until this many of the counted slots have left the window.
+        blocking = times[len(times) - self._max_calls]
+        if blocking == math.inf:
+            return None
+        return max(self._penalty_until, blocking + self._window)
+
+    def grant_time(self, ahead: int) -> float:
+        """When the grant after `ahead` others could happen, if nothing else changes.
+
+        Held slots are taken as answered now: it is an estimate, for the queue notice.
+        """
+        now = self._clock.monotonic()
+        recent = deque((min(t, now) for t in self.counting()), maxlen=self._max_calls)
+        at = max(now, self._penalty_until)
+        for _ in range(ahead + 1):
+            if len(recent) >= self._max_calls:
+                at = max(at, recent[0] + self._window)
+            recent.append(at)
+        return at
+
+
 class _Waiter:
     """One queued acquire(): its lane and the event that tells it it may be next."""
 
@@ -40,6 +124,10 @@ class _Waiter:
 class SlidingWindowLimiter:
     """Grants at most `max_calls` slots in any half-open interval of `window` seconds.
 
+    Two halves: the window (who may take a slot now, when the next frees) and the queue in
+    front of it. The window is in memory (LocalWindow), or `shared` by every replica
+    (bridge.budget.RedisWindow), whose own max_calls and window must be the same.
+
     Waiters queue per lane (a channel or conversation key). Lanes take turns, one grant
     each, in the order they first queued; inside a lane it is first come, first served.
     So one busy channel cannot starve the others.
@@ -51,20 +139,29 @@ class SlidingWindowLimiter:
     it counts; they cost throughput of about latency / window.
     """
 
-    def __init__(self, max_calls: int = 55, window: float = 60.0, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        max_calls: int = 55,
+        window: float = 60.0,
+        clock: Clock | None = None,
+        *,
+        shared: SharedWindow | None = None,
+    ) -> None:
         if max_calls < 1:
             raise ValueError("max_calls must be at least 1")
         if window <= 0:
             raise ValueError("window must be positive")
+        if shared is not None and (shared.max_calls, shared.window) != (max_calls, window):
+            raise ValueError("the shared window's max_calls and window differ from the limiter's")
         self._max_calls = max_calls
-        self._window = window
+        self._window_seconds = window
         self._clock: Clock = clock or SystemClock()
-        # Grants that may still count: held ones, and settled ones inside the window.
-        self._grants: list[Grant] = []
+        # Exactly one of the two: the in-memory window, or the one every replica shares.
+        self._window: LocalWindow | None = LocalWindow(max_calls, window, self._clock) if shared is None else None
+        self._shared = shared
         # Lanes in turn order; the first lane's first waiter is the head of the whole queue.
         self._lanes: OrderedDict[str, deque[_Waiter]] = OrderedDict()
         self._waiting = 0
-        self._penalty_until = float("-inf")
 
     @property
     def max_calls(self) -> int:
@@ -72,43 +169,62 @@ class SlidingWindowLimiter:
 
     @property
     def window(self) -> float:
-        return self._window
+        return self._window_seconds
+
+    @property
+    def shared(self) -> SharedWindow | None:
+        """The window shared with other replicas, if any."""
+        return self._shared
 
     @property
     def waiting(self) -> int:
-        """Requests currently queued."""
+        """Requests currently queued (in this process)."""
         return self._waiting
 
     async def acquire(self, lane: str = "", *, hold: bool = False) -> Grant:
         """Wait for a slot; returns once the caller may send one request.
 
         With `hold=True` the slot counts until `settle(grant)`: call it in a `finally`.
+        A shared window that cannot be reached raises StoreError.
         """
-        # Nobody may overtake a queue, even when a slot is free right now: the head may
-        # simply not have run yet since it was woken.
-        free_at = self._next_free_at()
-        if not self._lanes and free_at is not None and free_at <= self._clock.monotonic():
-            return self._grant(hold)
+        window = self._window
+        if window is not None:
+            # Nobody may overtake a queue, even when a slot is free right now: the head may
+            # simply not have run yet since it was woken.
+            free_at = window.next_free_at()
+            if not self._lanes and free_at is not None and free_at <= self._clock.monotonic():
+                return window.take(hold)
         waiter = _Waiter(lane)
         self._enqueue(waiter)
         try:
-            return await self._wait_turn(waiter, hold)
+            if window is None:
+                assert self._shared is not None
+                return await self._wait_turn_shared(waiter, self._shared, hold)
+            return await self._wait_turn(waiter, window, hold)
         except BaseException:
             self._withdraw(waiter)
             raise
 
     def settle(self, grant: Grant) -> None:
         """The held request was answered (or failed): its slot counts from now on."""
-        if grant.held:
+        if not grant.held:
+            return
+        if self._window is not None:
+            # The grant itself says when it counts from: the in-memory window has nothing to update.
             grant.held = False
             grant.at = max(grant.at, self._clock.monotonic())
             self._wake_head()  # the head may be waiting for exactly this slot
+        elif self._shared is not None:
+            # The shared head sleeps on the clock: a settle here (or anywhere) frees a slot
+            # no sooner than one window from now, which is when a head blocked by it looks again.
+            self._shared.settle(grant)
 
     def penalize(self, until: float) -> None:
         """Grant nothing before clock.monotonic() >= until (after an upstream 429)."""
-        if until > self._penalty_until:
-            self._penalty_until = until
-            logger.info("rate limiter paused for %.1fs after an upstream 429", until - self._clock.monotonic())
+        if self._window is not None:
+            self._window.penalize(until)
+        elif self._shared is not None:
+            self._shared.penalize(until)
         # The head is asleep towards the old free time; it re-checks when it wakes.
 
     def position(self, lane: str = "") -> int:
@@ -127,44 +243,21 @@ class SlidingWindowLimiter:
 
     def estimated_wait(self, lane: str = "") -> float:
         """Seconds a new request in `lane` would wait right now (0 if a slot is free)."""
+        if self._window is None:
+            assert self._shared is not None
+            return self._shared.estimated_wait(self.position(lane))
         now = self._clock.monotonic()
-        return max(0.0, self._grant_time(self.position(lane)) - now)
+        return max(0.0, self._window.grant_time(self.position(lane)) - now)
 
-    def _counting(self) -> list[float]:
-        """When each slot that still counts was taken, oldest first; a held slot is +inf."""
-        cutoff = self._clock.monotonic() - self._window
-        self._grants = [g for g in self._grants if g.held or g.at > cutoff]
-        return sorted(math.inf if g.held else g.at for g in self._grants)
+    async def aclose(self) -> None:
+        """Let a shared window finish its writes (settles, penalties) and close its connection."""
+        if self._shared is not None:
+            await self._shared.aclose()
 
-    def _next_free_at(self) -> float | None:
-        """The earliest moment the next grant may happen; None while held slots fill the window."""
-        times = self._counting()
-        if len(times) < self._max_calls:
-            return self._penalty_until
-        # The next grant waits until this many of the counted slots have left the window.
-        blocking = times[len(times) - self._max_calls]
-        if blocking == math.inf:
-            return None
-        return max(self._penalty_until, blocking + self._window)
-
-    def _grant_time(self, ahead: int) -> float:
-        """When the grant after `ahead` others could happen, if nothing else changes.
-
-        Held slots are taken as answered now: it is an estimate, for the queue notice.
-        """
-        now = self._clock.monotonic()
-        recent = deque((min(t, now) for t in self._counting()), maxlen=self._max_calls)
-        at = max(now, self._penalty_until)
-        for _ in range(ahead + 1):
-            if len(recent) >= self._max_calls:
-                at = max(at, recent[0] + self._window)
-            recent.append(at)
-        return at
-
-    async def _wait_turn(self, waiter: _Waiter, hold: bool) -> Grant:
+    async def _wait_turn(self, waiter: _Waiter, window: LocalWindow, hold: bool) -> Grant:
         while True:
             if self._head() is waiter:
-                free_at = self._next_free_at()
+                free_at = window.next_free_at()
                 if free_at is None:
                     # Every slot is held by a request in flight: settle() wakes the head.
                     waiter.wakeup.clear()
@@ -173,8 +266,21 @@ class SlidingWindowLimiter:
                 delay = free_at - self._clock.monotonic()
                 if delay <= 0:
                     # No await between this check and the grant: a cancelled waiter never holds a slot.
-                    return self._grant_head(hold)
+                    return self._served(window.take(hold))
                 await self._clock.sleep(delay)  # then look again: penalize() may have moved the goal
+            else:
+                waiter.wakeup.clear()
+                await waiter.wakeup.wait()
+
+    async def _wait_turn_shared(self, waiter: _Waiter, shared: SharedWindow, hold: bool) -> Grant:
+        while True:
+            if self._head() is waiter:
+                # Only the head asks: the other replicas' heads are its only competitors. A head
+                # cancelled while asking gives back what the window may have granted (take's job).
+                answer = await shared.take(hold)
+                if isinstance(answer, Grant):
+                    return self._served(answer)
+                await self._clock.sleep(answer)
             else:
                 waiter.wakeup.clear()
                 await waiter.wakeup.wait()
@@ -192,16 +298,11 @@ class SlidingWindowLimiter:
         queue.append(waiter)
         self._waiting += 1
 
-    def _grant(self, hold: bool) -> Grant:
-        grant = Grant(self._clock.monotonic(), hold)
-        self._grants.append(grant)
-        return grant
-
-    def _grant_head(self, hold: bool) -> Grant:
+    def _served(self, grant: Grant) -> Grant:
+        """The head got `grant`: it leaves the queue, its lane goes to the back, the next head wakes."""
         lane, queue = next(iter(self._lanes.items()))
         queue.popleft()
         self._waiting -= 1
-        grant = self._grant(hold)
         if queue:
             self._lanes.move_to_end(lane)  # its turn is over; the other lanes go first
         else:
