@@ -91,7 +91,11 @@ class BridgeApp:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.store = store or open_store(
-            settings.state.sqlite, clock=self.clock, keep_text=settings.state.keep_text_hours * 3600
+            settings.state.sqlite,
+            redis_url=settings.state.redis_url,
+            redis_prefix=settings.state.redis_prefix,
+            clock=self.clock,
+            keep_text=settings.state.keep_text_hours * 3600,
         )
         self.clients = build_clients(settings, self.clock)
         self.desk = AlertDesk(settings, self.store, self.clock)
@@ -146,6 +150,13 @@ class BridgeApp:
         Returns without waiting for Slack or Discord: webhooks are taken (and stored) while a
         platform is still connecting or down. `connected()` waits for the platforms.
         """
+        # A Redis that keeps nothing on disk loses what is queued when it restarts: say so.
+        # The first command also tells at once (StoreError) when Redis cannot be reached.
+        persistence_warning = getattr(self.store, "persistence_warning", None)
+        if persistence_warning is not None:
+            warning = await persistence_warning()
+            if warning:
+                log.warning("%s", warning)
         for adapter in self.adapters:
             self.relay.register(adapter)
             self.outbox.register(adapter)

@@ -26,6 +26,7 @@ SECRET_PATHS: tuple[tuple[str, ...], ...] = (
     ("slack", "app_token"),
     ("slack", "signing_secret"),
     ("discord", "token"),
+    ("state", "redis_url"),  # may carry the Redis password
 )
 
 PLATFORMS = ("slack", "discord", "console")
@@ -107,9 +108,27 @@ class ChatbotSettings(_Model):
 
 class StateSettings(_Model):
     sqlite: str = "./bridge-state.db"
+    # Redis instead of the SQLite file: the state several replicas share.
+    redis_url: str | None = None
+    redis_prefix: str = Field("icb:", min_length=1, description="keys under this prefix: one Redis, several bridges")
     # Questions, answers and the exchanges quoted on "Talk to a human" cards are kept this
     # long after delivery; then only ids and states remain.
     keep_text_hours: float = Field(24.0, gt=0, le=24 * 90)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None  # ${REDIS_URL:-} unset: the SQLite file
+        if not re.match(r"^(redis|rediss|unix)://", value):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _one_backend(self) -> StateSettings:
+        if self.redis_url is not None and "sqlite" in self.model_fields_set:
+            raise ValueError("set sqlite or redis_url, not both")
+        return self
 
 
 class ChatSettings(_Model):

@@ -1,4 +1,4 @@
-"""Durable state: small protocols by concern, the SQLite default, and the store the config asks for."""
+"""Durable state: small protocols by concern, the SQLite default, the Redis backend, and the store the config asks for."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from bridge.clock import Clock
 from bridge.store.protocols import (
     ChatJobs,
+    ConversationLocks,
     ConversationState,
     DeliveryQueue,
     EventIntake,
@@ -30,6 +31,7 @@ __all__ = [
     "DAY",
     "ChatJob",
     "ChatJobs",
+    "ConversationLocks",
     "ConversationState",
     "DeliveryQueue",
     "EventIntake",
@@ -47,6 +49,18 @@ __all__ = [
 ]
 
 
-def open_store(sqlite_path: str | Path, *, clock: Clock | None = None, keep_text: float = DAY) -> Store:
-    """The store the config asks for (SQLite today; Redis is the planned second backend)."""
+def open_store(
+    sqlite_path: str | Path,
+    *,
+    redis_url: str | None = None,
+    redis_prefix: str = "icb:",
+    clock: Clock | None = None,
+    keep_text: float = DAY,
+) -> Store:
+    """The store the config asks for: Redis when it names one (it connects on first use), else the SQLite file."""
+    if redis_url is not None:
+        # Imported here: a bridge on SQLite never loads the Redis client.
+        from bridge.store.redis import RedisStore
+
+        return RedisStore(redis_url, prefix=redis_prefix, clock=clock, keep_text=keep_text)
     return SQLiteStore(sqlite_path, clock=clock, keep_text=keep_text)

@@ -8,6 +8,7 @@ Every failure of the backend itself is raised as `StoreError`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 from bridge.store.records import DAY, ChatJob, JobState, NewDelivery, NewRecord, OutboxItem, Versioned
@@ -118,10 +119,21 @@ class DeliveryQueue(Protocol):
         """Undelivered items and the age in seconds of the oldest one."""
 
 
-class Store(ConversationState, Records, EventIntake, ChatJobs, DeliveryQueue, Protocol):
+class ConversationLocks(Protocol):
+    """One answer at a time per conversation, across every process on the store (InsiteChat keeps one history per session)."""
+
+    def conversation_lock(self, conversation: str) -> AbstractAsyncContextManager[None]:
+        """Held while answering in `conversation`; waits while another holder has it."""
+
+
+class Store(ConversationState, Records, EventIntake, ChatJobs, DeliveryQueue, ConversationLocks, Protocol):
     """Every concern in one backend."""
 
     owner: str  # this process: the holder of its leases
+    # True when one process has the store to itself (SQLite: one per file), so opening it
+    # voids every earlier lease; False when live processes share it (Redis): leases are
+    # taken over only once they ran out.
+    exclusive: bool
 
     async def prune(self) -> None:
         """Forget what expired, and drop texts kept longer than the keep window."""

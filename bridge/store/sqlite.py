@@ -8,11 +8,12 @@ import logging
 import sqlite3
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractAsyncContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from bridge.clock import Clock, SystemClock
+from bridge.store.locks import LocalLocks
 from bridge.store.protocols import StoreError
 from bridge.store.records import (
     DAY,
@@ -113,6 +114,8 @@ class SQLiteStore:
     connection's lock is long, and that wait is spent in asyncio.sleep (see BUSY_SLICE_MS).
     """
 
+    exclusive = True  # one process per file: whatever an earlier process held died with it
+
     def __init__(
         self,
         path: str | Path = ":memory:",
@@ -127,6 +130,8 @@ class SQLiteStore:
         self._path = str(path)
         # Each process run owns its leases; leases of dead runs are taken over.
         self.owner = uuid.uuid4().hex
+        # One process per file, so a conversation's lock is in this process.
+        self._locks = LocalLocks()
         try:
             if self._path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -238,6 +243,10 @@ class SQLiteStore:
             (conversation,),
         ).fetchone())
         return int(row[0])
+
+    def conversation_lock(self, conversation: str) -> AbstractAsyncContextManager[None]:
+        """An asyncio lock: the file has one process, so no other process answers here."""
+        return self._locks.hold(conversation)
 
     # --- records ----------------------------------------------------------------------------------
 

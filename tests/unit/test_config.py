@@ -178,3 +178,18 @@ def test_cli_exits_2_with_paths_and_no_traceback(tmp_path: Path) -> None:
     assert "routes[0].chatbot: not a UUID" in result.stderr
     assert "Traceback" not in result.stderr
     assert "xoxb-leak-me-not" not in result.stderr + result.stdout
+
+
+def test_state_on_redis_takes_the_url_from_the_environment_only() -> None:
+    url = "redis://bridge:redis-sentinel-pw@10.0.0.5:6379/2"
+    settings = config.loads(BASE + "state:\n  redis_url: ${REDIS_URL}\n  redis_prefix: 'support:'\n", env={**ENV, "REDIS_URL": url})
+    assert settings.state.redis_url == url and settings.state.redis_prefix == "support:"
+    assert config.loads(BASE, env=ENV).state.redis_url is None  # SQLite stays the default
+    assert config.loads(BASE + "state:\n  redis_url: ${REDIS_URL:-}\n", env=ENV).state.redis_url is None  # optional, unset
+    # Written into the file: refused (it carries the password), and never echoed back.
+    literal = problems_of(BASE + f"state: {{redis_url: '{url}'}}\n")
+    assert literal == ["state.redis_url: secrets come from the environment; write ${SOME_VAR} here"]
+    wrong = problems_of(BASE + "state:\n  redis_url: ${REDIS_URL}\n", env={**ENV, "REDIS_URL": "http://u:redis-sentinel-pw@h/"})
+    assert wrong == ["state.redis_url: must be a redis://, rediss:// or unix:// URL"]
+    both = problems_of(BASE + "state:\n  sqlite: ./s.db\n  redis_url: '${REDIS_URL}'\n", env={**ENV, "REDIS_URL": url})
+    assert both == ["state: set sqlite or redis_url, not both"]

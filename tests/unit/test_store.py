@@ -1,19 +1,38 @@
-"""The store's contract, on the SQLite backend: jobs, leases, the outbox, records, atomic intake, retention."""
+"""The store's contract, on every backend (SQLite, Redis): jobs, leases, the outbox, records, atomic intake, retention, locks.
+
+SQLite is exclusive (one process per file: opening it voids every earlier lease); Redis is
+shared by live replicas, so there a lease is taken over only once it ran out. Tests that
+take over a dead process's work say which of the two they face.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import pytest
 
-from bridge.clock import ManualClock
+from bridge.clock import Clock, ManualClock
 from bridge.messages import Inbound
 from bridge.store import DAY, ChatJob, JobState, NewDelivery, NewRecord, ReplyKind, SQLiteStore, Store, StoreError
+from bridge.store.redis import LOCK_LEASE, RedisStore
 
-Open = Callable[[], Store]
+
+class Open(Protocol):
+    def __call__(self, *, clock: Clock | None = None, keep_text: float = DAY) -> Store: ...
+
+
+@dataclass
+class Backend:
+    """Opens stores on one shared state: a new process after the last one died, or another replica."""
+
+    name: str
+    open: Open
+    raw_texts: Callable[[str], Awaitable[list[Any]]]  # a job's question and reply as stored, not as read
 
 
 @pytest.fixture
@@ -21,10 +40,45 @@ def clock() -> ManualClock:
     return ManualClock()
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path, clock: ManualClock) -> AsyncIterator[Backend]:
+    opened: list[Store] = []
+    if request.param == "sqlite":
+        path = tmp_path / "s.db"
+
+        def open_sqlite(*, clock: Clock | None = clock, keep_text: float = DAY) -> Store:
+            opened.append(SQLiteStore(path, clock=clock, keep_text=keep_text))
+            return opened[-1]
+
+        async def sqlite_texts(job_id: str) -> list[Any]:
+            row = sqlite3.connect(path).execute("SELECT inbound, reply FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return list(row)
+
+        yield Backend("sqlite", open_sqlite, sqlite_texts)
+    else:
+        url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
+
+        def open_redis(*, clock: Clock | None = clock, keep_text: float = DAY) -> Store:
+            opened.append(RedisStore(url, prefix=prefix, clock=clock, keep_text=keep_text))
+            return opened[-1]
+
+        async def redis_texts(job_id: str) -> list[Any]:
+            import redis.asyncio
+
+            raw = redis.asyncio.Redis.from_url(url, decode_responses=True)
+            try:
+                return list(await raw.hmget(f"{prefix}job:{job_id}", ["inbound", "reply"]))
+            finally:
+                await raw.aclose()
+
+        yield Backend("redis", open_redis, redis_texts)
+    for store in opened:
+        await store.close()
+
+
 @pytest.fixture
-def reopen(tmp_path: Path, clock: ManualClock) -> Open:
-    """Opens the store on the same state again: a new process after the last one died."""
-    return lambda: SQLiteStore(tmp_path / "s.db", clock=clock)
+def reopen(backend: Backend) -> Open:
+    return backend.open
 
 
 def question(message_id: str = "100.1", text: str = "what is the refund policy?") -> Inbound:
@@ -82,7 +136,12 @@ async def test_open_jobs_of_a_dead_process_are_taken_over_once(reopen: Open, clo
     await first.job_asked(asked.id)
     await first.job_answered(answered.answered("done", ReplyKind.ANSWER))
     assert await first.take_over_jobs(lease=60) == []  # its own leases are live
-    second = reopen()  # the first died: one process per file, so its leases are void
+    second = reopen()  # the first died
+    if not second.exclusive:
+        # Shared by live replicas: the dead one's leases stand until they run out.
+        assert await second.take_over_jobs(lease=60) == []
+        clock.advance(61)
+    # (Exclusive: one process per file, so opening it voided the dead one's leases.)
     taken = {job.id: job.state for job in await second.take_over_jobs(lease=60)}
     assert taken == {accepted.id: JobState.ACCEPTED, asked.id: JobState.ASKED}  # answered: the outbox has it
     assert await second.take_over_jobs(lease=60) == []
@@ -100,8 +159,8 @@ async def test_leases_run_out_unless_renewed(reopen: Open, clock: ManualClock) -
     assert [job.id for job in await store.take_over_jobs(lease=30)] == [dropped.id]
 
 
-async def test_texts_are_dropped_after_the_keep_window_identity_stays(tmp_path: Path, clock: ManualClock) -> None:
-    store = SQLiteStore(tmp_path / "s.db", clock=clock, keep_text=3600)
+async def test_texts_are_dropped_after_the_keep_window_identity_stays(backend: Backend, clock: ManualClock) -> None:
+    store = backend.open(keep_text=3600)
     job = new_job(clock)
     await store.create_job(job, lease=60)
     item = await store.job_answered(job.answered("secret answer", ReplyKind.ANSWER))
@@ -113,8 +172,7 @@ async def test_texts_are_dropped_after_the_keep_window_identity_stays(tmp_path: 
     await store.prune()
     kept, state = await store.job_by_key(job.key)  # type: ignore[misc]
     assert state is JobState.DELIVERED and kept.inbound is None and kept.reply == ""
-    raw = sqlite3.connect(tmp_path / "s.db").execute("SELECT inbound, reply FROM jobs").fetchall()
-    assert raw == [(None, None)]  # gone from the file, not only hidden
+    assert await backend.raw_texts(job.id) == [None, None]  # gone from the store, not only hidden
     assert not await store.create_job(new_job(clock), lease=60)  # still deduped
     clock.advance(7 * DAY)
     await store.prune()
@@ -132,9 +190,15 @@ async def test_an_outbox_item_is_held_by_one_attempt(reopen: Open, clock: Manual
     await store.outbox_retry(item.id, delay=0, error="slack 500")
     again = await store.outbox_take(item.id, lease=60)
     assert again is not None and again.started and again.attempts == 1  # look before posting again
-    crashed = reopen()  # died mid-attempt: the lease goes with the process
+    crashed = reopen()  # died mid-attempt
+    if not crashed.exclusive:
+        assert await crashed.outbox_due() == []  # a live replica's attempt may still be under way
+        assert await crashed.outbox_take(item.id, lease=60) is None
+        clock.advance(61)  # the attempt's lease ran out
+    # (Exclusive: the lease went with the process.)
     [left] = await crashed.outbox_due()
     assert left.started
+    assert await crashed.outbox_take(item.id, lease=60) is not None
 
 
 async def test_an_unattempted_item_is_not_moved_while_held(reopen: Open, clock: ManualClock) -> None:
@@ -226,14 +290,79 @@ async def test_dedupe_keys_expire(reopen: Open, clock: ManualClock) -> None:
     assert await store.accept(["event:1"], [])
 
 
-async def test_ping_writes_and_a_broken_file_is_a_store_error(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "s.db")
-    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+async def test_ping_writes_and_a_closed_store_is_a_store_error(reopen: Open) -> None:
+    store = reopen()
     assert await store.ping()
     await store.close()
     assert not await store.ping()
     with pytest.raises(StoreError):
         await store.is_followed("x")
+
+
+async def test_the_state_file_is_in_wal_mode(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "s.db")
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_answers_in_one_conversation_never_overlap(reopen: Open, clock: ManualClock) -> None:
+    clock.autojump = True  # a holder waiting for a shared lock polls on the clock
+    first = reopen()
+    second = first if first.exclusive else reopen()  # exclusive: one process holds every lock of the file
+    inside: list[int] = []
+    entered: list[int] = []
+
+    async def answer(store: Store, n: int) -> None:
+        async with store.conversation_lock("slack:T:C:1"):
+            assert inside == [], f"{n} entered while {inside} held the conversation"
+            inside.append(n)
+            entered.append(n)
+            await asyncio.sleep(0.005)
+            inside.remove(n)
+
+    await asyncio.wait_for(asyncio.gather(*(answer((first, second)[n % 2], n) for n in range(8))), 20)
+    assert sorted(entered) == list(range(8))
+    # Within one process, waiters are served in the order they came (answers keep their order).
+    assert [n for n in entered if n % 2 == 0] == [0, 2, 4, 6]
+
+
+async def test_another_conversation_does_not_wait(reopen: Open, clock: ManualClock) -> None:
+    store = reopen()
+    async with store.conversation_lock("slack:T:C:1"):
+        async with asyncio.timeout(5):
+            async with store.conversation_lock("slack:T:C:2"):
+                pass
+
+
+async def _sleeping_on(clock: ManualClock) -> None:
+    """Until a waiter sleeps on the clock: advancing it before then would wake nobody."""
+    async with asyncio.timeout(5):
+        while clock.sleepers == 0:
+            await asyncio.sleep(0.005)
+
+
+async def test_a_dead_holders_lock_is_taken_after_its_lease(reopen: Open, clock: ManualClock) -> None:
+    # The holder stopped for good: its own clock never moves again, so it never renews nor releases.
+    dead = reopen(clock=ManualClock(clock.monotonic()))
+    abandoned = dead.conversation_lock("slack:T:C:1")
+    await abandoned.__aenter__()
+    live = reopen()
+
+    async def answer() -> None:
+        async with live.conversation_lock("slack:T:C:1"):
+            pass
+
+    taking = asyncio.create_task(answer())
+    if not live.exclusive:
+        # A live replica may hold it: waited for until its lease runs out, not a moment before.
+        await _sleeping_on(clock)
+        clock.advance(LOCK_LEASE - 1)
+        await asyncio.sleep(0.05)
+        await _sleeping_on(clock)
+        assert not taking.done()
+        clock.advance(2)
+    # (Exclusive: the lock was the dead process's own, gone with it.)
+    await asyncio.wait_for(taking, 5)
+    await abandoned.__aexit__(None, None, None)  # cleans up the dead holder's task; frees nothing of the live one's
 
 
 def test_a_state_file_that_cannot_be_opened_names_its_path(tmp_path: Path) -> None:

@@ -1,0 +1,879 @@
+"""The shared store: one Redis for several bridge replicas, every read-modify-write one Lua script.
+
+Keys live under a prefix (`icb:` by default), so one Redis can hold several bridges (and
+tests isolate by prefix). Every script builds its keys from the prefix it is given, also
+for ids it finds in an index, so the target is one Redis (or a primary with replicas,
+Sentinel), not Redis Cluster.
+
+Time is the store's injected clock, passed to each script: expiries and leases are stored
+as data and compared on read (a value past its expiry is absent), and a real Redis TTL
+(the time left plus TTL_MARGIN) lets Redis free the memory. Leases are compared with the
+replicas' own clocks, so replicas need their clocks in sync within seconds (NTP), far
+inside the leases (60 s for jobs, 30 s for conversation locks, 120 s per outbox attempt).
+
+Chat jobs and the outbox are hashes indexed by sorted sets: open jobs by lease expiry
+(`jobs:leases`), undelivered items by due time (`outbox:due`), with the lease a field of
+each item. A replica takes an item for one attempt with a script that checks and sets that
+lease, and a dead replica's items are due again once their lease ran out. Redis Streams
+(consumer groups, XAUTOCLAIM) would hand a dead consumer's messages over too, but cannot
+hold a message back until a later time: the outbox retries with backoff, keeps a
+destination's items in order behind a failing one, and makes a platform's items due at
+once when it is back; a sorted set by due time does all three with one ZADD.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+
+from bridge.clock import Clock, SystemClock
+from bridge.store.locks import LocalLocks
+from bridge.store.protocols import StoreError
+from bridge.store.records import (
+    DAY,
+    ChatJob,
+    JobState,
+    NewDelivery,
+    NewRecord,
+    OutboxItem,
+    ReplyKind,
+    Versioned,
+    inbound_from_json,
+    inbound_to_json,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_PREFIX = "icb:"
+DELIVERED_KEPT = 7 * DAY  # as in SQLite: finished jobs' identities and delivered items (dedupe)
+# Redis frees a key this long after its stored expiry: after the hourly prune has taken it
+# out of its indexes, and well past any difference between the replicas' clocks.
+TTL_MARGIN = 3 * 3600.0
+# Shorter than the job lease (60 s): a job taken over from a dead replica finds its
+# conversation free by then. The holder renews every third of it.
+LOCK_LEASE = 30.0
+LOCK_POLL = 0.1  # a waiter tries again after about this long (jittered, so waiters do not march in step)
+TIMEOUT = 5.0  # connect and each command: a Redis that does not answer is a StoreError, not a hang
+PRUNE_BATCH = 500  # ids per prune script, so one prune never blocks Redis for long
+
+_STATES = tuple(state.value for state in JobState)
+_OPEN = tuple(state.value for state in JobState if state.open)
+
+# --- Lua -----------------------------------------------------------------------------------------
+# Every script gets the key prefix as ARGV[1]. Python computes every time and passes it as
+# text, so Lua only compares and stores them (Lua's tostring would round them to 14 digits).
+# A script that fails halfway keeps the writes it made, so each one checks everything first.
+
+_LUA_JOBS = """
+local STATES = {'accepted', 'asked', 'answered', 'delivered', 'failed'}
+
+-- Forget a job: its hash, its message key (unless it names a newer job) and its index entries.
+local function forget_job(P, id)
+  local job = P .. 'job:' .. id
+  local key = redis.call('HGET', job, 'key')
+  if key and redis.call('GET', P .. 'job-key:' .. key) == id then redis.call('DEL', P .. 'job-key:' .. key) end
+  redis.call('DEL', job)
+  for _, index in ipairs({'leases', 'finished', 'texts'}) do redis.call('ZREM', P .. 'jobs:' .. index, id) end
+  for _, state in ipairs(STATES) do redis.call('SREM', P .. 'jobs:' .. state, id) end
+end
+
+-- Whether a job still exists: one finished before kept_after is past its dedupe window.
+local function live_job(P, id, kept_after)
+  local f = redis.call('HMGET', P .. 'job:' .. id, 'key', 'finished_at')
+  if not f[1] then return false end
+  if f[2] and tonumber(f[2]) < kept_after then forget_job(P, id) return false end
+  return true
+end
+
+-- Move a job to another state (and its state set: those give the counts).
+local function move_job(P, id, from, to)
+  redis.call('SREM', P .. 'jobs:' .. from, id)
+  redis.call('SADD', P .. 'jobs:' .. to, id)
+  redis.call('HSET', P .. 'job:' .. id, 'state', to)
+  if to ~= 'accepted' and to ~= 'asked' then redis.call('ZREM', P .. 'jobs:leases', id) end
+end
+
+-- A job's reply was delivered or refused: finished, its texts kept for keep_text, the rest for 7 days.
+local function finish_job(P, id, state, now, ttl_ms)
+  local job = P .. 'job:' .. id
+  local f = redis.call('HMGET', job, 'state', 'key')
+  if not f[1] then return end
+  move_job(P, id, f[1], state)
+  redis.call('HSET', job, 'finished_at', now)
+  redis.call('ZADD', P .. 'jobs:finished', now, id)
+  redis.call('ZADD', P .. 'jobs:texts', now, id)
+  redis.call('PEXPIRE', job, ttl_ms)
+  redis.call('PEXPIRE', P .. 'job-key:' .. f[2], ttl_ms)
+end
+"""
+
+_LUA_ITEMS = """
+-- Forget an outbox item: its hash, its key (unless it names a newer item), its index entries.
+local function forget_item(P, id)
+  local item = P .. 'item:' .. id
+  local key = redis.call('HGET', item, 'key')
+  if key and redis.call('GET', P .. 'item-key:' .. key) == id then redis.call('DEL', P .. 'item-key:' .. key) end
+  redis.call('DEL', item)
+  for _, index in ipairs({'due', 'pending', 'ended'}) do redis.call('ZREM', P .. 'outbox:' .. index, id) end
+end
+
+-- The id of the item queued under `key`, or nil; one that ended before kept_after is past its dedupe window.
+local function live_item(P, key, kept_after)
+  local id = redis.call('GET', P .. 'item-key:' .. key)
+  if not id then return nil end
+  local f = redis.call('HMGET', P .. 'item:' .. id, 'key', 'ended_at')
+  if not f[1] then return nil end
+  if f[2] and tonumber(f[2]) < kept_after then forget_item(P, id) return nil end
+  return id
+end
+
+-- Queue a new item, due now; `job` names the chat job whose reply it is ('' for none).
+local function add_item(P, key, destination, payload, now, job)
+  local id = redis.call('INCR', P .. 'outbox:ids')
+  local item = P .. 'item:' .. id
+  redis.call('HSET', item, 'id', id, 'key', key, 'destination', destination, 'payload', payload,
+    'attempts', 0, 'started', 0, 'created_at', now, 'next_attempt_at', now, 'lease_until', 0)
+  if job ~= '' then redis.call('HSET', item, 'job', job) end
+  redis.call('SET', P .. 'item-key:' .. key, id)
+  redis.call('ZADD', P .. 'outbox:due', now, id)
+  redis.call('ZADD', P .. 'outbox:pending', now, id)
+  return id
+end
+
+-- An item was delivered or refused: out of the queue, kept 7 days (its key still dedupes).
+local function end_item(P, id, now, ttl_ms)
+  local item = P .. 'item:' .. id
+  redis.call('HSET', item, 'ended_at', now, 'lease_until', 0)
+  redis.call('HINCRBY', item, 'attempts', 1)
+  redis.call('ZREM', P .. 'outbox:due', id)
+  redis.call('ZREM', P .. 'outbox:pending', id)
+  redis.call('ZADD', P .. 'outbox:ended', now, id)
+  redis.call('PEXPIRE', item, ttl_ms)
+  redis.call('PEXPIRE', P .. 'item-key:' .. redis.call('HGET', item, 'key'), ttl_ms)
+end
+"""
+
+_LUA_RECORDS = """
+-- Write a record: a new revision each time; expires '' and ttl_ms '' keep it for good.
+local function put_record(P, kind, key, value, expires, ttl_ms)
+  local record = P .. 'record:' .. kind .. ':' .. key
+  redis.call('HSET', record, 'value', value, 'expires', expires)
+  redis.call('HINCRBY', record, 'revision', 1)
+  if ttl_ms == '' then redis.call('PERSIST', record) else redis.call('PEXPIRE', record, ttl_ms) end
+end
+"""
+
+_PUT_RECORD = _LUA_RECORDS + """
+-- ARGV: prefix, kind, key, value, expires, ttl_ms
+put_record(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+"""
+
+_COMPARE_AND_SET_RECORD = _LUA_RECORDS + """
+-- Write only if the live revision is still `expected` ('' : only if absent or expired).
+-- ARGV: prefix, now, kind, key, value, expires, ttl_ms, expected
+local f = redis.call('HMGET', ARGV[1] .. 'record:' .. ARGV[3] .. ':' .. ARGV[4], 'revision', 'expires')
+local current = ''
+if f[1] and (f[2] == '' or tonumber(f[2]) >= tonumber(ARGV[2])) then current = f[1] end
+if current ~= ARGV[8] then return 0 end
+put_record(ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+return 1
+"""
+
+_ACCEPT_EVENT = _LUA_RECORDS + _LUA_ITEMS + """
+-- Webhook intake: unless a key was seen within its ttl, remember the keys, keep the records
+-- and queue every delivery; a delivery key already queued refuses the whole event.
+-- ARGV: prefix, now, kept_after, seen_until, seen_ttl_ms, #keys, #records,
+--       keys..., records as (kind, key, value, expires, ttl_ms)..., deliveries as (key, destination, payload)...
+local P, now = ARGV[1], tonumber(ARGV[2])
+local first_record = 8 + tonumber(ARGV[6])
+local first_delivery = first_record + 5 * tonumber(ARGV[7])
+for i = 8, first_record - 1 do
+  local seen = redis.call('GET', P .. 'seen:' .. ARGV[i])
+  if seen and tonumber(seen) >= now then return 0 end
+end
+local queued = {}
+for i = first_delivery, #ARGV, 3 do
+  if queued[ARGV[i]] or live_item(P, ARGV[i], tonumber(ARGV[3])) then
+    return redis.error_reply('delivery ' .. ARGV[i] .. ' is already queued')
+  end
+  queued[ARGV[i]] = true
+end
+for i = 8, first_record - 1 do redis.call('SET', P .. 'seen:' .. ARGV[i], ARGV[4], 'PX', ARGV[5]) end
+for i = first_record, first_delivery - 1, 5 do
+  put_record(P, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
+end
+for i = first_delivery, #ARGV, 3 do add_item(P, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[2], '') end
+return 1
+"""
+
+_CREATE_JOB = _LUA_JOBS + """
+-- A new job, leased to the caller, unless its platform message has a live job (a duplicate).
+-- ARGV: prefix, kept_after, id, key, state, owner, lease_until, conversation, chatbot, inbound, created_at
+local P, id, key, state = ARGV[1], ARGV[3], ARGV[4], ARGV[5]
+local existing = redis.call('GET', P .. 'job-key:' .. key)
+if existing == id then return 1 end  -- this very job, sent again after its reply was lost
+if existing and live_job(P, existing, tonumber(ARGV[2])) then return 0 end
+redis.call('HSET', P .. 'job:' .. id, 'id', id, 'key', key, 'state', state, 'owner', ARGV[6],
+  'lease_until', ARGV[7], 'conversation', ARGV[8], 'chatbot', ARGV[9], 'inbound', ARGV[10],
+  'created_at', ARGV[11], 'asks', 0, 'reply_kind', 'answer', 'offer_human', 0)
+redis.call('SET', P .. 'job-key:' .. key, id)
+redis.call('SADD', P .. 'jobs:' .. state, id)
+if state == 'accepted' or state == 'asked' then redis.call('ZADD', P .. 'jobs:leases', ARGV[7], id) end
+return 1
+"""
+
+_MARK_JOB_ASKED = _LUA_JOBS + """
+-- The InsiteChat call goes out: an open job is asked, one more time.
+-- ARGV: prefix, id
+local state = redis.call('HGET', ARGV[1] .. 'job:' .. ARGV[2], 'state')
+if state ~= 'accepted' and state ~= 'asked' then return 0 end
+move_job(ARGV[1], ARGV[2], state, 'asked')
+redis.call('HINCRBY', ARGV[1] .. 'job:' .. ARGV[2], 'asks', 1)
+return 1
+"""
+
+_ANSWER_JOB = _LUA_JOBS + _LUA_ITEMS + """
+-- Store the reply and queue its delivery in one step; returns the item's id.
+-- ARGV: prefix, now, kept_after, job id, item key, destination, payload, reply, reply_kind, offer_human
+local P, job_id = ARGV[1], ARGV[4]
+if live_item(P, ARGV[5], tonumber(ARGV[3])) then
+  return redis.error_reply('delivery ' .. ARGV[5] .. ' is already queued')
+end
+local id = add_item(P, ARGV[5], ARGV[6], ARGV[7], ARGV[2], job_id)
+local state = redis.call('HGET', P .. 'job:' .. job_id, 'state')
+if state then
+  move_job(P, job_id, state, 'answered')
+  redis.call('HSET', P .. 'job:' .. job_id, 'reply', ARGV[8], 'reply_kind', ARGV[9], 'offer_human', ARGV[10], 'outbox_id', id)
+end
+return id
+"""
+
+_TAKE_OVER_JOBS = """
+-- Lease to the caller the open jobs whose lease ran out, oldest question first.
+-- ARGV: prefix, now, owner, lease_until, limit
+local P = ARGV[1]
+local leases = P .. 'jobs:leases'
+local expired = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', '(' .. ARGV[2])) do
+  local created = redis.call('HGET', P .. 'job:' .. id, 'created_at')
+  if created then table.insert(expired, {tonumber(created), id}) else redis.call('ZREM', leases, id) end
+end
+table.sort(expired, function(a, b) if a[1] ~= b[1] then return a[1] < b[1] end return a[2] < b[2] end)
+local taken = {}
+for i = 1, math.min(#expired, tonumber(ARGV[5])) do
+  local id = expired[i][2]
+  redis.call('HSET', P .. 'job:' .. id, 'owner', ARGV[3], 'lease_until', ARGV[4])
+  redis.call('ZADD', leases, ARGV[4], id)
+  taken[i] = redis.call('HGETALL', P .. 'job:' .. id)
+end
+return taken
+"""
+
+_RENEW_JOBS = """
+-- Extend the caller's leases on its open jobs; a job another replica took over stays theirs.
+-- ARGV: prefix, owner, lease_until, ids...
+for i = 4, #ARGV do
+  local job, leases = ARGV[1] .. 'job:' .. ARGV[i], ARGV[1] .. 'jobs:leases'
+  if redis.call('HGET', job, 'owner') == ARGV[2] and redis.call('ZSCORE', leases, ARGV[i]) then
+    redis.call('ZADD', leases, ARGV[3], ARGV[i])
+    redis.call('HSET', job, 'lease_until', ARGV[3])
+  end
+end
+return 0
+"""
+
+_ADD_ITEM = _LUA_ITEMS + """
+-- Queue a delivery unless one with its key exists (delivered or not).
+-- ARGV: prefix, now, kept_after, key, destination, payload
+if live_item(ARGV[1], ARGV[4], tonumber(ARGV[3])) then return 0 end
+add_item(ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[2], '')
+return 1
+"""
+
+_DUE_ITEMS = """
+-- Undelivered items due now that nobody holds, oldest (lowest id) first.
+-- ARGV: prefix, now, limit
+local P, now = ARGV[1], tonumber(ARGV[2])
+local free = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'outbox:due', '-inf', ARGV[2])) do
+  local lease = redis.call('HGET', P .. 'item:' .. id, 'lease_until')
+  if lease and tonumber(lease) < now then table.insert(free, tonumber(id)) end
+end
+table.sort(free)
+local items = {}
+for i = 1, math.min(#free, tonumber(ARGV[3])) do items[i] = redis.call('HGETALL', P .. 'item:' .. free[i]) end
+return items
+"""
+
+_TAKE_ITEM = """
+-- Hold an undelivered item for one attempt unless someone holds it; returns it as it was before.
+-- ARGV: prefix, now, lease_until, id
+local item = ARGV[1] .. 'item:' .. ARGV[4]
+local f = redis.call('HMGET', item, 'lease_until', 'ended_at')
+if not f[1] or f[2] or tonumber(f[1]) >= tonumber(ARGV[2]) then return false end
+local before = redis.call('HGETALL', item)
+redis.call('HSET', item, 'started', 1, 'lease_until', ARGV[3])
+return before
+"""
+
+_DELIVER_ITEM = _LUA_JOBS + _LUA_ITEMS + """
+-- The platform took it (or refused it for good): the item ends, and its chat job with it.
+-- ARGV: prefix, now, ttl_ms, id, outcome ('delivered' or 'failed'), reference or error
+local P, id = ARGV[1], ARGV[4]
+local f = redis.call('HMGET', P .. 'item:' .. id, 'key', 'job', 'ended_at')
+if not f[1] or f[3] then return 0 end
+if ARGV[5] == 'delivered' then
+  redis.call('HSET', P .. 'item:' .. id, 'delivered_at', ARGV[2], 'reference', ARGV[6])
+else
+  redis.call('HSET', P .. 'item:' .. id, 'failed_at', ARGV[2], 'last_error', ARGV[6])
+end
+end_item(P, id, ARGV[2], ARGV[3])
+if f[2] then finish_job(P, f[2], ARGV[5], ARGV[2], ARGV[3]) end
+return 1
+"""
+
+_RETRY_ITEM = """
+-- Try again at next_at and let go of it; an item that was not attempted moves only while nobody holds it.
+-- ARGV: prefix, now, next_at, counted (1 or 0), error, id
+local item = ARGV[1] .. 'item:' .. ARGV[6]
+local f = redis.call('HMGET', item, 'lease_until', 'ended_at')
+if not f[1] or f[2] then return 0 end
+if ARGV[4] == '0' and tonumber(f[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', item, 'next_attempt_at', ARGV[3], 'last_error', ARGV[5], 'lease_until', 0)
+redis.call('HINCRBY', item, 'attempts', tonumber(ARGV[4]))
+redis.call('ZADD', ARGV[1] .. 'outbox:due', ARGV[3], ARGV[6])
+return 1
+"""
+
+_HASTEN_ITEMS = """
+-- A platform is back: its undelivered items waiting for a later try are due now.
+-- ARGV: prefix, now, destination prefix ('slack:')
+local P, count = ARGV[1], 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'outbox:due', '(' .. ARGV[2], '+inf')) do
+  local destination = redis.call('HGET', P .. 'item:' .. id, 'destination')
+  if destination and string.sub(destination, 1, #ARGV[3]) == ARGV[3] then
+    redis.call('HSET', P .. 'item:' .. id, 'next_attempt_at', ARGV[2])
+    redis.call('ZADD', P .. 'outbox:due', ARGV[2], id)
+    count = count + 1
+  end
+end
+return count
+"""
+
+_DROP_TEXTS = """
+-- Drop the question and the reply of jobs finished before the cutoff; ids and states stay.
+-- ARGV: prefix, cutoff, batch
+local P = ARGV[1]
+local ids = redis.call('ZRANGEBYSCORE', P .. 'jobs:texts', '-inf', '(' .. ARGV[2], 'LIMIT', 0, ARGV[3])
+for _, id in ipairs(ids) do
+  redis.call('HDEL', P .. 'job:' .. id, 'inbound', 'reply')
+  redis.call('ZREM', P .. 'jobs:texts', id)
+end
+return #ids
+"""
+
+_FORGET_JOBS = _LUA_JOBS + """
+-- Forget jobs finished before the cutoff (their 7 days of dedupe are over).
+-- ARGV: prefix, cutoff, batch
+local ids = redis.call('ZRANGEBYSCORE', ARGV[1] .. 'jobs:finished', '-inf', '(' .. ARGV[2], 'LIMIT', 0, ARGV[3])
+for _, id in ipairs(ids) do forget_job(ARGV[1], id) end
+return #ids
+"""
+
+_FORGET_ITEMS = _LUA_ITEMS + """
+-- Forget items delivered or refused before the cutoff.
+-- ARGV: prefix, cutoff, batch
+local ids = redis.call('ZRANGEBYSCORE', ARGV[1] .. 'outbox:ended', '-inf', '(' .. ARGV[2], 'LIMIT', 0, ARGV[3])
+for _, id in ipairs(ids) do forget_item(ARGV[1], id) end
+return #ids
+"""
+
+_TAKE_LOCK = """
+-- SET NX PX with the lease on the caller's clock: taken when free, or when its holder stopped renewing.
+-- ARGV: prefix, conversation, now, token, until, ttl_ms
+local lock = ARGV[1] .. 'lock:' .. ARGV[2]
+local held = redis.call('HGET', lock, 'until')
+if held and tonumber(held) >= tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', lock, 'token', ARGV[4], 'until', ARGV[5])
+redis.call('PEXPIRE', lock, ARGV[6])
+return 1
+"""
+
+_RENEW_LOCK = """
+-- Extend the lease, only for the holder that still has the lock.
+-- ARGV: prefix, conversation, token, until, ttl_ms
+local lock = ARGV[1] .. 'lock:' .. ARGV[2]
+if redis.call('HGET', lock, 'token') ~= ARGV[3] then return 0 end
+redis.call('HSET', lock, 'until', ARGV[4])
+redis.call('PEXPIRE', lock, ARGV[5])
+return 1
+"""
+
+_RELEASE_LOCK = """
+-- Compare-and-delete: a holder whose lease was taken over must not free the new holder's lock.
+-- ARGV: prefix, conversation, token
+local lock = ARGV[1] .. 'lock:' .. ARGV[2]
+if redis.call('HGET', lock, 'token') == ARGV[3] then return redis.call('DEL', lock) end
+return 0
+"""
+
+
+def _t(seconds: float) -> str:
+    """A time as a script argument: every digit (repr), so Lua and Redis compare it exactly."""
+    return repr(float(seconds))
+
+
+def _ttl_ms(seconds: float) -> int:
+    """The real Redis TTL for a value that expires in `seconds`: Redis frees it a margin later."""
+    return max(1, int((seconds + TTL_MARGIN) * 1000))
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password (in the userinfo or a `password=` query parameter)."""
+    url = re.sub(r"(://[^:@/]*):[^@/]*@", r"\1:***@", url)
+    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)
+
+
+class RedisStore:
+    """The store several replicas share. Nothing of another owner is voided on open: it may be alive.
+
+    Connects lazily, on the first operation: constructing it does no I/O.
+    """
+
+    exclusive = False  # live replicas share it: leases are taken over only once they ran out
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        clock: Clock | None = None,
+        keep_text: float = DAY,
+        timeout: float = TIMEOUT,
+        lock_lease: float = LOCK_LEASE,
+    ) -> None:
+        self._clock = clock or SystemClock()
+        self._keep_text = keep_text
+        self._prefix = prefix
+        self._lock_lease = lock_lease
+        self._where = redact_url(url)
+        self._password = _password_of(url)
+        self.owner = uuid.uuid4().hex
+        self._closed = False
+        self._local = LocalLocks()  # one waiter per conversation per replica polls Redis, in arrival order
+        self._renewals: set[asyncio.Task[None]] = set()
+        self._inflight: set[asyncio.Future[Any]] = set()
+        try:
+            self._redis: Redis = Redis.from_url(
+                url,
+                decode_responses=True,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                # One quick retry when a connection broke (a pooled socket Redis closed); never
+                # after a timeout, when the script may have run: StoreError, the caller decides.
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            )
+        except (ValueError, RedisError) as exc:
+            raise StoreError(f"cannot use the Redis URL {self._where}: {self._redact(str(exc))}") from None
+        script = self._redis.register_script
+        self._put_record = script(_PUT_RECORD)
+        self._compare_and_set_record = script(_COMPARE_AND_SET_RECORD)
+        self._accept_event = script(_ACCEPT_EVENT)
+        self._create_job = script(_CREATE_JOB)
+        self._mark_job_asked = script(_MARK_JOB_ASKED)
+        self._answer_job = script(_ANSWER_JOB)
+        self._take_over_jobs = script(_TAKE_OVER_JOBS)
+        self._renew_jobs = script(_RENEW_JOBS)
+        self._add_item = script(_ADD_ITEM)
+        self._due_items = script(_DUE_ITEMS)
+        self._take_item = script(_TAKE_ITEM)
+        self._deliver_item = script(_DELIVER_ITEM)
+        self._retry_item = script(_RETRY_ITEM)
+        self._hasten_items = script(_HASTEN_ITEMS)
+        self._drop_texts = script(_DROP_TEXTS)
+        self._forget_jobs = script(_FORGET_JOBS)
+        self._forget_items = script(_FORGET_ITEMS)
+        self._take_lock = script(_TAKE_LOCK)
+        self._renew_lock = script(_RENEW_LOCK)
+        self._release_lock = script(_RELEASE_LOCK)
+
+    # --- running commands -----------------------------------------------------------------------
+
+    async def _do(self, command: Awaitable[T]) -> T:
+        """Run one command, script or pipeline; every failure of Redis (refused, timed out, a script
+        error) is a StoreError, without the password.
+
+        Shielded: a cancelled caller (a shutdown) returns at once and the command finishes on its
+        own. redis-py can lose a cancellation that arrives mid-reply and then hang the task
+        (redis/redis-py#2028, #2551), and a half-read reply would spoil the connection anyway.
+        """
+        if self._closed:
+            if asyncio.iscoroutine(command):
+                command.close()
+            raise StoreError(f"the Redis store at {self._where} is closed")
+        running = asyncio.ensure_future(command)
+        self._inflight.add(running)
+        running.add_done_callback(self._settled)
+        try:
+            return await asyncio.shield(running)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis at {self._where}: {self._redact(str(exc)) or type(exc).__name__}") from None
+
+    def _settled(self, running: asyncio.Future[Any]) -> None:
+        self._inflight.discard(running)
+        if not running.cancelled():
+            running.exception()  # retrieved: a caller that was cancelled never will
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._password, "***") if self._password else text
+
+    async def _run(self, script: AsyncScript, *args: str | int) -> Any:
+        return await self._do(script(args=[self._prefix, *args]))
+
+    def _key(self, *parts: str) -> str:
+        return self._prefix + ":".join(parts)
+
+    def _now(self) -> float:
+        return self._clock.time()
+
+    # --- maintenance ----------------------------------------------------------------------------
+
+    async def prune(self) -> None:
+        """Drop kept texts and forget finished jobs and items past their windows (the rest has a Redis TTL)."""
+        now = self._now()
+        for script, cutoff in (
+            (self._drop_texts, now - self._keep_text),
+            (self._forget_jobs, now - DELIVERED_KEPT),
+            (self._forget_items, now - DELIVERED_KEPT),
+        ):
+            while await self._run(script, _t(cutoff), PRUNE_BATCH) == PRUNE_BATCH:
+                pass
+
+    async def ping(self) -> bool:
+        """A write, not a read: a Redis that refuses writes (a read-only replica, out of memory) is unready."""
+        try:
+            await self._do(self._redis.set(self._key("ping"), self.owner, px=60_000))
+        except StoreError as exc:
+            log.error("state store cannot write: %s", exc)
+            return False
+        return True
+
+    async def persistence_warning(self) -> str | None:
+        """A sentence when this Redis keeps nothing on disk; None when it does, or when CONFIG is not allowed."""
+        async def read_config() -> tuple[Mapping[Any, Any], Mapping[Any, Any]] | None:
+            try:
+                return await self._redis.config_get("appendonly"), await self._redis.config_get("save")
+            except ResponseError:
+                # Managed Redis often refuses or renames CONFIG (NOPERM, unknown command): say nothing rather than guess.
+                return None
+
+        config = await self._do(read_config())
+        if config is None:
+            return None
+        appendonly, save = config
+        if appendonly.get("appendonly") == "yes" or (save.get("save") or "").strip():
+            return None
+        return (
+            f"Redis at {self._where} keeps nothing on disk (no AOF, no RDB snapshots): a Redis restart "
+            "loses the queued alerts and answers. Turn on appendonly (or RDB saves) for the bridge's state."
+        )
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._renewals):
+            task.cancel()
+        await asyncio.gather(*self._renewals, return_exceptions=True)
+        if self._inflight:  # commands whose callers were cancelled: let them finish first
+            await asyncio.wait(list(self._inflight), timeout=TIMEOUT)
+        try:
+            await self._redis.aclose()
+        except (RedisError, OSError) as exc:
+            log.warning("closing the Redis connection failed: %s", self._redact(str(exc)))
+
+    # --- conversation state ---------------------------------------------------------------------
+
+    async def follow(self, conversation: str, ttl: float = 30 * DAY) -> None:
+        await self._do(self._redis.set(self._key("followed", conversation), _t(self._now() + ttl), px=_ttl_ms(ttl)))
+
+    async def is_followed(self, conversation: str) -> bool:
+        until = await self._do(self._redis.get(self._key("followed", conversation)))
+        return until is not None and float(until) >= self._now()
+
+    async def generation(self, conversation: str) -> int:
+        value = await self._do(self._redis.get(self._key("generation", conversation)))
+        return int(value) if value is not None else 0
+
+    async def bump_generation(self, conversation: str) -> int:
+        return int(await self._do(self._redis.incr(self._key("generation", conversation))))
+
+    @asynccontextmanager
+    async def conversation_lock(self, conversation: str) -> AsyncIterator[None]:
+        """Held across replicas: a lock in Redis under a lease, renewed while held, released by its holder only."""
+        async with self._local.hold(conversation):
+            token = f"{self.owner}:{uuid.uuid4().hex}"
+            while True:
+                now = self._now()
+                lease = (_t(now), token, _t(now + self._lock_lease), _ttl_ms(self._lock_lease))
+                attempt = asyncio.ensure_future(self._run(self._take_lock, conversation, *lease))
+                try:
+                    if await asyncio.shield(attempt):
+                        break
+                except asyncio.CancelledError:
+                    # The take goes on without us and may succeed: then free it, or it blocks
+                    # the conversation for a whole lease.
+                    attempt.add_done_callback(lambda done: self._release_if_taken(done, conversation, token))
+                    raise
+                await self._clock.sleep(LOCK_POLL * (0.5 + random.random()))
+            renewing = asyncio.get_running_loop().create_task(
+                self._keep_lock(conversation, token), name=f"lock:{conversation}"
+            )
+            self._renewals.add(renewing)
+            renewing.add_done_callback(self._renewals.discard)
+            try:
+                yield
+            finally:
+                renewing.cancel()
+                await asyncio.gather(renewing, return_exceptions=True)
+                try:
+                    await self._run(self._release_lock, conversation, token)
+                except StoreError as exc:
+                    log.warning("conversation %s: its lock was not released (%s); it frees itself after its lease", conversation, exc)
+
+    def _release_if_taken(self, attempt: asyncio.Future[Any], conversation: str, token: str) -> None:
+        if attempt.cancelled() or attempt.exception() is not None or not attempt.result() or self._closed:
+            return
+        release = asyncio.ensure_future(self._run(self._release_lock, conversation, token))
+        release.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+    async def _keep_lock(self, conversation: str, token: str) -> None:
+        while True:
+            await self._clock.sleep(self._lock_lease / 3)
+            try:
+                renewed = await self._run(
+                    self._renew_lock, conversation, token, _t(self._now() + self._lock_lease), _ttl_ms(self._lock_lease)
+                )
+            except StoreError as exc:
+                log.warning("conversation %s: renewing its lock failed: %s; trying again", conversation, exc)
+                continue
+            if not renewed:
+                # Held past its lease without a renewal (this process stalled): another replica may answer there now.
+                log.error("conversation %s: its lock was lost to another holder", conversation)
+                return
+
+    # --- records ----------------------------------------------------------------------------------
+
+    def _record_key(self, kind: str, key: str) -> str:
+        if ":" in kind:
+            raise ValueError(f"a record kind has no ':' ({kind!r})")  # it would blur with the key
+        return self._key("record", kind, key)
+
+    async def get(self, kind: str, key: str) -> Any | None:
+        found = await self.get_versioned(kind, key)
+        return found.value if found is not None else None
+
+    async def get_versioned(self, kind: str, key: str) -> Versioned | None:
+        value, revision, expires = await self._do(
+            self._redis.hmget(self._record_key(kind, key), ["value", "revision", "expires"])
+        )
+        if value is None or revision is None or (expires and float(expires) < self._now()):
+            return None
+        return Versioned(json.loads(value), int(_text(revision)))
+
+    def _record_args(self, record: NewRecord, now: float) -> list[str | int]:
+        self._record_key(record.kind, record.key)
+        if record.ttl is None:
+            return [record.kind, record.key, json.dumps(record.value), "", ""]
+        return [record.kind, record.key, json.dumps(record.value), _t(now + record.ttl), _ttl_ms(record.ttl)]
+
+    async def put(self, kind: str, key: str, value: Any, ttl: float | None = None) -> None:
+        await self._run(self._put_record, *self._record_args(NewRecord(kind, key, value, ttl), self._now()))
+
+    async def put_if(self, kind: str, key: str, value: Any, *, revision: int | None, ttl: float | None = None) -> bool:
+        now = self._now()
+        kind_, key_, *rest = self._record_args(NewRecord(kind, key, value, ttl), now)
+        expected = "" if revision is None else str(revision)
+        return bool(await self._run(self._compare_and_set_record, _t(now), kind_, key_, *rest, expected))
+
+    async def delete(self, kind: str, key: str) -> None:
+        await self._do(self._redis.delete(self._record_key(kind, key)))
+
+    # --- webhook intake -------------------------------------------------------------------------
+
+    async def accept(
+        self,
+        keys: Sequence[str],
+        deliveries: Sequence[NewDelivery],
+        *,
+        ttl: float = DAY,
+        records: Sequence[NewRecord] = (),
+    ) -> bool:
+        now = self._now()
+        args: list[str | int] = [
+            _t(now), _t(now - DELIVERED_KEPT), _t(now + ttl), _ttl_ms(ttl), len(keys), len(records), *keys,
+        ]
+        for record in records:
+            args += self._record_args(record, now)
+        for delivery in deliveries:
+            args += [delivery.key, delivery.destination, json.dumps(delivery.payload)]
+        return bool(await self._run(self._accept_event, *args))
+
+    # --- chat jobs ------------------------------------------------------------------------------
+
+    async def create_job(self, job: ChatJob, *, lease: float) -> bool:
+        if job.inbound is None:
+            raise ValueError("a new job carries its question")
+        now = self._now()
+        return bool(await self._run(
+            self._create_job, _t(now - DELIVERED_KEPT), job.id, job.key, job.state.value, self.owner,
+            _t(now + lease), job.conversation, job.chatbot, json.dumps(inbound_to_json(job.inbound)), _t(job.created_at),
+        ))
+
+    async def job_asked(self, job_id: str) -> None:
+        await self._run(self._mark_job_asked, job_id)
+
+    async def job_answered(self, job: ChatJob) -> OutboxItem:
+        now = self._now()
+        delivery = NewDelivery(job.delivery_key, job.conversation, {"kind": "chat", "job": job.id})
+        item_id = await self._run(
+            self._answer_job, _t(now), _t(now - DELIVERED_KEPT), job.id, delivery.key, delivery.destination,
+            json.dumps(delivery.payload), job.reply, job.reply_kind.value, int(job.offer_human),
+        )
+        return OutboxItem(int(item_id), delivery.key, delivery.destination, delivery.payload, 0, now, now)
+
+    async def get_job(self, job_id: str) -> ChatJob | None:
+        fields = await self._do(self._redis.hgetall(self._key("job", job_id)))
+        return self._job({_text(name): _text(value) for name, value in fields.items()})
+
+    async def job_by_key(self, key: str) -> tuple[ChatJob, JobState] | None:
+        job_id = await self._do(self._redis.get(self._key("job-key", key)))
+        job = await self.get_job(_text(job_id)) if job_id is not None else None
+        return (job, job.state) if job is not None else None
+
+    async def take_over_jobs(self, *, lease: float, limit: int = 100) -> list[ChatJob]:
+        now = self._now()
+        taken = await self._run(self._take_over_jobs, _t(now), self.owner, _t(now + lease), limit)
+        return [job for job in (self._job(_fields(flat)) for flat in taken) if job is not None]
+
+    async def renew_jobs(self, job_ids: Sequence[str], *, lease: float) -> None:
+        if job_ids:
+            await self._run(self._renew_jobs, self.owner, _t(self._now() + lease), *job_ids)
+
+    async def job_counts(self) -> dict[JobState, int]:
+        async def count() -> list[Any]:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for state in _STATES:
+                    pipe.scard(self._key("jobs", state))
+                return await pipe.execute()
+
+        counts = await self._do(count())
+        return {JobState(state): int(count) for state, count in zip(_STATES, counts) if count}
+
+    def _job(self, fields: Mapping[str, str]) -> ChatJob | None:
+        """A job as its hash holds it; past its windows (as if pruned) it is gone, or its texts are."""
+        if not fields:
+            return None
+        now = self._now()
+        finished = float(fields["finished_at"]) if "finished_at" in fields else None
+        if finished is not None and finished < now - DELIVERED_KEPT:
+            return None
+        texts = finished is None or finished >= now - self._keep_text
+        inbound = fields.get("inbound") if texts else None
+        return ChatJob(
+            id=fields["id"],
+            inbound=inbound_from_json(json.loads(inbound)) if inbound else None,
+            key=fields["key"],
+            conversation=fields["conversation"],
+            chatbot=fields["chatbot"],
+            created_at=float(fields["created_at"]),
+            state=JobState(fields["state"]),
+            reply=fields.get("reply", "") if texts else "",
+            reply_kind=ReplyKind(fields.get("reply_kind", ReplyKind.ANSWER.value)),
+            offer_human=fields.get("offer_human") == "1",
+            asks=int(fields.get("asks", 0)),
+        )
+
+    # --- outbox ---------------------------------------------------------------------------------
+
+    async def outbox_add(self, key: str, destination: str, payload: dict[str, Any]) -> bool:
+        now = self._now()
+        return bool(await self._run(
+            self._add_item, _t(now), _t(now - DELIVERED_KEPT), key, destination, json.dumps(payload)
+        ))
+
+    async def outbox_due(self, limit: int = 50) -> list[OutboxItem]:
+        items = await self._run(self._due_items, _t(self._now()), limit)
+        return [_item(_fields(flat)) for flat in items]
+
+    async def outbox_take(self, item_id: int, *, lease: float) -> OutboxItem | None:
+        now = self._now()
+        before = await self._run(self._take_item, _t(now), _t(now + lease), item_id)
+        return _item(_fields(before)) if before else None
+
+    async def outbox_done(self, item_id: int, reference: str) -> None:
+        await self._run(self._deliver_item, _t(self._now()), _ttl_ms(DELIVERED_KEPT), item_id, "delivered", reference)
+
+    async def outbox_retry(self, item_id: int, delay: float, error: str, *, count: bool = True) -> None:
+        now = self._now()
+        await self._run(self._retry_item, _t(now), _t(now + delay), int(count), error[:500], item_id)
+
+    async def outbox_fail(self, item_id: int, error: str) -> None:
+        await self._run(self._deliver_item, _t(self._now()), _ttl_ms(DELIVERED_KEPT), item_id, "failed", error[:500])
+
+    async def outbox_hasten(self, platform: str) -> int:
+        return int(await self._run(self._hasten_items, _t(self._now()), platform + ":"))
+
+    async def outbox_depth(self) -> tuple[int, float | None]:
+        async def depth() -> list[Any]:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.zcard(self._key("outbox", "pending"))
+                pipe.zrange(self._key("outbox", "pending"), 0, 0, withscores=True)
+                return await pipe.execute()
+
+        count, oldest = await self._do(depth())
+        return int(count), (self._now() - float(oldest[0][1])) if oldest else None
+
+
+def _password_of(url: str) -> str:
+    found = re.search(r"://[^:@/]*:([^@/]*)@", url) or re.search(r"(?i)[?&]password=([^&]*)", url)
+    return found.group(1) if found else ""
+
+
+def _text(value: bytes | str) -> str:
+    """A reply as text (the client decodes replies; the types allow bytes too)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _fields(flat: Sequence[str]) -> dict[str, str]:
+    """HGETALL as a script returns it (name, value, name, value...) as a mapping."""
+    return dict(zip(flat[::2], flat[1::2]))
+
+
+def _item(fields: Mapping[str, str]) -> OutboxItem:
+    return OutboxItem(
+        int(fields["id"]),
+        fields["key"],
+        fields["destination"],
+        json.loads(fields["payload"]),
+        int(fields["attempts"]),
+        float(fields["created_at"]),
+        float(fields["next_attempt_at"]),
+        fields.get("started") == "1",
+    )

@@ -1,0 +1,371 @@
+"""The Redis store beyond the shared contract: several replicas on one Redis, races, real TTLs, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio
+
+from bridge.clock import Clock, ManualClock, SystemClock
+from bridge.messages import Inbound
+from bridge.store import DAY, ChatJob, JobState, NewDelivery, ReplyKind, StoreError
+from bridge.store.redis import LOCK_LEASE, TTL_MARGIN, RedisStore, redact_url
+from tests.conftest import free_port
+
+Replica = Callable[..., RedisStore]  # replica(clock=...)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def replica(redis_url: str, redis_prefix: str, clock: ManualClock) -> AsyncIterator[Replica]:
+    """Opens one more replica on the test's Redis and prefix."""
+    opened: list[RedisStore] = []
+
+    def open_replica(*, clock: Clock = clock) -> RedisStore:
+        opened.append(RedisStore(redis_url, prefix=redis_prefix, clock=clock))
+        return opened[-1]
+
+    yield open_replica
+    for store in opened:
+        await store.close()
+
+
+@pytest.fixture
+async def raw(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+def own_server() -> bool:
+    """The session's own redis-server (its config may be changed), not one named by REDIS_URL."""
+    return not os.environ.get("REDIS_URL")
+
+
+def new_job(clock: Clock, message_id: str = "100.1") -> ChatJob:
+    inbound = Inbound("slack", "T1", "C1", message_id, "U1", "what is the refund policy?", mentions_bot=True)
+    return ChatJob.new(inbound, chatbot="bot-1", now=clock.time())
+
+
+# --- two replicas on one Redis ---------------------------------------------------------------------
+
+
+async def test_a_job_one_replica_created_is_a_duplicate_for_the_other(replica: Replica, clock: ManualClock) -> None:
+    first, second = replica(), replica()
+    assert await first.create_job(new_job(clock), lease=60)
+    assert not await second.create_job(new_job(clock), lease=60)  # Slack sent the event to the other connection
+    assert await second.job_counts() == {JobState.ACCEPTED: 1}
+
+
+async def test_a_live_replicas_lease_is_kept_and_taken_over_once_it_runs_out(replica: Replica, clock: ManualClock) -> None:
+    first, second = replica(), replica()
+    job = new_job(clock)
+    await first.create_job(job, lease=60)
+    assert await second.take_over_jobs(lease=60) == []  # opening a replica voids nothing
+    clock.advance(40)
+    await first.renew_jobs([job.id], lease=60)  # still working on it
+    clock.advance(40)
+    assert await second.take_over_jobs(lease=60) == []  # renewed until 100
+    clock.advance(21)  # the first stopped renewing: it died
+    assert [j.id for j in await second.take_over_jobs(lease=60)] == [job.id]
+    assert await first.take_over_jobs(lease=60) == []  # taken once
+    # The first comes back from a stall: its renewal does not take the job back.
+    await first.renew_jobs([job.id], lease=600)
+    clock.advance(61)
+    assert [j.id for j in await first.take_over_jobs(lease=60)] == [job.id]  # the second's lease ran out, not a 600 s one
+
+
+async def test_an_outbox_item_one_replica_holds_is_not_given_to_the_other(replica: Replica, clock: ManualClock) -> None:
+    first, second = replica(), replica()
+    await first.outbox_add("a1|slack:C1", "slack:C1", {"kind": "post"})
+    [item] = await second.outbox_due()
+    assert await first.outbox_take(item.id, lease=120) is not None
+    assert await second.outbox_due() == []
+    assert await second.outbox_take(item.id, lease=120) is None
+    await second.outbox_retry(item.id, 30, "waiting behind an earlier delivery", count=False)  # held: not moved
+    clock.advance(121)  # the first died mid-attempt
+    [left] = await second.outbox_due()
+    taken = await second.outbox_take(left.id, lease=120)
+    assert taken is not None and taken.started  # it may have posted: look first
+    await second.outbox_done(item.id, "ts")
+    await first.outbox_done(item.id, "late")  # the first's late word changes nothing
+    assert await first.outbox_depth() == (0, None)
+
+
+async def test_a_chat_reply_delivered_by_another_replica_finishes_the_job(replica: Replica, clock: ManualClock) -> None:
+    first, second = replica(), replica()
+    job = new_job(clock)
+    await first.create_job(job, lease=60)
+    item = await first.job_answered(job.answered("30 days", ReplyKind.ANSWER))
+    assert await second.outbox_take(item.id, lease=120) is not None
+    await second.outbox_done(item.id, "ts")
+    found = await first.job_by_key(job.key)
+    assert found is not None and found[1] is JobState.DELIVERED and found[0].reply == "30 days"
+    assert await first.job_counts() == {JobState.DELIVERED: 1}
+
+
+async def test_compare_and_set_races_have_exactly_one_winner_each_round(replica: Replica, clock: ManualClock) -> None:
+    replicas = [replica(), replica()]
+    revision: int | None = None
+    for round_ in range(15):
+        results = await asyncio.gather(*(
+            replicas[n % 2].put_if("alert", "a1", {"round": round_, "writer": n}, revision=revision, ttl=60)
+            for n in range(16)
+        ))
+        assert results.count(True) == 1, f"round {round_}: {results.count(True)} winners"
+        stored = await replicas[1].get_versioned("alert", "a1")
+        assert stored is not None and stored.value == {"round": round_, "writer": results.index(True)}
+        revision = stored.revision
+
+
+async def test_racing_replicas_store_one_job_accept_one_event_and_take_over_each_job_once(
+    replica: Replica, clock: ManualClock
+) -> None:
+    replicas = [replica() for _ in range(4)]
+    created = await asyncio.gather(*(r.create_job(new_job(clock), lease=60) for r in replicas * 3))
+    assert created.count(True) == 1
+    accepted = await asyncio.gather(*(
+        r.accept([f"event:{n}", "body:same"], [NewDelivery(f"evt|slack:C{n}", f"slack:C{n}", {})]) for n, r in enumerate(replicas)
+    ))
+    assert accepted.count(True) == 1 and (await replicas[0].outbox_depth())[0] == 1
+    for n in range(20):
+        await replicas[0].create_job(new_job(clock, f"200.{n}"), lease=60)
+    clock.advance(61)
+    taken = await asyncio.gather(*(r.take_over_jobs(lease=60, limit=7) for r in replicas))
+    ids = [job.id for jobs in taken for job in jobs]
+    assert len(ids) == len(set(ids)) == 21
+
+
+async def test_conversation_lock_release_is_compare_and_delete(replica: Replica, clock: ManualClock, raw: redis.asyncio.Redis, redis_prefix: str) -> None:
+    stalled = replica(clock=ManualClock(clock.monotonic()))  # stops renewing: its clock never moves
+    live, third = replica(), replica()
+    held = stalled.conversation_lock("slack:T:C:1")
+    await held.__aenter__()
+    clock.advance(LOCK_LEASE + 1)
+    async with live.conversation_lock("slack:T:C:1"):
+        await held.__aexit__(None, None, None)  # the stalled one wakes up and lets go: of nothing it still has
+        assert str(await raw.hget(f"{redis_prefix}lock:slack:T:C:1", "token")).startswith(live.owner)
+        contender = asyncio.create_task(third.conversation_lock("slack:T:C:1").__aenter__())
+        await asyncio.sleep(0.05)
+        assert not contender.done()
+    clock.advance(1)  # the contender's next poll
+    await asyncio.wait_for(contender, 5)
+
+
+async def test_a_held_lock_is_renewed_past_its_lease(replica: Replica, clock: ManualClock) -> None:
+    holder, other = replica(), replica()
+
+    async def take() -> None:
+        async with other.conversation_lock("slack:T:C:1"):
+            pass
+
+    async with holder.conversation_lock("slack:T:C:1"):
+        contender = asyncio.create_task(take())
+        for _ in range(9):  # three leases, in steps just over the renewal interval
+            clock.advance(LOCK_LEASE / 3 + 0.1)
+            await asyncio.sleep(0.03)  # the renewal and the contender's try both run
+            assert not contender.done()
+    clock.advance(1)
+    await asyncio.wait_for(contender, 5)
+
+
+async def test_a_replica_killed_mid_work_hands_its_job_item_and_lock_over_after_their_leases(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A real crash: a replica in a subprocess is SIGKILLed while it holds a job, an outbox attempt and a lock."""
+    lease = 1.5
+    script = textwrap.dedent(f"""
+        import asyncio
+        from bridge.clock import SystemClock
+        from bridge.messages import Inbound
+        from bridge.store import ChatJob
+        from bridge.store.redis import RedisStore
+
+        async def main():
+            store = RedisStore({redis_url!r}, prefix={redis_prefix!r}, lock_lease={lease})
+            clock = SystemClock()
+            inbound = Inbound("slack", "T1", "C1", "1.1", "U1", "hello", mentions_bot=True)
+            await store.create_job(ChatJob.new(inbound, chatbot="bot", now=clock.time()), lease={lease})
+            await store.outbox_add("a1|slack:C1", "slack:C1", {{}})
+            [item] = await store.outbox_due()
+            await store.outbox_take(item.id, lease={lease})
+            async with store.conversation_lock("slack:T1:C1:1.1"):
+                print("holding", flush=True)
+                await asyncio.sleep(3600)
+
+        asyncio.run(main())
+    """)
+    doomed = await asyncio.create_subprocess_exec(sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE)
+    live = RedisStore(redis_url, prefix=redis_prefix, clock=SystemClock())
+    try:
+        assert doomed.stdout is not None
+        line = await asyncio.wait_for(doomed.stdout.readline(), 20)
+        assert line.strip() == b"holding"
+        killed = time.monotonic()
+        doomed.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(doomed.wait(), 5)
+        assert await live.take_over_jobs(lease=60) == [] and await live.outbox_due() == []  # leases still live
+
+        async def job() -> float:
+            while not await live.take_over_jobs(lease=60):
+                await asyncio.sleep(0.05)
+            return time.monotonic() - killed
+
+        async def item() -> float:
+            while not (due := await live.outbox_due()) or not due[0].started:
+                await asyncio.sleep(0.05)
+            return time.monotonic() - killed
+
+        async def lock() -> float:
+            async with live.conversation_lock("slack:T1:C1:1.1"):
+                return time.monotonic() - killed
+
+        waits = await asyncio.wait_for(asyncio.gather(job(), item(), lock()), 10)
+        assert all(lease - 1.0 < wait < lease + 1.5 for wait in waits), waits  # not before their leases ran out
+    finally:
+        if doomed.returncode is None:
+            doomed.kill()
+            await doomed.wait()
+        await live.close()
+
+
+# --- keys and expiry -----------------------------------------------------------------------------
+
+
+async def test_keys_carry_their_prefix_and_a_real_ttl(replica: Replica, clock: ManualClock, raw: redis.asyncio.Redis, redis_prefix: str) -> None:
+    store = replica()
+    await store.follow("slack:T:C:1", ttl=100)
+    await store.accept(["event:1"], [], ttl=DAY)
+    await store.put("alert", "a1", {"state": "open"}, ttl=60)
+    await store.put("alert", "forever", {})
+    job = new_job(clock)
+    await store.create_job(job, lease=60)
+    pttl = {key.removeprefix(redis_prefix): await raw.pttl(key) async for key in raw.scan_iter(match=f"{redis_prefix}*")}
+    assert all(key in pttl for key in ("followed:slack:T:C:1", "seen:event:1", "record:alert:a1", f"job:{job.id}"))
+    assert (100 + TTL_MARGIN - 5) * 1000 < pttl["followed:slack:T:C:1"] <= (100 + TTL_MARGIN) * 1000
+    assert (DAY + TTL_MARGIN - 5) * 1000 < pttl["seen:event:1"] <= (DAY + TTL_MARGIN) * 1000
+    assert pttl["record:alert:forever"] == -1  # kept for good, as asked
+    assert pttl[f"job:{job.id}"] == -1  # an open job is never dropped by Redis
+    item = await store.job_answered(job.answered("hi", ReplyKind.ANSWER))
+    await store.outbox_done(item.id, "ts")
+    for key in (f"job:{job.id}", f"job-key:{job.key}", f"item:{item.id}", f"item-key:{item.key}"):
+        assert (7 * DAY + TTL_MARGIN - 5) * 1000 < await raw.pttl(redis_prefix + key) <= (7 * DAY + TTL_MARGIN) * 1000
+
+
+async def test_prefixes_keep_bridges_apart(redis_url: str, redis_prefix: str, clock: ManualClock) -> None:
+    one = RedisStore(redis_url, prefix=redis_prefix + "one:", clock=clock)
+    two = RedisStore(redis_url, prefix=redis_prefix + "two:", clock=clock)
+    try:
+        assert await one.create_job(new_job(clock), lease=60)
+        assert await two.create_job(new_job(clock), lease=60)
+        await one.outbox_add("k", "slack:C1", {})
+        assert await two.outbox_due() == []
+    finally:
+        await one.close()
+        await two.close()
+
+
+# --- failures --------------------------------------------------------------------------------------
+
+
+async def test_a_redis_that_is_down_is_a_store_error_without_the_password(clock: ManualClock) -> None:
+    store = RedisStore(f"redis://bridge:s3cret-pw@127.0.0.1:{free_port()}/0", clock=clock, timeout=1)
+    started = time.monotonic()
+    for operation in (
+        store.is_followed("x"),
+        store.create_job(new_job(clock), lease=60),
+        store.outbox_due(),
+        store.job_counts(),
+        store.persistence_warning(),
+    ):
+        with pytest.raises(StoreError) as info:
+            await operation
+        assert "s3cret-pw" not in str(info.value) and "127.0.0.1" in str(info.value)
+    with pytest.raises(StoreError):
+        async with store.conversation_lock("c"):
+            pass
+    assert not await store.ping()
+    assert time.monotonic() - started < 5  # refused at once, not after long retries
+    await store.close()
+    assert redact_url("rediss://u:pw@h:6380/0?password=pw2") == "rediss://u:***@h:6380/0?password=***"
+
+
+async def test_a_redis_that_does_not_answer_is_a_store_error_not_a_hang(clock: ManualClock) -> None:
+    async def accept_and_stay_silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(-1)
+
+    server = await asyncio.start_server(accept_and_stay_silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", clock=clock, timeout=0.3)
+    try:
+        with pytest.raises(StoreError, match="(?i)timeout"):
+            await asyncio.wait_for(store.outbox_add("k", "slack:C1", {}), 5)
+    finally:
+        await store.close()
+        server.close()
+
+
+async def test_a_script_error_is_a_store_error(replica: Replica, raw: redis.asyncio.Redis, redis_prefix: str) -> None:
+    store = replica()
+    await raw.set(f"{redis_prefix}outbox:due", "not a sorted set")  # e.g. another program writing under our prefix
+    with pytest.raises(StoreError, match="WRONGTYPE"):
+        await store.outbox_add("k", "slack:C1", {})
+
+
+async def test_a_cancelled_caller_returns_at_once_and_leaves_the_connection_usable(replica: Replica) -> None:
+    store = replica()
+    for _ in range(30):  # cancelled at every point of a command's round trip, sooner or later
+        call = asyncio.create_task(store.outbox_due())
+        await asyncio.sleep(0.0005)
+        call.cancel()
+        await asyncio.wait_for(asyncio.gather(call, return_exceptions=True), 1)
+        assert await store.outbox_add(uuid.uuid4().hex, "slack:C1", {})
+    await store.close()  # waits for the commands still under way
+
+
+# --- persistence --------------------------------------------------------------------------------------
+
+
+async def test_a_redis_that_keeps_nothing_on_disk_is_warned_about(replica: Replica, raw: redis.asyncio.Redis) -> None:
+    store = replica()
+    appendonly, save = str((await raw.config_get("appendonly"))["appendonly"]), str((await raw.config_get("save"))["save"])
+    warning = await store.persistence_warning()
+    if appendonly == "no" and not save.strip():
+        assert warning is not None and "restart loses the queued alerts and answers" in warning
+    else:
+        assert warning is None
+    if not own_server():
+        return
+    await raw.config_set("save", "3600 1")  # RDB snapshots on: the state survives a restart
+    try:
+        assert await store.persistence_warning() is None
+    finally:
+        await raw.config_set("save", save)
+
+
+async def test_no_persistence_warning_when_config_is_not_allowed(redis_url: str, raw: redis.asyncio.Redis) -> None:
+    if not own_server():
+        pytest.skip("changes the server's users; runs on the test session's own redis-server")
+    user = f"icbtest-{uuid.uuid4().hex[:8]}"
+    await raw.acl_setuser(
+        user, enabled=True, passwords=["+pw-of-the-bridge"], keys="*", channels="*", commands=["+@all", "-config"]
+    )
+    store = RedisStore(redis_url.replace("redis://", f"redis://{user}:pw-of-the-bridge@"))
+    try:
+        assert await store.ping()  # as a managed Redis: everything but CONFIG
+        assert await store.persistence_warning() is None
+    finally:
+        await store.close()
+        await raw.acl_deluser(user)
