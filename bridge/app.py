@@ -12,6 +12,7 @@ from aiohttp import web
 from adapters.base import Adapter
 from adapters.console import ConsoleAdapter, ConsoleCommand
 from bridge import metrics
+from bridge.backoff import Backoff
 from bridge.clock import Clock, SystemClock
 from bridge.config import Settings
 from bridge.desk import AlertDesk
@@ -22,7 +23,6 @@ from bridge.outbox import Outbox
 from bridge.ports import Platform
 from bridge.relay import Relay
 from bridge.store import Store, StoreError, open_store
-from bridge.backoff import Backoff
 from bridge.supervisor import Supervisor
 from bridge.webhooks import WebhookReceiver
 
@@ -65,6 +65,13 @@ def build_clients(settings: Settings, clock: Clock, *, redis_url: str | None = N
     }
 
 
+def gateway_lease_key(token: str, prefix: str) -> str:
+    """One lease per bot: two bots sharing a Redis do not compete for one gateway."""
+    from adapters.discord_setup import application_id_from_token
+
+    return f"{prefix}discord-gateway:{application_id_from_token(token) or 'bot'}"
+
+
 class BridgeApp:
     """The running bridge: start everything, run until told to stop, stop everything once.
 
@@ -97,7 +104,8 @@ class BridgeApp:
             clock=self.clock,
             keep_text=settings.state.keep_text_hours * 3600,
         )
-        self.clients = build_clients(settings, self.clock)
+        # Several replicas share one Redis: its InsiteChat budget per key, and one Discord gateway.
+        self.clients = build_clients(settings, self.clock, redis_url=settings.state.redis_url)
         self.desk = AlertDesk(settings, self.store, self.clock)
         self.outbox = Outbox(self.store, self.desk, self.clock)
         self.desk.on_queued = self.outbox.wake
@@ -105,6 +113,11 @@ class BridgeApp:
         self.grace = grace
         # Several replicas: only the holder of this lease connects Discord's gateway (all post).
         # Started and released by this app; None: one replica, always on the gateway.
+        if gateway_lease is None and settings.state.redis_url and settings.discord is not None:
+            gateway_lease = RedisLease.from_url(
+                settings.state.redis_url, gateway_lease_key(settings.discord.token, settings.state.redis_prefix),
+                clock=self.clock,
+            )
         self.gateway_lease = gateway_lease
         self.adapters: list[Adapter] = []
         self.console: ConsoleAdapter | None = None

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from adapters.base import Adapter
 from bridge import formatting, metrics
@@ -71,12 +70,6 @@ class Outcome(str, enum.Enum):
     STORE_FAILED = "store-failed"  # the job could not be moved on; it is taken over later
 
 
-@dataclass
-class _SharedLock:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    users: int = 0
-
-
 @dataclass(frozen=True)
 class Decision:
     """Whether and why to answer one message."""
@@ -130,8 +123,6 @@ class Relay:
         self._queue_notice_after = queue_notice_after
         self._lease = lease
         self._adapters: dict[str, Adapter] = {}
-        # One answer at a time per conversation, so InsiteChat's history stays in order.
-        self._locks: dict[str, _SharedLock] = {}
         self._tasks: dict[str, asyncio.Task[Outcome]] = {}  # job id -> its worker
         self._accepting = True
         self._keeper: asyncio.Task[None] | None = None
@@ -276,7 +267,8 @@ class Relay:
         assert job.inbound is not None
         inbound = job.inbound
         try:
-            async with self._one_at_a_time(job.conversation):
+            # One answer at a time per conversation, across replicas: InsiteChat keeps one history.
+            async with self._store.conversation_lock(job.conversation):
                 outcome = await self._answer(job, inbound, recovered=recovered)
         except StoreError as exc:
             # Its lease runs out and the job is taken over: never silent, only late.
@@ -332,19 +324,6 @@ class Relay:
         if recovered and job.state is JobState.ASKED and not self._ask_again:
             return _notice("restarted")
         return None
-
-    @asynccontextmanager
-    async def _one_at_a_time(self, key: str) -> AsyncIterator[None]:
-        """Serialise answers per conversation; the lock lives only while someone holds or awaits it."""
-        entry = self._locks.setdefault(key, _SharedLock())
-        entry.users += 1
-        try:
-            async with entry.lock:
-                yield
-        finally:
-            entry.users -= 1
-            if not entry.users:
-                del self._locks[key]
 
     async def _ask(self, adapter: Adapter, job: ChatJob, inbound: Inbound) -> _Reply:
         client = self._clients[self._settings.chatbot_key(job.chatbot)]

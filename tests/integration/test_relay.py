@@ -350,4 +350,4 @@ async def test_answers_in_one_conversation_never_overlap(make_harness, emulator:
     arrivals = [r.time for r in chat_calls(emulator)]
     # One at a time: each call leaves only after the previous answer came back.
     assert all(later - earlier >= 0.09 for earlier, later in zip(arrivals, arrivals[1:])), arrivals
-    assert h.relay._locks == {}  # nothing left behind
+    assert len(h.store._locks) == 0  # nothing left behind
