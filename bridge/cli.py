@@ -196,7 +196,8 @@ async def _cmd_check(args: argparse.Namespace) -> int:
     print(f"ok    config: {args.config} is valid ({', '.join(settings.platforms) or 'no platform'})")
     if not args.live:
         return EXIT_OK
-    checks: list[tuple[str, list[str]]] = [("insitechat", await _check_chatbots(settings))]
+    checks: list[tuple[str, list[str]]] = [("state", await _check_state(settings))]
+    checks.append(("insitechat", await _check_chatbots(settings)))
     if settings.slack is not None:
         from adapters import slack
 
@@ -211,6 +212,37 @@ async def _cmd_check(args: argparse.Namespace) -> int:
         if not problems:
             print(f"ok    {part}: every check passed")
     return EXIT_FAILURE if any(problems for _, problems in checks) else EXIT_OK
+
+
+async def _check_state(settings: Settings) -> list[str]:
+    """The state store can be written; a Redis that keeps nothing on disk is a loud warning.
+
+    The SQLite file is not opened: opening it takes over the leases of a bridge running on
+    it (one process per file). Its directory must be writable.
+    """
+    from pathlib import Path
+
+    from bridge.store import StoreError
+    from bridge.store.redis import RedisStore
+
+    state = settings.state
+    if not state.redis_url:
+        folder = Path(state.sqlite).resolve().parent
+        while not folder.exists():
+            folder = folder.parent
+        return [] if os.access(folder, os.W_OK) else [f"state.sqlite: cannot write in {folder}"]
+    store = RedisStore(state.redis_url, prefix=state.redis_prefix)
+    try:
+        if not await store.ping():
+            return ["state.redis_url: the Redis server cannot be written (see the error above)"]
+        warning = await store.persistence_warning()
+        if warning:
+            print(f"WARN  state: {warning}")
+    except StoreError as exc:
+        return [f"state.redis_url: {exc}"]
+    finally:
+        await store.close()
+    return []
 
 
 async def _check_chatbots(settings: Settings) -> list[str]:

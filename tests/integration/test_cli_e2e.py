@@ -223,3 +223,22 @@ async def test_sigterm_lets_the_answer_in_flight_finish(emulator: Emulator, tmp_
         os.close(write_fd)
     assert proc.returncode == 0, err.decode()
     assert "bot> " in out.decode() and "a slow question" in out.decode()
+
+
+async def test_check_live_warns_about_a_redis_that_keeps_nothing_and_fails_on_one_that_is_down(
+    emulator: Emulator, tmp_path: Path, redis_url: str
+) -> None:
+    env = {**ENV, "INSITECHAT_API_KEY": SANDBOX_KEY, "REDIS_URL": redis_url}
+    cfg = tmp_path / "bridge.yaml"
+    cfg.write_text(
+        f"insitechat: {{base_url: '{emulator.base_url}', api_key: '${{INSITECHAT_API_KEY}}'}}\n"
+        "state:\n  redis_url: ${REDIS_URL}\n  redis_prefix: 'check-test:'\n"
+        "console: {enabled: true}\n"
+        f"routes: [{{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}]\n"
+    )
+    code, out, err = await _cli("check", "--live", "--config", str(cfg), env=env)
+    assert code == 0, out + err  # the test server persists nothing: a warning, not a failure
+    assert "WARN  state:" in out and "restart loses the queued alerts and answers" in out
+    code, out, err = await _cli("check", "--live", "--config", str(cfg), env={**env, "REDIS_URL": "redis://:hunter2@127.0.0.1:1/0"})
+    assert code == 1 and "FAIL  state.redis_url:" in out
+    assert "hunter2" not in out + err and "Traceback" not in err
