@@ -67,7 +67,7 @@ class Outcome(str, enum.Enum):
     DEFERRED = "deferred"  # stored during shutdown: the next start answers it
     PENDING = "pending"  # the reply is stored; the outbox posts it once the platform takes it
     FAILED = "failed"  # the platform refused the reply for good (channel gone, bot removed)
-    STORE_FAILED = "store-failed"  # the job could not be moved on; it is taken over later
+    INTERRUPTED = "interrupted"  # the job could not be moved on (store, a bug): taken over when its lease ends
 
 
 @dataclass(frozen=True)
@@ -263,7 +263,7 @@ class Relay:
     async def _work(self, job: ChatJob, *, recovered: bool = False) -> Outcome:
         """Move one job to its delivered reply. Cancelled (shutdown): it stays a job for the next start."""
         started = self._clock.monotonic()
-        outcome = Outcome.STORE_FAILED
+        outcome = Outcome.INTERRUPTED
         assert job.inbound is not None
         inbound = job.inbound
         try:
@@ -273,6 +273,10 @@ class Relay:
         except StoreError as exc:
             # Its lease runs out and the job is taken over: never silent, only late.
             log.error("job %s (%s): the state store failed: %s", job.id, job.key, exc)
+        except Exception:
+            # Not a platform or API failure (those end in a notice): a bug. The job stays
+            # stored and is tried again once its lease runs out.
+            log.exception("job %s (%s) failed unexpectedly; it is tried again later", job.id, job.key)
         finally:
             log.info(
                 "message platform=%s channel=%s chatbot=%s job=%s outcome=%s latency_ms=%d",
