@@ -145,13 +145,14 @@ class Relay:
             return self._count(inbound, _done(Outcome.IGNORED))
         assert decision.route is not None
         job = ChatJob.new(inbound, chatbot=decision.route.chatbot, now=self._clock.time())
-        if not await self._store.create_job(job, lease=self._lease):
+        # Stored while stopping: not leased to this process, so another replica takes it at once.
+        if not await self._store.create_job(job, lease=self._lease if self._accepting else 0.0):
             log.info("duplicate delivery of %s ignored", inbound.dedupe_key)
             metrics.DEDUPE_HITS.labels("chat").inc()
             return self._count(inbound, _done(Outcome.DUPLICATE))
         if not self._accepting:
-            # Shutting down: the job is stored, and the next start answers it.
-            log.info("accepted %s while stopping: the next start answers it", inbound.dedupe_key)
+            # Shutting down: the job is stored, and the next start (or another replica) answers it.
+            log.info("accepted %s while stopping: left for the next start", inbound.dedupe_key)
             return self._count(inbound, _done(Outcome.DEFERRED))
         return self._count(inbound, self._start(job))
 
@@ -413,15 +414,21 @@ class Relay:
             await asyncio.gather(self._keeper, return_exceptions=True)
             self._keeper = None
         pending = {t for t in self._tasks.values() if not t.done()}
-        if not pending:
-            return
-        log.info("waiting up to %.0f s for %d answer(s) in flight", grace, len(pending))
-        _, still = await asyncio.wait(pending, timeout=grace)
-        for task in still:
+        if pending:
+            log.info("waiting up to %.0f s for %d answer(s) in flight", grace, len(pending))
+            await asyncio.wait(pending, timeout=grace)
+        unfinished = {job_id: task for job_id, task in self._tasks.items() if not task.done()}
+        for task in unfinished.values():
             task.cancel()
-        if still:
-            log.warning("%d answer(s) not finished at shutdown: they stay stored, and the next start answers them", len(still))
-            await asyncio.gather(*still, return_exceptions=True)
+        if unfinished:
+            log.warning("%d answer(s) not finished at shutdown: they stay stored, and the next start answers them", len(unfinished))
+            await asyncio.gather(*unfinished.values(), return_exceptions=True)
+        if unfinished:
+            try:
+                # Leases ended now, not in a minute: another replica on the same Redis takes them at once.
+                await self._store.renew_jobs(list(unfinished), lease=0)
+            except StoreError as exc:
+                log.warning("could not hand over %d unfinished job(s) at once (%s); their leases run out", len(unfinished), exc)
 
 
 def _notice(name: str, outcome: Outcome = Outcome.NOTICE) -> _Reply:

@@ -351,3 +351,27 @@ async def test_answers_in_one_conversation_never_overlap(make_harness, emulator:
     # One at a time: each call leaves only after the previous answer came back.
     assert all(later - earlier >= 0.09 for earlier, later in zip(arrivals, arrivals[1:])), arrivals
     assert len(h.store._locks) == 0  # nothing left behind
+
+
+async def test_a_replica_that_stops_hands_its_unfinished_answers_over_at_once(
+    emulator: Emulator, redis_url: str, redis_prefix: str
+) -> None:
+    from bridge.store.redis import RedisStore
+
+    settings = settings_for(emulator.base_url)
+    stopping = Harness(settings, RedisStore(redis_url, prefix=redis_prefix))  # type: ignore[arg-type]
+    other = Harness(settings, RedisStore(redis_url, prefix=redis_prefix))  # type: ignore[arg-type]
+    emulator.inject("hang", seconds=30, path_contains="/chat", count=1)
+    task = stopping.relay.submit(msg("cut short by a deploy", channel="D1", is_dm=True))
+    await asyncio.sleep(0.2)
+    late = msg("arrived while stopping", id="2", channel="D2", is_dm=True)
+    await stopping.relay.drain(grace=0.2)
+    assert task.cancelled()
+    assert await stopping.relay.handle(late) is Outcome.DEFERRED  # stored, and not kept by a stopping replica
+    # The other replica takes both now, not when a 60 s lease would have run out.
+    assert await other.relay.recover() == 2
+    replies = {"".join((await other.adapter.next_post()).parts) for _ in range(2)}
+    assert any("cut short by a deploy" in r for r in replies) and any("arrived while stopping" in r for r in replies)
+    for h in (stopping, other):
+        await h.close()
+        await h.store.close()
