@@ -406,3 +406,106 @@ async def test_slack_socket_mode_three_connections_and_a_kill_answer_each_acked_
         if event.accepted:
             assert answers_to(texts, event.question) == 1, (event.question, texts)
     assert_within_budget(emulator)
+
+
+# --- Discord: one gateway leader, a failover ---------------------------------------------------
+
+
+@pytest.fixture
+async def discord() -> AsyncIterator[FakeDiscord]:
+    fake = FakeDiscord()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+async def gateway_holders(http: httpx.AsyncClient, group: Iterable[Replica]) -> list[Replica]:
+    """Replicas whose /readyz says the gateway is held (and live) there."""
+    holders = []
+    for replica in group:
+        if not replica.alive:
+            continue
+        body = await readyz(http, replica)
+        if body is not None and str(body["parts"].get("discord", "")).startswith("ok (gateway held here"):
+            holders.append(replica)
+    return holders
+
+
+async def wait_for_gateway(http: httpx.AsyncClient, fake: FakeDiscord, group: list[Replica], timeout: float) -> Replica:
+    deadline = time.monotonic() + timeout
+    while True:
+        holders = await gateway_holders(http, group)
+        if len(holders) == 1 and fake.open_sessions() == 1:
+            return holders[0]
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"no single gateway holder: {[r.name for r in holders]}, {fake.open_sessions()} sessions\n{all_logs(group)}"
+            )
+        await asyncio.sleep(0.05)
+
+
+def asked(emulator: Emulator, question: str) -> bool:
+    return any(
+        r.method == "POST" and r.path.endswith("/chat") and question in json.dumps(r.json) for r in emulator.requests
+    )
+
+
+def discord_answered_once(fake: FakeDiscord, question_id: str, question: str) -> bool:
+    texts = [str(m.get("content") or "") for m in fake.bot_posts(int(question_id))]
+    return len(texts) == 1 and answers_to(texts, question) == 1
+
+
+async def test_discord_three_replicas_one_gateway_a_killed_leader_is_replaced_and_each_heard_question_answered_once(
+    emulator: Emulator, discord: FakeDiscord, replicas: Callable[..., list[Replica]], redis_url: str, redis_prefix: str
+) -> None:
+    group = replicas(emulator, discord=discord, scale=0.1)  # a 1 s gateway lease, 6 s job leases
+    counted: dict[str, str] = {}  # message id -> question: each must be answered exactly once
+    gap: dict[str, str] = {}  # sent while no session was live: lost by Discord's rules, never doubled
+    async with httpx.AsyncClient() as http:
+        await start_all(http, group)
+        leader = await wait_for_gateway(http, discord, group, timeout=20)
+
+        for n in range(8):
+            question = f"discord question {n}"
+            message = await discord.user_message(fd.GENERAL, question, mention_bot=True)
+            counted[str(message["id"])] = question
+            await asyncio.sleep(0.05)
+        # Every one was received (stored and asked) before the kill; some answers are still on their way.
+        await until(lambda: all(asked(emulator, q) for q in counted.values()), "the questions asked", 15, lambda: all_logs(group))
+        heard = {mid for session, event, mid in discord.dispatched if event == "MESSAGE_CREATE"}
+        assert set(counted) <= heard
+        await leader.bridge.kill()
+        killed_at = time.monotonic()
+
+        for n in range(3):  # into the gap: no session may be open to hear them
+            question = f"discord gap question {n}"
+            message = await discord.user_message(fd.GENERAL, question, mention_bot=True)
+            gap[str(message["id"])] = question
+            await asyncio.sleep(0.05)
+
+        successor = await wait_for_gateway(http, discord, group, timeout=15)
+        took = time.monotonic() - killed_at
+        assert successor is not leader
+        for n in range(8):
+            question = f"discord later question {n}"
+            message = await discord.user_message(fd.GENERAL, question, mention_bot=True)
+            counted[str(message["id"])] = question
+            await asyncio.sleep(0.05)
+
+        await until(
+            lambda: all(discord_answered_once(discord, mid, q) for mid, q in counted.items()) and settled(redis_url, redis_prefix),
+            "every heard question answered",
+            timeout=40,
+            logs=lambda: all_logs(group),
+        )
+        for replica in group:
+            if replica.alive:
+                await replica.bridge.terminate()
+
+    assert took < 5, f"the gateway took {took:.1f} s to come back with a 1 s lease"
+    for mid, question in {**counted, **gap}.items():
+        texts = [str(m.get("content") or "") for m in discord.bot_posts(int(mid))]
+        assert len(texts) <= 1, (question, texts)
+        if mid in counted:
+            assert answers_to(texts, question) == 1, (question, texts)
+    assert_within_budget(emulator)
