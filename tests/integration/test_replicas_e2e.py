@@ -509,3 +509,55 @@ async def test_discord_three_replicas_one_gateway_a_killed_leader_is_replaced_an
         if mid in counted:
             assert answers_to(texts, question) == 1, (question, texts)
     assert_within_budget(emulator)
+
+
+# --- a rolling restart ---------------------------------------------------------------------------
+
+
+async def test_slack_http_rolling_restart_of_three_replicas_loses_nothing_and_doubles_nothing(
+    emulator: Emulator, slack: FakeSlack, replicas: Callable[..., list[Replica]], redis_url: str, redis_prefix: str
+) -> None:
+    group = replicas(emulator, slack=slack, http=True)
+    questions: list[SlackEvent] = []
+    async with httpx.AsyncClient() as http:
+        await start_all(http, group)
+        done = asyncio.Event()
+
+        async def keep_asking() -> None:
+            sends = []
+            n = 0
+            while not done.is_set():
+                event = new_question(slack, n)
+                questions.append(event)
+                order = group[n % REPLICAS:] + group[: n % REPLICAS]
+                sends.append(asyncio.create_task(deliver_like_slack(http, order, event)))
+                n += 1
+                await asyncio.sleep(0.1)
+            await asyncio.gather(*sends)
+
+        asking = asyncio.create_task(keep_asking())
+        for replica in group:  # one at a time, as a deploy does: SIGTERM, clean exit, start, ready
+            await asyncio.sleep(0.3)
+            await replica.bridge.terminate()
+            await replica.bridge.start()
+            await wait_ready(http, [replica])
+        await asyncio.sleep(0.3)
+        done.set()
+        await asking
+
+        accepted = [e for e in questions if e.accepted]
+        assert len(accepted) == len(questions), f"{len(questions) - len(accepted)} questions never got a 200"
+        await until(
+            lambda: all(answered_once(slack, e) for e in accepted) and settled(redis_url, redis_prefix),
+            "every accepted question answered",
+            timeout=40,
+            logs=lambda: all_logs(group),
+        )
+        for replica in group:
+            await replica.bridge.terminate()
+
+    assert len(questions) >= 20
+    for event in questions:
+        texts = slack_texts(slack, event.ts)
+        assert len(texts) == 1 and answers_to(texts, event.question) == 1, (event.question, texts)
+    assert_within_budget(emulator)
