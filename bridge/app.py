@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Mapping
 from typing import TextIO
 
@@ -17,7 +18,7 @@ from bridge.clock import Clock, SystemClock
 from bridge.config import Settings
 from bridge.desk import AlertDesk
 from bridge.insitechat import InsiteChatClient, RetryPolicy
-from bridge.leader import RedisLease
+from bridge.leader import LEASE, RedisLease
 from bridge.limiter import SlidingWindowLimiter
 from bridge.outbox import Outbox
 from bridge.ports import Platform
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 GRACE = 6.0  # answers in flight may finish
 FINAL_PASS = 2.0  # then the outbox posts what is due
 PRUNE_EVERY = 3600.0
+# Tests only: multiplies every lease (chat jobs, conversation locks, outbox attempts, the
+# Discord gateway) so that a killed replica's work is taken over in seconds, not minutes.
+LEASE_SCALE_ENV = "INSITECHAT_BRIDGE_LEASE_SCALE"
 
 
 def build_clients(settings: Settings, clock: Clock, *, redis_url: str | None = None) -> dict[str, InsiteChatClient]:
@@ -97,6 +101,7 @@ class BridgeApp:
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
+        scale = float(os.environ.get(LEASE_SCALE_ENV) or 1.0)
         self.store = store or open_store(
             settings.state.sqlite,
             redis_url=settings.state.redis_url,
@@ -108,15 +113,26 @@ class BridgeApp:
         self.clients = build_clients(settings, self.clock, redis_url=settings.state.redis_url)
         self.desk = AlertDesk(settings, self.store, self.clock)
         self.outbox = Outbox(self.store, self.desk, self.clock)
+        if scale != 1.0:
+            from bridge.outbox import ATTEMPT_LEASE
+            from bridge.relay import JOB_LEASE
+            from bridge.store.redis import LOCK_LEASE
+
+            self.outbox.attempt_lease = ATTEMPT_LEASE * scale
+            if hasattr(self.store, "_lock_lease"):
+                self.store._lock_lease = LOCK_LEASE * scale
         self.desk.on_queued = self.outbox.wake
-        self.relay = Relay(settings, self.store, self.clients, self.outbox, clock=self.clock, desk=self.desk)
+        self.relay = Relay(
+            settings, self.store, self.clients, self.outbox, clock=self.clock, desk=self.desk,
+            **({"lease": JOB_LEASE * scale} if scale != 1.0 else {}),
+        )
         self.grace = grace
         # Several replicas: only the holder of this lease connects Discord's gateway (all post).
         # Started and released by this app; None: one replica, always on the gateway.
         if gateway_lease is None and settings.state.redis_url and settings.discord is not None:
             gateway_lease = RedisLease.from_url(
                 settings.state.redis_url, gateway_lease_key(settings.discord.token, settings.state.redis_prefix),
-                clock=self.clock,
+                clock=self.clock, lease=LEASE * scale,
             )
         self.gateway_lease = gateway_lease
         self.adapters: list[Adapter] = []

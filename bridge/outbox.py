@@ -48,6 +48,8 @@ class Outbox:
     by the relay and a pass of this worker never post the same item twice.
     """
 
+    attempt_lease = ATTEMPT_LEASE  # BridgeApp shortens it with INSITECHAT_BRIDGE_LEASE_SCALE (tests)
+
     def __init__(
         self,
         store: Store,
@@ -168,7 +170,7 @@ class Outbox:
             log.error("delivery to %s is waiting: %s is not configured", item.destination, platform)
             await self._store.outbox_retry(item.id, self._alert_backoff.cap, f"no {platform} connection", count=False)
             return DeliveryResult.RETRYING
-        taken = await self._store.outbox_take(item.id, lease=ATTEMPT_LEASE)
+        taken = await self._store.outbox_take(item.id, lease=self.attempt_lease)
         if taken is None:
             return DeliveryResult.SKIPPED
         try:

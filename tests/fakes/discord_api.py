@@ -179,6 +179,8 @@ class FakeDiscord:
         self.hangs: list[Hang] = []
         self._release = asyncio.Event()  # set: every held answer goes out
         self.identifies: list[dict[str, Any]] = []
+        # (session id, event name, payload id) of every DISPATCH written to a gateway socket.
+        self.dispatched: list[tuple[str, str, str]] = []
         self.resumes: list[dict[str, Any]] = []
         self.commands: list[dict[str, Any]] = []
         self.messages: dict[int, dict[str, Any]] = {}
@@ -509,6 +511,7 @@ class FakeDiscord:
             data = self._as_seen(conn.session, data)
         conn.session.seq += 1
         await conn.ws.send_str(json.dumps({"op": 0, "t": event, "s": conn.session.seq, "d": data}))
+        self.dispatched.append((conn.session.id, event, str(data.get("id", "")) if isinstance(data, dict) else ""))
 
     def _as_seen(self, session: _Session, data: dict[str, Any]) -> dict[str, Any]:
         """Discord withholds content from bots without the intent unless they are mentioned."""

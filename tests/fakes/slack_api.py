@@ -120,6 +120,9 @@ class Envelope:
     envelope_id: str
     acked: asyncio.Event = field(default_factory=asyncio.Event)
     ack: dict[str, Any] | None = None
+    socket: int = -1  # which connection it went to: an index into FakeSlack.connections
+    body: dict[str, Any] = field(default_factory=dict)
+    retry_attempt: int = 0
 
 
 class FakeSlack:
@@ -148,7 +151,12 @@ class FakeSlack:
         self.hangs: list[SlackHang] = []
         self.silent = False  # the socket neither answers pings nor greets new connections
         self.history_page = 100  # messages per conversations.history/replies page at most
-        self.sockets: list[web.WebSocketResponse] = []
+        self.sockets: list[web.WebSocketResponse] = []  # open Socket Mode connections
+        self.connections: list[web.WebSocketResponse] = []  # every one ever opened, in order
+        # Several connections (replicas): False sends every envelope to the newest one; True
+        # spreads them round-robin, each to one connection, as Slack does.
+        self.round_robin = False
+        self._turn = 0
         self.envelopes: dict[str, Envelope] = {}
         self.url = ""
         self._last_ts = 0.0
@@ -263,10 +271,15 @@ class FakeSlack:
         kind: str = "events_api",
         retry_attempt: int = 0,
         retry_reason: str = "",
+        avoid: web.WebSocketResponse | None = None,
     ) -> Envelope:
-        """Push one Socket Mode envelope to the connected client; returns it (wait on .acked)."""
+        """Push one Socket Mode envelope to one connected client; returns it (wait on .acked).
+
+        With `round_robin`, connections take turns; `avoid` skips that connection when
+        another is open (a retry goes elsewhere, as Slack's may).
+        """
         await self.wait_for(lambda: self.sockets, timeout=5)
-        envelope = Envelope(str(uuid.uuid4()))
+        envelope = Envelope(str(uuid.uuid4()), body=body, retry_attempt=retry_attempt)
         self.envelopes[envelope.envelope_id] = envelope
         message: dict[str, Any] = {
             "envelope_id": envelope.envelope_id,
@@ -277,8 +290,27 @@ class FakeSlack:
         if kind == "events_api":
             message["retry_attempt"] = retry_attempt
             message["retry_reason"] = retry_reason
-        await self.sockets[-1].send_str(json.dumps(message))
+        ws = self._pick_socket(avoid)
+        envelope.socket = self.connections.index(ws)
+        await ws.send_str(json.dumps(message))
         return envelope
+
+    async def retry_envelope(self, envelope: Envelope, *, reason: str = "timeout") -> Envelope:
+        """Slack's retry of an envelope that was not acked in time: a new envelope, the same
+        payload, `retry_attempt` one higher, to another connection when there is one."""
+        avoid = self.connections[envelope.socket] if envelope.socket >= 0 else None
+        return await self.send_envelope(
+            envelope.body, retry_attempt=envelope.retry_attempt + 1, retry_reason=reason, avoid=avoid
+        )
+
+    def _pick_socket(self, avoid: web.WebSocketResponse | None) -> web.WebSocketResponse:
+        open_sockets = [ws for ws in self.sockets if not ws.closed] or list(self.sockets)
+        if not self.round_robin:
+            candidates = [ws for ws in open_sockets if ws is not avoid] or open_sockets
+            return candidates[-1]
+        candidates = [ws for ws in open_sockets if ws is not avoid] or open_sockets
+        self._turn += 1
+        return candidates[self._turn % len(candidates)]
 
     # --- server ------------------------------------------------------------------------------
 
@@ -514,6 +546,7 @@ class FakeSlack:
         ws = web.WebSocketResponse(timeout=1, autoping=False)
         await ws.prepare(request)
         self.sockets.append(ws)
+        self.connections.append(ws)
         if not self.silent:
             await ws.send_str(json.dumps({"type": "hello", "num_connections": 1, "connection_info": {"app_id": "A0TEST"}}))
         self._notify()
