@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import TextIO
 
 from aiohttp import web
@@ -20,10 +21,10 @@ from bridge.desk import AlertDesk
 from bridge.insitechat import InsiteChatClient, RetryPolicy
 from bridge.leader import LEASE, RedisLease
 from bridge.limiter import SlidingWindowLimiter
-from bridge.outbox import Outbox
+from bridge.outbox import ATTEMPT_LEASE, Outbox
 from bridge.ports import Platform
-from bridge.relay import Relay
-from bridge.store import Store, StoreError, open_store
+from bridge.relay import JOB_LEASE, Relay
+from bridge.store import LOCK_LEASE, Store, StoreError, open_store
 from bridge.supervisor import Supervisor
 from bridge.webhooks import WebhookReceiver
 
@@ -33,9 +34,25 @@ log = logging.getLogger(__name__)
 GRACE = 6.0  # answers in flight may finish
 FINAL_PASS = 2.0  # then the outbox posts what is due
 PRUNE_EVERY = 3600.0
-# Tests only: multiplies every lease (chat jobs, conversation locks, outbox attempts, the
-# Discord gateway) so that a killed replica's work is taken over in seconds, not minutes.
+# Tests only: multiplies every lease, so that a killed replica's work is taken over in
+# seconds, not minutes (the subprocess replica tests).
 LEASE_SCALE_ENV = "INSITECHAT_BRIDGE_LEASE_SCALE"
+
+
+@dataclass(frozen=True)
+class Leases:
+    """How long a replica's work stays its own after it stopped renewing: then another takes it over."""
+
+    job: float = JOB_LEASE
+    conversation_lock: float = LOCK_LEASE
+    delivery_attempt: float = ATTEMPT_LEASE
+    discord_gateway: float = LEASE
+
+    @classmethod
+    def from_env(cls) -> Leases:
+        scale = float(os.environ.get(LEASE_SCALE_ENV) or 1.0)
+        defaults = cls()
+        return cls(*(scale * getattr(defaults, f.name) for f in fields(cls)))
 
 
 def build_clients(settings: Settings, clock: Clock, *, redis_url: str | None = None) -> dict[str, InsiteChatClient]:
@@ -98,33 +115,26 @@ class BridgeApp:
         console_commands: Mapping[str, ConsoleCommand] | None = None,
         grace: float = GRACE,
         gateway_lease: RedisLease | None = None,
+        leases: Leases | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
-        scale = float(os.environ.get(LEASE_SCALE_ENV) or 1.0)
+        leases = leases or Leases.from_env()
         self.store = store or open_store(
             settings.state.sqlite,
             redis_url=settings.state.redis_url,
             redis_prefix=settings.state.redis_prefix,
             clock=self.clock,
             keep_text=settings.state.keep_text_hours * 3600,
+            lock_lease=leases.conversation_lock,
         )
         # Several replicas share one Redis: its InsiteChat budget per key, and one Discord gateway.
         self.clients = build_clients(settings, self.clock, redis_url=settings.state.redis_url)
         self.desk = AlertDesk(settings, self.store, self.clock)
-        self.outbox = Outbox(self.store, self.desk, self.clock)
-        if scale != 1.0:
-            from bridge.outbox import ATTEMPT_LEASE
-            from bridge.relay import JOB_LEASE
-            from bridge.store.redis import LOCK_LEASE
-
-            self.outbox.attempt_lease = ATTEMPT_LEASE * scale
-            if hasattr(self.store, "_lock_lease"):
-                self.store._lock_lease = LOCK_LEASE * scale
+        self.outbox = Outbox(self.store, self.desk, self.clock, attempt_lease=leases.delivery_attempt)
         self.desk.on_queued = self.outbox.wake
         self.relay = Relay(
-            settings, self.store, self.clients, self.outbox, clock=self.clock, desk=self.desk,
-            **({"lease": JOB_LEASE * scale} if scale != 1.0 else {}),
+            settings, self.store, self.clients, self.outbox, clock=self.clock, desk=self.desk, lease=leases.job
         )
         self.grace = grace
         # Several replicas: only the holder of this lease connects Discord's gateway (all post).
@@ -132,7 +142,7 @@ class BridgeApp:
         if gateway_lease is None and settings.state.redis_url and settings.discord is not None:
             gateway_lease = RedisLease.from_url(
                 settings.state.redis_url, gateway_lease_key(settings.discord.token, settings.state.redis_prefix),
-                clock=self.clock, lease=LEASE * scale,
+                clock=self.clock, lease=leases.discord_gateway,
             )
         self.gateway_lease = gateway_lease
         self.adapters: list[Adapter] = []

@@ -48,8 +48,6 @@ class Outbox:
     by the relay and a pass of this worker never post the same item twice.
     """
 
-    attempt_lease = ATTEMPT_LEASE  # BridgeApp shortens it with INSITECHAT_BRIDGE_LEASE_SCALE (tests)
-
     def __init__(
         self,
         store: Store,
@@ -60,6 +58,7 @@ class Outbox:
         chat_backoff: Backoff = CHAT_BACKOFF,
         alert_backoff: Backoff = ALERT_BACKOFF,
         jitter: Callable[[], float] = random.random,
+        attempt_lease: float = ATTEMPT_LEASE,
     ) -> None:
         self._store = store
         self._desk = desk
@@ -69,6 +68,7 @@ class Outbox:
         self._chat_backoff = chat_backoff
         self._alert_backoff = alert_backoff
         self._jitter = jitter
+        self._attempt_lease = attempt_lease
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # One pass at a time: a pass pushes later items of a failing destination back.
@@ -170,7 +170,7 @@ class Outbox:
             log.error("delivery to %s is waiting: %s is not configured", item.destination, platform)
             await self._store.outbox_retry(item.id, self._alert_backoff.cap, f"no {platform} connection", count=False)
             return DeliveryResult.RETRYING
-        taken = await self._store.outbox_take(item.id, lease=self.attempt_lease)
+        taken = await self._store.outbox_take(item.id, lease=self._attempt_lease)
         if taken is None:
             return DeliveryResult.SKIPPED
         try:

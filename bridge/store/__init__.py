@@ -17,6 +17,7 @@ from bridge.store.protocols import (
 )
 from bridge.store.records import (
     DAY,
+    LOCK_LEASE,
     ChatJob,
     JobState,
     NewDelivery,
@@ -29,6 +30,7 @@ from bridge.store.sqlite import SQLiteStore
 
 __all__ = [
     "DAY",
+    "LOCK_LEASE",
     "ChatJob",
     "ChatJobs",
     "ConversationLocks",
@@ -56,11 +58,12 @@ def open_store(
     redis_prefix: str = "icb:",
     clock: Clock | None = None,
     keep_text: float = DAY,
+    lock_lease: float = LOCK_LEASE,
 ) -> Store:
     """The store the config asks for: Redis when it names one (it connects on first use), else the SQLite file."""
     if redis_url is not None:
         # Imported here: a bridge on SQLite never loads the Redis client.
         from bridge.store.redis import RedisStore
 
-        return RedisStore(redis_url, prefix=redis_prefix, clock=clock, keep_text=keep_text)
+        return RedisStore(redis_url, prefix=redis_prefix, clock=clock, keep_text=keep_text, lock_lease=lock_lease)
     return SQLiteStore(sqlite_path, clock=clock, keep_text=keep_text)

@@ -10,6 +10,7 @@ from typing import Any
 from bridge.messages import Conversation, Inbound
 
 DAY = 86_400.0
+LOCK_LEASE = 30.0  # a conversation lock's lease across replicas; renewed every third of it while held
 
 
 class JobState(str, enum.Enum):

@@ -45,6 +45,7 @@ from bridge.store.locks import LocalLocks
 from bridge.store.protocols import StoreError
 from bridge.store.records import (
     DAY,
+    LOCK_LEASE,
     ChatJob,
     JobState,
     NewDelivery,
@@ -67,7 +68,6 @@ DELIVERED_KEPT = 7 * DAY  # as in SQLite: finished jobs' identities and delivere
 TTL_MARGIN = 3 * 3600.0
 # Shorter than the job lease (60 s): a job taken over from a dead replica finds its
 # conversation free by then. The holder renews every third of it.
-LOCK_LEASE = 30.0
 LOCK_POLL = 0.1  # a waiter tries again after about this long (jittered, so waiters do not march in step)
 TIMEOUT = 5.0  # connect and each command: a Redis that does not answer is a StoreError, not a hang
 PRUNE_BATCH = 500  # ids per prune script, so one prune never blocks Redis for long
