@@ -328,16 +328,15 @@ class BridgeApp:
         parts: dict[str, str] = {}
         parts["state"] = "ok" if await self.store.ping() else "the state store does not answer"
         for name, client in self.clients.items():
-            state = client.circuit_state()
             parts[f"insitechat:{name}"] = {
                 "open": "InsiteChat is failing: circuit open",
                 "quota": "InsiteChat monthly quota exhausted",
-            }.get(state, "ok")
+            }.get(client.circuit_state(), "ok")
         for adapter in self.adapters:
             supervisor = self.supervisors.get(adapter.name)
-            state = supervisor.readiness() if supervisor is not None else None
-            if state is not None:  # connecting, refused: the supervisor knows why
-                parts[adapter.name] = state
+            connecting = supervisor.readiness() if supervisor is not None else None
+            if connecting is not None:  # connecting, refused: the supervisor knows why
+                parts[adapter.name] = connecting
                 continue
             check = getattr(adapter, "readiness", None)
             if check is not None:
