@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,71 +18,28 @@ import respx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-pytest.importorskip("redis", reason="the redis package is not installed (pip install redis)")
 
-from redis.asyncio import Redis  # noqa: E402
-from redis.asyncio.retry import Retry  # noqa: E402
-from redis.backoff import NoBackoff  # noqa: E402
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
-from bridge.app import build_clients  # noqa: E402
-from bridge.budget import RedisWindow, key_base  # noqa: E402
-from bridge.clock import ManualClock  # noqa: E402
-from bridge.emulator import SANDBOX_KEY, Emulator  # noqa: E402
-from bridge.insitechat import InsiteChatClient, Unavailable  # noqa: E402
-from bridge.limiter import SlidingWindowLimiter  # noqa: E402
-from bridge.relay import NOTICES, Outcome  # noqa: E402
-from bridge.store import SQLiteStore, StoreError  # noqa: E402
-from tests.integration.test_relay import Harness, chat_calls, msg, settings_for  # noqa: E402
-from tests.unit.test_limiter import window_violations  # noqa: E402
+from bridge.app import build_clients
+from bridge.budget import RedisWindow, key_base
+from bridge.clock import ManualClock
+from bridge.emulator import SANDBOX_KEY, Emulator
+from bridge.insitechat import InsiteChatClient, Unavailable
+from bridge.limiter import SlidingWindowLimiter
+from bridge.relay import NOTICES, Outcome
+from bridge.store import SQLiteStore, StoreError
+from tests.conftest import free_port
+from tests.integration.test_relay import Harness, chat_calls, msg, settings_for
+from tests.unit.test_limiter import window_violations
 
 START = 1_000_000.0  # with ManualClock's epoch offset, wall times stay exact in binary fractions
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "ic_test_budget_key_0123456789abcdefghijklmnopqr"
 
-# --- a Redis of our own (the shared fixture lives in tests/conftest.py on another branch) ---
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _pong(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    """REDIS_URL when set, else a redis-server started for this module (nothing on disk)."""
-    url = os.environ.get("REDIS_URL")
-    if url:
-        yield url
-        return
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("no REDIS_URL and no redis-server on PATH")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 5.0
-        while not _pong(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.skip(f"redis-server did not answer PING on port {port}")
-            time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.kill()
-        proc.wait()
+# --- Redis: the session's server from tests/conftest.py (`redis_url`) ----------------------
 
 
 def new_prefix() -> str:
@@ -379,7 +333,7 @@ async def test_the_redis_keys_hold_a_hash_of_the_api_key_never_the_key(redis_url
 
 async def test_redis_down_is_unavailable_to_the_user_and_nothing_is_sent(prefix: str) -> None:
     clock = ManualClock(START, autojump=True)
-    shared = RedisWindow.from_url(f"redis://127.0.0.1:{_free_port()}/0", KEY, 5, 60.0, clock=clock, prefix=prefix)
+    shared = RedisWindow.from_url(f"redis://127.0.0.1:{free_port()}/0", KEY, 5, 60.0, clock=clock, prefix=prefix)
     limiter = SlidingWindowLimiter(5, 60.0, clock=clock, shared=shared)
     # Everyone queued behind a failing head fails too, at once, not one socket timeout each.
     queued = [asyncio.create_task(limiter.acquire(f"lane{i}")) for i in range(5)]
@@ -425,7 +379,7 @@ async def test_a_redis_that_hangs_costs_the_queue_one_timeout_not_one_each(prefi
 async def test_through_the_relay_redis_down_is_the_unavailable_notice(emulator: Emulator, tmp_path: Path) -> None:
     settings = settings_for(emulator.base_url)
     clock = ManualClock(START, autojump=True)
-    clients = build_clients(settings, clock, redis_url=f"redis://127.0.0.1:{_free_port()}/0")
+    clients = build_clients(settings, clock, redis_url=f"redis://127.0.0.1:{free_port()}/0")
     h = Harness(settings, SQLiteStore(tmp_path / "s.db"), clock=clock, clients=clients)
     try:
         assert await h.relay.handle(msg("anyone there?", channel="D1", is_dm=True)) is Outcome.NOTICE
