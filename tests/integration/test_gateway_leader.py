@@ -6,7 +6,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -17,16 +16,17 @@ from typing import Any
 import aiohttp
 import pytest
 
-redis_asyncio = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install redis)")
+import redis.asyncio as redis_asyncio
 
-from adapters.discord_bot import DiscordAdapter, DiscordRefused  # noqa: E402
-from bridge import config  # noqa: E402
-from bridge.app import BridgeApp  # noqa: E402
-from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator  # noqa: E402
-from bridge.leader import RedisLease  # noqa: E402
-from bridge.messages import Conversation, Delivery, Inbound, Outbound  # noqa: E402
-from tests.fakes import discord_api as fd  # noqa: E402
-from tests.fakes.discord_api import FakeDiscord  # noqa: E402
+from adapters.discord_bot import DiscordAdapter, DiscordRefused
+from bridge import config
+from bridge.app import BridgeApp
+from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
+from bridge.leader import RedisLease
+from bridge.messages import Conversation, Delivery, Inbound, Outbound
+from tests.conftest import _answers_ping, _no_redis, free_port
+from tests.fakes import discord_api as fd
+from tests.fakes.discord_api import FakeDiscord
 
 LEASE = 0.6  # seconds: short, so an expiry is seen quickly
 GATEWAY_LEASE = 1.0  # the adapters' lease: a takeover within it, one standby poll and an IDENTIFY
@@ -36,39 +36,24 @@ BOT = "0a1b2c3d-4e5f-6789-abcd-ef0123456789"
 # --- Redis: REDIS_URL when set, else a redis-server of our own ---------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 class RedisServer:
     """redis-server on a free loopback port, nothing on disk; stopped by its PID."""
 
     def __init__(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            pytest.skip("no REDIS_URL and no redis-server on PATH")
-        self.port = _free_port()
+            _no_redis("no redis-server on PATH for the gateway lease tests (they pause their own server)")
+        self.port = free_port()
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 5
-        while not _ping(self.port):
+        while not _answers_ping(self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                pytest.skip("redis-server did not answer PING within 5 s")
+                _no_redis("redis-server did not answer PING within 5 s")
             time.sleep(0.02)
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
@@ -243,7 +228,7 @@ async def test_the_holder_steps_down_when_redis_stops_answering() -> None:
 
 
 async def test_a_replica_starts_as_a_standby_while_redis_is_unreachable() -> None:
-    client = redis_asyncio.Redis.from_url(f"redis://127.0.0.1:{_free_port()}/0")  # nobody listens there
+    client = redis_asyncio.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")  # nobody listens there
     lease = RedisLease(client, "test-bridge:nowhere", name="host-a:1", lease=1.0)
     try:
         await lease.start()
@@ -410,7 +395,7 @@ async def test_a_slash_command_taken_before_the_lease_moved_on_is_answered_by_it
 
 
 async def test_a_standby_without_redis_still_posts_and_says_why_it_is_not_on_the_gateway(fake: FakeDiscord) -> None:
-    client = redis_asyncio.Redis.from_url(f"redis://127.0.0.1:{_free_port()}/0")  # nobody listens there
+    client = redis_asyncio.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")  # nobody listens there
     lease = RedisLease(client, "test-bridge:nowhere", name="host-a:1", lease=GATEWAY_LEASE)
     adapter = DiscordAdapter(settings(), lambda inbound: asyncio.sleep(0), leadership=lease)
     try:
