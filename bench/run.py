@@ -1,4 +1,4 @@
-"""Run the benchmarks and print the tables: `python -m bench.run [--quick] [--only PARTS] [--json FILE]`."""
+"""Run the benchmarks and print the tables: `python -m bench.run [--quick] [--only PARTS] [--json FILE] [--before REV]`."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from bench import relay, webhooks
+from bench import durability, relay, webhooks
 from bench.common import machine_facts, ms
 from bench.relay import FULL, QUICK, Sizes
 
-PARTS = ("relay", "baseline", "ratelimit", "webhooks", "memory")
+PARTS = ("relay", "baseline", "ratelimit", "webhooks", "memory", "durability")
 THROUGHPUT_BAR = 0.90  # our reading of "limited only by upstream latency": at least 90% of concurrency / latency
 P99_BARS = {50: 0.010, 500: 0.050}  # seconds of p99 overhead, by concurrency (issue 7)
+DURABILITY_P50_BAR = 0.001  # seconds: what durable chat jobs may add to the p50 overhead of an answer
+PLATFORM_NAMES = {"slack": "slack (Socket Mode)", "discord": "discord"}
 
 
 def _pct(x: float) -> str:
@@ -171,10 +173,95 @@ def memory_table(r: dict[str, Any]) -> str:
     ])
 
 
+def _signed(seconds: float) -> str:
+    return "n/a" if math.isnan(seconds) else f"{seconds * 1000:+.2f}"
+
+
+def _load(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
+def _durability_row(platform: str, label: str, r: dict[str, Any]) -> str:
+    per_round = ", ".join(ms(p) for p in r["round_p50"])
+    ack = ms(r["ack_p99"]) if platform == "slack" else "-"
+    errors = f" ({r['errors']} ERROR lines)" if r["errors"] else ""
+    return (
+        f"| {PLATFORM_NAMES[platform]} | {label} | {r['answered']} ({r['lost']}){errors} "
+        f"| {ms(r['overhead_p50'])} / {ms(r['overhead_p99'])} | {per_round} "
+        f"| {ms(r['inbound_p50'])} / {ms(r['outbound_p50'])} | {ack} | {r['cpu_per_answer'] * 1000:.2f} "
+        f"| {_cpu(r)} | {_load(r['load'])} | |"
+    )
+
+
+def _durability_delta(platform: str, before: dict[str, Any], after: dict[str, Any]) -> str:
+    grew = after["overhead_p50"] - before["overhead_p50"]
+    misses = [] if grew < DURABILITY_P50_BAR else [f"p50 {_signed(grew)} ms >= +{DURABILITY_P50_BAR * 1000:.0f}"]
+    if before["lost"] or after["lost"]:
+        misses.append(f"{before['lost'] + after['lost']} unanswered")
+    ack = _signed(after["ack_p99"] - before["ack_p99"]) if platform == "slack" else "-"
+    return (
+        f"| {PLATFORM_NAMES[platform]} | **after - before** | | {_signed(grew)} / {_signed(after['overhead_p99'] - before['overhead_p99'])} "
+        f"| | {_signed(after['inbound_p50'] - before['inbound_p50'])} / {_signed(after['outbound_p50'] - before['outbound_p50'])} "
+        f"| {ack} | {(after['cpu_per_answer'] - before['cpu_per_answer']) * 1000:+.2f} | | | {_verdict(misses)} |"
+    )
+
+
+def durability_table(result: dict[str, Any]) -> str:
+    platforms = result["platforms"]
+    rounds = next(iter(platforms.values()))["timed"]["before"]["rounds"]
+    out = [
+        (f"Before: `{result['before']}`. After: `{result['after']}`. {result['concurrency']} concurrent "
+         f"conversations, upstream latency {result['latency'] * 1000:.0f} ms, limits raised as in (1). {rounds} "
+         f"round{'s' if rounds != 1 else ''} per tree, a fresh bridge process each, in the order before, after, after, "
+         "before, ...; percentiles pool every round's answers. Load = the machine's 1-minute load average at the end "
+         "of each round."),
+        "",
+        ("| platform | code | answered (lost) | overhead p50 / p99 ms | p50 per round ms "
+         "| event->upstream / answer->post p50 ms | Slack ack p99 ms | bridge CPU ms per answer "
+         "| CPU bridge / harness / other | load | bar |"),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for platform, part in platforms.items():
+        before, after = part["timed"]["before"], part["timed"]["after"]
+        out += [_durability_row(platform, "before", before), _durability_row(platform, "after", after)]
+        out.append(_durability_delta(platform, before, after))
+    out += [
+        "",
+        ("Store statements per answer, from a separate round per tree with every SQL statement traced (no timing "
+         "taken from it). Writes = statements that changed a row; commits = transactions that changed a row "
+         "(a write outside BEGIN...COMMIT is one)."),
+        "",
+        "| platform | code | answers counted | statements | writes | commits | empty transactions |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for platform, part in platforms.items():
+        for label in ("before", "after"):
+            c = part["store"][label]
+            out.append(
+                f"| {PLATFORM_NAMES[platform]} | {label} | {c['answers']} | {c['statements']:.2f} | {c['writes']:.2f} "
+                f"| {c['commits']:.2f} | {c['empty_transactions']:.2f} |"
+            )
+    columns = [(p, label) for p in platforms for label in ("before", "after")]
+    kinds = sorted({k for p, label in columns for k in platforms[p]["store"][label]["kinds"]})
+    out += [
+        "",
+        "Writes per answer, by statement:",
+        "",
+        "| statement | " + " | ".join(f"{p} {label}" for p, label in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for kind in kinds:
+        cells = [platforms[p]["store"][label]["kinds"].get(kind, 0.0) for p, label in columns]
+        out.append(f"| `{kind}` | " + " | ".join(f"{c:.2f}" if c else "-" for c in cells) + " |")
+    return "\n".join(out)
+
+
 # --- running --------------------------------------------------------------------------------------
 
 
-async def run(parts: list[str], sizes: Sizes, mode: str) -> tuple[str, dict[str, Any]]:
+async def run(
+    parts: list[str], sizes: Sizes, mode: str, *, before: str = durability.BEFORE, after: str | None = None
+) -> tuple[str, dict[str, Any]]:
     results: dict[str, Any] = {"mode": mode, "machine": machine_facts(), "sizes": sizes.__dict__ | {"duration": {str(k): v for k, v in sizes.duration.items()}}}
     started = time.monotonic()
 
@@ -198,6 +285,8 @@ async def run(parts: list[str], sizes: Sizes, mode: str) -> tuple[str, dict[str,
         await step("webhooks", lambda: webhooks.webhook_intake(sizes.wh_count, sizes.wh_concurrency))
     if "memory" in parts:
         await step("memory", lambda: relay.memory(sizes))
+    if "durability" in parts:
+        await step("durability", lambda: durability.durability_cost(sizes, before=before, after=after))
     results["elapsed_s"] = time.monotonic() - started
     return render(results, sizes), results
 
@@ -220,6 +309,8 @@ def render(results: dict[str, Any], sizes: Sizes) -> str:
         out += ["", "#### 4. Webhook intake", "", webhook_table(results["webhooks"])]
     if "memory" in results:
         out += ["", "#### 5. Memory", "", memory_table(results["memory"])]
+    if "durability" in results:
+        out += ["", "#### 6. Cost of durability", "", durability_table(results["durability"])]
     return "\n".join(out)
 
 
@@ -228,13 +319,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes (about a minute): checks the harness, not the bars")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {','.join(PARTS)}")
     parser.add_argument("--json", metavar="FILE", help="also write every number to FILE")
+    parser.add_argument(
+        "--before", default=durability.BEFORE, metavar="REV",
+        help=f"durability: the revision before durable chat jobs ({durability.BEFORE}), checked out in a temporary worktree",
+    )
+    parser.add_argument("--after", metavar="REV", help="durability: the revision after (default: this checkout as it is)")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         parser.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     sizes, mode = (QUICK, "quick") if args.quick else (FULL, "full")
-    table, results = asyncio.run(run(parts, sizes, mode))
+    table, results = asyncio.run(run(parts, sizes, mode, before=args.before, after=args.after))
     print(table)
     if args.json:
         with open(args.json, "w") as f:
