@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT
+from bench.common import ROOT, Child
 from bench.harness import DiscordSender, Harness, Level, Sender, SocketSender, burst, closed_loop, harness
 from bench.relay import UNLIMITED, Sizes
 
@@ -79,7 +79,7 @@ def describe(revision: str | None) -> str:
     return _git("log", "-1", "--format=%h %s", "HEAD") + (" (with uncommitted changes)" if dirty else "")
 
 
-# --- one bridge process per round ------------------------------------------------------------------
+# --- the bridges and their load -------------------------------------------------------------------
 
 
 def _sender(h: Harness, platform: str) -> Sender:
@@ -90,34 +90,48 @@ def _progress(text: str) -> None:
     print(f"           {text}", file=sys.stderr, flush=True)
 
 
-async def _timed_round(platform: str, code: Code, sizes: Sizes, index: int) -> tuple[Level, int]:
-    """A fresh bridge from `code`'s tree, warmed up, then the closed loop; the level and its ERROR lines."""
-    async with harness(latency=sizes.latency, discord=platform == "discord") as h:
-        bridge = h.bridge(
-            f"{code.label}-{platform}-{index}", platforms=(platform,), slack_mode="socket", source=code.source, **UNLIMITED
-        )
-        await bridge.start()
-        sender = _sender(h, platform)
-        await burst(sender, ["C0WARM"] * sizes.warmup)
-        level = await closed_loop(
-            sender, concurrency=sizes.dur_concurrency, duration=sizes.dur_duration, latency=sizes.latency, pid=bridge.pid
-        )
-        level.cpu["load"] = os.getloadavg()[0]
-        h.mark_upstream(level.samples)
-        return level, bridge.log_count(" ERROR ")
+async def _start(h: Harness, platform: str, code: Code, sizes: Sizes, *, trace: Path | None = None) -> tuple[Child, Sender]:
+    """A bridge from `code`'s tree on `h`'s fakes, Slack over Socket Mode, warmed up."""
+    name = f"{code.label}-{platform}" + ("-traced" if trace else "")
+    bridge = h.bridge(name, platforms=(platform,), slack_mode="socket", source=code.source, trace=trace, **UNLIMITED)
+    await bridge.start()
+    sender = _sender(h, platform)
+    await burst(sender, ["C0WARM"] * sizes.warmup)
+    return bridge, sender
+
+
+async def _timed(platform: str, codes: tuple[Code, Code], sizes: Sizes) -> dict[str, list[tuple[Level, int]]]:
+    """Both bridges up at once, each on its own fakes; the load goes to one at a time, in alternating slices.
+
+    Slices a few seconds apart see about the same machine: what else runs on it changes
+    slowly next to that, so each before/after pair is compared under the same conditions.
+    """
+    slices: dict[str, list[tuple[Level, int]]] = {code.label: [] for code in codes}
+    discord = platform == "discord"
+    async with harness(latency=sizes.latency, discord=discord) as h0, harness(latency=sizes.latency, discord=discord) as h1:
+        started = {code.label: (h, *await _start(h, platform, code, sizes)) for h, code in zip((h0, h1), codes)}
+        for index in range(sizes.dur_pairs):
+            for code in codes if index % 2 == 0 else codes[::-1]:
+                h, bridge, sender = started[code.label]
+                level = await closed_loop(
+                    sender, concurrency=sizes.dur_concurrency, duration=sizes.dur_slice, latency=sizes.latency,
+                    pid=bridge.pid,
+                )
+                level.cpu["load"] = os.getloadavg()[0]
+                h.mark_upstream(level.samples)
+                slices[code.label].append((level, bridge.log_count(" ERROR ")))
+            _progress(
+                f"{platform} pair {index + 1}: p50 before {slices['before'][-1][0].overhead(50) * 1000:.1f} ms, "
+                f"after {slices['after'][-1][0].overhead(50) * 1000:.1f} ms, load {os.getloadavg()[0]:.2f}"
+            )
+    return slices
 
 
 async def _count_round(platform: str, code: Code, sizes: Sizes) -> dict[str, Any]:
     """The same load with every SQL statement traced (no timing taken): statements inside the loop per answer."""
     async with harness(latency=sizes.latency, discord=platform == "discord") as h:
-        name = f"{code.label}-{platform}-count"
-        trace = h.tmp / f"{name}.trace.json"
-        bridge = h.bridge(
-            name, platforms=(platform,), slack_mode="socket", source=code.source, trace=trace, **UNLIMITED
-        )
-        await bridge.start()
-        sender = _sender(h, platform)
-        await burst(sender, ["C0WARM"] * sizes.warmup)
+        trace = h.tmp / "statements.json"
+        bridge, sender = await _start(h, platform, code, sizes, trace=trace)
         await asyncio.sleep(SETTLE)
         since = time.monotonic()
         level = await closed_loop(
@@ -126,9 +140,9 @@ async def _count_round(platform: str, code: Code, sizes: Sizes) -> dict[str, Any
         await asyncio.sleep(SETTLE)
         until = time.monotonic()
         if await bridge.stop() != 0:
-            raise RuntimeError(f"{name} did not exit cleanly:\n{bridge.log_tail()}")
+            raise RuntimeError(f"{bridge.name} did not exit cleanly:\n{bridge.log_tail()}")
         events = json.loads(trace.read_text())
-        tables = state_tables(h.tmp / name / "state.db")
+        tables = state_tables(h.tmp / bridge.name / "state.db")
     cost = store_cost(events, (since, until), len(level.answered))
     return cost | {"lost": level.lost, "tables": tables, "errors": bridge.log_count(" ERROR ")}
 
@@ -203,19 +217,19 @@ def state_tables(path: Path) -> dict[str, int]:
         db.close()
 
 
-# --- pooling the rounds ------------------------------------------------------------------------------
+# --- pooling the slices ------------------------------------------------------------------------------
 
 
 def pooled(levels: list[tuple[Level, int]]) -> dict[str, Any]:
-    """Every round's answers as one distribution; CPU and load per round as their mean and range."""
-    rounds = [level for level, _ in levels]
-    pool = Level(rounds[0].concurrency, rounds[0].latency, [s for r in rounds for s in r.samples], rounds[0].window)
+    """Every slice's answers as one distribution; each slice's p50, CPU and load beside it."""
+    slices = [level for level, _ in levels]
+    pool = Level(slices[0].concurrency, slices[0].latency, [s for r in slices for s in r.samples], slices[0].window)
 
     def mean(values: list[float]) -> float:
         return sum(values) / len(values)
 
     return {
-        "rounds": len(rounds),
+        "slices": len(slices),
         "answered": len(pool.answered),
         "lost": pool.lost,
         "overhead_p50": pool.overhead(50),
@@ -223,14 +237,15 @@ def pooled(levels: list[tuple[Level, int]]) -> dict[str, Any]:
         "inbound_p50": pool.inbound(50),
         "outbound_p50": pool.outbound(50),
         "ack_p99": pool.ack(99),
-        "round_p50": [r.overhead(50) for r in rounds],
-        "throughput": mean([r.throughput for r in rounds]),
-        "cpu_per_answer": mean([r.cpu["sut"] / r.throughput for r in rounds]),
-        "cpu_sut": mean([r.cpu["sut"] for r in rounds]),
-        "cpu_harness": mean([r.cpu["harness"] for r in rounds]),
-        "cpu_other": mean([r.cpu["other"] for r in rounds]),
-        "load": [r.cpu["load"] for r in rounds],
-        "errors": sum(errors for _, errors in levels),
+        "slice_p50": [r.overhead(50) for r in slices],
+        "slice_other": [r.cpu["other"] for r in slices],
+        "throughput": mean([r.throughput for r in slices]),
+        "cpu_per_answer": mean([r.cpu["sut"] / r.throughput for r in slices]),
+        "cpu_sut": mean([r.cpu["sut"] for r in slices]),
+        "cpu_harness": mean([r.cpu["harness"] for r in slices]),
+        "cpu_other": mean([r.cpu["other"] for r in slices]),
+        "load": [r.cpu["load"] for r in slices],
+        "errors": levels[-1][1],  # the process's ERROR lines so far, after its last slice
     }
 
 
@@ -240,21 +255,15 @@ def pooled(levels: list[tuple[Level, int]]) -> dict[str, Any]:
 async def durability_cost(
     sizes: Sizes, *, platforms: tuple[str, ...] = ("slack", "discord"), before: str = BEFORE, after: str | None = None
 ) -> dict[str, Any]:
-    """(6) Both trees, interleaved before/after, after/before, ... (a fresh process each), then a traced round each."""
-    result: dict[str, Any] = {"concurrency": sizes.dur_concurrency, "latency": sizes.latency, "platforms": {}}
+    """(6) Both trees side by side in alternating slices (before, after, after, before, ...), then a traced round each."""
+    result: dict[str, Any] = {
+        "concurrency": sizes.dur_concurrency, "latency": sizes.latency, "slice": sizes.dur_slice, "platforms": {},
+    }
     with _tree(before) as before_tree, _tree(after) as after_tree:
         codes = (Code("before", describe(before), before_tree), Code("after", describe(after), after_tree))
         result |= {"before": codes[0].revision, "after": codes[1].revision}
         for platform in platforms:
-            timed: dict[str, list[tuple[Level, int]]] = {code.label: [] for code in codes}
-            for index in range(sizes.dur_rounds):
-                for code in codes if index % 2 == 0 else codes[::-1]:
-                    level, errors = await _timed_round(platform, code, sizes, index)
-                    timed[code.label].append((level, errors))
-                    _progress(
-                        f"{platform} {code.label} round {index + 1}: p50 {level.overhead(50) * 1000:.1f} ms, "
-                        f"{len(level.answered)} answers, load {level.cpu['load']:.2f}"
-                    )
+            timed = await _timed(platform, codes, sizes)
             store = {code.label: await _count_round(platform, code, sizes) for code in codes}
-            result["platforms"][platform] = {"timed": {label: pooled(rounds) for label, rounds in timed.items()}, "store": store}
+            result["platforms"][platform] = {"timed": {label: pooled(levels) for label, levels in timed.items()}, "store": store}
     return result
