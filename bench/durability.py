@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, Child
+from bench.common import ROOT, Child, cpu_seconds, machine_busy_seconds
 from bench.harness import DiscordSender, Harness, Level, Sender, SocketSender, burst, closed_loop, harness
 from bench.relay import UNLIMITED, Sizes
 
 BEFORE = "6d2ec10"  # the last revision before durable chat jobs (df07f6f)
 SETTLE = 0.5  # seconds after the last answer: the outbox marks a delivery done just after its post
+QUIET = 1.0  # of a core: a pair is quiet when the rest of the machine left the bench a core in both its slices
+MIN_QUIET = 3  # quiet pairs needed for a verdict on the bar; with fewer, every pair is reported and no verdict
 _LITERAL = re.compile(r"'(?:[^']|'')*'|\b\d+(?:\.\d+)?(?:e[+-]?\d+)?\b", re.IGNORECASE)
 _WRITE = re.compile(r"(INSERT(?: OR \w+)? INTO \w+|DELETE FROM \w+|UPDATE \w+)", re.IGNORECASE)
 
@@ -100,17 +102,37 @@ async def _start(h: Harness, platform: str, code: Code, sizes: Sizes, *, trace: 
     return bridge, sender
 
 
-async def _timed(platform: str, codes: tuple[Code, Code], sizes: Sizes) -> dict[str, list[tuple[Level, int]]]:
+def _rest_of_machine(pids: list[int]) -> float:
+    """CPU seconds used so far by everything but this process and `pids` (all cores)."""
+    return machine_busy_seconds() - cpu_seconds() - sum(cpu_seconds(pid) for pid in pids)
+
+
+async def _wait_quiet(pids: list[int], patience: float) -> float:
+    """Wait, at most `patience` s, for a second in which the rest of the machine used under QUIET; the time waited."""
+    started = time.monotonic()
+    while patience > 0:
+        used, at = _rest_of_machine(pids), time.monotonic()
+        await asyncio.sleep(1.0)
+        if (_rest_of_machine(pids) - used) / (time.monotonic() - at) < QUIET or time.monotonic() - started >= patience:
+            break
+    return time.monotonic() - started
+
+
+async def _timed(platform: str, codes: tuple[Code, Code], sizes: Sizes) -> tuple[dict[str, list[tuple[Level, int]]], list[float]]:
     """Both bridges up at once, each on its own fakes; the load goes to one at a time, in alternating slices.
 
-    Slices a few seconds apart see about the same machine: what else runs on it changes
-    slowly next to that, so each before/after pair is compared under the same conditions.
+    Slices a few seconds apart see about the same machine, so each before/after pair is
+    compared under the same conditions; each pair first waits a little for a quiet second.
+    Returns the slices of each tree and each pair's wait.
     """
     slices: dict[str, list[tuple[Level, int]]] = {code.label: [] for code in codes}
+    waits = []
     discord = platform == "discord"
     async with harness(latency=sizes.latency, discord=discord) as h0, harness(latency=sizes.latency, discord=discord) as h1:
         started = {code.label: (h, *await _start(h, platform, code, sizes)) for h, code in zip((h0, h1), codes)}
+        pids = [bridge.pid for _, bridge, _ in started.values()]
         for index in range(sizes.dur_pairs):
+            waits.append(await _wait_quiet(pids, sizes.dur_patience))
             for code in codes if index % 2 == 0 else codes[::-1]:
                 h, bridge, sender = started[code.label]
                 level = await closed_loop(
@@ -120,11 +142,12 @@ async def _timed(platform: str, codes: tuple[Code, Code], sizes: Sizes) -> dict[
                 level.cpu["load"] = os.getloadavg()[0]
                 h.mark_upstream(level.samples)
                 slices[code.label].append((level, bridge.log_count(" ERROR ")))
+            b, a = slices["before"][-1][0], slices["after"][-1][0]
             _progress(
-                f"{platform} pair {index + 1}: p50 before {slices['before'][-1][0].overhead(50) * 1000:.1f} ms, "
-                f"after {slices['after'][-1][0].overhead(50) * 1000:.1f} ms, load {os.getloadavg()[0]:.2f}"
+                f"{platform} pair {index + 1}: p50 before {b.overhead(50) * 1000:.1f} ms, after {a.overhead(50) * 1000:.1f} ms; "
+                f"rest of the machine {b.cpu['other']:.0%} / {a.cpu['other']:.0%} of a core; load {os.getloadavg()[0]:.2f}"
             )
-    return slices
+    return slices, waits
 
 
 async def _count_round(platform: str, code: Code, sizes: Sizes) -> dict[str, Any]:
@@ -263,7 +286,22 @@ async def durability_cost(
         codes = (Code("before", describe(before), before_tree), Code("after", describe(after), after_tree))
         result |= {"before": codes[0].revision, "after": codes[1].revision}
         for platform in platforms:
-            timed = await _timed(platform, codes, sizes)
+            timed, waits = await _timed(platform, codes, sizes)
             store = {code.label: await _count_round(platform, code, sizes) for code in codes}
-            result["platforms"][platform] = {"timed": {label: pooled(levels) for label, levels in timed.items()}, "store": store}
+            result["platforms"][platform] = _judged(timed, waits) | {"store": store}
     return result
+
+
+def _judged(timed: dict[str, list[tuple[Level, int]]], waits: list[float]) -> dict[str, Any]:
+    """Pooled figures over the quiet pairs when there are enough of them, else over every pair (no verdict)."""
+    pairs = list(zip(timed["before"], timed["after"]))
+    quiet = [i for i, (b, a) in enumerate(pairs) if b[0].cpu["other"] < QUIET and a[0].cpu["other"] < QUIET]
+    used = quiet if len(quiet) >= MIN_QUIET else list(range(len(pairs)))
+    return {
+        "pairs": len(pairs),
+        "quiet_pairs": quiet,
+        "verdict": len(quiet) >= MIN_QUIET,
+        "waited": waits,
+        "timed": {label: pooled([levels[i] for i in used]) for label, levels in timed.items()},
+        "every_pair": {label: pooled(levels) for label, levels in timed.items()},
+    }

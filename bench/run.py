@@ -187,11 +187,17 @@ def _spread(values: list[float], show: Callable[[float], str] = ms) -> str:
     return f"{show(statistics.median(values))} ({show(min(values))} to {show(max(values))})"
 
 
-def _durability_row(platform: str, label: str, r: dict[str, Any]) -> str:
+def _pairs_used(part: dict[str, Any]) -> str:
+    quiet, pairs = len(part["quiet_pairs"]), part["pairs"]
+    return f"{quiet} quiet of {pairs}" if part["verdict"] else f"all {pairs} ({quiet} quiet)"
+
+
+def _durability_row(platform: str, label: str, part: dict[str, Any]) -> str:
+    r = part["timed"][label]
     ack = ms(r["ack_p99"]) if platform == "slack" else "-"
     errors = f" ({r['errors']} ERROR lines)" if r["errors"] else ""
     return (
-        f"| {PLATFORM_NAMES[platform]} | {label} | {r['answered']} ({r['lost']}){errors} "
+        f"| {PLATFORM_NAMES[platform]} | {label} | {_pairs_used(part)} | {r['answered']} ({r['lost']}){errors} "
         f"| {ms(r['overhead_p50'])} / {ms(r['overhead_p99'])} | {_spread(r['slice_p50'])} "
         f"| {ms(r['inbound_p50'])} / {ms(r['outbound_p50'])} | {ack} | {r['cpu_per_answer'] * 1000:.2f} "
         f"| {_cpu(r)} | {_load(r['load'])} | |"
@@ -203,44 +209,51 @@ def durability_growth(before: dict[str, Any], after: dict[str, Any]) -> list[flo
     return [a - b for a, b in zip(after["slice_p50"], before["slice_p50"])]
 
 
-def _durability_delta(platform: str, before: dict[str, Any], after: dict[str, Any]) -> str:
-    pairs = durability_growth(before, after)
-    grew = statistics.median(pairs)
+def _durability_verdict(part: dict[str, Any], grew: float) -> str:
     limit = f"+{DURABILITY_P50_BAR * 1000:.0f}"
+    before, after = part["timed"]["before"], part["timed"]["after"]
+    if not part["verdict"]:
+        return f"no verdict: only {len(part['quiet_pairs'])} of {part['pairs']} pairs quiet, the machine was busy"
     misses = [] if grew < DURABILITY_P50_BAR else [f"p50 {_signed(grew)} ms >= {limit}"]
     if before["lost"] or after["lost"]:
         misses.append(f"{before['lost'] + after['lost']} unanswered")
-    verdict = f"pass: p50 {_signed(grew)} ms < {limit}" if not misses else _verdict(misses)
+    return f"pass: p50 {_signed(grew)} ms < {limit}" if not misses else _verdict(misses)
+
+
+def _durability_delta(platform: str, part: dict[str, Any]) -> str:
+    before, after = part["timed"]["before"], part["timed"]["after"]
+    pairs = durability_growth(before, after)
     ack = _signed(after["ack_p99"] - before["ack_p99"]) if platform == "slack" else "-"
     return (
-        f"| {PLATFORM_NAMES[platform]} | **after - before** | "
+        f"| {PLATFORM_NAMES[platform]} | **after - before** | | "
         f"| {_signed(after['overhead_p50'] - before['overhead_p50'])} / {_signed(after['overhead_p99'] - before['overhead_p99'])} "
         f"| **{_spread(pairs, _signed)}** "
         f"| {_signed(after['inbound_p50'] - before['inbound_p50'])} / {_signed(after['outbound_p50'] - before['outbound_p50'])} "
-        f"| {ack} | {(after['cpu_per_answer'] - before['cpu_per_answer']) * 1000:+.2f} | | | {verdict} (median of {len(pairs)} pairs) |"
+        f"| {ack} | {(after['cpu_per_answer'] - before['cpu_per_answer']) * 1000:+.2f} | | "
+        f"| {_durability_verdict(part, statistics.median(pairs))} |"
     )
 
 
 def durability_table(result: dict[str, Any]) -> str:
     platforms = result["platforms"]
-    pairs = next(iter(platforms.values()))["timed"]["before"]["slices"]
     out = [
         (f"Before: `{result['before']}`. After: `{result['after']}`. {result['concurrency']} concurrent "
          f"conversations, upstream latency {result['latency'] * 1000:.0f} ms, limits raised as in (1). Both bridges "
-         f"run at once, each on its own fakes; the load goes to one at a time in {result['slice']:g} s slices, "
-         f"{pairs} pairs in the order before, after, after, before, ... The slice column is the median (lowest to "
-         "highest) of the slices' p50s; in the last row, of each pair's difference (the bar). Percentiles pool every "
-         "slice. Load = the machine's 1-minute load average after each slice."),
+         f"run at once, each on its own fakes; the load goes to one at a time in {result['slice']:g} s slices, in "
+         "pairs, in the order before, after, after, before, ... A pair is quiet when the rest of the machine used "
+         f"under {durability.QUIET:.0%} of a core in both its slices; the figures are over the quiet pairs when there "
+         f"are {durability.MIN_QUIET} or more, else over all (and no verdict). Slice p50 = the median (lowest to "
+         "highest) of the slices' p50s; in the after - before row, of each pair's difference: the bar. Load = the "
+         "machine's 1-minute load average after each slice."),
         "",
-        ("| platform | code | answered (lost) | overhead p50 / p99 ms (pooled) | slice p50 ms | "
+        ("| platform | code | pairs | answered (lost) | overhead p50 / p99 ms | slice p50 ms | "
          "event->upstream / answer->post p50 ms | Slack ack p99 ms | bridge CPU ms per answer "
          "| CPU bridge / harness / other | load | bar |"),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for platform, part in platforms.items():
-        before, after = part["timed"]["before"], part["timed"]["after"]
-        out += [_durability_row(platform, "before", before), _durability_row(platform, "after", after)]
-        out.append(_durability_delta(platform, before, after))
+        out += [_durability_row(platform, "before", part), _durability_row(platform, "after", part)]
+        out.append(_durability_delta(platform, part))
     out += [
         "",
         ("Store statements per answer, from a separate process per tree with every SQL statement traced (no timing "
