@@ -25,7 +25,7 @@ from bench.relay import UNLIMITED, Sizes
 
 BEFORE = "6d2ec10"  # the last revision before durable chat jobs (df07f6f)
 SETTLE = 0.5  # seconds after the last answer: the outbox marks a delivery done just after its post
-QUIET = 1.0  # of a core: a pair is quiet when the rest of the machine left the bench a core in both its slices
+QUIET = 0.5  # of a core: a pair is quiet when the rest of the machine used less than this in both its slices
 MIN_QUIET = 3  # quiet pairs needed for a verdict on the bar; with fewer, every pair is reported and no verdict
 _LITERAL = re.compile(r"'(?:[^']|'')*'|\b\d+(?:\.\d+)?(?:e[+-]?\d+)?\b", re.IGNORECASE)
 _WRITE = re.compile(r"(INSERT(?: OR \w+)? INTO \w+|DELETE FROM \w+|UPDATE \w+)", re.IGNORECASE)
