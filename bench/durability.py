@@ -102,6 +102,10 @@ async def _start(h: Harness, platform: str, code: Code, sizes: Sizes, *, trace: 
     return bridge, sender
 
 
+def _quiet(before: Level, after: Level) -> bool:
+    return before.cpu["other"] < QUIET and after.cpu["other"] < QUIET
+
+
 def _rest_of_machine(pids: list[int]) -> float:
     """CPU seconds used so far by everything but this process and `pids` (all cores)."""
     return machine_busy_seconds() - cpu_seconds() - sum(cpu_seconds(pid) for pid in pids)
@@ -122,8 +126,9 @@ async def _timed(platform: str, codes: tuple[Code, Code], sizes: Sizes) -> tuple
     """Both bridges up at once, each on its own fakes; the load goes to one at a time, in alternating slices.
 
     Slices a few seconds apart see about the same machine, so each before/after pair is
-    compared under the same conditions; each pair first waits a little for a quiet second.
-    Returns the slices of each tree and each pair's wait.
+    compared under the same conditions; each pair first waits a little for a quiet second,
+    and pairs go on until `dur_pairs` were quiet (at most `dur_max_pairs`). Returns the
+    slices of each tree and each pair's wait.
     """
     slices: dict[str, list[tuple[Level, int]]] = {code.label: [] for code in codes}
     waits = []
@@ -131,7 +136,9 @@ async def _timed(platform: str, codes: tuple[Code, Code], sizes: Sizes) -> tuple
     async with harness(latency=sizes.latency, discord=discord) as h0, harness(latency=sizes.latency, discord=discord) as h1:
         started = {code.label: (h, *await _start(h, platform, code, sizes)) for h, code in zip((h0, h1), codes)}
         pids = [bridge.pid for _, bridge, _ in started.values()]
-        for index in range(sizes.dur_pairs):
+        for index in range(sizes.dur_max_pairs):
+            if sum(_quiet(b, a) for (b, _), (a, _) in zip(slices["before"], slices["after"])) >= sizes.dur_pairs:
+                break
             waits.append(await _wait_quiet(pids, sizes.dur_patience))
             for code in codes if index % 2 == 0 else codes[::-1]:
                 h, bridge, sender = started[code.label]
@@ -295,7 +302,7 @@ async def durability_cost(
 def _judged(timed: dict[str, list[tuple[Level, int]]], waits: list[float]) -> dict[str, Any]:
     """Pooled figures over the quiet pairs when there are enough of them, else over every pair (no verdict)."""
     pairs = list(zip(timed["before"], timed["after"]))
-    quiet = [i for i, (b, a) in enumerate(pairs) if b[0].cpu["other"] < QUIET and a[0].cpu["other"] < QUIET]
+    quiet = [i for i, (b, a) in enumerate(pairs) if _quiet(b[0], a[0])]
     used = quiet if len(quiet) >= MIN_QUIET else list(range(len(pairs)))
     return {
         "pairs": len(pairs),

@@ -240,8 +240,8 @@ def durability_table(result: dict[str, Any]) -> str:
         (f"Before: `{result['before']}`. After: `{result['after']}`. {result['concurrency']} concurrent "
          f"conversations, upstream latency {result['latency'] * 1000:.0f} ms, limits raised as in (1). Both bridges "
          f"run at once, each on its own fakes; the load goes to one at a time in {result['slice']:g} s slices, in "
-         "pairs, in the order before, after, after, before, ... A pair is quiet when the rest of the machine used "
-         f"under {durability.QUIET:.0%} of a core in both its slices; the figures are over the quiet pairs when there "
+         "pairs, in the order before, after, after, before, ..., until enough pairs were quiet: the rest of the machine "
+         f"used under {durability.QUIET:.0%} of a core in both slices. The figures are over the quiet pairs when there "
          f"are {durability.MIN_QUIET} or more, else over all (and no verdict). Slice p50 = the median (lowest to "
          "highest) of the slices' p50s; in the after - before row, of each pair's difference: the bar. Load = the "
          "machine's 1-minute load average after each slice."),

@@ -11,7 +11,7 @@ from bench.relay import QUICK, relay_overhead
 
 TINY = replace(
     QUICK, latency=0.05, levels=(2,), duration={2: 0.3}, warmup=2,
-    dur_concurrency=2, dur_pairs=1, dur_slice=0.3, dur_patience=0.0, dur_count_duration=0.3,
+    dur_concurrency=2, dur_pairs=1, dur_max_pairs=1, dur_slice=0.3, dur_patience=0.0, dur_count_duration=0.3,
 )
 
 
