@@ -32,7 +32,7 @@ def _trace_sqlite(events: list[list[Any]]) -> None:
     opened = itertools.count()
 
     def traced_connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        conn = connect(*args, **kwargs)
+        conn: sqlite3.Connection = connect(*args, **kwargs)
         number = next(opened)
         last: list[Any] = [conn.total_changes, None]  # total when the last statement began, its event
 

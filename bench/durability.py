@@ -309,6 +309,8 @@ def _judged(timed: dict[str, list[tuple[Level, int]]], waits: list[float]) -> di
         "quiet_pairs": quiet,
         "verdict": len(quiet) >= MIN_QUIET,
         "waited": waits,
-        "timed": {label: pooled([levels[i] for i in used]) for label, levels in timed.items()},
+        "timed": {
+            label: pooled([levels[i] for i in used]) | {"errors": levels[-1][1]} for label, levels in timed.items()
+        },
         "every_pair": {label: pooled(levels) for label, levels in timed.items()},
     }
