@@ -2,8 +2,57 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
+import sqlite3
 import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _check_source(source: str) -> None:
+    """BENCH_SOURCE: the bridge must come from that tree (another revision's checkout), or nothing runs."""
+    import bridge
+
+    found = Path(bridge.__file__).resolve()
+    if not found.is_relative_to(Path(source).resolve()):
+        sys.exit(f"bench: bridge imported from {found}, not from {source}")
+    print(f"bench: bridge code from {found.parent}", file=sys.stderr, flush=True)
+
+
+def _trace_sqlite(events: list[list[Any]]) -> None:
+    """Every statement on every SQLite connection: [start (monotonic), connection, SQL, rows it changed].
+
+    The rows a statement changed are the connection's total_changes at the next statement's
+    start minus at its own (one connection runs one statement at a time); None for the last.
+    """
+    connect = sqlite3.connect
+    opened = itertools.count()
+
+    def traced_connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn: sqlite3.Connection = connect(*args, **kwargs)
+        number = next(opened)
+        last: list[Any] = [conn.total_changes, None]  # total when the last statement began, its event
+
+        def trace(statement: str) -> None:
+            total = conn.total_changes
+            if last[1] is not None:
+                last[1][3] = total - last[0]
+            event = [time.monotonic(), number, statement, None]
+            events.append(event)
+            last[:] = [total, event]
+
+        conn.set_trace_callback(trace)
+        return conn
+
+    sqlite3.connect = traced_connect  # type: ignore[assignment]
+
+
+def _dump(events: list[list[Any]], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(events, f)
 
 
 def main(argv: list[str]) -> int:
@@ -20,8 +69,20 @@ def main(argv: list[str]) -> int:
         discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(discord_url.replace("http://", "ws://") + "/gateway")
         # Only start-up gets faster: discord.py waits this long for more guilds before on_ready.
         DiscordAdapter.guild_ready_timeout = 0.1
+    source = os.environ.get("BENCH_SOURCE")
+    if source:
+        _check_source(source)
     from bridge.cli import main as cli_main
 
+    trace_to = os.environ.get("BENCH_SQL_TRACE")
+    if trace_to:
+        # What the store runs per answer (bench/durability.py); costs time: no timing from such a run.
+        events: list[list[Any]] = []
+        _trace_sqlite(events)
+        try:
+            return cli_main(argv)
+        finally:
+            _dump(events, trace_to)
     profile_to = os.environ.get("BENCH_PROFILE")
     if profile_to:
         # Where the bridge's time goes under load: `python -m pstats FILE` to read it.

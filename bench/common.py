@@ -23,6 +23,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 ENV = {
     "BENCH_IC_KEY": "ic_sandbox_key",
     "BENCH_SLACK_BOT_TOKEN": "xoxb-test-token",
+    "BENCH_SLACK_APP_TOKEN": "xapp-test-token",
     "BENCH_SLACK_SIGNING_SECRET": "test-signing-secret",
     "BENCH_WEBHOOK_SECRET": "bench-webhook-secret",
 }
@@ -152,6 +153,7 @@ class Child:
     port: int
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    cwd: Path = ROOT
     proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -168,7 +170,7 @@ class Child:
         log = self.log_path.open("ab")
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, *self.argv, cwd=ROOT, env={**os.environ, **ENV, **self.env},
+                sys.executable, *self.argv, cwd=self.cwd, env={**os.environ, **ENV, **self.env},
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
             )
         finally:

@@ -15,14 +15,15 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from bench.common import ENV, Child, CpuMeter, free_port, percentile
+from bench.common import ENV, ROOT, Child, CpuMeter, free_port, percentile
 from bench.fakes import GatedEmulator, TimedDiscord, TimedSlack
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY
 from tests.fakes import discord_api as fd
-from tests.fakes.slack_api import BOT_TOKEN, SIGNING_SECRET, payload, sign
+from tests.fakes.slack_api import APP_TOKEN, BOT_TOKEN, SIGNING_SECRET, payload, sign
 
 BOT = SANDBOX_CHATBOT_ID
 ANSWER_TIMEOUT = 120.0  # longer than any queue a run builds up; an answer later than this counts as lost
+ACK_TIMEOUT = 10.0  # a Socket Mode envelope not acked by then is counted as refused (Slack retries after 3 s)
 CONVERSATIONS = itertools.count(1)  # unique across a run: the bridge dedupes on (team, channel, ts)
 
 
@@ -60,9 +61,22 @@ class Harness:
             sample.upstream = arrivals.get(sample.token)
 
     def bridge(
-        self, name: str, *, platforms: tuple[str, ...], rate_limit: int, rate_window: float, alerts: bool = False
+        self,
+        name: str,
+        *,
+        platforms: tuple[str, ...],
+        rate_limit: int,
+        rate_window: float,
+        alerts: bool = False,
+        slack_mode: str = "http",
+        source: Path | None = None,
+        trace: Path | None = None,
     ) -> Child:
-        """The real bridge (`insitechat-bridge run --config ...`) as a child process, configured for the fakes."""
+        """The real bridge (`insitechat-bridge run --config ...`) as a child process, configured for the fakes.
+
+        `source`: the tree whose `bridge` and `adapters` the child imports (another revision's
+        checkout); None: this one. `trace`: the child writes every SQL statement it runs there.
+        """
         port = free_port()
         folder = self.tmp / name
         folder.mkdir()
@@ -85,9 +99,11 @@ class Harness:
                 "slack:",
                 "  bot_token: ${BENCH_SLACK_BOT_TOKEN}",
                 "  signing_secret: ${BENCH_SLACK_SIGNING_SECRET}",
-                "  mode: http",
+                f"  mode: {slack_mode}",
                 f"  api_url: {self.slack.api_url}",
             ]
+            if slack_mode == "socket":
+                lines.append("  app_token: ${BENCH_SLACK_APP_TOKEN}")
         env: dict[str, str] = {}
         if "discord" in platforms:
             assert self.discord is not None
@@ -97,9 +113,17 @@ class Harness:
             lines += ["alerts:", f'  - {{chatbot: {BOT}, events: [conversation.escalated], to: ["slack:CALERTS"]}}']
         config = folder / "config.yaml"
         config.write_text("\n".join(lines) + "\n")
-        child = Child(
-            name, ["-m", "bench.bridge_proc", "run", "--config", str(config), "--grace", "2"], port, folder / "bridge.log", env
-        )
+        run = ["run", "--config", str(config), "--grace", "2"]
+        if trace is not None:
+            env["BENCH_SQL_TRACE"] = str(trace)
+        if source is None:
+            child = Child(name, ["-m", "bench.bridge_proc", *run], port, folder / "bridge.log", env)
+        else:
+            # -P: the launcher's own folder is not put on sys.path, so `bridge` and `adapters`
+            # come from PYTHONPATH (that tree), ahead of this checkout's editable install.
+            env |= {"PYTHONPATH": str(source), "BENCH_SOURCE": str(source)}
+            launcher = str(ROOT / "bench" / "bridge_proc.py")
+            child = Child(name, ["-P", launcher, *run], port, folder / "bridge.log", env, cwd=source)
         self.children.append(child)
         return child
 
@@ -127,7 +151,7 @@ async def harness(
     *, latency: float, rate_limit: int = 10**9, rate_window: float = 60.0, discord: bool = False
 ) -> AsyncIterator[Harness]:
     """Start the fakes; on exit stop every child process, then the fakes (always, even on failure)."""
-    assert ENV["BENCH_IC_KEY"] == SANDBOX_KEY
+    assert ENV["BENCH_IC_KEY"] == SANDBOX_KEY and ENV["BENCH_SLACK_APP_TOKEN"] == APP_TOKEN
     # Retry-After tells the bridge the scaled window's real remaining time; without it a 429 costs the
     # unscaled 60 s default wait, which would say nothing about a 6 s window.
     emulator = GatedEmulator.sandbox(latency=latency, rate_limit=rate_limit, rate_window=rate_window, retry_after_header=True)
@@ -174,6 +198,11 @@ class SlackSender:
         self.template = payload("app_mention")
 
     def _body(self, conversation: int, k: int, channel: str) -> tuple[bytes, str, str]:
+        body, root, token = self.event(conversation, k, channel)
+        return json.dumps(body).encode(), root, token
+
+    def event(self, conversation: int, k: int, channel: str) -> tuple[dict[str, Any], str, str]:
+        """The event callback for message k of a conversation, its thread root and its token."""
         root = f"{1700000000 + conversation}.000000"
         ts = f"{1700000000 + conversation}.{k:06d}"
         token = _token(conversation, k)
@@ -187,7 +216,7 @@ class SlackSender:
         if k:
             event["thread_ts"] = root
         body = {**self.template, "event": event, "event_id": f"EvB{conversation}x{k}", "event_time": int(time.time())}
-        return json.dumps(body).encode(), root, token
+        return body, root, token
 
     async def post(self, conversation: int, k: int, channel: str) -> tuple[Sample, asyncio.Future[float]]:
         raw, root, token = self._body(conversation, k, channel)
@@ -205,6 +234,26 @@ class SlackSender:
 
     def forget(self, conversation: int) -> None:
         self.h.slack.answers.forget(f"{1700000000 + conversation}.000000")
+
+
+class SocketSender(SlackSender):
+    """Slack in Socket Mode: the same event as an `events_api` envelope on the fake's socket; acked = its ack."""
+
+    def __init__(self, h: Harness) -> None:
+        super().__init__(h, "")
+
+    async def post(self, conversation: int, k: int, channel: str) -> tuple[Sample, asyncio.Future[float]]:
+        body, root, token = self.event(conversation, k, channel)
+        answer = self.h.slack.answers.expect(root, token)
+        sample = Sample(channel, time.monotonic(), token)
+        envelope = await self.h.slack.send_envelope(body)
+        try:
+            await asyncio.wait_for(envelope.acked.wait(), ACK_TIMEOUT)
+            sample.acked = time.monotonic()
+        except TimeoutError:
+            pass
+        self.h.slack.envelopes.pop(envelope.envelope_id, None)
+        return sample, answer
 
 
 class DiscordSender:

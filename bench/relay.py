@@ -40,17 +40,25 @@ class Sizes:
     mem_messages: int
     wh_count: int
     wh_concurrency: int
+    dur_concurrency: int  # (6) conversations, before and after durable jobs
+    dur_pairs: int  # (6) quiet before/after pairs of load slices wanted (alternating order)
+    dur_max_pairs: int  # (6) pairs at most, quiet or not
+    dur_slice: float  # (6) seconds of sending per slice
+    dur_patience: float  # (6) seconds a pair waits, at most, for the rest of the machine to be quiet
+    dur_count_duration: float  # (6) seconds of sending in the traced round (store writes)
 
 
 FULL = Sizes(
     latency=0.5, levels=(1, 50, 500), duration={1: 15.0, 50: 10.0, 500: 10.0}, warmup=40,
     rl_limit=55, rl_window=6.0, rl_channels=5, rl_per_channel=44,
     mem_in_flight=1000, mem_messages=10_000, wh_count=10_000, wh_concurrency=32,
+    dur_concurrency=50, dur_pairs=10, dur_max_pairs=24, dur_slice=4.0, dur_patience=5.0, dur_count_duration=4.0,
 )
 QUICK = Sizes(
     latency=0.2, levels=(1, 10, 50), duration={1: 3.0, 10: 3.0, 50: 3.0}, warmup=10,
     rl_limit=10, rl_window=1.0, rl_channels=3, rl_per_channel=10,
     mem_in_flight=200, mem_messages=1000, wh_count=400, wh_concurrency=32,
+    dur_concurrency=10, dur_pairs=2, dur_max_pairs=2, dur_slice=2.0, dur_patience=0.0, dur_count_duration=2.0,
 )
 
 

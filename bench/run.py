@@ -1,4 +1,4 @@
-"""Run the benchmarks and print the tables: `python -m bench.run [--quick] [--only PARTS] [--json FILE]`."""
+"""Run the benchmarks and print the tables: `python -m bench.run [--quick] [--only PARTS] [--json FILE] [--before REV]`."""
 
 from __future__ import annotations
 
@@ -6,19 +6,22 @@ import argparse
 import asyncio
 import json
 import math
+import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from bench import relay, webhooks
+from bench import durability, relay, webhooks
 from bench.common import machine_facts, ms
 from bench.relay import FULL, QUICK, Sizes
 
-PARTS = ("relay", "baseline", "ratelimit", "webhooks", "memory")
+PARTS = ("relay", "baseline", "ratelimit", "webhooks", "memory", "durability")
 THROUGHPUT_BAR = 0.90  # our reading of "limited only by upstream latency": at least 90% of concurrency / latency
 P99_BARS = {50: 0.010, 500: 0.050}  # seconds of p99 overhead, by concurrency (issue 7)
+DURABILITY_P50_BAR = 0.001  # seconds: what durable chat jobs may add to the p50 overhead of an answer
+PLATFORM_NAMES = {"slack": "slack (Socket Mode)", "discord": "discord"}
 
 
 def _pct(x: float) -> str:
@@ -171,10 +174,123 @@ def memory_table(r: dict[str, Any]) -> str:
     ])
 
 
+def _signed(seconds: float) -> str:
+    return "n/a" if math.isnan(seconds) else f"{seconds * 1000:+.2f}"
+
+
+def _load(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
+def _spread(values: list[float], show: Callable[[float], str] = ms) -> str:
+    """Median (lowest to highest) of per-slice figures."""
+    return f"{show(statistics.median(values))} ({show(min(values))} to {show(max(values))})"
+
+
+def _pairs_used(part: dict[str, Any]) -> str:
+    quiet, pairs = len(part["quiet_pairs"]), part["pairs"]
+    return f"{quiet} quiet of {pairs}" if part["verdict"] else f"all {pairs} ({quiet} quiet)"
+
+
+def _durability_row(platform: str, label: str, part: dict[str, Any]) -> str:
+    r = part["timed"][label]
+    ack = ms(r["ack_p99"]) if platform == "slack" else "-"
+    errors = f" ({r['errors']} ERROR lines)" if r["errors"] else ""
+    return (
+        f"| {PLATFORM_NAMES[platform]} | {label} | {_pairs_used(part)} | {r['answered']} ({r['lost']}){errors} "
+        f"| {ms(r['overhead_p50'])} / {ms(r['overhead_p99'])} | {_spread(r['slice_p50'])} "
+        f"| {ms(r['inbound_p50'])} / {ms(r['outbound_p50'])} | {ack} | {r['cpu_per_answer'] * 1000:.2f} "
+        f"| {_cpu(r)} | {_load(r['load'])} | |"
+    )
+
+
+def durability_growth(before: dict[str, Any], after: dict[str, Any]) -> list[float]:
+    """Each pair's p50 growth: slice i after - slice i before (next to each other in time)."""
+    return [a - b for a, b in zip(after["slice_p50"], before["slice_p50"])]
+
+
+def _durability_verdict(part: dict[str, Any], grew: float) -> str:
+    limit = f"+{DURABILITY_P50_BAR * 1000:.0f}"
+    before, after = part["timed"]["before"], part["timed"]["after"]
+    if not part["verdict"]:
+        return f"no verdict: only {len(part['quiet_pairs'])} of {part['pairs']} pairs quiet, the machine was busy"
+    misses = [] if grew < DURABILITY_P50_BAR else [f"p50 {_signed(grew)} ms >= {limit}"]
+    if before["lost"] or after["lost"]:
+        misses.append(f"{before['lost'] + after['lost']} unanswered")
+    return f"pass: p50 {_signed(grew)} ms < {limit}" if not misses else _verdict(misses)
+
+
+def _durability_delta(platform: str, part: dict[str, Any]) -> str:
+    before, after = part["timed"]["before"], part["timed"]["after"]
+    pairs = durability_growth(before, after)
+    ack = _signed(after["ack_p99"] - before["ack_p99"]) if platform == "slack" else "-"
+    return (
+        f"| {PLATFORM_NAMES[platform]} | **after - before** | | "
+        f"| {_signed(after['overhead_p50'] - before['overhead_p50'])} / {_signed(after['overhead_p99'] - before['overhead_p99'])} "
+        f"| **{_spread(pairs, _signed)}** "
+        f"| {_signed(after['inbound_p50'] - before['inbound_p50'])} / {_signed(after['outbound_p50'] - before['outbound_p50'])} "
+        f"| {ack} | {(after['cpu_per_answer'] - before['cpu_per_answer']) * 1000:+.2f} | | "
+        f"| {_durability_verdict(part, statistics.median(pairs))} |"
+    )
+
+
+def durability_table(result: dict[str, Any]) -> str:
+    platforms = result["platforms"]
+    out = [
+        (f"Before: `{result['before']}`. After: `{result['after']}`. {result['concurrency']} concurrent "
+         f"conversations, upstream latency {result['latency'] * 1000:.0f} ms, limits raised as in (1). Both bridges "
+         f"run at once, each on its own fakes; the load goes to one at a time in {result['slice']:g} s slices, in "
+         "pairs, in the order before, after, after, before, ..., until enough pairs were quiet: the rest of the machine "
+         f"used under {durability.QUIET:.0%} of a core in both slices. The figures are over the quiet pairs when there "
+         f"are {durability.MIN_QUIET} or more, else over all (and no verdict). Slice p50 = the median (lowest to "
+         "highest) of the slices' p50s; in the after - before row, of each pair's difference: the bar. Load = the "
+         "machine's 1-minute load average after each slice."),
+        "",
+        ("| platform | code | pairs | answered (lost) | overhead p50 / p99 ms | slice p50 ms | "
+         "event->upstream / answer->post p50 ms | Slack ack p99 ms | bridge CPU ms per answer "
+         "| CPU bridge / harness / other | load | bar |"),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for platform, part in platforms.items():
+        out += [_durability_row(platform, "before", part), _durability_row(platform, "after", part)]
+        out.append(_durability_delta(platform, part))
+    out += [
+        "",
+        ("Store statements per answer, from a separate process per tree with every SQL statement traced (no timing "
+         "taken from it), over the same load. Writes = statements that changed a row; commits = transactions that "
+         "changed a row (a write outside BEGIN...COMMIT is one)."),
+        "",
+        "| platform | code | answers counted | statements | writes | commits | empty transactions |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for platform, part in platforms.items():
+        for label in ("before", "after"):
+            c = part["store"][label]
+            out.append(
+                f"| {PLATFORM_NAMES[platform]} | {label} | {c['answers']} | {c['statements']:.2f} | {c['writes']:.2f} "
+                f"| {c['commits']:.2f} | {c['empty_transactions']:.2f} |"
+            )
+    columns = [(p, label) for p in platforms for label in ("before", "after")]
+    kinds = sorted({k for p, label in columns for k in platforms[p]["store"][label]["kinds"]})
+    out += [
+        "",
+        "Writes per answer, by statement:",
+        "",
+        "| statement | " + " | ".join(f"{p} {label}" for p, label in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for kind in kinds:
+        cells = [platforms[p]["store"][label]["kinds"].get(kind, 0.0) for p, label in columns]
+        out.append(f"| `{kind}` | " + " | ".join(f"{c:.2f}" if c else "-" for c in cells) + " |")
+    return "\n".join(out)
+
+
 # --- running --------------------------------------------------------------------------------------
 
 
-async def run(parts: list[str], sizes: Sizes, mode: str) -> tuple[str, dict[str, Any]]:
+async def run(
+    parts: list[str], sizes: Sizes, mode: str, *, before: str = durability.BEFORE, after: str | None = None
+) -> tuple[str, dict[str, Any]]:
     results: dict[str, Any] = {"mode": mode, "machine": machine_facts(), "sizes": sizes.__dict__ | {"duration": {str(k): v for k, v in sizes.duration.items()}}}
     started = time.monotonic()
 
@@ -198,6 +314,8 @@ async def run(parts: list[str], sizes: Sizes, mode: str) -> tuple[str, dict[str,
         await step("webhooks", lambda: webhooks.webhook_intake(sizes.wh_count, sizes.wh_concurrency))
     if "memory" in parts:
         await step("memory", lambda: relay.memory(sizes))
+    if "durability" in parts:
+        await step("durability", lambda: durability.durability_cost(sizes, before=before, after=after))
     results["elapsed_s"] = time.monotonic() - started
     return render(results, sizes), results
 
@@ -220,6 +338,8 @@ def render(results: dict[str, Any], sizes: Sizes) -> str:
         out += ["", "#### 4. Webhook intake", "", webhook_table(results["webhooks"])]
     if "memory" in results:
         out += ["", "#### 5. Memory", "", memory_table(results["memory"])]
+    if "durability" in results:
+        out += ["", "#### 6. Cost of durability", "", durability_table(results["durability"])]
     return "\n".join(out)
 
 
@@ -228,13 +348,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes (about a minute): checks the harness, not the bars")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {','.join(PARTS)}")
     parser.add_argument("--json", metavar="FILE", help="also write every number to FILE")
+    parser.add_argument(
+        "--before", default=durability.BEFORE, metavar="REV",
+        help=f"durability: the revision before durable chat jobs ({durability.BEFORE}), checked out in a temporary worktree",
+    )
+    parser.add_argument("--after", metavar="REV", help="durability: the revision after (default: this checkout as it is)")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         parser.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     sizes, mode = (QUICK, "quick") if args.quick else (FULL, "full")
-    table, results = asyncio.run(run(parts, sizes, mode))
+    table, results = asyncio.run(run(parts, sizes, mode, before=args.before, after=args.after))
     print(table)
     if args.json:
         with open(args.json, "w") as f:

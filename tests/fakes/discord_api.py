@@ -184,6 +184,8 @@ class FakeDiscord:
         self.resumes: list[dict[str, Any]] = []
         self.commands: list[dict[str, Any]] = []
         self.messages: dict[int, dict[str, Any]] = {}
+        # The bot's posts by (channel id, nonce): a lookup, not a scan of every message (the benchmarks post thousands).
+        self._bot_nonces: dict[tuple[str, str], dict[str, Any]] = {}
         self.channels: dict[int, dict[str, Any]] = {}
         self.threads: dict[int, dict[str, Any]] = {}
         self.interaction_callbacks: list[dict[str, Any]] = []
@@ -732,6 +734,8 @@ class FakeDiscord:
             data["message_reference"] = body["message_reference"] | {"channel_id": str(channel_id)}
             data["referenced_message"] = self.messages.get(int(body["message_reference"]["message_id"]))
         self.messages[message_id] = data
+        if data["nonce"]:
+            self._bot_nonces.setdefault((data["channel_id"], data["nonce"]), data)
         self._spawn(self.dispatch("MESSAGE_CREATE", data))  # the bot sees its own posts, as on Discord
         return data
 
@@ -751,9 +755,9 @@ class FakeDiscord:
             return self._json({"message": "Invalid Form Body", "code": 50035, "errors": {"content": {"_errors": [
                 {"code": "BASE_TYPE_MAX_LENGTH", "message": "Must be 2000 or fewer in length."}]}}}, 400)
         if body.get("enforce_nonce") and body.get("nonce"):
-            for existing in self.messages.values():
-                if existing.get("nonce") == body["nonce"] and existing["channel_id"] == channel_id and existing["author"]["id"] == str(BOT_ID):
-                    return self._json(existing)  # Discord returns the earlier message and creates none
+            existing = self._bot_nonces.get((channel_id, body["nonce"]))
+            if existing is not None:
+                return self._json(existing)  # Discord returns the earlier message and creates none
         return self._json(self._create_bot_message(cid, body))
 
     async def _get_messages(self, request: web.Request, body: Any, channel_id: str) -> web.Response:

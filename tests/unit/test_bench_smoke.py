@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import replace
 
-from bench import run, webhooks
+from bench import durability, run, webhooks
+from bench.common import ROOT
 from bench.relay import QUICK, relay_overhead
 
-TINY = replace(QUICK, latency=0.05, levels=(2,), duration={2: 0.3}, warmup=2)
+TINY = replace(
+    QUICK, latency=0.05, levels=(2,), duration={2: 0.3}, warmup=2,
+    dur_concurrency=2, dur_pairs=1, dur_max_pairs=1, dur_slice=0.3, dur_patience=0.0, dur_count_duration=0.3,
+)
 
 
 async def test_relay_and_webhook_benchmarks_run_and_render() -> None:
@@ -21,3 +26,36 @@ async def test_relay_and_webhook_benchmarks_run_and_render() -> None:
 
     table = run.relay_table(rows, TINY.latency) + run.webhook_table(intake)
     assert "| slack | 2 |" in table and "| bridge |" in table
+
+
+async def test_durability_benchmark_runs_both_trees_and_renders() -> None:
+    # HEAD as "before": the temporary worktree and the child run from it, without depending on old history.
+    result = await durability.durability_cost(TINY, platforms=("slack",), before="HEAD")
+    part = result["platforms"]["slack"]
+    for label in ("before", "after"):
+        timed, store = part["timed"][label], part["store"][label]
+        assert timed["answered"] > 0 and timed["lost"] == 0 and timed["errors"] == 0
+        assert store["answers"] > 0 and store["writes"] > 0 and store["commits"] > 0 and store["unresolved"] == 0
+    worktrees = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
+    assert "insitechat-bench-rev-" not in worktrees  # removed at the end
+    assert "| slack (Socket Mode) | **after - before** |" in run.durability_table(result)
+
+
+def test_store_cost_counts_writes_and_the_transactions_that_wrote() -> None:
+    events = [
+        [1.0, 0, "INSERT OR IGNORE INTO jobs (id) VALUES ('a')", 1],
+        [1.1, 0, "BEGIN IMMEDIATE", 0],
+        [1.2, 0, "INSERT INTO outbox (key) VALUES ('k')", 1],
+        [1.3, 0, "UPDATE jobs SET state = 'answered', reply = 'it''s 3' WHERE id = 'a'", 1],
+        [1.4, 0, "COMMIT", 0],
+        [1.5, 0, "BEGIN IMMEDIATE", 0],
+        [1.6, 0, "SELECT 1 FROM outbox", 0],
+        [1.7, 0, "COMMIT", 0],
+        [1.8, 0, "UPDATE outbox SET started = 1 WHERE id = 99", 0],  # matched no row: no write
+        [9.0, 0, "DELETE FROM seen", 4],  # outside the window
+    ]
+    cost = durability.store_cost(events, (0.0, 2.0), answers=1)
+    assert (cost["writes"], cost["commits"], cost["empty_transactions"], cost["statements"]) == (3, 2, 1, 9)
+    assert cost["kinds"] == {
+        "INSERT OR IGNORE INTO jobs": 1, "INSERT INTO outbox": 1, "UPDATE jobs SET state, reply": 1,
+    }
