@@ -19,7 +19,7 @@ from bridge.desk import AlertDesk
 from bridge.formatting import RENDERERS
 from bridge.messages import Conversation, Delivery, Outbound, OutboundKind
 from bridge.ports import PermanentSendError
-from bridge.store import OutboxItem, ReplyKind, Store, StoreError
+from bridge.store import ChatJob, OutboxItem, ReplyKind, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +139,9 @@ class Outbox:
             results = await asyncio.gather(*(self._deliver_in_order(items) for items in by_destination.values()))
             return sum(results)
 
-    async def deliver_now(self, item: OutboxItem) -> DeliveryResult:
-        """One attempt at an item just stored (a chat reply); on failure the worker retries it."""
-        result = await self._deliver(item, inline=True)
+    async def deliver_now(self, item: OutboxItem, job: ChatJob) -> DeliveryResult:
+        """One attempt at a chat reply just stored, with its job in hand; on failure the worker retries it."""
+        result = await self._deliver(item, job=job)
         if result is DeliveryResult.RETRYING:
             self.wake()  # later items of the same conversation wait behind it
         return result
@@ -162,7 +162,7 @@ class Outbox:
     def _backoff_for(self, item: OutboxItem) -> Backoff:
         return self._chat_backoff if item.payload.get("kind") == "chat" else self._alert_backoff
 
-    async def _deliver(self, item: OutboxItem, *, inline: bool = False) -> DeliveryResult:
+    async def _deliver(self, item: OutboxItem, *, job: ChatJob | None = None) -> DeliveryResult:
         """One attempt at one item, under its lease."""
         platform = item.destination.split(":", 1)[0]
         adapter = self._adapters.get(platform)
@@ -174,7 +174,7 @@ class Outbox:
         if taken is None:
             return DeliveryResult.SKIPPED
         try:
-            reference = await self._perform(adapter, platform, taken, inline=inline)
+            reference = await self._perform(adapter, platform, taken, job=job)
         except PermanentSendError as exc:
             metrics.DELIVERIES.labels(platform, "refused").inc()
             await self._store.outbox_fail(taken.id, str(exc))
@@ -195,10 +195,10 @@ class Outbox:
         await self._store.outbox_done(taken.id, reference)
         return DeliveryResult.DELIVERED
 
-    async def _perform(self, adapter: Adapter, platform: str, item: OutboxItem, *, inline: bool) -> str:
+    async def _perform(self, adapter: Adapter, platform: str, item: OutboxItem, *, job: ChatJob | None) -> str:
         kind = item.payload.get("kind")
         if kind == "chat":
-            return await self._reply(adapter, platform, item, inline=inline)
+            return await self._reply(adapter, platform, item, job=job)
         if kind == "notice":
             conversation = Conversation.from_key(item.payload["conversation"])
             parts = tuple(RENDERERS[platform](item.payload["text"]))
@@ -216,9 +216,14 @@ class Outbox:
             return await self._update(adapter, platform, item, alert)
         return await self._post(adapter, platform, item, alert)
 
-    async def _reply(self, adapter: Adapter, platform: str, item: OutboxItem, *, inline: bool) -> str:
-        """A chat job's reply, in the thread of the question; after a crash, only the parts not yet there."""
-        job = await self._store.get_job(item.payload["job"])
+    async def _reply(self, adapter: Adapter, platform: str, item: OutboxItem, *, job: ChatJob | None) -> str:
+        """A chat job's reply, in the thread of the question; after a crash, only the parts not yet there.
+
+        `job` is given by the relay's first attempt (it just stored it); retries read it back.
+        """
+        inline = job is not None
+        if job is None:
+            job = await self._store.get_job(item.payload["job"])
         if job is None or job.inbound is None:
             log.warning("chat reply %s expired before delivery; dropped", item.key)
             return "expired"

@@ -306,8 +306,9 @@ class Relay:
 
     async def _deliver(self, job: ChatJob, reply: _Reply) -> Outcome:
         """Store the reply with its delivery, then try that delivery at once; the outbox retries it."""
-        item = await self._store.job_answered(job.answered(reply.text, reply.kind, offer_human=reply.offer_human))
-        result = await self._outbox.deliver_now(item)
+        answered = job.answered(reply.text, reply.kind, offer_human=reply.offer_human)
+        item = await self._store.job_answered(answered)
+        result = await self._outbox.deliver_now(item, answered)
         if result is DeliveryResult.DELIVERED:
             return reply.outcome
         return Outcome.FAILED if result is DeliveryResult.FAILED else Outcome.PENDING
