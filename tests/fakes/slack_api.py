@@ -149,6 +149,10 @@ class FakeSlack:
         self.silent = False  # the socket neither answers pings nor greets new connections
         self.history_page = 100  # messages per conversations.history/replies page at most
         self.sockets: list[web.WebSocketResponse] = []
+        # False: every envelope goes to the newest socket; True: round robin over the open ones, as
+        # Slack spreads events over an app's connections (several replicas, one socket each).
+        self.spread = False
+        self._sent = 0
         self.envelopes: dict[str, Envelope] = {}
         self.url = ""
         self._last_ts = 0.0
@@ -277,7 +281,12 @@ class FakeSlack:
         if kind == "events_api":
             message["retry_attempt"] = retry_attempt
             message["retry_reason"] = retry_reason
-        await self.sockets[-1].send_str(json.dumps(message))
+        if self.spread:
+            self._sent += 1
+            socket = self.sockets[self._sent % len(self.sockets)]
+        else:
+            socket = self.sockets[-1]
+        await socket.send_str(json.dumps(message))
         return envelope
 
     # --- server ------------------------------------------------------------------------------
