@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 
 from bench.common import Child, cpu_seconds, free_port, machine_busy_seconds, machine_facts, ms, percentile
 from bench.fakes import GatedEmulator, TimedDiscord, TimedSlack
+from bench import harness as bench_harness
 from bench.harness import BOT, CONVERSATIONS, DiscordSender, Harness, Level, Sample, SlackSender, burst, closed_loop
 from bench.relay import UNLIMITED
 from tests.fakes import discord_api as fd
@@ -47,7 +48,7 @@ class Sizes:
     warmup: int
 
 
-FULL = Sizes(latency=0.5, levels=(50, 500), duration=5.0, rounds=3, warmup=40)
+FULL = Sizes(latency=0.5, levels=(50, 500), duration=5.0, rounds=2, warmup=40)
 QUICK = Sizes(latency=0.2, levels=(10, 50), duration=2.0, rounds=1, warmup=10)
 
 
@@ -196,6 +197,7 @@ def summarize(s: Setup, concurrency: int, latency: float) -> dict[str, Any]:
     return {
         "setup": s.name, "concurrent": concurrency, "questions": len(samples),
         "unanswered": sum(1 for x in samples if counts[x.token] == 0),
+        "refused": sum(1 for x in samples if x.acked is None),  # not acked: real Slack would send it again
         "doubled": sum(1 for x in samples if counts[x.token] > 1),
         "throughput": mean("throughput"), "throughput_slices": [r["throughput"] for r in rows],
         "p50": percentile(over, 50), "p99": percentile(over, 99),
@@ -207,7 +209,7 @@ def summarize(s: Setup, concurrency: int, latency: float) -> dict[str, Any]:
     }
 
 
-async def throughput(sizes: Sizes, tmp: Path, counts: tuple[int, ...] = (1, 2, 3)) -> list[dict[str, Any]]:
+async def throughput(sizes: Sizes, tmp: Path, counts: tuple[int, ...] = (1, 2, 3), profile: str = "", pool: int = 0) -> list[dict[str, Any]]:
     emulator = GatedEmulator.sandbox(latency=sizes.latency, rate_limit=10**9, rate_window=60.0, retry_after_header=True)
     await emulator.start()
     setups: list[Setup] = []
@@ -230,7 +232,11 @@ async def throughput(sizes: Sizes, tmp: Path, counts: tuple[int, ...] = (1, 2, 3
                 port = free_port()
                 own = folder / f"config-{i}.yaml"
                 own.write_text(re.sub(r'listen: "127.0.0.1:\d+"', f'listen: "127.0.0.1:{port}"', text))
-                replicas.append(replica(folder, f"r{i}", own, port, {"BENCH_REDIS_URL": server.url} if server else None))
+                # redis-py reads pool options from the URL's query: ?max_connections=N overrides its default (100).
+                env = {"BENCH_REDIS_URL": server.url + (f"?max_connections={pool}" if pool else "")} if server else {}
+                if profile and i == 0:  # cProfile of the first replica of each set-up (slows it: no numbers from such a run)
+                    env["BENCH_PROFILE"] = f"{profile}.{folder.name}"
+                replicas.append(replica(folder, f"r{i}", own, port, env))
             setups.append(Setup(name, slack, replicas, server, Harness(folder, emulator, slack, None)))
         for s in setups:
             print(f"starting {s.name} ...", file=sys.stderr, flush=True)
@@ -336,7 +342,7 @@ def table(rows: list[dict[str, Any]], fo: dict[str, Any] | None, sizes: Sizes) -
          f"interleaved slices of {sizes.duration:g} s per row. CPU = the replicas' user+system CPU (/proc) / answers; "
          "Redis CPU and commands are the run's own redis-server. Cores = CPU seconds per wall second."),
         "",
-        ("| set-up | concurrent | questions (unanswered / doubled) | answers/s (per slice) | overhead p50 / p99 ms "
+        ("| set-up | concurrent | questions (unanswered, of which not acked / doubled) | answers/s (per slice) | overhead p50 / p99 ms "
          "| CPU ms/answer (ratio to SQLite) | Redis CPU ms/answer | Redis cmds/answer | cores replicas / harness / other "
          "| load 1 min | bar |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
@@ -360,7 +366,7 @@ def table(rows: list[dict[str, Any]], fo: dict[str, Any] | None, sizes: Sizes) -
         redis_cpu = f"{r['redis_cpu_per_answer'] * 1000:.2f}" if r["setup"].startswith("redis") else "-"
         cmds = f"{r['redis_per_answer']:.1f}" if r["setup"].startswith("redis") else "-"
         out.append(
-            f"| {r['setup']} | {r['concurrent']} | {r['questions']} ({r['unanswered']} / {r['doubled']}) "
+            f"| {r['setup']} | {r['concurrent']} | {r['questions']} ({r['unanswered']}, {r['refused']} / {r['doubled']}) "
             f"| {r['throughput']:.0f} ({slices}) | {ms(r['p50'])} / {ms(r['p99'])} "
             f"| {r['cpu_per_answer'] * 1000:.2f} ({ratio:.2f}x) | {redis_cpu} | {cmds} "
             f"| {r['replicas_cores']:.2f} / {r['harness_cores']:.2f} / {r['other_cores']:.2f} "
@@ -378,10 +384,10 @@ def table(rows: list[dict[str, Any]], fo: dict[str, Any] | None, sizes: Sizes) -
     return "\n".join(out)
 
 
-async def run(sizes: Sizes, parts: list[str], counts: tuple[int, ...]) -> tuple[str, dict[str, Any]]:
-    results: dict[str, Any] = {"machine": machine_facts(), "sizes": sizes.__dict__}
+async def run(sizes: Sizes, parts: list[str], counts: tuple[int, ...], profile: str = "", pool: int = 0) -> tuple[str, dict[str, Any]]:
+    results: dict[str, Any] = {"machine": machine_facts(), "sizes": sizes.__dict__, "pool": pool or "redis-py default"}
     with tempfile.TemporaryDirectory(prefix="insitechat-replicas-") as tmp:
-        rows = await throughput(sizes, Path(tmp), counts) if "throughput" in parts else []
+        rows = await throughput(sizes, Path(tmp), counts, profile, pool) if "throughput" in parts else []
         fo = await failover(Path(tmp), sizes.latency) if "failover" in parts else None
     results.update(rows=rows, failover=fo)
     m = results["machine"]
@@ -396,11 +402,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="throughput,failover", help="comma-separated: throughput, failover")
     parser.add_argument("--replicas", default="1,2,3", help="replica counts on Redis (SQLite always runs 1)")
     parser.add_argument("--json", metavar="FILE", help="also write every number to FILE")
+    parser.add_argument("--profile", metavar="PREFIX", default="", help="cProfile each set-up's first replica to PREFIX.<set-up>")
+    parser.add_argument("--pool", type=int, default=0, help="the replicas' redis-py pool size (max_connections in the URL); 0: as shipped")
+    parser.add_argument("--answer-timeout", type=float, default=30.0, help="seconds after which an answer counts as lost")
     args = parser.parse_args(argv)
+    # Shorter than the harness's 120 s: a slice that loses answers should not stall the interleaving.
+    bench_harness.ANSWER_TIMEOUT = args.answer_timeout
     sizes = QUICK if args.quick else FULL
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     counts = tuple(int(x) for x in args.replicas.split(","))
-    text, results = asyncio.run(run(sizes, parts, counts))
+    text, results = asyncio.run(run(sizes, parts, counts, args.profile, args.pool))
     print(text)
     if args.json:
         with open(args.json, "w") as f:
