@@ -167,7 +167,9 @@ async def slice_(s: Setup, concurrency: int, sizes: Sizes) -> dict[str, Any]:
     each0 = [cpu_seconds(p) for p in pids]
     t0, cpu0, redis0, busy0 = time.monotonic(), sum(each0), cpu_seconds(redis_pid) if redis_pid else 0.0, machine_busy_seconds()
     own0 = cpu_seconds()
-    level: Level = await closed_loop(SocketSender(s.h, ""), concurrency=concurrency, duration=sizes.duration, latency=sizes.latency, pid=None)
+    level: Level = await closed_loop(
+        SocketSender(s.h, ""), concurrency=concurrency, duration=sizes.duration, latency=sizes.latency, pid=None
+    )
     wall = time.monotonic() - t0
     each = [cpu_seconds(p) - c for p, c in zip(pids, each0)]
     cpu = sum(each)
@@ -182,7 +184,8 @@ async def slice_(s: Setup, concurrency: int, sizes: Sizes) -> dict[str, Any]:
         "cpu_per_answer": cpu / n if n else float("nan"), "replicas_cores": cpu / wall,
         "redis_cpu_per_answer": redis_cpu / n if n else float("nan"),
         "redis_per_answer": commands / n if n and s.redis else float("nan"),
-        "split": [round(c / cpu, 2) for c in each] if cpu else [], "harness_cores": own / wall, "other_cores": max(0.0, busy - cpu - redis_cpu - own) / wall,
+        "split": [round(c / cpu, 2) for c in each] if cpu else [],  # each replica's share: the spread works
+        "harness_cores": own / wall, "other_cores": max(0.0, busy - cpu - redis_cpu - own) / wall,
         "load1": os.getloadavg()[0],
     }
 
@@ -250,7 +253,8 @@ async def throughput(sizes: Sizes, tmp: Path, counts: tuple[int, ...] = (1, 2, 3
                     row = await slice_(s, concurrency, sizes)
                     s.rows.setdefault(concurrency, []).append(row)
                     print(f"  round {r + 1} {s.name} @{concurrency}: {row['throughput']:.0f}/s, "
-                          f"{row['cpu_per_answer'] * 1000:.1f} ms CPU/answer, split {row['split']}, load {row['load1']:.2f}", file=sys.stderr, flush=True)
+                          f"{row['cpu_per_answer'] * 1000:.1f} ms CPU/answer, split {row['split']}, load {row['load1']:.2f}",
+                          file=sys.stderr, flush=True)
                     await asyncio.sleep(1.0)  # late answers of this slice land before the next one starts
         await asyncio.sleep(2.0)
         out = [summarize(s, c, sizes.latency) | {"errors": sum(x.log_count(" ERROR ") for x in s.replicas)}
