@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -70,6 +70,7 @@ TTL_MARGIN = 3 * 3600.0
 # conversation free by then. The holder renews every third of it.
 LOCK_POLL = 0.1  # a waiter tries again after about this long (jittered, so waiters do not march in step)
 TIMEOUT = 5.0  # connect and each command: a Redis that does not answer is a StoreError, not a hang
+MAX_CONNECTIONS = 200  # per replica; beyond it a command waits (up to TIMEOUT) for a free connection
 PRUNE_BATCH = 500  # ids per prune script, so one prune never blocks Redis for long
 
 _STATES = tuple(state.value for state in JobState)
@@ -480,8 +481,13 @@ class RedisStore:
         self._renewals: set[asyncio.Task[None]] = set()
         self._inflight: set[asyncio.Future[Any]] = set()
         try:
-            self._redis: Redis = Redis.from_url(
+            # A blocking pool: under a burst (500 questions at once) a command waits for a free
+            # connection instead of failing with "Too many connections" (redis-py's default pool
+            # raises at once), which refused events and failed jobs in the replica benchmark.
+            pool = BlockingConnectionPool.from_url(
                 url,
+                max_connections=MAX_CONNECTIONS,
+                timeout=timeout,
                 decode_responses=True,
                 socket_timeout=timeout,
                 socket_connect_timeout=timeout,
@@ -489,6 +495,7 @@ class RedisStore:
                 # after a timeout, when the script may have run: StoreError, the caller decides.
                 retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             )
+            self._redis: Redis = Redis.from_pool(pool)  # owns the pool: aclose() closes it
         except (ValueError, RedisError) as exc:
             raise StoreError(f"cannot use the Redis URL {self._where}: {self._redact(str(exc))}") from None
         script = self._redis.register_script

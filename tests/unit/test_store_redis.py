@@ -17,7 +17,7 @@ import redis.asyncio
 from bridge.clock import Clock, ManualClock, SystemClock
 from bridge.messages import Inbound
 from bridge.store import DAY, ChatJob, JobState, NewDelivery, ReplyKind, StoreError
-from bridge.store.redis import LOCK_LEASE, TTL_MARGIN, RedisStore, redact_url
+from bridge.store.redis import LOCK_LEASE, MAX_CONNECTIONS, TTL_MARGIN, RedisStore, redact_url
 from tests.conftest import free_port
 
 Replica = Callable[..., RedisStore]  # replica(clock=...)
@@ -369,3 +369,13 @@ async def test_no_persistence_warning_when_config_is_not_allowed(redis_url: str,
     finally:
         await store.close()
         await raw.acl_deluser(user)
+
+
+async def test_a_burst_larger_than_the_connection_pool_waits_for_connections_instead_of_failing(
+    replica: Replica, clock: ManualClock
+) -> None:
+    store = replica()
+    jobs = [new_job(clock, str(n)) for n in range(MAX_CONNECTIONS + 150)]  # 500 questions at once, say
+    created = await asyncio.gather(*(store.create_job(job, lease=60) for job in jobs))
+    assert all(created)
+    assert (await store.job_counts())[JobState.ACCEPTED] == len(jobs)
