@@ -190,25 +190,26 @@ class AlertDesk:
 
     async def act(self, alert_id: str, action: str, who: str) -> Alert | None:
         """Claim or resolve; every posted copy of the card is updated through the outbox."""
-        for _ in range(_CAS_TRIES):
-            found = await self._store.get_versioned(ALERT, alert_id)
-            if found is None:
-                return None
-            record = AlertRecord.from_json(found.value)
+
+        def claim_or_resolve(record: AlertRecord) -> bool:
             if not self._alert(record).can_be_claimed:
-                return self._alert(record)  # leads and notices carry no buttons
+                return False  # leads and notices carry no buttons
             if action == "claim" and record.state is AlertState.OPEN:
                 record.state, record.claimed_by = AlertState.CLAIMED, who
             elif action == "resolve" and record.state is not AlertState.RESOLVED:
                 record.state, record.resolved_by = AlertState.RESOLVED, who
             else:
-                return self._alert(record)  # a second click changes nothing
+                return False  # a second click changes nothing
             record.changed_at = self._clock.time()
             record.version += 1
-            if await self._store.put_if(ALERT, alert_id, record.to_json(), revision=found.revision, ttl=ALERT_TTL):
-                break
-        else:
-            raise StoreError(f"alert {alert_id} kept changing under concurrent clicks")
+            return True
+
+        changed = await self._change_alert(alert_id, claim_or_resolve)
+        if changed is None:
+            return None
+        record, written = changed
+        if not written:
+            return self._alert(record)
         for address in record.posts:
             await self._queue_update(record, address)
         if record.state is AlertState.RESOLVED and record.conversation:
@@ -224,6 +225,25 @@ class AlertDesk:
         self.on_queued()
         log.info("alert %s %s by %s", alert_id, record.state.value, who)
         return self._alert(record)
+
+    async def _change_alert(
+        self, alert_id: str, change: Callable[[AlertRecord], bool]
+    ) -> tuple[AlertRecord, bool] | None:
+        """Apply `change` to the stored alert atomically (compare-and-set, retried on a collision).
+
+        `change` edits the record and says whether there is anything to write. Returns the
+        record and whether it was written; None when there is no such alert.
+        """
+        for _ in range(_CAS_TRIES):
+            found = await self._store.get_versioned(ALERT, alert_id)
+            if found is None:
+                return None
+            record = AlertRecord.from_json(found.value)
+            if not change(record):
+                return record, False
+            if await self._store.put_if(ALERT, alert_id, record.to_json(), revision=found.revision, ttl=ALERT_TTL):
+                return record, True
+        raise StoreError(f"alert {alert_id} kept changing under concurrent updates")
 
     async def _queue_update(self, record: AlertRecord, address: str) -> None:
         # Keyed by version: the click and a post that saw the change queue the same update once.
@@ -245,16 +265,15 @@ class AlertDesk:
 
     async def record_post(self, alert_id: str, address: str, reference: str, *, shown_version: int) -> None:
         """Remember where a card went; if the alert changed while it was posted, queue its update."""
-        for _ in range(_CAS_TRIES):
-            found = await self._store.get_versioned(ALERT, alert_id)
-            if found is None:
-                return
-            record = AlertRecord.from_json(found.value)
+
+        def add_post(record: AlertRecord) -> bool:
             record.posts[address] = reference
-            if await self._store.put_if(ALERT, alert_id, record.to_json(), revision=found.revision, ttl=ALERT_TTL):
-                break
-        else:
-            raise StoreError(f"alert {alert_id} kept changing while its card was posted")
+            return True
+
+        changed = await self._change_alert(alert_id, add_post)
+        if changed is None:
+            return
+        record = changed[0]
         if record.version != shown_version:
             # A claim or resolve came while this card was on its way: it shows an old state.
             await self._queue_update(record, address)
