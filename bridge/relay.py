@@ -157,12 +157,8 @@ class Relay:
         return self._count(inbound, self._start(job))
 
     def submit(self, inbound: Inbound) -> asyncio.Task[Outcome]:
-        """accept() and wait for the outcome, as one task (the console, tests)."""
-
-        async def accept_and_wait() -> Outcome:
-            return await (await self.accept(inbound))
-
-        return asyncio.get_running_loop().create_task(accept_and_wait(), name=f"relay:{inbound.dedupe_key}")
+        """handle() as a task of its own (the console, tests)."""
+        return asyncio.get_running_loop().create_task(self.handle(inbound), name=f"relay:{inbound.dedupe_key}")
 
     async def handle(self, inbound: Inbound) -> Outcome:
         """accept() and wait for the outcome."""
