@@ -37,7 +37,7 @@ from tests.unit.test_limiter import window_violations
 
 START = 1_000_000.0  # with ManualClock's epoch offset, wall times stay exact in binary fractions
 ROOT = Path(__file__).resolve().parents[2]
-KEY = "ic_test_budget_key_0123456789abcdefghijklmnopqr"
+KEY = "ic_fake_budget_key"  # an obvious fake; only its hash names the Redis keys
 
 # --- Redis: the session's server from tests/conftest.py (`redis_url`) ----------------------
 
