@@ -11,7 +11,6 @@ from typing import TextIO
 
 from aiohttp import web
 
-from adapters.base import Adapter
 from adapters.console import ConsoleAdapter, ConsoleCommand
 from bridge import metrics
 from bridge.backoff import Backoff
@@ -22,7 +21,7 @@ from bridge.insitechat import InsiteChatClient, RetryPolicy
 from bridge.leader import LEASE, RedisLease
 from bridge.limiter import SlidingWindowLimiter
 from bridge.outbox import ATTEMPT_LEASE, Outbox
-from bridge.ports import Platform
+from bridge.ports import Adapter, Platform, ReportsReadiness, StopsIntake
 from bridge.relay import JOB_LEASE, Relay
 from bridge.store import LOCK_LEASE, Store, StoreError, open_store
 from bridge.supervisor import Supervisor
@@ -290,9 +289,8 @@ class BridgeApp:
         for adapter in self.adapters:
             # Platforms that redeliver (Slack) stop taking events first, so nothing new is
             # acked and then dropped while the answers in flight finish.
-            stop_intake = getattr(adapter, "stop_intake", None)
-            if stop_intake is not None:
-                await stop_intake()
+            if isinstance(adapter, StopsIntake):
+                await adapter.stop_intake()
         if self._maintenance is not None:
             self._maintenance.cancel()
         await self.relay.drain(self.grace)
@@ -338,9 +336,8 @@ class BridgeApp:
             if connecting is not None:  # connecting, refused: the supervisor knows why
                 parts[adapter.name] = connecting
                 continue
-            check = getattr(adapter, "readiness", None)
-            if check is not None:
-                parts[adapter.name] = check() or "ok"
+            if isinstance(adapter, ReportsReadiness):
+                parts[adapter.name] = adapter.readiness() or "ok"
         return parts
 
     async def _readyz(self, request: web.Request) -> web.Response:

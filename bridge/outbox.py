@@ -9,7 +9,6 @@ import random
 from collections import defaultdict
 from collections.abc import Callable
 
-from adapters.base import Adapter, AlertPoster
 from bridge import metrics
 from bridge.alerts import ESCALATED, HUMAN_REQUESTED, LEAD, Alert
 from bridge.backoff import Backoff
@@ -18,7 +17,7 @@ from bridge.clock import Clock
 from bridge.desk import AlertDesk
 from bridge.formatting import RENDERERS
 from bridge.messages import Conversation, Delivery, Outbound, OutboundKind
-from bridge.ports import PermanentSendError
+from bridge.ports import Adapter, AlertPoster, PermanentSendError
 from bridge.store import ChatJob, OutboxItem, ReplyKind, Store, StoreError
 
 log = logging.getLogger(__name__)

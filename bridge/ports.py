@@ -1,8 +1,11 @@
-"""The ports between the core and the platform adapters: errors adapters raise, and connections that can end."""
+"""The ports between the core and the platform adapters: what an adapter offers, and the errors it raises."""
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol, runtime_checkable
+
+from bridge.messages import Conversation, Inbound, Outbound
 
 
 class PermanentSendError(Exception):
@@ -63,3 +66,71 @@ class GatewayLease(Protocol):
 
     async def wait_changed(self) -> None:
         """Return the next time `is_leader` flips."""
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """One chat platform as the relay and the outbox see it. Adapters translate; the core decides."""
+
+    name: str  # the platform name used in routes: "slack", "discord", "console"
+
+    async def start(self) -> None:
+        """Connect and begin delivering Inbound messages to the relay. Returns once connected."""
+
+    async def stop(self) -> None:
+        """Disconnect; must be safe to call twice and after a failed start."""
+
+    async def send(self, outbound: Outbound) -> list[str]:
+        """Post every part in order; return the platform ids of the posted messages.
+
+        Raises on failure (PermanentSendError when it cannot heal) so the caller can retry
+        or give up. Where the platform needs a thread created first (Discord), the adapter
+        creates it on `Outbound.reply_to`; its id equals the conversation's thread id there.
+        """
+
+    def working(self, inbound: Inbound) -> AbstractAsyncContextManager[None]:
+        """Show that an answer is being prepared (reaction, typing...) while inside."""
+
+
+@runtime_checkable
+class AlertPoster(Adapter, Protocol):
+    """A platform that can also carry alert cards (Slack, Discord)."""
+
+    async def post_alert(self, channel: str, card: dict[str, Any], *, thread: str, broadcast: bool, key: str) -> str:
+        """Post a rendered card (bridge.cards) to a channel, in `thread` if given; return its reference.
+
+        `key` identifies the delivery: store it with the message (Slack metadata, Discord
+        nonce or embed footer) so `find_alert` can recognise it after a crash.
+        `broadcast`: an escalation inside a thread is also shown in the channel itself.
+        """
+
+    async def find_alert(self, channel: str, key: str, *, since: float, thread: str) -> str | None:
+        """The reference of a card already posted with `key` since the epoch time `since`, if any."""
+
+    async def update_alert(self, channel: str, reference: str, card: dict[str, Any]) -> None:
+        """Replace a posted card in place (claim / resolve)."""
+
+    async def permalink(self, conversation: Conversation) -> str | None:
+        """A link to a conversation's thread, for alerts about it."""
+
+
+@runtime_checkable
+class ReportsReadiness(Protocol):
+    """An adapter whose connection can look open while it is not live (a socket, a gateway)."""
+
+    def readiness(self) -> str | None:
+        """None when the connection is live by its own heartbeat, else why not; /readyz reports it.
+
+        A text starting with "ok" is ready, with a detail worth showing (a Discord standby).
+        """
+
+
+@runtime_checkable
+class StopsIntake(Protocol):
+    """An adapter that can stop taking new events while its sends still work (shutdown)."""
+
+    async def stop_intake(self) -> None:
+        """Take no new events, so the platform redelivers them to the next run; posting keeps working.
+
+        Called before the relay drains at shutdown.
+        """

@@ -8,7 +8,6 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from adapters.base import Adapter
 from bridge import formatting, metrics
 from bridge.clock import Clock, SystemClock
 from bridge.config import ReplyMode, RouteSettings, Settings
@@ -25,6 +24,7 @@ from bridge.insitechat import (
 )
 from bridge.messages import Inbound, Outbound, OutboundKind
 from bridge.outbox import DeliveryResult, Outbox
+from bridge.ports import Adapter
 from bridge.store import ChatJob, JobState, ReplyKind, Store, StoreError
 
 log = logging.getLogger(__name__)
