@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
         import discord.http
         import yarl
 
-        from adapters.discord_bot import DiscordAdapter
+        from adapters.discord import DiscordAdapter
 
         discord.http.Route.BASE = f"{discord_url}/api/v10"
         discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(discord_url.replace("http://", "ws://") + "/gateway")

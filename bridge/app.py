@@ -87,7 +87,7 @@ def build_clients(settings: Settings, clock: Clock, *, redis_url: str | None = N
 
 def gateway_lease_key(token: str, prefix: str) -> str:
     """One lease per bot: two bots sharing a Redis do not compete for one gateway."""
-    from adapters.discord_setup import application_id_from_token
+    from adapters.discord.setup import application_id_from_token
 
     return f"{prefix}discord-gateway:{application_id_from_token(token) or 'bot'}"
 
@@ -165,7 +165,7 @@ class BridgeApp:
                 SlackAdapter(settings, self.relay.accept, web=self.web, store=self.store, clock=self.clock, desk=self.desk)
             )
         if settings.discord is not None:
-            from adapters.discord_bot import DiscordAdapter
+            from adapters.discord import DiscordAdapter
 
             self.adapters.append(
                 DiscordAdapter(

@@ -203,9 +203,9 @@ async def _cmd_check(args: argparse.Namespace) -> int:
 
         checks.append(("slack", await slack.check(settings)))
     if settings.discord is not None:
-        from adapters import discord_bot
+        from adapters import discord as discord_adapter
 
-        checks.append(("discord", await discord_bot.check(settings)))
+        checks.append(("discord", await discord_adapter.check(settings)))
     for part, problems in checks:
         for problem in problems:
             print(f"FAIL  {problem}" if problem.startswith(part) else f"FAIL  {part}: {problem}")
@@ -355,7 +355,7 @@ async def _cmd_slack_manifest(args: argparse.Namespace) -> int:
 
 
 async def _cmd_discord_invite(args: argparse.Namespace) -> int:
-    from adapters.discord_bot import DiscordSetupError, invite_url
+    from adapters.discord import DiscordSetupError, invite_url
 
     settings = config.load(args.config)
     if settings.discord is None:

@@ -17,7 +17,7 @@ def _aim_discord_at(url: str) -> None:
     import discord.http
     import yarl
 
-    from adapters.discord_bot import DiscordAdapter
+    from adapters.discord import DiscordAdapter
 
     discord.http.Route.BASE = f"{url}/api/v10"
     discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(f"ws://{url.removeprefix('http://')}/gateway")

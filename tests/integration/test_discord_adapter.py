@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from adapters.discord_bot import DiscordAdapter, DiscordRefused
+from adapters.discord import DiscordAdapter, DiscordRefused
 from bridge import config
 from bridge.app import BridgeApp
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
@@ -39,7 +39,7 @@ async def eventually(predicate: Callable[[], Any], timeout: float = 5.0, what: s
 def decisions_logged(caplog: pytest.LogCaptureFixture) -> None:
     # turned_down() reads the relay's and the adapter's debug lines about messages they drop.
     caplog.set_level(logging.DEBUG, logger="bridge.relay")
-    caplog.set_level(logging.DEBUG, logger="adapters.discord_bot")
+    caplog.set_level(logging.DEBUG, logger="adapters.discord")
 
 
 async def turned_down(caplog: pytest.LogCaptureFixture, *messages: dict[str, Any]) -> None:

@@ -16,8 +16,8 @@ import discord.http
 import httpx
 import pytest
 
-from adapters.discord_alerts import HUMAN_CONFIRMATION, MARKER_PREFIX
-from adapters.discord_bot import DiscordAdapter
+from adapters.discord.alerts import HUMAN_CONFIRMATION, MARKER_PREFIX
+from adapters.discord import DiscordAdapter
 from bridge import config
 from bridge.app import BridgeApp
 from bridge.clock import Clock, ManualClock

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from adapters.discord_bot import DiscordAdapter, check
+from adapters.discord import DiscordAdapter, check
 from bridge import config
 from bridge.app import BridgeApp
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator

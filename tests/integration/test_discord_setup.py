@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlparse
 import discord
 import pytest
 
-from adapters.discord_bot import (
+from adapters.discord import (
     DiscordAdapter,
     DiscordSetupError,
     DiscordStartError,

@@ -18,7 +18,7 @@ import pytest
 
 import redis.asyncio as redis_asyncio
 
-from adapters.discord_bot import DiscordAdapter, DiscordRefused
+from adapters.discord import DiscordAdapter, DiscordRefused
 from bridge import config
 from bridge.app import BridgeApp
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator

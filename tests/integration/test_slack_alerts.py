@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from adapters.slack import SlackAdapter
-from adapters.slack_alerts import ALERT_EVENT_TYPE, HUMAN_ACTION, HUMAN_ASKED, HUMAN_ASKED_DM, SECTION_LIMIT
+from adapters.slack.alerts import ALERT_EVENT_TYPE, HUMAN_ACTION, HUMAN_ASKED, HUMAN_ASKED_DM, SECTION_LIMIT
 from bridge import config
 from bridge.app import BridgeApp
 from bridge.clock import SystemClock
@@ -539,7 +539,7 @@ async def test_find_alert_pages_through_the_channel_and_the_thread(
     assert await adapter.find_alert(ALERTS, "k-reply", since=since, thread=root) == reply
     assert await adapter.find_alert(ALERTS, "k-nowhere", since=since, thread=root) is None
     assert await adapter.find_alert(ALERTS, "k-root", since=time.time() + 3600, thread="") is None  # too old
-    monkeypatch.setattr("adapters.slack.FIND_PAGES", 2)  # the search is bounded
+    monkeypatch.setattr("adapters.slack.adapter.FIND_PAGES", 2)  # the search is bounded
     assert await adapter.find_alert(ALERTS, "k-root", since=since, thread="") is None
 
     slack.fail("conversations.history", status=500)  # Slack cannot be asked: the outbox waits, never guesses

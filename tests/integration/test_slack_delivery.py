@@ -14,7 +14,7 @@ import pytest
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 
 from adapters.slack import SlackAdapter, SlackError
-from adapters.slack_delivery import DELIVERY_EVENT_TYPE
+from adapters.slack.delivery import DELIVERY_EVENT_TYPE
 from bridge import config
 from bridge.app import BridgeApp
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator

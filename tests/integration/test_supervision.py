@@ -22,7 +22,7 @@ import httpx
 import pytest
 import yarl
 
-from adapters.discord_bot import DiscordAdapter
+from adapters.discord import DiscordAdapter
 from adapters.slack import SlackAdapter
 from bridge import config
 from bridge.app import BridgeApp

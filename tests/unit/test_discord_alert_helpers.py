@@ -8,7 +8,7 @@ from typing import Any
 
 import discord
 
-from adapters.discord_alerts import (
+from adapters.discord.alerts import (
     allowed_mentions_for,
     broadcast_line,
     card_embed,
@@ -23,7 +23,7 @@ from adapters.discord_alerts import (
     thread_title,
     view_of,
 )
-from adapters.discord_translate import Place, PlaceKind, click_conversation
+from adapters.discord.translate import Place, PlaceKind, click_conversation
 from bridge.messages import Conversation
 
 PAYLOADS = Path(__file__).parent.parent / "payloads" / "discord"

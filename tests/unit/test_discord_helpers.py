@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import discord
 
-from adapters.discord_bot import (
+from adapters.discord import (
     REQUIRED_PERMISSIONS,
     application_id_from_token,
     channel_permissions,
@@ -85,7 +85,7 @@ def test_administrators_and_owners_may_do_everything() -> None:
 def test_start_failures_say_whether_another_try_can_help() -> None:
     from types import SimpleNamespace
 
-    from adapters.discord_setup import DiscordRefused, DiscordStartError, describe_failure
+    from adapters.discord.setup import DiscordRefused, DiscordStartError, describe_failure
     from bridge.ports import PlatformRefused
 
     def closed(code: int) -> discord.ConnectionClosed:

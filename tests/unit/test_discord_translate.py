@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from adapters.discord_translate import BotIdentity, Place, PlaceKind, content_withheld, translate_command, translate_message
+from adapters.discord.translate import BotIdentity, Place, PlaceKind, content_withheld, translate_command, translate_message
 
 PAYLOADS = Path(__file__).parent.parent / "payloads" / "discord"
 BOT = "1098765432109876543"

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from adapters.slack import SlackAdapter
-from adapters.slack_alerts import (
+from adapters.slack.alerts import (
     HUMAN_ACTION,
     HUMAN_BLOCK_ID,
     alert_key,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from adapters.slack import manifest
-from adapters.slack_setup import BOT_EVENTS, REQUIRED_SCOPES
+from adapters.slack.setup import BOT_EVENTS, REQUIRED_SCOPES
 from bridge import cli, config
 from tests.conftest import CHATBOT_ID
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from adapters.slack_translate import (
+from adapters.slack.translate import (
     BotIdentity,
     command_echo,
     command_inbound,

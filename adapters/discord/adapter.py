@@ -15,27 +15,12 @@ import discord
 from aiohttp.web import Application
 from discord import app_commands
 
-from adapters.discord_alerts import AlertCards, jump_url
-from adapters.discord_interactions import DiscordInteractions
-from adapters.discord_places import Origin, Recent, place_of_channel
-from adapters.discord_posting import (
-    NO_MENTIONS,
-    DiscordPosting,
-    make_nonce,
-    thread_name,
-)
-from adapters.discord_setup import (
-    REQUIRED_PERMISSIONS,
-    DiscordRefused,
-    DiscordSetupError,
-    DiscordStartError,
-    application_id_from_token,
-    channel_permissions,
-    check,
-    describe_failure,
-    invite_url,
-)
-from adapters.discord_translate import (
+from adapters.discord.alerts import AlertCards, jump_url
+from adapters.discord.interactions import DiscordInteractions
+from adapters.discord.places import Origin, Recent, place_of_channel
+from adapters.discord.posting import NO_MENTIONS, DiscordPosting
+from adapters.discord.setup import DiscordRefused, DiscordStartError, describe_failure
+from adapters.discord.translate import (
     BotIdentity,
     Place,
     PlaceKind,
@@ -48,21 +33,6 @@ from bridge.desk import AlertDesk
 from bridge.messages import Conversation, Inbound
 from bridge.ports import GatewayLease
 from bridge.store import Store, StoreError
-
-# What callers (the CLI, tests, bench) import from here, wherever it now lives.
-__all__ = [
-    "REQUIRED_PERMISSIONS",
-    "DiscordAdapter",
-    "DiscordRefused",
-    "DiscordSetupError",
-    "DiscordStartError",
-    "application_id_from_token",
-    "channel_permissions",
-    "check",
-    "invite_url",
-    "make_nonce",
-    "thread_name",
-]
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Generic, TypeVar
 
 import discord
 
-from adapters.discord_translate import Place, PlaceKind
+from adapters.discord.translate import Place, PlaceKind
 
 REMEMBERED = 5000  # recent message ids kept in memory (origins, the bot's own answers)
 

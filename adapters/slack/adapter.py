@@ -21,7 +21,7 @@ from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError
 
-from adapters.slack_alerts import (
+from adapters.slack.alerts import (
     HUMAN_ACTION,
     SECTION_LIMIT,
     alert_key,
@@ -29,22 +29,20 @@ from adapters.slack_alerts import (
     human_blocks,
     is_dm_channel,
 )
-from adapters.slack_delivery import part_mark, part_metadata, send_error
-from adapters.slack_interactions import SlackInteractions
-from adapters.slack_setup import (
+from adapters.slack.delivery import part_mark, part_metadata, send_error
+from adapters.slack.interactions import SlackInteractions
+from adapters.slack.setup import (
     EVENTS_PATH,
     NETWORK_ERRORS,
     REFUSED_CODES,
     REQUIRED_SCOPES,
     SlackError,
     SlackRefused,
-    check,
     error_code,
     make_client,
-    manifest,
     token_scopes,
 )
-from adapters.slack_translate import PLATFORM, BotIdentity, event_to_inbound
+from adapters.slack.translate import PLATFORM, BotIdentity, event_to_inbound
 from bridge.cards import ACTION_PREFIX
 from bridge.clock import Clock, SystemClock
 from bridge.config import Settings
@@ -53,7 +51,6 @@ from bridge.formatting import split_text
 from bridge.messages import Conversation, Delivery, Inbound, Outbound
 from bridge.store import Store, StoreError
 
-__all__ = ["SlackAdapter", "SlackError", "SlackRefused", "check", "manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +65,7 @@ FIND_PAGE_SIZE = 200
 class SlackAdapter(SlackInteractions):
     """Slack in and out: events become Inbound for the relay; the relay's Outbound become posts.
 
-    Translation is pure (adapters/slack_translate.py); every decision is the relay's. The
+    Translation is pure (adapters/slack/translate.py); every decision is the relay's. The
     adapter passes each plain message and mention on, even the `message` + `app_mention`
     pair of one post and Slack's retries: they share one dedupe key, which the relay
     claims in the persistent store, so each post is answered exactly once.

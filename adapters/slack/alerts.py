@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from adapters.slack_delivery import marked_payload
-from adapters.slack_translate import PLATFORM
+from adapters.slack.delivery import marked_payload
+from adapters.slack.translate import PLATFORM
 from bridge.messages import Conversation
 
 ALERT_EVENT_TYPE = "insitechat_alert"  # message metadata event_type of every alert card

@@ -10,7 +10,7 @@ import aiohttp
 import discord
 from discord import app_commands
 
-from adapters.discord_alerts import (
+from adapters.discord.alerts import (
     ALERT_EXPIRED,
     ALERT_FAILED,
     HUMAN_ALREADY_ASKED,
@@ -18,10 +18,10 @@ from adapters.discord_alerts import (
     HUMAN_UNAVAILABLE,
     parse_human_id,
 )
-from adapters.discord_places import Recent, place_of_channel
-from adapters.discord_posting import INTERACTION_LIFETIME, NO_MENTIONS
-from adapters.discord_setup import DiscordStartError
-from adapters.discord_translate import (
+from adapters.discord.places import Recent, place_of_channel
+from adapters.discord.posting import INTERACTION_LIFETIME, NO_MENTIONS
+from adapters.discord.setup import DiscordStartError
+from adapters.discord.translate import (
     Place,
     PlaceKind,
     click_conversation,

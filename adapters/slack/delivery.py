@@ -8,7 +8,7 @@ from typing import Any
 
 from slack_sdk.errors import SlackApiError
 
-from adapters.slack_setup import SlackError, error_code
+from adapters.slack.setup import SlackError, error_code
 from bridge.ports import PermanentSendError
 
 DELIVERY_EVENT_TYPE = "insitechat_delivery"  # message metadata event_type of every part the outbox posts

@@ -10,7 +10,7 @@ from typing import Any
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from adapters.slack_alerts import (
+from adapters.slack.alerts import (
     ACTION_FAILED,
     ALERT_GONE,
     ALERTS_OFF,
@@ -25,8 +25,8 @@ from adapters.slack_alerts import (
     parse_human_value,
     without_human_button,
 )
-from adapters.slack_setup import NETWORK_ERRORS, error_code
-from adapters.slack_translate import (
+from adapters.slack.setup import NETWORK_ERRORS, error_code
+from adapters.slack.translate import (
     PLATFORM,
     BotIdentity,
     command_echo,

@@ -11,10 +11,10 @@ from typing import Any
 import aiohttp
 import discord
 
-from adapters.discord_alerts import delivery_nonce, human_view
-from adapters.discord_places import Origin, Recent, place_of_channel
-from adapters.discord_setup import PERMISSION_NAMES
-from adapters.discord_translate import Place, PlaceKind
+from adapters.discord.alerts import delivery_nonce, human_view
+from adapters.discord.places import Origin, Recent, place_of_channel
+from adapters.discord.setup import PERMISSION_NAMES
+from adapters.discord.translate import Place, PlaceKind
 from bridge.clock import Clock
 from bridge.config import DiscordSettings, Settings
 from bridge.messages import Conversation, Outbound, OutboundKind
