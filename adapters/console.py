@@ -13,7 +13,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, TextIO
 
+from bridge.alerts import Alert, AlertState
+from bridge.cards import QUOTE_LIMIT, cut, facts, plain_title, state_line
 from bridge.desk import AlertDesk
+from bridge.formatting import neutralise_plain, to_plain
 from bridge.messages import Conversation, Inbound, Outbound, OutboundKind
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,10 @@ class ConsoleAdapter:
             self._reader_task.cancel()
             await asyncio.gather(self._reader_task, return_exceptions=True)
 
+    def render(self, markdown: str) -> list[str]:
+        """Readable plain text, kept whole: a terminal has no message limit."""
+        return to_plain(markdown)
+
     async def send(self, outbound: Outbound) -> list[str]:
         prefix = "bot" if outbound.kind is OutboundKind.ANSWER else "bot (notice)"
         for part in outbound.parts:
@@ -75,6 +82,9 @@ class ConsoleAdapter:
         yield
 
     # --- alerts (AlertPoster) ---
+
+    def render_card(self, alert: Alert, mentions: tuple[str, ...]) -> dict[str, Any]:
+        return console_card(alert, mentions)
 
     async def post_alert(self, channel: str, card: dict[str, Any], *, thread: str, broadcast: bool, key: str) -> str:
         if card["actionable"]:
@@ -143,6 +153,22 @@ class ConsoleAdapter:
         if interactive:
             self._stdout.write(f"{self._user}> ")
             self._stdout.flush()
+
+
+def console_card(alert: Alert, mentions: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Plain lines for a terminal; `/claim` and `/resolve` stand in for the buttons."""
+    lines = [f"{plain_title(alert)}  [alert {alert.id[:8]}]"]
+    if alert.event.visitor_text:
+        lines.append(f'  "{cut(alert.event.visitor_text, QUOTE_LIMIT)}"')
+    lines += [f"  {key}: {value}" for key, value in facts(alert)]
+    lines += [f"  {who}: {cut(said, 300)}" for who, said in alert.history[-4:]]
+    status = state_line(alert, lambda text: text)
+    if status:
+        lines.append(f"  {status}")
+    actionable = alert.can_be_claimed and alert.state is not AlertState.RESOLVED
+    if actionable:
+        lines.append("  (type /claim or /resolve)")
+    return {"id": alert.id, "actionable": actionable, "lines": [neutralise_plain(line) for line in lines]}
 
 
 async def _lines(stream: TextIO) -> AsyncIterator[str]:

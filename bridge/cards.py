@@ -1,14 +1,12 @@
-"""Alert cards: a Slack Block Kit message and a Discord embed per alert, bounded, escaped, mention-safe."""
+"""What every platform's alert card shows: the title, the facts, the state line, and the button ids."""
 
 from __future__ import annotations
 
 import re
 import time
 from collections.abc import Callable
-from typing import Any
 
 from bridge.alerts import ESCALATED, HUMAN_REQUESTED, LEAD, MESSAGE, STARTED, Alert, AlertState
-from bridge.formatting import neutralise_discord, neutralise_slack
 
 CLAIM, RESOLVE = "claim", "resolve"
 ACTION_PREFIX = "insitechat_alert"  # Slack action_id / Discord custom_id: "<prefix>:<action>:<alert id>"
@@ -21,9 +19,8 @@ _TITLES = {
     MESSAGE: ":envelope: Visitor message",
 }
 _DISCORD_EMOJI = {":raising_hand:": "🙋", ":card_index:": "📇", ":speech_balloon:": "💬", ":envelope:": "✉️", ":test_tube:": "🧪"}
-_COLOURS = {AlertState.OPEN: 0xE01E5A, AlertState.CLAIMED: 0xECB22E, AlertState.RESOLVED: 0x2EB67D}
-_QUOTE_LIMIT = 1000  # the visitor's words shown on a card
-_FIELD_LIMIT = 200  # one lead field
+QUOTE_LIMIT = 1000  # the visitor's words shown on a card
+FIELD_LIMIT = 200  # one lead field
 
 
 def title(alert: Alert) -> str:
@@ -53,11 +50,11 @@ def facts(alert: Alert) -> list[tuple[str, str]]:
         for label, key in (("Name", "name"), ("Email", "email"), ("Phone", "phone")):
             value = str(event.data.get(key) or "").strip()
             if value:
-                lines.append((label, value[:_FIELD_LIMIT]))
+                lines.append((label, value[:FIELD_LIMIT]))
         custom = event.data.get("custom_data")
         if isinstance(custom, dict):
             for key, value in list(custom.items())[:10]:
-                lines.append((str(key)[:50], str(value)[:_FIELD_LIMIT]))
+                lines.append((str(key)[:50], str(value)[:FIELD_LIMIT]))
     if event.session_id:
         lines.append(("Session", event.session_id[:100]))
     count = event.data.get("message_count")
@@ -85,128 +82,13 @@ def dashboard_link(alert: Alert) -> str:
     return f"{alert.dashboard_url}/chatbots/{alert.event.chatbot_id}"
 
 
-def _cut(text: str, limit: int) -> str:
+def cut(text: str, limit: int) -> str:
+    """`text`, ending in "…" where it had to be shortened to `limit` characters."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-# --- Slack -----------------------------------------------------------------------------------
-
-
-def _slack_text(text: str) -> str:
-    escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return neutralise_slack(escaped)
-
-
-def slack_card(alert: Alert, mentions: tuple[str, ...] = ()) -> dict[str, Any]:
-    """chat.postMessage arguments: `text` (notification + fallback) and `blocks`.
-
-    `mentions` are the configured on-call ids, the only mentions the bridge sends.
-    """
-    heading = title(alert)
-    blocks: list[dict[str, Any]] = [
-        {"type": "section", "text": {"type": "mrkdwn", "text": f"*{_slack_text(heading)}*"}},
-    ]
-    words = alert.event.visitor_text
-    if words:
-        quoted = "\n".join(f"> {line}" for line in _slack_text(_cut(words, _QUOTE_LIMIT)).splitlines())
-        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": quoted}})
-    fields = [{"type": "mrkdwn", "text": f"*{_slack_text(k)}*\n{_slack_text(v)}"} for k, v in facts(alert)[:10]]
-    blocks.append({"type": "section", "fields": fields})
-    if alert.history:
-        exchanges = "\n".join(f"*{_slack_text(who)}:* {_slack_text(_cut(said, 300))}" for who, said in alert.history[-4:])
-        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": _cut(exchanges, 2900)}})
-    links = [f"<{dashboard_link(alert)}|Open in InsiteChat>"]
-    if alert.thread_link:
-        links.append(f"<{alert.thread_link}|Open the chat thread>")
-    status = state_line(alert, _slack_text)
-    context = " · ".join([*links, status] if status else links)
-    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": context}]})
-    if alert.can_be_claimed and alert.state is not AlertState.RESOLVED:
-        buttons = []
-        if alert.state is AlertState.OPEN:
-            buttons.append(_slack_button("Claim", CLAIM, alert.id, style="primary"))
-        buttons.append(_slack_button("Resolve", RESOLVE, alert.id))
-        blocks.append({"type": "actions", "block_id": f"alert-{alert.id}", "elements": buttons})
-    text = heading.split(" ", 1)[-1] + f" ({alert.chatbot_name or alert.event.chatbot_id})"
-    if mentions:
-        text = " ".join(mentions) + " " + text
-        blocks.insert(0, {"type": "section", "text": {"type": "mrkdwn", "text": " ".join(mentions)}})
-    return {"text": _cut(text, 300), "blocks": blocks}
-
-
-def _slack_button(label: str, action: str, alert_id: str, style: str = "") -> dict[str, Any]:
-    button: dict[str, Any] = {
-        "type": "button",
-        "text": {"type": "plain_text", "text": label},
-        "action_id": action_id(action, alert_id),
-        "value": alert_id,
-    }
-    if style:
-        button["style"] = style
-    return button
-
-
-# --- Discord ---------------------------------------------------------------------------------
-
-
-def _discord_text(text: str) -> str:
-    # Embeds render Markdown: keep the visitor's asterisks and underscores literal.
-    escaped = "".join("\\" + c if c in "\\*_`~|" else c for c in text)
-    return neutralise_discord(escaped)
-
-
-def discord_card(alert: Alert, mentions: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Message JSON: `content` (only the on-call mentions), one `embed` dict, `components` (buttons)."""
-    heading = _plain_title(alert)
-    description = ""
-    if alert.event.visitor_text:
-        description = "\n".join(f"> {line}" for line in _discord_text(_cut(alert.event.visitor_text, _QUOTE_LIMIT)).splitlines())
-    if alert.history:
-        exchanges = "\n".join(f"**{_discord_text(who)}:** {_discord_text(_cut(said, 300))}" for who, said in alert.history[-4:])
-        description = f"{description}\n\n{exchanges}".strip()
-    links = [f"[Open in InsiteChat]({dashboard_link(alert)})"]
-    if alert.thread_link:
-        links.append(f"[Open the chat thread]({alert.thread_link})")
-    description = f"{description}\n\n{' · '.join(links)}".strip()
-    embed: dict[str, Any] = {
-        "title": _cut(heading, 256),
-        "description": _cut(description, 4000),
-        "color": _COLOURS[alert.state],
-        "fields": [{"name": _cut(k, 256), "value": _cut(_discord_text(v), 1024) or "-", "inline": True} for k, v in facts(alert)[:20]],
-    }
-    status = state_line(alert, _discord_text)
-    if status:
-        embed["footer"] = {"text": _cut(status, 2048)}
-    components: list[dict[str, Any]] = []
-    if alert.can_be_claimed and alert.state is not AlertState.RESOLVED:
-        buttons = []
-        if alert.state is AlertState.OPEN:
-            buttons.append({"type": 2, "style": 1, "label": "Claim", "custom_id": action_id(CLAIM, alert.id)})
-        buttons.append({"type": 2, "style": 3, "label": "Resolve", "custom_id": action_id(RESOLVE, alert.id)})
-        components.append({"type": 1, "components": buttons})
-    return {"content": " ".join(mentions), "embed": embed, "components": components}
-
-
-# --- Console (the sandbox) ------------------------------------------------------------------
-
-
-def console_card(alert: Alert, mentions: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Plain lines for a terminal; `/claim` and `/resolve` stand in for the buttons."""
-    lines = [f"{_plain_title(alert)}  [alert {alert.id[:8]}]"]
-    if alert.event.visitor_text:
-        lines.append(f'  "{_cut(alert.event.visitor_text, _QUOTE_LIMIT)}"')
-    lines += [f"  {key}: {value}" for key, value in facts(alert)]
-    lines += [f"  {who}: {_cut(said, 300)}" for who, said in alert.history[-4:]]
-    status = state_line(alert, lambda text: text)
-    if status:
-        lines.append(f"  {status}")
-    actionable = alert.can_be_claimed and alert.state is not AlertState.RESOLVED
-    if actionable:
-        lines.append("  (type /claim or /resolve)")
-    return {"id": alert.id, "actionable": actionable, "lines": [neutralise_discord(line) for line in lines]}
-
-
-def _plain_title(alert: Alert) -> str:
+def plain_title(alert: Alert) -> str:
+    """The title with emoji instead of Slack's :codes: (Discord, the console)."""
     heading = title(alert)
     for code, emoji in _DISCORD_EMOJI.items():
         heading = heading.replace(code, emoji)

@@ -1,4 +1,4 @@
-"""Turns the chatbot's Markdown into safe, split Slack mrkdwn, Discord Markdown or plain text."""
+"""The Markdown engine every platform renders with: a block walker to subclass, splitting, and plain text."""
 
 from __future__ import annotations
 
@@ -6,9 +6,6 @@ import bisect
 import re
 import unicodedata
 from dataclasses import dataclass
-
-SLACK_LIMIT = 3900  # Slack truncates text past 40k and a markdown/section block takes < 4000
-DISCORD_LIMIT = 2000  # Discord rejects longer content (400, code 50035)
 
 # Inserted after "@" (or "<@") so a platform no longer reads a mention; invisible when shown.
 ZWSP = "\u200b"
@@ -20,7 +17,7 @@ _TOKEN_REF = re.compile(_TOKEN_OPEN + r"(\d+)" + _TOKEN_CLOSE)
 
 # Slack would turn <scheme:...> into a live link; only these may become one, so that
 # "[x](!channel)" can never produce "<!channel|x>".
-_SAFE_SCHEME = re.compile(r"^(?:https?|mailto|ftp|tel):", re.IGNORECASE)
+SAFE_SCHEME = re.compile(r"^(?:https?|mailto|ftp|tel):", re.IGNORECASE)
 
 _RULE = "──────────"  # neither Slack nor Discord renders a Markdown horizontal rule
 
@@ -28,37 +25,15 @@ _RULE = "──────────"  # neither Slack nor Discord renders a 
 # ---------------------------------------------------------------------------------------
 # Mention neutralising: pure string rewrites, idempotent, safe to run twice.
 
-# "<!channel>", "<!here>", "<!subteam^S1>", "<@U1>", "<#C1>": Slack's special syntax.
-_SLACK_SPECIAL = re.compile(r"<([!@#][^<>\n]*)>")
-_SLACK_SPECIAL_OPEN = re.compile(r"<(?=[!@#])")  # an unclosed one, e.g. cut by the AI
-_SLACK_CROWD = re.compile(r"@(?=(?:channel|here|everyone)\b)", re.IGNORECASE)
-# Discord pings on "@everyone"/"@here" and on <@id>, <@!id> (user) and <@&id> (role).
-_DISCORD_CROWD = re.compile(r"@(?=(?:everyone|here)\b)", re.IGNORECASE)
-_DISCORD_MENTION = re.compile(r"<@(?=[!&]?\d)")
+# An opening "<!", "<@" or "<#" (Slack's special syntax) and "@channel"/"@here"/"@everyone".
+_SPECIAL_OPEN = re.compile(r"<(?=[!@#])")
+_CROWD = re.compile(r"@(?=(?:channel|here|everyone)\b)", re.IGNORECASE)
 
 
-def neutralise_slack(text: str) -> str:
-    """Makes Slack mention syntax in text inert, leaving generated <https://...|label> links alone."""
-    text = _SLACK_SPECIAL.sub(r"&lt;\1&gt;", text)
-    text = _SLACK_SPECIAL_OPEN.sub("&lt;", text)
-    return _SLACK_CROWD.sub("@" + ZWSP, text)
-
-
-def neutralise_discord(text: str) -> str:
-    """Makes @everyone, @here and raw <@id>/<@!id>/<@&id> in text inert (defence in depth)."""
-    text = _DISCORD_MENTION.sub("<@" + ZWSP, text)
-    return _DISCORD_CROWD.sub("@" + ZWSP, text)
-
-
-def _neutralise_plain(text: str) -> str:
+def neutralise_plain(text: str) -> str:
     """Console text keeps its characters readable but must not ping when pasted anywhere."""
-    text = _SLACK_SPECIAL_OPEN.sub("<" + ZWSP, text)
-    return _SLACK_CROWD.sub("@" + ZWSP, text)
-
-
-def _slack_escape(text: str) -> str:
-    """Slack reads &, < and > as control characters everywhere, code included."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = _SPECIAL_OPEN.sub("<" + ZWSP, text)
+    return _CROWD.sub("@" + ZWSP, text)
 
 
 # ---------------------------------------------------------------------------------------
@@ -96,20 +71,11 @@ _EMPHASIS = re.compile(
     re.VERBOSE,
 )
 
-_Markers = dict[str, tuple[str, str]]
-_SLACK_MARKS: _Markers = {
-    "bi": ("*_", "_*"), "b": ("*", "*"), "bu": ("*", "*"),
-    "s": ("~", "~"), "i": ("_", "_"), "iu": ("_", "_"),
-}
-# Discord is native except "__x__", which Discord shows underlined, not bold as Markdown means.
-_DISCORD_MARKS: _Markers = {
-    "bi": ("***", "***"), "b": ("**", "**"), "bu": ("**", "**"),
-    "s": ("~~", "~~"), "i": ("*", "*"), "iu": ("_", "_"),
-}
-_NO_MARKS: _Markers = {kind: ("", "") for kind in _SLACK_MARKS}
+Markers = dict[str, tuple[str, str]]
+NO_MARKS: Markers = {kind: ("", "") for kind in ("bi", "b", "bu", "s", "i", "iu")}  # the _EMPHASIS groups
 
 
-def _emphasis(text: str, marks: _Markers) -> str:
+def _emphasis(text: str, marks: Markers) -> str:
     """Rewrites emphasis markers, recursing so "**a *b* c**" converts both levels."""
 
     def replace(match: re.Match[str]) -> str:
@@ -229,10 +195,10 @@ def _indent_width(indent: str) -> int:
     return len(indent.expandtabs(4))
 
 
-class _Renderer:
+class MarkdownRenderer:
     """Walks Markdown blocks line by line; subclasses say how each construct looks."""
 
-    marks: _Markers = _NO_MARKS
+    marks: Markers = NO_MARKS
     keep_fence_language = True
 
     def render(self, markdown: str) -> str:
@@ -290,7 +256,7 @@ class _Renderer:
             rows.append(_table_cells(lines[j]))
             j += 1
         # Cells become plain text: no formatting renders inside a monospace block.
-        cells = [[_PLAIN._inline(cell, _NO_MARKS, cell_text=True) for cell in row] for row in rows]
+        cells = [[_PLAIN.inline(cell, NO_MARKS, cell_text=True) for cell in row] for row in rows]
         out.extend(self.table(_layout_table(cells, aligns)))
         return j
 
@@ -309,9 +275,9 @@ class _Renderer:
         if not line[0].isspace():
             list_indents.clear()  # a paragraph at the margin ends any list
         stripped = line.strip()  # trailing spaces are Markdown hard breaks; the newline stays
-        return line[: len(line) - len(line.lstrip())] + self._inline(stripped, self.marks)
+        return line[: len(line) - len(line.lstrip())] + self.inline(stripped, self.marks)
 
-    def _inline(self, text: str, marks: _Markers, cell_text: bool = False) -> str:
+    def inline(self, text: str, marks: Markers, cell_text: bool = False) -> str:
         """Converts one line: protected tokens out, emphasis and escaping, tokens back in."""
         tokens: list[str] = []
         pieces: list[str] = []
@@ -331,7 +297,7 @@ class _Renderer:
         if match["escape"]:
             return self.escaped(match["escaped"])
         if match["image"]:
-            return self.image(match["alt"], _unwrap(match["img_url"]))
+            return self.image(match["alt"], unwrap(match["img_url"]))
         if match["link"]:
             return self.link(match["label"], match["url"])
         if match["autolink"]:
@@ -349,8 +315,8 @@ class _Renderer:
         return ticks + self.text(body) + ticks
 
     def link(self, label: str, destination: str) -> str:
-        url = _unwrap(destination)
-        shown = self._inline(label, self.marks)
+        url = unwrap(destination)
+        shown = self.inline(label, self.marks)
         return f"{shown} ({url})" if label.strip() and label != url else url
 
     def image(self, alt: str, url: str) -> str:
@@ -363,11 +329,11 @@ class _Renderer:
         return url
 
     def heading(self, level: int, text: str) -> str:
-        return self._inline(text, _NO_MARKS)
+        return self.inline(text, NO_MARKS)
 
     def list_item(self, level: int, indent: str, marker: str, text: str) -> str:
         bullet = "•" if marker in "-*+" else marker
-        return "    " * level + bullet + " " + self._inline(text, self.marks)
+        return "    " * level + bullet + " " + self.inline(text, self.marks)
 
     def quote(self, lines: list[str]) -> list[str]:
         # Blank quote lines are dropped: a lone ">" shows literally on Discord.
@@ -381,7 +347,7 @@ class _Renderer:
         return self.code_block("", lines)
 
 
-def _unwrap(destination: str) -> str:
+def unwrap(destination: str) -> str:
     """A link destination written as <url> means url."""
     return destination[1:-1] if destination.startswith("<") and destination.endswith(">") else destination
 
@@ -395,79 +361,13 @@ def _list_level(indents: list[int], width: int) -> int:
     return len(indents) - 1
 
 
-class _SlackRenderer(_Renderer):
-    marks = _SLACK_MARKS
-    keep_fence_language = False  # Slack shows the tag as a first code line instead
-
-    def text(self, text: str) -> str:
-        return _slack_escape(text)
-
-    def link(self, label: str, destination: str) -> str:
-        url = _unwrap(destination)
-        if not _SAFE_SCHEME.match(url):
-            # Not a web link: show it as text, so no <!...> or <@...> can be built from it.
-            shown_url = _slack_escape(url)
-            return f"{self._inline(label, self.marks)} ({shown_url})" if label.strip() else shown_url
-        target = _slack_escape(url).replace("|", "%7C")  # "|" would end the URL early
-        if not label.strip() or label == url:
-            return f"<{target}>"
-        return f"<{target}|{self._inline(label, self.marks)}>"
-
-    def autolink(self, url: str) -> str:
-        return self.link("", url) if _SAFE_SCHEME.match(url) else _slack_escape(f"<{url}>")
-
-    def bare_url(self, url: str) -> str:
-        return _slack_escape(url)  # Slack links bare URLs itself
-
-    def heading(self, level: int, text: str) -> str:
-        shown = self._inline(text, _NO_MARKS)  # Slack cannot nest bold inside bold
-        return f"*{shown}*" if shown.strip() else ""
-
-    def code_block(self, language: str, body: list[str]) -> list[str]:
-        return ["```", *(_slack_escape(line) for line in body), "```"]
-
-
-class _DiscordRenderer(_Renderer):
-    marks = _DISCORD_MARKS
-
-    def escaped(self, char: str) -> str:
-        return "\\" + char  # Discord honours backslash escapes itself
-
-    def link(self, label: str, destination: str) -> str:
-        if not label.strip():
-            return self.autolink(_unwrap(destination))
-        return f"[{self._inline(label, self.marks)}]({destination})"  # masked links render natively
-
-    def image(self, alt: str, url: str) -> str:
-        return self.link(alt, url)  # Discord shows no inline images; a masked link keeps the alt
-
-    def autolink(self, url: str) -> str:
-        return f"<{url}>"
-
-    def bare_url(self, url: str) -> str:
-        return f"<{url}>"  # angle brackets stop Discord from unfurling an embed per URL
-
-    def heading(self, level: int, text: str) -> str:
-        if not text.strip():
-            return ""
-        if level <= 3:  # Discord renders #, ## and ### natively
-            return "#" * level + " " + self._inline(text, self.marks)
-        shown = self._inline(text, _NO_MARKS)
-        return f"**{shown}**" if shown.strip() else ""
-
-    def list_item(self, level: int, indent: str, marker: str, text: str) -> str:
-        return f"{indent}{marker} {self._inline(text, self.marks)}"  # Discord nests lists natively
-
-
-class _PlainRenderer(_Renderer):
+class _PlainRenderer(MarkdownRenderer):
     """Console text: Markdown markers removed where they only add noise."""
 
     def table(self, lines: list[str]) -> list[str]:
         return lines  # aligned columns read fine on a console without fences
 
 
-_SLACK = _SlackRenderer()
-_DISCORD = _DiscordRenderer()
 _PLAIN = _PlainRenderer()
 
 
@@ -637,24 +537,9 @@ def split_text(text: str, limit: int) -> list[str]:
 # Public conversions.
 
 
-def to_slack(markdown: str, limit: int = SLACK_LIMIT) -> list[str]:
-    """Slack mrkdwn parts for a Markdown answer; [] when it is empty."""
-    return split_text(neutralise_slack(_SLACK.render(markdown)), limit)
-
-
-def to_discord(markdown: str, limit: int = DISCORD_LIMIT) -> list[str]:
-    """Discord Markdown parts for a Markdown answer; [] when it is empty."""
-    return split_text(neutralise_discord(_DISCORD.render(markdown)), limit)
-
-
 def to_plain(markdown: str, limit: int = 0) -> list[str]:
     """Readable console text for a Markdown answer; limit 0 keeps it whole; [] when empty."""
-    text = _neutralise_plain(_PLAIN.render(markdown))
+    text = neutralise_plain(_PLAIN.render(markdown))
     if not text.strip():
         return []
     return split_text(text, limit) if limit else [text]
-
-
-
-# Each platform's rendering of a reply, by platform name.
-RENDERERS = {"slack": to_slack, "discord": to_discord, "console": to_plain}

@@ -12,10 +12,8 @@ from collections.abc import Callable
 from bridge import metrics
 from bridge.alerts import ESCALATED, HUMAN_REQUESTED, LEAD, Alert
 from bridge.backoff import Backoff
-from bridge.cards import console_card, discord_card, slack_card
 from bridge.clock import Clock
 from bridge.desk import AlertDesk
-from bridge.formatting import RENDERERS
 from bridge.messages import Conversation, Delivery, Outbound, OutboundKind
 from bridge.ports import Adapter, AlertPoster, PermanentSendError
 from bridge.store import ChatJob, OutboxItem, ReplyKind, Store, StoreError
@@ -24,7 +22,6 @@ log = logging.getLogger(__name__)
 
 THREAD = "alert-thread"  # store kind: (destination, visitor session) -> the thread's root reference
 _MENTIONED_EVENTS = (ESCALATED, HUMAN_REQUESTED, LEAD)
-_CARDS = {"slack": slack_card, "discord": discord_card, "console": console_card}
 ATTEMPT_LEASE = 120.0  # one attempt may take this long (a platform's own 429 waits included)
 
 
@@ -200,7 +197,7 @@ class Outbox:
             return await self._reply(adapter, platform, item, job=job)
         if kind == "notice":
             conversation = Conversation.from_key(item.payload["conversation"])
-            parts = tuple(RENDERERS[platform](item.payload["text"]))
+            parts = tuple(adapter.render(item.payload["text"]))
             delivery = Delivery(item.key, look_first=item.started, since=item.created_at)
             sent = await adapter.send(Outbound(conversation, parts, OutboundKind.NOTICE, delivery=delivery))
             return sent[0] if sent else ""
@@ -227,7 +224,7 @@ class Outbox:
             log.warning("chat reply %s expired before delivery; dropped", item.key)
             return "expired"
         inbound = job.inbound
-        parts = tuple(RENDERERS[platform](job.reply))
+        parts = tuple(adapter.render(job.reply))
         outbound = Outbound(
             inbound.conversation,
             parts,
@@ -257,7 +254,7 @@ class Outbox:
             if reference:
                 log.info("alert %s was already posted to %s; not posting again", alert.id, address)
         if not reference:
-            card = _CARDS[platform](alert, mentions)
+            card = poster.render_card(alert, mentions)
             reference = await poster.post_alert(
                 channel, card, thread=thread, broadcast=bool(item.payload.get("broadcast")), key=item.key
             )
@@ -273,7 +270,7 @@ class Outbox:
         if not reference:
             return "not-posted"
         channel = item.destination.split(":", 1)[1]
-        await poster.update_alert(channel, reference, _CARDS[platform](alert, ()))
+        await poster.update_alert(channel, reference, poster.render_card(alert, ()))
         return reference
 
     async def _add_thread_link(self, alert: Alert) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, runtime_checkable
 
+from bridge.alerts import Alert
 from bridge.messages import Conversation, Inbound, Outbound
 
 
@@ -80,6 +81,9 @@ class Adapter(Protocol):
     async def stop(self) -> None:
         """Disconnect; must be safe to call twice and after a failed start."""
 
+    def render(self, markdown: str) -> list[str]:
+        """The chatbot's Markdown as this platform's message parts: escaped, mention-safe, split; [] when empty."""
+
     async def send(self, outbound: Outbound) -> list[str]:
         """Post every part in order; return the platform ids of the posted messages.
 
@@ -96,8 +100,11 @@ class Adapter(Protocol):
 class AlertPoster(Adapter, Protocol):
     """A platform that can also carry alert cards (Slack, Discord)."""
 
+    def render_card(self, alert: Alert, mentions: tuple[str, ...]) -> dict[str, Any]:
+        """The alert as this platform's card; `mentions` (the on-call ids) are its only pings."""
+
     async def post_alert(self, channel: str, card: dict[str, Any], *, thread: str, broadcast: bool, key: str) -> str:
-        """Post a rendered card (bridge.cards) to a channel, in `thread` if given; return its reference.
+        """Post a card from `render_card` to a channel, in `thread` if given; return its reference.
 
         `key` identifies the delivery: store it with the message (Slack metadata, Discord
         nonce or embed footer) so `find_alert` can recognise it after a crash.

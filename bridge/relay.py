@@ -8,7 +8,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from bridge import formatting, metrics
+from bridge import metrics
 from bridge.clock import Clock, SystemClock
 from bridge.config import ReplyMode, RouteSettings, Settings
 from bridge.desk import AlertDesk
@@ -345,7 +345,7 @@ class Relay:
             answer = await client.chat(job.chatbot, text, session_id, lane=lane, before_send=asking)
         except InsiteChatError as exc:
             return _notice(self._failure_notice(job.chatbot, exc))
-        if not formatting.RENDERERS[inbound.platform](answer):
+        if not adapter.render(answer):
             log.warning("chatbot %s returned an empty answer", job.chatbot)
             return _notice("empty")
         offer_human = False
@@ -364,7 +364,7 @@ class Relay:
         if wait < self._queue_notice_after:
             return
         text = NOTICES["queued"].format(position=limiter.position(lane) + 1, seconds=int(wait + 0.999))
-        parts = formatting.RENDERERS[inbound.platform](text)
+        parts = adapter.render(text)
         outbound = Outbound(
             inbound.conversation,
             tuple(parts),

@@ -27,6 +27,9 @@ from adapters.discord.translate import (
     content_withheld,
     translate_message,
 )
+from adapters.discord.cards import discord_card
+from adapters.discord.formatting import to_discord
+from bridge.alerts import Alert
 from bridge.clock import Clock, SystemClock
 from bridge.config import ReplyMode, Settings
 from bridge.desk import AlertDesk
@@ -484,8 +487,16 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
 
     # --- alerts (AlertPoster) ------------------------------------------------------------------
 
+    def render(self, markdown: str) -> list[str]:
+        """Discord Markdown parts (adapters/discord/formatting.py)."""
+        return to_discord(markdown)
+
+    def render_card(self, alert: Alert, mentions: tuple[str, ...]) -> dict[str, Any]:
+        """An embed with buttons (adapters/discord/cards.py)."""
+        return discord_card(alert, mentions)
+
     async def post_alert(self, channel: str, card: dict[str, Any], *, thread: str, broadcast: bool, key: str) -> str:
-        """Post a card (bridge.cards.discord_card); returns "<message>" or "<thread>/<message>"."""
+        """Post a card (render_card); returns "<message>" or "<thread>/<message>"."""
         return await self._cards.post(channel, card, thread=thread, broadcast=broadcast, key=key)
 
     async def find_alert(self, channel: str, key: str, *, since: float, thread: str) -> str | None:

@@ -47,6 +47,9 @@ from bridge.cards import ACTION_PREFIX
 from bridge.clock import Clock, SystemClock
 from bridge.config import Settings
 from bridge.desk import AlertDesk
+from adapters.slack.cards import slack_card
+from adapters.slack.formatting import to_slack
+from bridge.alerts import Alert
 from bridge.formatting import split_text
 from bridge.messages import Conversation, Delivery, Inbound, Outbound
 from bridge.store import Store, StoreError
@@ -369,6 +372,10 @@ class SlackAdapter(SlackInteractions):
 
     # --- outbound ------------------------------------------------------------------------------
 
+    def render(self, markdown: str) -> list[str]:
+        """Slack mrkdwn parts (adapters/slack/formatting.py)."""
+        return to_slack(markdown)
+
     async def send(self, outbound: Outbound) -> list[str]:
         """chat.postMessage for each part in order, in the conversation's thread; returns the ts list.
 
@@ -505,6 +512,10 @@ class SlackAdapter(SlackInteractions):
         return task
 
     # --- alerts (AlertPoster) ------------------------------------------------------------------
+
+    def render_card(self, alert: Alert, mentions: tuple[str, ...]) -> dict[str, Any]:
+        """A Block Kit card (adapters/slack/cards.py)."""
+        return slack_card(alert, mentions)
 
     async def post_alert(self, channel: str, card: dict[str, Any], *, thread: str, broadcast: bool, key: str) -> str:
         """chat.postMessage of a card, with the delivery key in the message metadata; returns its ts.

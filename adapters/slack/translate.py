@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.formatting import neutralise_slack
+from adapters.slack.formatting import neutralise_slack
 from bridge.messages import Inbound
 
 PLATFORM = "slack"

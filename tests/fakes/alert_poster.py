@@ -9,7 +9,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from bridge.alerts import Alert
 from bridge.messages import Conversation, Inbound, Outbound
+from tests.fakes.rendering import card_as, render_as
 
 
 @dataclass
@@ -37,6 +39,12 @@ class FakePoster:
         self.gate: asyncio.Event | None = None
         self.posting = asyncio.Event()  # set when a post reached the platform
         self._ids = itertools.count(1)
+
+    def render(self, markdown: str) -> list[str]:
+        return render_as(self.name, markdown)
+
+    def render_card(self, alert: Alert, mentions: tuple[str, ...]) -> dict[str, Any]:
+        return card_as(self.name, alert, mentions)
 
     async def start(self) -> None:
         pass

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from bridge.messages import Inbound, Outbound
 from bridge.ports import PermanentSendError
+from tests.fakes.rendering import render_as
 
 
 class QueueAdapter:
@@ -22,6 +23,9 @@ class QueueAdapter:
         self.fail_next_sends = 0
         self.refuse_sends = False  # refused for good: the channel is gone
         self._ids = itertools.count(1)
+
+    def render(self, markdown: str) -> list[str]:
+        return render_as(self.name, markdown)
 
     async def start(self) -> None:
         pass

@@ -17,7 +17,7 @@ import pytest
 from bridge import config
 from bridge.app import BridgeApp
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
-from bridge.formatting import SLACK_LIMIT
+from adapters.slack.formatting import SLACK_LIMIT
 from bridge.relay import NOTICES
 from tests.fakes.slack_api import (
     ALL_SCOPES,

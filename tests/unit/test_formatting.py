@@ -10,17 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.formatting import (
-    DISCORD_LIMIT,
-    SLACK_LIMIT,
-    ZWSP,
-    neutralise_discord,
-    neutralise_slack,
-    split_text,
-    to_discord,
-    to_plain,
-    to_slack,
-)
+from adapters.discord.formatting import DISCORD_LIMIT, neutralise_discord, to_discord
+from adapters.slack.formatting import SLACK_LIMIT, neutralise_slack, to_slack
+from bridge.formatting import ZWSP, split_text, to_plain
 
 UNLIMITED = 10**9
 Convert = Callable[..., list[str]]
