@@ -17,6 +17,7 @@ from bridge.backoff import Backoff
 from bridge.clock import Clock, SystemClock
 from bridge.config import Settings
 from bridge.desk import AlertDesk
+from bridge.handover import HandOvers
 from bridge.insitechat import InsiteChatClient, RetryPolicy
 from bridge.leader import LEASE, RedisLease
 from bridge.limiter import SlidingWindowLimiter
@@ -132,8 +133,10 @@ class BridgeApp:
         self.desk = AlertDesk(settings, self.store, self.clock)
         self.outbox = Outbox(self.store, self.desk, self.clock, attempt_lease=leases.delivery_attempt)
         self.desk.on_queued = self.outbox.wake
+        self.handovers = HandOvers(settings, self.desk)
         self.relay = Relay(
-            settings, self.store, self.clients, self.outbox, clock=self.clock, desk=self.desk, lease=leases.job
+            settings, self.store, self.clients, self.outbox,
+            clock=self.clock, desk=self.desk, handovers=self.handovers, lease=leases.job,
         )
         self.grace = grace
         # Several replicas: only the holder of this lease connects Discord's gateway (all post).
@@ -162,15 +165,19 @@ class BridgeApp:
             from adapters.slack import SlackAdapter
 
             self.adapters.append(
-                SlackAdapter(settings, self.relay.accept, web=self.web, store=self.store, clock=self.clock, desk=self.desk)
+                SlackAdapter(
+                    settings.slack, self.relay.accept, web=self.web, clock=self.clock,
+                    serves=self.relay.serves, handovers=self.handovers, desk=self.desk,
+                )
             )
         if settings.discord is not None:
             from adapters.discord import DiscordAdapter
 
             self.adapters.append(
                 DiscordAdapter(
-                    settings, self.relay.accept, web=self.web, store=self.store, clock=self.clock, desk=self.desk,
-                    leadership=gateway_lease,
+                    settings.discord, self.relay.accept, clock=self.clock,
+                    threads_for=settings.discord_threads, handovers=self.handovers, desk=self.desk,
+                    leadership=gateway_lease, needs_message_content=settings.answers_everything("discord"),
                 )
             )
         WebhookReceiver(settings, self.desk, self.clock).add_routes(self.web)

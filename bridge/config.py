@@ -373,6 +373,17 @@ class Settings(_Model):
         best = max(r.specificity for r in candidates)
         return next(r for r in candidates if r.specificity == best)
 
+    def discord_threads(self, workspace: str, channel: str) -> bool:
+        """Discord: whether an answer to a channel message goes in a new thread (the route's choice, else discord.threads)."""
+        route = self.route_for("discord", workspace, channel, False)
+        if route is not None and route.threads is not None:
+            return route.threads
+        return self.discord.threads if self.discord is not None else True
+
+    def answers_everything(self, platform: str) -> bool:
+        """Whether some route answers every message on `platform` (reply: all), not only mentions."""
+        return any(r.platform in (platform, "*") and r.reply is ReplyMode.ALL for r in self.routes)
+
     @property
     def platforms(self) -> list[str]:
         return [name for name in PLATFORMS if self._platform(name) is not None]

@@ -124,6 +124,6 @@ class Outbound:
     # The thread the question was written in, where the conversation spans more than it
     # (a Slack DM is one conversation, but a question asked in a DM thread is answered there).
     question_thread: str = ""
-    offer_human: bool = False  # show a "Talk to a human" button under the last part
+    human_chatbot: str = ""  # show a "Talk to a human" button for this chatbot under the last part
     delivery: Delivery | None = None  # set by the outbox: mark the parts, look before re-posting
     metadata: dict[str, str] = field(default_factory=dict, compare=False, hash=False)

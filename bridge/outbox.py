@@ -231,7 +231,7 @@ class Outbox:
             OutboundKind.ANSWER if job.reply_kind is ReplyKind.ANSWER else OutboundKind.NOTICE,
             reply_to=inbound.message_id,
             question_thread=inbound.thread if inbound.in_thread else "",
-            offer_human=job.offer_human,
+            human_chatbot=job.chatbot if job.offer_human else "",
             delivery=Delivery(job.delivery_key, look_first=item.started or item.attempts > 0, since=job.created_at),
         )
         if inline:

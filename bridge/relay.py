@@ -12,6 +12,7 @@ from bridge import metrics
 from bridge.clock import Clock, SystemClock
 from bridge.config import ReplyMode, RouteSettings, Settings
 from bridge.desk import AlertDesk
+from bridge.handover import HandOvers
 from bridge.insitechat import (
     BadRequest,
     InsiteChatClient,
@@ -111,11 +112,13 @@ class Relay:
         *,
         clock: Clock | None = None,
         desk: AlertDesk | None = None,
+        handovers: HandOvers | None = None,
         queue_notice_after: float = 10.0,
         lease: float = JOB_LEASE,
     ) -> None:
         self._settings = settings
         self._desk = desk
+        self._handovers = handovers or HandOvers(settings, desk)
         self._store = store
         self._clients = clients
         self._outbox = outbox
@@ -219,6 +222,15 @@ class Relay:
                     await self.recover()
             except StoreError as exc:
                 log.error("chat jobs: %s; trying again", exc)
+
+    def serves(self, platform: str, workspace: str, channel: str, is_dm: bool) -> bool:
+        """Whether the bot answers anything in this place: a route exists and is not off.
+
+        For a platform that must answer at once (a slash command's acknowledgement) and can
+        still say why it will not answer; every other message goes through `accept`.
+        """
+        route = self._settings.route_for(platform, workspace, channel, is_dm)
+        return route is not None and route.reply is not ReplyMode.OFF
 
     async def decide(self, inbound: Inbound) -> Decision:
         """Whether the bot should answer: the trigger rules, then a human's hand-over."""
@@ -348,11 +360,9 @@ class Relay:
         if not adapter.render(answer):
             log.warning("chatbot %s returned an empty answer", job.chatbot)
             return _notice("empty")
-        offer_human = False
         if self._desk is not None:
             await self._desk.remember_exchange(conversation, session_id, text, answer)
-            route = self._settings.route_for(inbound.platform, inbound.workspace, inbound.channel, inbound.is_dm)
-            offer_human = route is not None and route.human_button and self._desk.has_human_route(job.chatbot)
+        offer_human = self._handovers.offered(conversation, job.chatbot, is_dm=inbound.is_dm)
         return _Reply(answer, ReplyKind.ANSWER, Outcome.ANSWERED, offer_human)
 
     async def _maybe_queue_notice(self, adapter: Adapter, inbound: Inbound, client: InsiteChatClient, lane: str) -> None:

@@ -12,13 +12,12 @@ from typing import Any
 
 import aiohttp
 import discord
-from aiohttp.web import Application
 from discord import app_commands
 
 from adapters.discord.alerts import AlertCards, jump_url
 from adapters.discord.interactions import DiscordInteractions
-from adapters.discord.places import Origin, Recent, place_of_channel
-from adapters.discord.posting import NO_MENTIONS, DiscordPosting
+from adapters.discord.places import Memory, Origin, place_of_channel
+from adapters.discord.posting import NO_MENTIONS, DiscordPoster
 from adapters.discord.setup import DiscordRefused, DiscordStartError, describe_failure
 from adapters.discord.translate import (
     BotIdentity,
@@ -31,11 +30,12 @@ from adapters.discord.cards import discord_card
 from adapters.discord.formatting import to_discord
 from bridge.alerts import Alert
 from bridge.clock import Clock, SystemClock
-from bridge.config import ReplyMode, Settings
+from bridge.config import DiscordSettings
 from bridge.desk import AlertDesk
-from bridge.messages import Conversation, Inbound
+from bridge.handover import HandOvers
+from bridge.messages import Conversation, Inbound, Outbound
 from bridge.ports import GatewayLease
-from bridge.store import Store, StoreError
+from bridge.store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class _Client(discord.Client):
     async def on_interaction(self, interaction: discord.Interaction) -> None:
         # Slash commands go through the command tree; button clicks come here.
         if interaction.type is discord.InteractionType.component:
-            await self.adapter._on_component(interaction)
+            await self.adapter.interactions.on_component(interaction)
 
     async def on_socket_raw_receive(self, msg: str) -> None:
         # The raw payload is what the pure translation reads (and what tests record); a
@@ -74,7 +74,7 @@ class _Client(discord.Client):
             await self.adapter._on_message_payload(frame["d"])
 
 
-class DiscordAdapter(DiscordInteractions, DiscordPosting):
+class DiscordAdapter:
     """Discord through discord.py; translates and posts, the relay decides.
 
     Where answers go:
@@ -115,37 +115,40 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
 
     def __init__(
         self,
-        settings: Settings,
+        config: DiscordSettings,
         on_message: OnMessage,
         *,
-        web: Application | None = None,
-        store: Store | None = None,
         clock: Clock | None = None,
+        threads_for: Callable[[str, str], bool] | None = None,
+        handovers: HandOvers | None = None,
         desk: AlertDesk | None = None,
         leadership: GatewayLease | None = None,
+        needs_message_content: bool = False,
     ) -> None:
-        if settings.discord is None:
-            raise ValueError("the config has no discord section")
-        self._settings = settings
-        self._config = settings.discord
+        """`threads_for(guild, channel)`: answer a channel message in a new thread (default: discord.threads);
+        `handovers` and `desk`: the core's answers to button clicks; `needs_message_content`: some route
+        answers every message, which takes the Message Content intent (warned about at start without it)."""
+        self._config = config
         self._on_message = on_message
-        self._web = web  # not needed: Discord reaches us over the gateway only
-        self._store = store
         self._clock = clock or SystemClock()
-        self._desk = desk  # alert buttons and "Talk to a human" go through it
         self._lease = leadership
+        self._needs_message_content = needs_message_content
         self._client: _Client | None = None  # the gateway client (also the REST one without a lease)
         self._task: asyncio.Task[None] | None = None  # its client.start()
         self._rest: discord.Client | None = None  # with a lease: logged in over REST only, never on the gateway
         self._follower: asyncio.Task[None] | None = None  # with a lease: opens and closes the gateway as it moves
         self._ready = asyncio.Event()
         self._stopping = False
-        self._origins: Recent[str, Origin] = Recent()
-        self._roots: Recent[str, str] = Recent()  # the bot's message id -> conversation thread root
-        self._places: Recent[int, Place] = Recent(500)  # threads fetched over REST
-        self._threads: Recent[str, bool] = Recent(1000)  # threads this process created
-        self._interactions: dict[str, tuple[float, discord.Interaction]] = {}
+        self._memory = memory = Memory()
         self._pending: set[asyncio.Future[object]] = set()
+        self.poster = DiscordPoster(
+            memory, self._clock,
+            client=self._require_client, cached_channel=self._cached_channel, followup_of=self._followup_of,
+            threads_for=threads_for or (lambda guild, channel: config.threads),
+        )
+        self.interactions = DiscordInteractions(
+            config, memory, self.poster, self._submit, clock=self._clock, handovers=handovers, desk=desk
+        )
         self._cards = AlertCards(self._require_client)
         # discord.py's keep-alive stamps heartbeats with perf_counter; tests may replace it.
         self._perf: Callable[[], float] = time.perf_counter
@@ -175,7 +178,7 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
             max_messages=None,  # nothing here reads discord.py's message cache
             chunk_guilds_at_startup=False,
         )
-        self._add_commands(client.tree)
+        self.interactions.add_commands(client.tree)
         return client
 
     def _make_rest_client(self) -> discord.Client:
@@ -318,11 +321,8 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
     def _log_intents(self) -> None:
         if self._config.message_content_intent:
             return
-        needs_content = [
-            r for r in self._settings.routes if r.platform in ("discord", "*") and r.reply is ReplyMode.ALL
-        ]
         log.log(
-            logging.WARNING if needs_content else logging.INFO,
+            logging.WARNING if self._needs_message_content else logging.INFO,
             "discord: running without the Message Content intent: only mentions of the bot, DMs, replies "
             "that ping the bot and slash commands carry text; reply: all channels and thread follow-ups "
             "without a mention get no answer. To answer those, switch on Message Content Intent in the "
@@ -444,7 +444,7 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
         client = self._poster()
         if client is None:
             return None
-        place = place_of_channel(self._cached_channel(channel_id)) or self._places.get(channel_id)
+        place = place_of_channel(self._cached_channel(channel_id)) or self._memory.places.get(channel_id)
         if place is not None:
             return place
         try:
@@ -454,7 +454,7 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
             log.warning("discord: cannot look up channel %s: %s", channel_id, exc)
             return None
         if place is not None:
-            self._places[channel_id] = place
+            self._memory.places[channel_id] = place
         return place
 
     async def _on_message_payload(self, data: dict[str, Any]) -> None:
@@ -463,14 +463,14 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
         if place is None:
             log.debug("discord: message %s in a channel the bot cannot use", data.get("id"))
             return
-        inbound = translate_message(data, self._identity(guild_id), place, roots=self._roots.as_mapping())
+        inbound = translate_message(data, self._identity(guild_id), place, roots=self._memory.roots.as_mapping())
         if inbound is None:
             return
         if content_withheld(data, inbound, has_intent=self._config.message_content_intent):
             log.debug("discord: message %s arrived without content (no Message Content intent)", inbound.message_id)
             return
         if not inbound.author_is_self:
-            self._origins[inbound.message_id] = Origin(place, guild_id, inbound.text[:200])
+            self._memory.origins[inbound.message_id] = Origin(place, guild_id, inbound.text[:200])
         # Awaited here: Discord never redelivers a gateway event to a new session, so the
         # job is stored before anything else happens (the relay decides, own messages included).
         try:
@@ -484,6 +484,12 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
         result = asyncio.ensure_future(self._on_message(inbound))
         self._pending.add(result)
         result.add_done_callback(self._pending.discard)
+
+    # --- outbound ----------------------------------------------------------------------------
+
+    async def send(self, outbound: Outbound) -> list[str]:
+        """Post the parts where the conversation lives (DiscordPoster.send)."""
+        return await self.poster.send(outbound)
 
     # --- alerts (AlertPoster) ------------------------------------------------------------------
 
@@ -513,7 +519,7 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
             return jump_url(None, conversation.channel)
         if not conversation.thread:
             return jump_url(conversation.workspace, conversation.channel)
-        if conversation.thread.isdigit() and self._poster() is not None and await self._thread_place(int(conversation.thread)):
+        if conversation.thread.isdigit() and self._poster() is not None and await self.poster.thread_place(int(conversation.thread)):
             return jump_url(conversation.workspace, conversation.thread)
         return jump_url(conversation.workspace, conversation.channel, conversation.thread)
 
@@ -552,7 +558,7 @@ class DiscordAdapter(DiscordInteractions, DiscordPosting):
     async def working(self, inbound: Inbound) -> AsyncIterator[None]:
         """The typing indicator for the whole wait, where the user wrote (a slash command shows "thinking")."""
         client = self._poster()
-        origin = self._origins.get(inbound.message_id)
+        origin = self._memory.origins.get(inbound.message_id)
         if inbound.is_command or client is None or origin is None:
             yield
             return

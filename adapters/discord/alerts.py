@@ -16,12 +16,6 @@ log = logging.getLogger(__name__)
 
 HUMAN_PREFIX = "insitechat_human"  # custom_id "insitechat_human:<chatbot id>" under an answer
 HUMAN_LABEL = "Talk to a human"
-HUMAN_CONFIRMATION = (
-    "I've asked the team: someone will reply here. I'll stay quiet in this thread until then; "
-    "say `resume` to bring me back."
-)
-HUMAN_ALREADY_ASKED = "The team has already been asked: someone will reply here. Say `resume` to bring me back."
-HUMAN_UNAVAILABLE = "I couldn't reach the team just now. Please try the button again in a minute."
 ALERT_EXPIRED = "This alert is no longer known to the bridge (it expired), so nothing was changed."
 ALERT_FAILED = "That click could not be recorded just now. Please try again in a minute."
 

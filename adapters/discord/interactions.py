@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import discord
 from discord import app_commands
 
-from adapters.discord.alerts import (
-    ALERT_EXPIRED,
-    ALERT_FAILED,
-    HUMAN_ALREADY_ASKED,
-    HUMAN_CONFIRMATION,
-    HUMAN_UNAVAILABLE,
-    parse_human_id,
-)
-from adapters.discord.places import Recent, place_of_channel
-from adapters.discord.posting import INTERACTION_LIFETIME, NO_MENTIONS
+from adapters.discord.alerts import ALERT_EXPIRED, ALERT_FAILED, parse_human_id
+from adapters.discord.places import Memory, place_of_channel
+from adapters.discord.posting import INTERACTION_LIFETIME, NO_MENTIONS, DiscordPoster
 from adapters.discord.setup import DiscordStartError
 from adapters.discord.translate import (
     Place,
@@ -31,31 +24,47 @@ from bridge.cards import parse_action_id
 from bridge.clock import Clock
 from bridge.config import DiscordSettings
 from bridge.desk import AlertDesk
+from bridge.handover import HandOver, HandOverResult, HandOvers
 from bridge.messages import Conversation, Inbound, Outbound, OutboundKind
 
 log = logging.getLogger(__name__)
 
 
 class DiscordInteractions:
-    """DiscordAdapter's interaction handlers: each acknowledges first, as Discord drops what waits over 3 s."""
+    """The slash commands and button clicks: each acknowledges first, as Discord drops what waits over 3 s.
 
-    # Provided by DiscordAdapter; declared here so this part reads on its own.
-    _config: DiscordSettings
-    _clock: Clock
-    _desk: AlertDesk | None
-    _roots: Recent[str, str]
-    _interactions: dict[str, tuple[float, discord.Interaction]]
-    _submit: Callable[[Inbound], None]
-    send: Callable[[Outbound], Awaitable[list[str]]]
+    Decisions are the core's: what a click on "Talk to a human" does (`handovers`), Claim
+    and Resolve (`desk`); questions go to the relay through `submit`.
+    """
 
-    def _add_commands(self, tree: app_commands.CommandTree[Any]) -> None:
-        adapter = self
+    def __init__(
+        self,
+        config: DiscordSettings,
+        memory: Memory,
+        poster: DiscordPoster,
+        submit: Callable[[Inbound], None],
+        *,
+        clock: Clock,
+        handovers: HandOvers | None = None,
+        desk: AlertDesk | None = None,
+    ) -> None:
+        self._config = config
+        self._memory = memory
+        self._poster = poster
+        self._submit = submit
+        self._clock = clock
+        self._handovers = handovers
+        self._desk = desk
+
+    def add_commands(self, tree: app_commands.CommandTree[Any]) -> None:
+        """Register /ask and /reset (their configured names) on a client's command tree."""
+        handlers = self
 
         async def ask(interaction: discord.Interaction, question: str) -> None:
-            await adapter._on_command(interaction, question)
+            await handlers._on_command(interaction, question)
 
         async def reset(interaction: discord.Interaction) -> None:
-            await adapter._on_command(interaction, "reset")
+            await handlers._on_command(interaction, "reset")
 
         try:
             ask_command = app_commands.Command(
@@ -80,8 +89,9 @@ class DiscordInteractions:
             log.warning("discord: could not acknowledge a slash command in time: %s", exc)
             return
         now = self._clock.monotonic()
-        self._interactions = {k: v for k, v in self._interactions.items() if now - v[0] < INTERACTION_LIFETIME}
-        self._interactions[str(interaction.id)] = (now, interaction)
+        memory = self._memory
+        memory.interactions = {k: v for k, v in memory.interactions.items() if now - v[0] < INTERACTION_LIFETIME}
+        memory.interactions[str(interaction.id)] = (now, interaction)
         place = place_of_channel(interaction.channel)
         if place is None:
             place = Place(str(interaction.channel_id or ""), PlaceKind.DM if interaction.guild_id is None else PlaceKind.OTHER)
@@ -100,7 +110,7 @@ class DiscordInteractions:
 
     # --- buttons -----------------------------------------------------------------------------
 
-    async def _on_component(self, interaction: discord.Interaction) -> None:
+    async def on_component(self, interaction: discord.Interaction) -> None:
         """A button click: Claim / Resolve on an alert card, or "Talk to a human" under an answer."""
         custom_id = str((interaction.data or {}).get("custom_id", ""))
         action = parse_action_id(custom_id)
@@ -137,30 +147,29 @@ class DiscordInteractions:
         log.info("discord: %s on alert %s by user %s", action, alert_id, interaction.user.id)
 
     async def _on_human_button(self, interaction: discord.Interaction, chatbot_id: str) -> None:
+        """"Talk to a human" under an answer: the core raises the hand-over; the person reads its result."""
         conversation = self._conversation_of_click(interaction)
-        if self._desk is None:
-            await self._tell(interaction, HUMAN_UNAVAILABLE)
+        is_dm = not conversation.workspace
+        if self._handovers is None:
+            outcome = HandOver(HandOverResult.UNAVAILABLE)
+        else:
+            outcome = await self._handovers.request(
+                chatbot_id, conversation, interaction.user.display_name, is_dm=is_dm
+            )
+        text = outcome.text(is_dm=is_dm)
+        if outcome.result is not HandOverResult.RAISED:
+            await self._tell(interaction, text)
             return
-        try:
-            if await self._desk.paused(conversation):
-                await self._tell(interaction, HUMAN_ALREADY_ASKED)
-                return
-            await self._desk.request_human(chatbot_id, conversation, interaction.user.display_name)
-        except Exception:
-            log.exception("discord: talk-to-a-human in %s could not be recorded", conversation.key)
-            await self._tell(interaction, HUMAN_UNAVAILABLE)
-            return
-        log.info("discord: talk-to-a-human requested in %s by user %s", conversation.key, interaction.user.id)
         try:
             # The button has done its job: take it off the answer so it is not pressed again.
             await interaction.edit_original_response(view=None)
         except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
             log.info("discord: could not remove the talk-to-a-human button: %s", exc)
         try:
-            await self.send(Outbound(conversation, (HUMAN_CONFIRMATION,), OutboundKind.NOTICE))
+            await self._poster.send(Outbound(conversation, (text,), OutboundKind.NOTICE))
         except (discord.HTTPException, aiohttp.ClientError, OSError, RuntimeError) as exc:
             log.warning("discord: the talk-to-a-human confirmation in %s failed: %s", conversation.key, exc)
-            await self._tell(interaction, HUMAN_CONFIRMATION)
+            await self._tell(interaction, text)
 
     def _conversation_of_click(self, interaction: discord.Interaction) -> Conversation:
         place = place_of_channel(interaction.channel)
@@ -175,7 +184,7 @@ class DiscordInteractions:
             message_id=str(message.id) if message is not None else "",
             replied_id=str(reference.message_id) if reference is not None and reference.message_id else "",
             interaction_id=str(metadata.id) if metadata is not None else "",
-            roots=self._roots.as_mapping(),
+            roots=self._memory.roots.as_mapping(),
         )
 
     async def _tell(self, interaction: discord.Interaction, text: str) -> None:

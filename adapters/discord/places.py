@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import discord
@@ -47,6 +47,18 @@ class Origin:
     place: Place
     guild_id: str
     hint: str  # the question's first words, for the thread name
+
+
+@dataclass
+class Memory:
+    """What this process remembers of Discord, shared by the adapter's parts; a restart forgets it (nothing depends on it)."""
+
+    origins: Recent[str, Origin] = field(default_factory=Recent)  # a question's id -> where it was asked
+    roots: Recent[str, str] = field(default_factory=Recent)  # the bot's message id -> its conversation's thread root
+    places: Recent[int, Place] = field(default_factory=lambda: Recent(500))  # threads fetched over REST
+    threads: Recent[str, bool] = field(default_factory=lambda: Recent(1000))  # threads this process created
+    # A slash command's id -> (monotonic time, its interaction), answered through followups for 15 minutes.
+    interactions: dict[str, tuple[float, discord.Interaction]] = field(default_factory=dict)
 
 
 def place_of_channel(channel: object) -> Place | None:

@@ -12,12 +12,11 @@ import aiohttp
 import discord
 
 from adapters.discord.alerts import delivery_nonce, human_view
-from adapters.discord.places import Origin, Recent, place_of_channel
+from adapters.discord.places import Memory, Origin, place_of_channel
 from adapters.discord.setup import PERMISSION_NAMES
 from adapters.discord.translate import Place, PlaceKind
 from bridge.clock import Clock
-from bridge.config import DiscordSettings, Settings
-from bridge.messages import Conversation, Outbound, OutboundKind
+from bridge.messages import Outbound, OutboundKind
 from bridge.ports import PermanentSendError
 
 log = logging.getLogger(__name__)
@@ -75,31 +74,30 @@ def thread_name(hint: str, fallback: str) -> str:
     return line if len(line) <= THREAD_NAME_LIMIT else line[: THREAD_NAME_LIMIT - 1].rstrip() + "…"
 
 
-class DiscordPosting:
-    """DiscordAdapter's outbound half: answers and notices posted where the conversation lives."""
+class DiscordPoster:
+    """The Discord adapter's outbound half: answers and notices posted where the conversation lives."""
 
-    # Provided by DiscordAdapter; declared here so this part reads on its own.
-    name: str
-    _settings: Settings
-    _config: DiscordSettings
-    _clock: Clock
-    _origins: Recent[str, Origin]
-    _roots: Recent[str, str]
-    _places: Recent[int, Place]
-    _threads: Recent[str, bool]
-    _interactions: dict[str, tuple[float, discord.Interaction]]
-    _require_client: Callable[[], discord.Client]  # posts go through this one
-    _cached_channel: Callable[[int], Any]  # the gateway client's cache, None without a gateway
-    _followup_of: Callable[[discord.Interaction], discord.Webhook]
-
-    def _threads_on(self, workspace: str, channel: str) -> bool:
-        route = self._settings.route_for(self.name, workspace, channel, False)
-        if route is not None and route.threads is not None:
-            return route.threads
-        return self._config.threads
+    def __init__(
+        self,
+        memory: Memory,
+        clock: Clock,
+        *,
+        client: Callable[[], discord.Client],
+        cached_channel: Callable[[int], Any],
+        followup_of: Callable[[discord.Interaction], discord.Webhook],
+        threads_for: Callable[[str, str], bool],
+    ) -> None:
+        """`client`: the client posts go through (raises when not running); `cached_channel`: the gateway
+        client's cache (None without a gateway); `threads_for(guild, channel)`: answer in a new thread there."""
+        self._memory = memory
+        self._clock = clock
+        self._client = client
+        self._cached_channel = cached_channel
+        self._followup_of = followup_of
+        self._threads_for = threads_for
 
     async def _origin_of(self, outbound: Outbound) -> Origin:
-        origin = self._origins.get(outbound.reply_to) if outbound.reply_to else None
+        origin = self._memory.origins.get(outbound.reply_to) if outbound.reply_to else None
         if origin is not None:
             return origin
         # Not seen by this process (a restart, or a notice from the outbox): infer from the key.
@@ -108,15 +106,15 @@ class DiscordPosting:
             return Origin(Place(conversation.channel, PlaceKind.DM), "", "")
         thread = conversation.thread
         if thread and thread != outbound.reply_to and thread.isdigit():
-            place = await self._thread_place(int(thread))
+            place = await self.thread_place(int(thread))
             if place is not None:
                 return Origin(place, conversation.workspace, "")
         return Origin(Place(conversation.channel, PlaceKind.TEXT), conversation.workspace, "")
 
-    async def _thread_place(self, channel_id: int) -> Place | None:
+    async def thread_place(self, channel_id: int) -> Place | None:
         """The thread with this id, from discord.py's cache or REST; None when there is no such thread."""
-        client = self._require_client()
-        place = place_of_channel(self._cached_channel(channel_id)) or self._places.get(channel_id)
+        client = self._client()
+        place = place_of_channel(self._cached_channel(channel_id)) or self._memory.places.get(channel_id)
         if place is None:
             try:
                 place = place_of_channel(await client.fetch_channel(channel_id))
@@ -126,18 +124,8 @@ class DiscordPosting:
                 log.info("discord: cannot look up channel %s: %s", channel_id, exc)
                 return None
             if place is not None:
-                self._places[channel_id] = place
+                self._memory.places[channel_id] = place
         return place if place is not None and place.kind is PlaceKind.THREAD else None
-
-    def _human_chatbot(self, conversation: Conversation) -> str:
-        """The chatbot a "Talk to a human" button under an answer names: the route's.
-
-        None in DMs: nobody from the team can see or write in a person's DM with the bot.
-        """
-        if not conversation.workspace:
-            return ""
-        route = self._settings.route_for(self.name, conversation.workspace, conversation.channel, False)
-        return route.chatbot if route is not None else ""
 
     async def send(self, outbound: Outbound) -> list[str]:
         """Post the parts in order where the conversation lives; returns the message ids; raises on failure.
@@ -157,8 +145,8 @@ class DiscordPosting:
             ) from exc
 
     async def _send(self, outbound: Outbound) -> list[str]:
-        client = self._require_client()
-        held = self._interactions.get(outbound.reply_to) if outbound.reply_to else None
+        client = self._client()
+        held = self._memory.interactions.get(outbound.reply_to) if outbound.reply_to else None
         if held is not None and self._clock.monotonic() - held[0] < INTERACTION_LIFETIME:
             return await self._send_followups(held[1], outbound)
         origin = await self._origin_of(outbound)
@@ -170,10 +158,10 @@ class DiscordPosting:
             origin.place.kind is PlaceKind.TEXT
             and outbound.reply_to
             and conversation.thread == outbound.reply_to
-            and self._threads_on(conversation.workspace, conversation.channel)
+            and self._threads_for(conversation.workspace, conversation.channel)
         ):
             # None when no thread can be made here: the answer becomes a reply to the question,
-            # and a reply to it continues the conversation (thread = question id) through _roots.
+            # and a reply to it continues the conversation (thread = question id) through the memory of roots.
             thread_id = await self._ensure_thread(origin, outbound.reply_to)
         if origin.place.kind in (PlaceKind.DM, PlaceKind.THREAD):
             target_id = origin.place.channel_id
@@ -208,7 +196,7 @@ class DiscordPosting:
                 **extra,
             )
             ids.append(str(message.id))
-            self._roots[str(message.id)] = conversation.thread
+            self._memory.roots[str(message.id)] = conversation.thread
         return ids
 
     async def _posted_parts(self, target: discord.PartialMessageable, outbound: Outbound) -> dict[int, str]:
@@ -218,7 +206,7 @@ class DiscordPosting:
         restart the history is what tells. A part counts once, matched in order.
         """
         delivery = outbound.delivery
-        client = self._require_client()
+        client = self._client()
         if delivery is None or client.user is None:
             return {}
         # A minute of slack for clock skew; history after a snowflake of that time.
@@ -242,10 +230,9 @@ class DiscordPosting:
 
     def _answer_view(self, outbound: Outbound) -> discord.ui.View | None:
         """The "Talk to a human" button for the last part of an answer, when the relay offers it."""
-        if not outbound.offer_human or outbound.kind is not OutboundKind.ANSWER:
+        if not outbound.human_chatbot or outbound.kind is not OutboundKind.ANSWER:
             return None
-        chatbot_id = self._human_chatbot(outbound.conversation)
-        return human_view(chatbot_id) if chatbot_id else None
+        return human_view(outbound.human_chatbot)
 
     async def _ensure_thread(self, origin: Origin, message_id: str) -> str | None:
         """The thread on the user's message, created on first use (its id is the message id).
@@ -254,8 +241,8 @@ class DiscordPosting:
         the channel cannot hold threads): the caller answers in the channel instead, so the
         answer and any error notice still arrive.
         """
-        client = self._require_client()
-        if message_id in self._threads or isinstance(self._cached_channel(int(message_id)), discord.Thread):
+        client = self._client()
+        if message_id in self._memory.threads or isinstance(self._cached_channel(int(message_id)), discord.Thread):
             return message_id
         channel = self._cached_channel(int(origin.place.channel_id))
         if not isinstance(channel, discord.TextChannel):
@@ -282,7 +269,7 @@ class DiscordPosting:
             # Created before a crash, or by a person in the meantime: post into it.
             if exc.code != THREAD_ALREADY_CREATED:
                 raise
-        self._threads[message_id] = True
+        self._memory.threads[message_id] = True
         return message_id
 
     async def _send_followups(self, interaction: discord.Interaction, outbound: Outbound) -> list[str]:
@@ -296,7 +283,7 @@ class DiscordPosting:
                 extra["view"] = last_view
             message = await self._followup_of(interaction).send(part, allowed_mentions=NO_MENTIONS, wait=True, **extra)
             ids.append(str(message.id))
-            self._roots[str(message.id)] = outbound.conversation.thread
+            self._memory.roots[str(message.id)] = outbound.conversation.thread
         return ids
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -21,16 +20,9 @@ from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError
 
-from adapters.slack.alerts import (
-    HUMAN_ACTION,
-    SECTION_LIMIT,
-    alert_key,
-    alert_metadata,
-    human_blocks,
-    is_dm_channel,
-)
-from adapters.slack.delivery import part_mark, part_metadata, send_error
-from adapters.slack.interactions import SlackInteractions
+from adapters.slack.alerts import SECTION_LIMIT, alert_key, alert_metadata, human_blocks
+from adapters.slack.delivery import part_mark, part_metadata, quietly, send_error
+from adapters.slack.interactions import BotUser, Serves, SlackInteractions
 from adapters.slack.setup import (
     EVENTS_PATH,
     NETWORK_ERRORS,
@@ -43,16 +35,16 @@ from adapters.slack.setup import (
     token_scopes,
 )
 from adapters.slack.translate import PLATFORM, BotIdentity, event_to_inbound
-from bridge.cards import ACTION_PREFIX
 from bridge.clock import Clock, SystemClock
-from bridge.config import Settings
+from bridge.config import SlackSettings
 from bridge.desk import AlertDesk
 from adapters.slack.cards import slack_card
 from adapters.slack.formatting import to_slack
 from bridge.alerts import Alert
 from bridge.formatting import split_text
 from bridge.messages import Conversation, Delivery, Inbound, Outbound
-from bridge.store import Store, StoreError
+from bridge.handover import HandOvers
+from bridge.store import StoreError
 
 
 log = logging.getLogger(__name__)
@@ -65,7 +57,7 @@ FIND_PAGES = 5  # conversations.history/replies pages searched for an earlier po
 FIND_PAGE_SIZE = 200
 
 
-class SlackAdapter(SlackInteractions):
+class SlackAdapter:
     """Slack in and out: events become Inbound for the relay; the relay's Outbound become posts.
 
     Translation is pure (adapters/slack/translate.py); every decision is the relay's. The
@@ -80,24 +72,20 @@ class SlackAdapter(SlackInteractions):
 
     def __init__(
         self,
-        settings: Settings,
+        config: SlackSettings,
         on_message: Callable[[Inbound], Awaitable[object]],
         *,
         web: web.Application | None = None,
-        store: Store | None = None,
         clock: Clock | None = None,
+        serves: Serves | None = None,
+        handovers: HandOvers | None = None,
         desk: AlertDesk | None = None,
     ) -> None:
-        if settings.slack is None:
-            raise ValueError("the config has no slack section")
-        self._settings = settings
-        self._slack = settings.slack
+        """`web`: the bridge's web app (HTTP mode adds /slack/events to it); `serves`, `handovers`
+        and `desk` are the core's answers for the slash command and the buttons."""
+        self._slack = config
         self._on_message = on_message
-        # Dedupe and follow state live in the relay; store and clock keep the adapter
-        # constructor uniform across platforms.
-        self._store = store
         self._clock = clock or SystemClock()
-        self._desk = desk  # alert buttons and "Talk to a human" go through it
         self._http = self._slack.transport == "http"
         self.client = make_client(self._slack.bot_token, self._slack.api_url)
         self.app = AsyncApp(
@@ -112,13 +100,12 @@ class SlackAdapter(SlackInteractions):
             attaching_conversation_kwargs_enabled=False,
         )
         self.app.use(self._accept_before_ack)
-        self.app.command(self._slack.command)(self._on_command)
-        self.app.action(re.compile("^" + re.escape(ACTION_PREFIX) + ":"))(self._on_alert_button)
-        self.app.action(HUMAN_ACTION)(self._on_human_button)
+        self._bot = BotUser()
+        SlackInteractions(
+            self.client, config, self._bot, self._submit, clock=self._clock, serves=serves, handovers=handovers, desk=desk
+        ).register(self.app)
         # Tests shorten it; readiness allows SILENT_AFTER intervals without a pong or frame.
         self.ping_interval = SOCKET_PING_INTERVAL
-        self.me: BotIdentity | None = None
-        self.bot_name = ""  # the bot user's handle, for "/invite @name" hints
         self.scopes: frozenset[str] = frozenset()
         self._socket: AsyncSocketModeHandler | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -159,12 +146,12 @@ class SlackAdapter(SlackInteractions):
         except NETWORK_ERRORS as exc:
             await self._close_session()
             raise SlackError(f"cannot reach the Slack API at {self._slack.api_url} ({error_code(exc)})") from None
-        self.me = BotIdentity(
+        me = self._bot.me = BotIdentity(
             user_id=str(auth.get("user_id") or ""),
             bot_id=str(auth.get("bot_id") or ""),
             team_id=str(auth.get("team_id") or ""),
         )
-        self.bot_name = str(auth.get("user") or "")
+        self._bot.name = str(auth.get("user") or "")
         self.scopes = token_scopes(auth.headers) or frozenset()
         missing = sorted(set(REQUIRED_SCOPES) - self.scopes) if self.scopes else []
         if missing:
@@ -178,8 +165,13 @@ class SlackAdapter(SlackInteractions):
                 raise
         self._running = True
         log.info(
-            "slack connected: team=%s bot_user=%s transport=%s", self.me.team_id, self.me.user_id, self._slack.transport
+            "slack connected: team=%s bot_user=%s transport=%s", me.team_id, me.user_id, self._slack.transport
         )
+
+    @property
+    def me(self) -> BotIdentity | None:
+        """Who the bot is, once started."""
+        return self._bot.me
 
     def _seed_authorization(self, auth: Any) -> None:
         # Bolt calls auth.test lazily on the first event; hand it ours so the first event
@@ -345,9 +337,10 @@ class SlackAdapter(SlackInteractions):
         event = body.get("event") if body.get("type") == "event_callback" else None
         if not isinstance(event, dict) or event.get("type") not in ("message", "app_mention"):
             return await next()
-        if self.me is None:
+        me = self._bot.me
+        if me is None:
             return BoltResponse(status=503, body="starting")  # not acknowledged: Slack retries it
-        inbound = event_to_inbound(body, self.me)
+        inbound = event_to_inbound(body, me)
         if inbound is None:
             log.debug("slack %s/%s event not passed on", event.get("type"), event.get("subtype"))
             return BoltResponse(status=200, body="")
@@ -379,7 +372,7 @@ class SlackAdapter(SlackInteractions):
     async def send(self, outbound: Outbound) -> list[str]:
         """chat.postMessage for each part in order, in the conversation's thread; returns the ts list.
 
-        With `offer_human`, the last part carries the "Talk to a human" button. Notices the
+        With `human_chatbot`, the last part carries the "Talk to a human" button. Notices the
         outbox sends (no `reply_to`) go to the conversation's thread, or the DM itself.
 
         With a `delivery`, each part carries (key, part, parts) in its message metadata; with
@@ -390,7 +383,7 @@ class SlackAdapter(SlackInteractions):
         conversation = outbound.conversation
         thread = conversation.thread or outbound.question_thread
         parts = list(outbound.parts)
-        chatbot = self._human_chatbot(conversation) if outbound.offer_human and parts else ""
+        chatbot = outbound.human_chatbot if parts else ""
         if chatbot and len(parts[-1]) > SECTION_LIMIT:
             # A section holds less than a plain message: the last part is split once more.
             parts[-1:] = split_text(parts[-1], SECTION_LIMIT)
@@ -448,13 +441,6 @@ class SlackAdapter(SlackInteractions):
             log.info("slack: %d of %d part(s) of %s were already posted; posting the rest", len(found), count, delivery.key)
         return found
 
-    def _human_chatbot(self, conversation: Conversation) -> str:
-        """The chatbot a "Talk to a human" click escalates for: the conversation's route's."""
-        route = self._settings.route_for(
-            PLATFORM, conversation.workspace, conversation.channel, is_dm_channel(conversation.channel)
-        )
-        return route.chatbot if route is not None else ""
-
     @asynccontextmanager
     async def working(self, inbound: Inbound) -> AsyncIterator[None]:
         """A reaction on the user's post (and assistant status in DMs) while the answer is prepared.
@@ -469,9 +455,9 @@ class SlackAdapter(SlackInteractions):
 
     async def _show_working(self, inbound: Inbound) -> None:
         add = self.client.reactions_add(channel=inbound.channel, timestamp=inbound.message_id, name=self._slack.reaction)
-        await self._quietly("reactions.add", add, harmless=("already_reacted",))
+        await quietly("reactions.add", add, harmless=("already_reacted",))
         if inbound.is_dm and "assistant:write" in self.scopes:
-            await self._quietly(
+            await quietly(
                 "assistant.threads.setStatus",
                 self.client.assistant_threads_setStatus(
                     channel_id=inbound.channel, thread_ts=inbound.thread or inbound.message_id, status="is thinking…"
@@ -483,27 +469,14 @@ class SlackAdapter(SlackInteractions):
         remove = self.client.reactions_remove(
             channel=inbound.channel, timestamp=inbound.message_id, name=self._slack.reaction
         )
-        await self._quietly("reactions.remove", remove, harmless=("no_reaction", "message_not_found"))
+        await quietly("reactions.remove", remove, harmless=("no_reaction", "message_not_found"))
         if inbound.is_dm and "assistant:write" in self.scopes:
-            await self._quietly(
+            await quietly(
                 "assistant.threads.setStatus",
                 self.client.assistant_threads_setStatus(
                     channel_id=inbound.channel, thread_ts=inbound.thread or inbound.message_id, status=""
                 ),
             )
-
-    async def _quietly(self, method: str, call: Awaitable[Any], harmless: tuple[str, ...] = ()) -> None:
-        """Feedback is a courtesy: its failures are logged, never raised."""
-        try:
-            await call
-        except SlackApiError as exc:
-            code = error_code(exc)
-            if code in harmless:
-                log.debug("%s: %s", method, code)
-            else:
-                log.warning("%s failed: %s", method, code)
-        except NETWORK_ERRORS as exc:
-            log.warning("%s failed: %s", method, error_code(exc))
 
     def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -536,7 +509,7 @@ class SlackAdapter(SlackInteractions):
             )
         except (SlackApiError, *NETWORK_ERRORS) as exc:
             code = error_code(exc)
-            hint = f"; invite the bot with /invite @{self.bot_name or 'InsiteChat'}" if code == "not_in_channel" else ""
+            hint = f"; invite the bot with /invite @{self._bot.name or 'InsiteChat'}" if code == "not_in_channel" else ""
             raise SlackError(f"posting an alert to {channel} failed ({code}{hint})") from None
         ts = str(response.get("ts") or "")
         if not ts:
@@ -595,7 +568,8 @@ class SlackAdapter(SlackInteractions):
 
     def _posted_by_me(self, message: dict[str, Any]) -> bool:
         bot_id = str(message.get("bot_id") or "")
-        return not bot_id or self.me is None or not self.me.bot_id or bot_id == self.me.bot_id
+        me = self._bot.me
+        return not bot_id or me is None or not me.bot_id or bot_id == me.bot_id
 
     async def update_alert(self, channel: str, reference: str, card: dict[str, Any]) -> None:
         """chat.update of a posted card (claimed, resolved): same place, new content, buttons as the state allows."""

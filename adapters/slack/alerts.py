@@ -16,19 +16,6 @@ HUMAN_ACTION = "insitechat_human"  # action_id of the "Talk to a human" button
 HUMAN_BLOCK_ID = "insitechat_human"
 SECTION_LIMIT = 3000  # Block Kit: a section's text holds at most 3000 characters
 
-HUMAN_ASKED = (
-    "I've asked the team: someone will reply here. I'll stay quiet in this thread until then; "
-    "say `resume` to bring me back."
-)
-HUMAN_ASKED_DM = (
-    "I've asked the team: someone will get back to you. I'll stay quiet here until then; "
-    "say `resume` to bring me back."
-)
-HUMAN_ALREADY_ASKED = "The team has already been asked and will reply here. Say `resume` to bring me back."
-HUMAN_UNAVAILABLE = (
-    "Handing over to a person isn't set up for this chatbot. An admin can route escalations in the bridge's config."
-)
-BUTTON_STALE = "This button no longer works. Mention me and ask again."
 ALERT_GONE = "This alert is no longer tracked (it expired or was never stored), so it can't be changed."
 ALERTS_OFF = "Alerts aren't handled by this bridge, so this button does nothing."
 ACTION_FAILED = "Something went wrong while recording that. Please try again."

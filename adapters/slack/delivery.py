@@ -1,15 +1,18 @@
-"""Pure Slack pieces of durable posting: the metadata mark on each part, and which refusals are final."""
+"""Slack posting pieces: the metadata mark on each part, which refusals are final, and calls that may fail quietly."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from slack_sdk.errors import SlackApiError
 
-from adapters.slack.setup import SlackError, error_code
+from adapters.slack.setup import NETWORK_ERRORS, SlackError, error_code
 from bridge.ports import PermanentSendError
+
+log = logging.getLogger(__name__)
 
 DELIVERY_EVENT_TYPE = "insitechat_delivery"  # message metadata event_type of every part the outbox posts
 
@@ -99,3 +102,17 @@ def part_mark(message: Mapping[str, Any]) -> PartMark | None:
     if not isinstance(key, str) or type(part) is not int or type(parts) is not int:
         return None
     return PartMark(key, part, parts)
+
+
+async def quietly(method: str, call: Awaitable[Any], harmless: tuple[str, ...] = ()) -> None:
+    """Await a courtesy call (a reaction, a status, a button taken away): its failures are logged, never raised."""
+    try:
+        await call
+    except SlackApiError as exc:
+        code = error_code(exc)
+        if code in harmless:
+            log.debug("%s: %s", method, code)
+        else:
+            log.warning("%s failed: %s", method, code)
+    except NETWORK_ERRORS as exc:
+        log.warning("%s failed: %s", method, error_code(exc))

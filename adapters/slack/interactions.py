@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from dataclasses import dataclass
 from typing import Any
 
+from slack_bolt.app.async_app import AsyncApp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
@@ -14,17 +17,14 @@ from adapters.slack.alerts import (
     ACTION_FAILED,
     ALERT_GONE,
     ALERTS_OFF,
-    BUTTON_STALE,
-    HUMAN_ALREADY_ASKED,
-    HUMAN_ASKED,
-    HUMAN_ASKED_DM,
-    HUMAN_UNAVAILABLE,
+    HUMAN_ACTION,
     Click,
     click_of,
     is_dm_channel,
     parse_human_value,
     without_human_button,
 )
+from adapters.slack.delivery import quietly
 from adapters.slack.setup import NETWORK_ERRORS, error_code
 from adapters.slack.translate import (
     PLATFORM,
@@ -34,10 +34,11 @@ from adapters.slack.translate import (
     parse_command,
 )
 from bridge.alerts import AlertState
-from bridge.cards import CLAIM, parse_action_id
+from bridge.cards import ACTION_PREFIX, CLAIM, parse_action_id
 from bridge.clock import Clock
-from bridge.config import ReplyMode, Settings, SlackSettings
+from bridge.config import SlackSettings
 from bridge.desk import AlertDesk
+from bridge.handover import HandOver, HandOverResult, HandOvers
 from bridge.messages import Inbound
 
 log = logging.getLogger(__name__)
@@ -52,27 +53,60 @@ NOT_IN_CHANNEL = "I can't post in this channel yet: invite me with `/invite @{bo
 POST_FAILED = "I couldn't post your question here ({error}). Please try again in a moment."
 
 
-class SlackInteractions:
-    """SlackAdapter's interaction handlers: each acknowledges first, as Slack retries what waits over 3 s."""
+# Whether the bot answers in a place: (platform, workspace, channel, is_dm) -> bool (Relay.serves).
+Serves = Callable[[str, str, str, bool], bool]
 
-    # Provided by SlackAdapter; declared here so this part reads on its own.
-    client: AsyncWebClient
-    me: BotIdentity | None
-    bot_name: str
-    _settings: Settings
-    _slack: SlackSettings
-    _clock: Clock
-    _desk: AlertDesk | None
-    _submit: Callable[[Inbound], None]
-    _quietly: Callable[..., Awaitable[None]]
+
+@dataclass
+class BotUser:
+    """Who the bot is on Slack, known once auth.test answered at start."""
+
+    me: BotIdentity | None = None
+    name: str = ""  # the bot user's handle, for "/invite @name" hints
+
+
+class SlackInteractions:
+    """The slash command and button clicks: each acknowledges first, as Slack retries what waits over 3 s.
+
+    Decisions are the core's: whether a place is served (`serves`), what a click on
+    "Talk to a human" does (`handovers`), Claim and Resolve (`desk`).
+    """
+
+    def __init__(
+        self,
+        client: AsyncWebClient,
+        config: SlackSettings,
+        bot: BotUser,
+        submit: Callable[[Inbound], None],
+        *,
+        clock: Clock,
+        serves: Serves | None = None,
+        handovers: HandOvers | None = None,
+        desk: AlertDesk | None = None,
+    ) -> None:
+        self._client = client
+        self._slack = config
+        self._bot = bot
+        self._submit = submit
+        self._clock = clock
+        self._serves = serves
+        self._handovers = handovers
+        self._desk = desk
+
+    def register(self, app: AsyncApp) -> None:
+        """Attach the handlers to Bolt's app."""
+        app.command(self._slack.command)(self._on_command)
+        app.action(re.compile("^" + re.escape(ACTION_PREFIX) + ":"))(self._on_alert_button)
+        app.action(HUMAN_ACTION)(self._on_human_button)
 
     async def _on_command(
         self, ack: Callable[..., Awaitable[None]], command: dict[str, Any], respond: Callable[..., Awaitable[Any]]
     ) -> None:
-        if self.me is None:
+        me = self._bot.me
+        if me is None:
             await ack(text="Starting up, please try again in a moment.")
             return
-        cmd = parse_command(command, self.me)
+        cmd = parse_command(command, me)
         name = self._slack.command
         if cmd.action == "usage":
             await ack(text=USAGE.format(command=name))  # an ack with text is shown to the user only
@@ -80,10 +114,9 @@ class SlackInteractions:
         if cmd.action == "reset" and not cmd.is_dm:
             await ack(text=RESET_IN_CHANNEL.format(command=name))
             return
-        # A route lookup, not a trigger rule: without one the relay would stay silent, and
-        # only the ack can still tell the user why.
-        route = self._settings.route_for(PLATFORM, cmd.workspace, cmd.channel, cmd.is_dm)
-        if route is None or route.reply is ReplyMode.OFF:
+        # Asked before the ack: where the bot does not answer, the relay would stay silent,
+        # and only the ack can still tell the user why.
+        if self._serves is not None and not self._serves(PLATFORM, cmd.workspace, cmd.channel, cmd.is_dm):
             await ack(text=NO_ROUTE)
             return
         await ack()
@@ -93,14 +126,14 @@ class SlackInteractions:
             self._submit(command_inbound(cmd, f"cmd-{trigger}"))
             return
         try:
-            posted = await self.client.chat_postMessage(
+            posted = await self._client.chat_postMessage(
                 channel=cmd.channel, text=command_echo(cmd), unfurl_links=False, unfurl_media=False
             )
         except (SlackApiError, *NETWORK_ERRORS) as exc:
             code = error_code(exc)
             log.warning("posting the %s question in %s failed: %s", name, cmd.channel, code)
             text = (
-                NOT_IN_CHANNEL.format(bot=self.bot_name or "InsiteChat")
+                NOT_IN_CHANNEL.format(bot=self._bot.name or "InsiteChat")
                 if code in ("not_in_channel", "channel_not_found")
                 else POST_FAILED.format(error=code)
             )
@@ -150,50 +183,43 @@ class SlackInteractions:
         action: dict[str, Any],
         respond: Callable[..., Awaitable[Any]],
     ) -> None:
-        """"Talk to a human" under an answer: raise an escalation for this thread and go quiet there."""
+        """"Talk to a human" under an answer: the core raises the hand-over; the person reads its result."""
         await ack()
         click = click_of(body)
         target = parse_human_value(str(action.get("value") or ""))
         if not click.user:
             return
+        is_dm = is_dm_channel(click.channel)
         if target is None or target[1].channel != click.channel:
             # Only our own buttons, and only for the conversation they sit in.
-            await self._tell(click, respond, BUTTON_STALE)
+            await self._tell(click, respond, HandOver(HandOverResult.STALE).text(is_dm=is_dm))
             return
         chatbot, conversation = target
-        if self._desk is None or not self._desk.has_human_route(chatbot):
-            await self._tell(click, respond, HUMAN_UNAVAILABLE)
-            return
-        if await self._desk.paused(conversation):
-            await self._tell(click, respond, HUMAN_ALREADY_ASKED)  # a double click, or a second person
-            return
         who = f"<@{click.user}>"
-        try:
-            alert = await self._desk.request_human(chatbot, conversation, who)
-        except Exception:
-            log.exception("talk-to-a-human for %s failed", conversation.key)
-            alert = None
-        if alert is None:
-            await self._tell(click, respond, ACTION_FAILED)
+        if self._handovers is None:
+            outcome = HandOver(HandOverResult.UNAVAILABLE)
+        else:
+            outcome = await self._handovers.request(chatbot, conversation, who, is_dm=is_dm)
+        text = outcome.text(is_dm=is_dm)
+        if outcome.result is not HandOverResult.RAISED:
+            await self._tell(click, respond, text)
             return
-        log.info("slack: talk-to-a-human in %s raised alert %s", conversation.key, alert.id)
         thread = conversation.thread or click.thread_ts
-        confirmation = HUMAN_ASKED_DM if is_dm_channel(conversation.channel) else HUMAN_ASKED
         try:
-            await self.client.chat_postMessage(
-                channel=conversation.channel, text=confirmation, thread_ts=thread or None, unfurl_links=False
+            await self._client.chat_postMessage(
+                channel=conversation.channel, text=text, thread_ts=thread or None, unfurl_links=False
             )
         except (SlackApiError, *NETWORK_ERRORS) as exc:
             log.warning("posting the talk-to-a-human confirmation in %s failed: %s", conversation.channel, error_code(exc))
-            await self._tell(click, respond, confirmation)
+            await self._tell(click, respond, text)
         if click.message_ts:
             # The button gives way to who asked, so nobody clicks it again.
-            await self._quietly(
+            await quietly(
                 "chat.update",
-                self.client.chat_update(
+                self._client.chat_update(
                     channel=click.channel,
                     ts=click.message_ts,
-                    text=click.message_text or confirmation,
+                    text=click.message_text or text,
                     blocks=without_human_button(click.message_blocks, who),
                 ),
             )
@@ -204,6 +230,6 @@ class SlackInteractions:
             if respond is not None and getattr(respond, "response_url", None):
                 await respond(text=text, response_type="ephemeral", replace_original=False)
             else:
-                await self.client.chat_postEphemeral(channel=click.channel, user=click.user, text=text)
+                await self._client.chat_postEphemeral(channel=click.channel, user=click.user, text=text)
         except Exception as exc:  # the click is recorded (or not) already; this is a courtesy
             log.warning("telling %s about a button click failed: %s", click.user, error_code(exc))

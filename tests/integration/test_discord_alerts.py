@@ -16,13 +16,14 @@ import discord.http
 import httpx
 import pytest
 
-from adapters.discord.alerts import HUMAN_CONFIRMATION, MARKER_PREFIX
+from adapters.discord.alerts import MARKER_PREFIX
 from adapters.discord import DiscordAdapter
 from bridge import config
 from bridge.app import BridgeApp
 from bridge.clock import Clock, ManualClock
 from bridge.desk import RESUMED_NOTICE
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator, sign_webhook
+from bridge.handover import RAISED_IN_DM, TEXTS, HandOverResult
 from bridge.relay import NOTICES
 from bridge.webhooks import SIGNATURE_HEADER
 from tests.fakes import discord_api as fd
@@ -324,7 +325,7 @@ async def test_talk_to_a_human_alerts_the_team_and_the_bot_stays_quiet_until_res
     await bridge()
     thread, answer = await ask_in_a_thread(fake, "where is my parcel?")
     alert = await hand_over(fake, thread, answer)
-    assert posts(fake, thread)[1]["content"] == HUMAN_CONFIRMATION
+    assert posts(fake, thread)[1]["content"] == TEXTS[HandOverResult.RAISED]
     assert answer["components"] == []  # the button is gone once pressed
     embed = alert["embeds"][0]
     assert embed["title"] == "🙋 Someone asked for a human in chat"
@@ -357,14 +358,17 @@ async def test_resume_brings_the_bot_back_before_anyone_resolves(
     assert buttons(posts(fake, thread)[3]) == [HUMAN_BUTTON]  # and the hand-over is offered again
 
 
-async def test_no_hand_over_button_in_a_dm(bridge: Bridge, fake: FakeDiscord, emulator: Emulator) -> None:
+async def test_hand_over_in_a_dm_as_on_slack(bridge: Bridge, fake: FakeDiscord) -> None:
+    """The core decides, so Discord offers the button in a DM as Slack does; the team gets back to the person."""
     await bridge()
     await fake.user_message(fd.DM_CHANNEL, "a question in private", dm=True)
     [answer] = await eventually(lambda: posts(fake, fd.DM_CHANNEL), what="the DM answer")
-    # Nobody from the team can read or write in someone's DM with the bot.
-    assert answer["components"] == []
-    _, in_thread = await ask_in_a_thread(fake, "and in the server?")
-    assert buttons(in_thread) == [HUMAN_BUTTON]  # the same route offers it where the team can reply
+    assert buttons(answer) == [HUMAN_BUTTON]
+    await fake.click(answer, HUMAN_BUTTON, user=fd.ALICE)
+    confirmation = await eventually(lambda: posts(fake, fd.DM_CHANNEL)[1:], what="the confirmation")
+    assert confirmation[0]["content"] == RAISED_IN_DM
+    [alert] = await eventually(lambda: cards(fake, fd.ALERTS), what="the alert card")
+    assert alert["embeds"][0]["title"] == "🙋 Someone asked for a human in chat"
 
 
 # --- readiness ------------------------------------------------------------------------------------

@@ -144,7 +144,7 @@ async def test_check_sees_the_intent_switched_off_in_the_portal(fake: FakeDiscor
 async def test_an_invalid_command_name_names_the_setting() -> None:
     bad = settings()
     bad = bad.model_copy(update={"discord": bad.discord.model_copy(update={"ask_command": "Ask Me"})})  # type: ignore[union-attr]
-    adapter = DiscordAdapter(bad, lambda inbound: asyncio.sleep(0))
+    adapter = DiscordAdapter(bad.discord, lambda inbound: asyncio.sleep(0))
     with pytest.raises(DiscordStartError, match="discord.ask_command"):
         await adapter.start()
     await adapter.stop()

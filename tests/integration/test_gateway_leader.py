@@ -272,7 +272,7 @@ class Replica:
     def __init__(self, lease: RedisLease) -> None:
         self.lease = lease
         self.heard: list[Inbound] = []
-        self.adapter = DiscordAdapter(settings(), self._on_message, leadership=lease)
+        self.adapter = DiscordAdapter(settings().discord, self._on_message, leadership=lease)
 
     async def _on_message(self, inbound: Inbound) -> None:
         self.heard.append(inbound)
@@ -397,7 +397,7 @@ async def test_a_slash_command_taken_before_the_lease_moved_on_is_answered_by_it
 async def test_a_standby_without_redis_still_posts_and_says_why_it_is_not_on_the_gateway(fake: FakeDiscord) -> None:
     client = redis_asyncio.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")  # nobody listens there
     lease = RedisLease(client, "test-bridge:nowhere", name="host-a:1", lease=GATEWAY_LEASE)
-    adapter = DiscordAdapter(settings(), lambda inbound: asyncio.sleep(0), leadership=lease)
+    adapter = DiscordAdapter(settings().discord, lambda inbound: asyncio.sleep(0), leadership=lease)
     try:
         await lease.start()
         await adapter.start()

@@ -15,12 +15,13 @@ import pytest
 from prometheus_client import REGISTRY
 
 from adapters.slack import SlackAdapter
-from adapters.slack.alerts import ALERT_EVENT_TYPE, HUMAN_ACTION, HUMAN_ASKED, HUMAN_ASKED_DM, SECTION_LIMIT
+from adapters.slack.alerts import ALERT_EVENT_TYPE, HUMAN_ACTION, SECTION_LIMIT
 from bridge import config
 from bridge.app import BridgeApp
 from bridge.clock import SystemClock
 from bridge.desk import RESUMED_NOTICE
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, SANDBOX_WEBHOOK_SECRET, Emulator
+from bridge.handover import RAISED_IN_DM, TEXTS, HandOverResult
 from bridge.messages import Conversation
 from bridge.relay import NOTICES
 from tests.fakes.slack_api import (
@@ -37,6 +38,7 @@ from tests.fakes.slack_api import (
 BOT = SANDBOX_CHATBOT_ID
 ALERTS = "C0ALERTS"
 ONCALL = "<@U0ONCALL>"
+HUMAN_ASKED = TEXTS[HandOverResult.RAISED]
 THREAD_TS = "1700000100.000100"  # the app_mention payload's ts: the bot answers in its thread
 
 
@@ -421,7 +423,7 @@ async def test_talk_to_a_human_in_a_dm_until_resume(start_bridge: StartBridge, s
     await asyncio.wait_for(envelope.acked.wait(), 5)
     [card] = await slack.wait_for(lambda: cards(slack))
     assert "reset my password" in json.dumps(card["blocks"]) and "Open the chat thread" not in json.dumps(card["blocks"])
-    [confirmation] = await slack.wait_for(lambda: [p for p in slack.posts if p["text"] == HUMAN_ASKED_DM])
+    [confirmation] = await slack.wait_for(lambda: [p for p in slack.posts if p["text"] == RAISED_IN_DM])
     assert confirmation["channel"] == "D0ALICE" and "thread_ts" not in confirmation
 
     asked, ignored = chat_calls(emulator), ignored_count()
@@ -522,7 +524,7 @@ async def test_shutdown_closes_the_socket_first_and_still_posts_the_answer_in_fl
 async def test_find_alert_pages_through_the_channel_and_the_thread(
     slack: FakeSlack, emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    adapter = SlackAdapter(settings_for(emulator, slack, tmp_path / "s.db"), lambda inbound: None, web=aiohttp.web.Application())
+    adapter = SlackAdapter(settings_for(emulator, slack, tmp_path / "s.db").slack, lambda inbound: None, web=aiohttp.web.Application())
     await adapter.start()
     card = {"text": "An alert", "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": "An alert"}}]}
     since = time.time()

@@ -49,7 +49,7 @@ async def start_adapter(slack: FakeSlack) -> AsyncIterator[StartAdapter]:
     started: list[SlackAdapter] = []
 
     async def start() -> SlackAdapter:
-        adapter = SlackAdapter(settings_for(slack), lambda inbound: None, web=aiohttp.web.Application())
+        adapter = SlackAdapter(settings_for(slack).slack, lambda inbound: None, web=aiohttp.web.Application())
         await adapter.start()
         started.append(adapter)
         return adapter

@@ -14,7 +14,6 @@ from bridge.clock import SystemClock
 from bridge.emulator import SANDBOX_CHATBOT_ID
 from bridge.messages import Inbound
 from bridge.ports import PlatformRefused
-from bridge.store import SQLiteStore
 from tests.fakes.slack_api import ALL_SCOPES, APP_TOKEN, BOT_TOKEN, SIGNING_SECRET, FakeSlack
 
 WRONG_BOT_TOKEN = "xoxb-wrong-token"
@@ -148,7 +147,7 @@ async def noop(inbound: Inbound) -> None:
     ],
 )
 async def test_start_fails_fast_and_plainly(fake: FakeSlack, tmp_path: Path, tokens: dict[str, str], message: str) -> None:
-    adapter = SlackAdapter(settings_for(fake.api_url, **tokens), noop, store=SQLiteStore(tmp_path / "s.db"), clock=SystemClock())
+    adapter = SlackAdapter(settings_for(fake.api_url, **tokens).slack, noop, clock=SystemClock())
     with pytest.raises(SlackError) as raised:
         await adapter.start()
     assert str(raised.value) == message
@@ -168,7 +167,7 @@ async def test_start_fails_fast_and_plainly(fake: FakeSlack, tmp_path: Path, tok
 )
 async def test_a_slack_failure_that_may_pass_is_not_a_refusal(fake: FakeSlack, method: str, message: str) -> None:
     fake.fail(method, status=500)
-    adapter = SlackAdapter(settings_for(fake.api_url), noop)
+    adapter = SlackAdapter(settings_for(fake.api_url).slack, noop)
     with pytest.raises(SlackError) as raised:
         await adapter.start()
     assert str(raised.value) == message and not isinstance(raised.value, PlatformRefused)
@@ -179,7 +178,7 @@ async def test_a_slack_failure_that_may_pass_is_not_a_refusal(fake: FakeSlack, m
 
 
 async def test_socket_stop_is_idempotent_and_closes_the_socket(fake: FakeSlack) -> None:
-    adapter = SlackAdapter(settings_for(fake.api_url), noop)
+    adapter = SlackAdapter(settings_for(fake.api_url).slack, noop)
     await adapter.start()
     await fake.wait_for(lambda: fake.sockets)
     assert adapter.me is not None and (adapter.me.user_id, adapter.me.bot_id, adapter.me.team_id) == ("UBOT", "BBOT", "T0TEST")

@@ -35,3 +35,18 @@ def test_one_platform_never_imports_another() -> None:
         for path in (ROOT / "adapters" / platform).rglob("*.py"):
             crossing = {m for m in imported_modules(path) if any(m == o or m.startswith(o + ".") for o in others)}
             assert not crossing, f"{path.relative_to(ROOT)} imports {sorted(crossing)}"
+
+
+def attribute_calls(path: Path, name: str) -> list[int]:
+    tree = ast.parse(path.read_text(), str(path))
+    return [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == name]
+
+
+def test_running_adapters_leave_routes_to_the_core() -> None:
+    """Routes decide in the relay and the hand-over service; only `check` (each setup.py) reads the whole config."""
+    calls = {
+        str(path.relative_to(ROOT)): lines
+        for path in (ROOT / "adapters").rglob("*.py")
+        if path.name != "setup.py" and (lines := attribute_calls(path, "route_for"))
+    }
+    assert calls == {}

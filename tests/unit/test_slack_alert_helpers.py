@@ -101,7 +101,7 @@ routes: [{{platform: slack, chatbot: {CHATBOT_ID}}}]
 """,
         env={"KEY": "ic_test", "BOT": BOT_TOKEN, "APP": APP_TOKEN, "SECRET": SIGNING_SECRET},
     )
-    return SlackAdapter(settings, lambda inbound: None, web=web.Application())
+    return SlackAdapter(settings.slack, lambda inbound: None, web=web.Application())
 
 
 class FakeHandler:
