@@ -148,6 +148,15 @@ async def test_url_verification_and_signatures(start_bridge, slack: FakeSlack, e
     stale = int(time.time()) - 6 * 60
     assert (await bridge.post_event(payload("app_mention"), timestamp=stale))[0] == 401
     assert (await bridge.post_event(challenge, secret="not-the-secret"))[0] == 401
+    # The right signature cut short (or with a byte more) is as wrong as any other: Bolt, not
+    # the bridge, compares them, and the bridge must keep it doing so for every event.
+    raw = json.dumps(payload("app_mention")).encode()
+    headers = {"Content-Type": "application/json", **sign(raw)}
+    right = headers["X-Slack-Signature"]
+    for near_miss in (right[:-1], right[:35], "v0=", right + "0"):
+        headers["X-Slack-Signature"] = near_miss
+        async with bridge.http.post(bridge.events_url, data=raw, headers=headers) as response:
+            assert response.status == 401, near_miss
     # Only a correctly signed, fresh event is answered.
     assert (await bridge.post_event(payload("app_mention")))[0] == 200
     await slack.wait_for(lambda: slack.posts)
