@@ -171,6 +171,22 @@ async def test_duplicates_concurrent_and_after_restart_give_one_answer(make_harn
     assert len(chat_calls(emulator)) == 1 and len(h.adapter.sent) == 1 and h2.adapter.sent == []
 
 
+async def test_the_same_ts_in_two_channels_is_two_messages_each_answered(make_harness, emulator: Emulator) -> None:
+    # Slack ts values are unique per channel only: two posts at the same instant in two
+    # channels share one. Neither is a duplicate of the other.
+    h = make_harness()
+    one = msg("what are the opening hours?", id="1700000100.000100", channel="C1", mentions_bot=True)
+    two = msg("where is the office?", id="1700000100.000100", channel="C2", mentions_bot=True)
+    assert await h.relay.handle(one) is Outcome.ANSWERED
+    assert await h.relay.handle(two) is Outcome.ANSWERED
+    assert sorted(post.conversation.channel for post in h.adapter.sent) == ["C1", "C2"]
+    assert [c.json["message"] for c in chat_calls(emulator)] == [one.text, two.text]
+    jobs = [await h.store.job_by_key(m.dedupe_key) for m in (one, two)]
+    assert [job[0].inbound.channel for job in jobs if job and job[0].inbound] == ["C1", "C2"]
+    assert all(job is not None and job[1] is JobState.DELIVERED for job in jobs)
+    assert await h.relay.handle(two) is Outcome.DUPLICATE  # and each is still one message
+
+
 async def test_reset_starts_a_fresh_session(make_harness, emulator: Emulator) -> None:
     h = make_harness()
     await h.relay.handle(msg("remember the word pineapple", channel="D1", is_dm=True))

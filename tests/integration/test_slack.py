@@ -186,6 +186,21 @@ async def test_mention_is_answered_once_in_its_thread_with_a_reaction(start_brid
         assert (call.args["channel"], call.args["timestamp"], call.args["name"]) == ("C0GENERAL", MENTION_TS, "eyes")
 
 
+async def test_the_same_ts_in_two_channels_gets_two_answers(start_bridge, slack: FakeSlack, emulator: Emulator) -> None:
+    # Two people post at the same instant in two channels: Slack's ts is unique per channel only.
+    bridge = await start_bridge()
+    general = payload("app_mention")
+    elsewhere = payload("app_mention", channel="C0OTHER", text="<@UBOT> where is the office?")
+    elsewhere["event_id"] = general["event_id"] + "2"
+    assert general["event"]["ts"] == elsewhere["event"]["ts"]
+    for body in (general, elsewhere):
+        assert (await bridge.post_event(body))[0] == 200
+    await slack.wait_for(lambda: len(slack.posts) == 2)
+    await settle(bridge)
+    assert sorted((p["channel"], p["thread_ts"]) for p in slack.posts) == [("C0GENERAL", MENTION_TS), ("C0OTHER", MENTION_TS)]
+    assert len(chat_calls(emulator)) == 2
+
+
 async def test_follow_ups_in_the_thread(start_bridge, slack: FakeSlack, emulator: Emulator) -> None:
     bridge = await start_bridge()
     await bridge.post_event(payload("app_mention"))
