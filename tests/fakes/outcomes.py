@@ -33,7 +33,8 @@ class Outcomes:
         while outcome not in self.of(message_id):
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise AssertionError(f"message {message_id} never ended {outcome.value}; it ended {self.of(message_id)}")
+                seen = [o.value for o in self.of(message_id)]
+                raise AssertionError(f"message {message_id} never ended {outcome.value}; it ended {seen}")
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), remaining)

@@ -215,7 +215,8 @@ def write_config(
         lines.append(f"  - {{platform: discord, chatbot: {SANDBOX_CHATBOT_ID}}}")
     if alerts_to:
         lines.append(f'chatbots: [{{id: {SANDBOX_CHATBOT_ID}, name: Sandbox Bot, webhook_secret: "${{HOOK_SECRET}}"}}]')
-        lines.append(f'alerts: [{{chatbot: {SANDBOX_CHATBOT_ID}, events: [conversation.escalated], to: ["{alerts_to}"]}}]')
+        rule = f'chatbot: {SANDBOX_CHATBOT_ID}, events: [conversation.escalated], to: ["{alerts_to}"]'
+        lines.append(f"alerts: [{{{rule}}}]")
     path = tmp_path / "bridge.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -208,7 +208,8 @@ async def test_the_same_ts_in_two_channels_gets_two_answers(start_bridge, slack:
         assert (await bridge.post_event(body))[0] == 200
     await slack.wait_for(lambda: len(slack.posts) == 2)
     await settle(bridge)
-    assert sorted((p["channel"], p["thread_ts"]) for p in slack.posts) == [("C0GENERAL", MENTION_TS), ("C0OTHER", MENTION_TS)]
+    answered = sorted((p["channel"], p["thread_ts"]) for p in slack.posts)
+    assert answered == [("C0GENERAL", MENTION_TS), ("C0OTHER", MENTION_TS)]
     assert len(chat_calls(emulator)) == 2
 
 
@@ -396,7 +397,8 @@ async def test_a_failed_post_is_retried_and_the_answer_arrives_once(
     key = Inbound("slack", TEAM, "D0ALICE", question["event"]["ts"], "", "").dedupe_key
     deadline = time.monotonic() + 10
     while (job := await bridge.app.store.job_by_key(key)) is None or job[1] is not JobState.DELIVERED:
-        assert time.monotonic() < deadline, f"the job never became delivered: {job}"  # the outbox records it after the post
+        # The outbox records the delivery just after the post.
+        assert time.monotonic() < deadline, f"the job never became delivered: {job}"
         await asyncio.sleep(0.01)
     # Secrets never reach a log line: the warnings about the failed post are checked for the token.
     assert BOT_TOKEN not in caplog.text
