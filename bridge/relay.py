@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from bridge import metrics
@@ -115,6 +115,7 @@ class Relay:
         handovers: HandOvers | None = None,
         queue_notice_after: float = 10.0,
         lease: float = JOB_LEASE,
+        on_outcome: Callable[[Inbound, Outcome], None] | None = None,
     ) -> None:
         self._settings = settings
         self._desk = desk
@@ -129,6 +130,9 @@ class Relay:
         self._tasks: dict[str, asyncio.Task[Outcome]] = {}  # job id -> its worker
         self._accepting = True
         self._keeper: asyncio.Task[None] | None = None
+        # Told how each message accept() took ended, when metrics.MESSAGES counts it: which
+        # message was ignored, a duplicate, answered... (tests, embedders). Must not raise.
+        self.on_outcome = on_outcome
 
     def register(self, adapter: Adapter) -> None:
         self._adapters[adapter.name] = adapter
@@ -171,6 +175,8 @@ class Relay:
         def count(done: asyncio.Future[Outcome]) -> None:
             if not done.cancelled():
                 metrics.MESSAGES.labels(inbound.platform, done.result().value).inc()
+                if self.on_outcome is not None:
+                    self.on_outcome(inbound, done.result())
 
         future.add_done_callback(count)
         return future

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
@@ -24,10 +22,11 @@ from bridge.clock import Clock, ManualClock
 from bridge.desk import RESUMED_NOTICE
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator, sign_webhook
 from bridge.handover import RAISED_IN_DM, TEXTS, HandOverResult
-from bridge.relay import NOTICES
+from bridge.relay import NOTICES, Outcome
 from bridge.webhooks import SIGNATURE_HEADER
 from tests.fakes import discord_api as fd
 from tests.fakes.discord_api import FakeDiscord
+from tests.fakes.outcomes import Outcomes
 
 BOT = SANDBOX_CHATBOT_ID
 SECRET = "whsec-discord-alerts"
@@ -74,9 +73,10 @@ def fast_ready(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(DiscordAdapter, "start_timeout", 10.0)
 
 
-@pytest.fixture(autouse=True)
-def decisions_logged(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="bridge.relay")
+@pytest.fixture
+def outcomes() -> Outcomes:
+    """How the relay ended each message, across every bridge a test starts."""
+    return Outcomes()
 
 
 @pytest.fixture
@@ -97,12 +97,13 @@ Bridge = Callable[..., Awaitable[BridgeApp]]
 
 
 @pytest.fixture
-async def bridge(emulator: Emulator, fake: FakeDiscord, tmp_path: Path) -> AsyncIterator[Bridge]:
+async def bridge(emulator: Emulator, fake: FakeDiscord, tmp_path: Path, outcomes: Outcomes) -> AsyncIterator[Bridge]:
     """Starts a BridgeApp on one state file, its webhook URL set in the emulator; stops them all."""
     apps: list[BridgeApp] = []
 
     async def start(*, events: str = "conversation.escalated", clock: Clock | None = None) -> BridgeApp:
         app = BridgeApp(make_settings(emulator.base_url, tmp_path / "state.db", events=events), clock=clock, grace=1)
+        outcomes.watch(app.relay)
         apps.append(app)
         await app.start()
         await asyncio.wait_for(app.connected(), 15)  # the platforms connect in the background
@@ -313,14 +314,13 @@ async def hand_over(fake: FakeDiscord, thread: int, answer: dict[str, Any]) -> d
     return alert
 
 
-async def quiet_in(caplog: pytest.LogCaptureFixture, message: dict[str, Any]) -> None:
-    await eventually(
-        lambda: re.search(rf"ignored msg:\S*:{message['id']}: a human has taken over", caplog.text), what="the relay to stay quiet"
-    )
+async def quiet_in(outcomes: Outcomes, message: dict[str, Any]) -> None:
+    """The relay decided not to answer a message in a thread it follows (a human has it)."""
+    await outcomes.wait_for(message["id"], Outcome.IGNORED)
 
 
 async def test_talk_to_a_human_alerts_the_team_and_the_bot_stays_quiet_until_resolved(
-    bridge: Bridge, fake: FakeDiscord, emulator: Emulator, caplog: pytest.LogCaptureFixture
+    bridge: Bridge, fake: FakeDiscord, emulator: Emulator, outcomes: Outcomes
 ) -> None:
     await bridge()
     thread, answer = await ask_in_a_thread(fake, "where is my parcel?")
@@ -333,7 +333,7 @@ async def test_talk_to_a_human_alerts_the_team_and_the_bot_stays_quiet_until_res
     assert "where is my parcel?" in embed["description"]  # the last exchanges
     assert alert["content"] == ONCALL
     chats = len([r for r in emulator.requests if r.path.endswith("/chat")])
-    await quiet_in(caplog, await fake.user_message(thread, "hello? anyone there?"))
+    await quiet_in(outcomes, await fake.user_message(thread, "hello? anyone there?"))
     assert len(posts(fake, thread)) == 2 and len([r for r in emulator.requests if r.path.endswith("/chat")]) == chats
     # A teammate resolves it: the bot says it is back, and answers again.
     await fake.click(alert, buttons(alert)[-1], user=fd.BOB)
@@ -344,12 +344,12 @@ async def test_talk_to_a_human_alerts_the_team_and_the_bot_stays_quiet_until_res
 
 
 async def test_resume_brings_the_bot_back_before_anyone_resolves(
-    bridge: Bridge, fake: FakeDiscord, caplog: pytest.LogCaptureFixture
+    bridge: Bridge, fake: FakeDiscord, outcomes: Outcomes
 ) -> None:
     await bridge()
     thread, answer = await ask_in_a_thread(fake, "how do refunds work?")
     await hand_over(fake, thread, answer)
-    await quiet_in(caplog, await fake.user_message(thread, "still there?"))
+    await quiet_in(outcomes, await fake.user_message(thread, "still there?"))
     await fake.user_message(thread, "resume")
     await eventually(lambda: len(posts(fake, thread)) == 3, what="the resumed notice")
     assert posts(fake, thread)[2]["content"] == NOTICES["resumed"]

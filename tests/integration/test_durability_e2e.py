@@ -28,14 +28,16 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, IO
 
 import httpx
 import pytest
 
-from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
+from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, SANDBOX_WEBHOOK_SECRET, Emulator, sign_webhook
 from bridge.relay import NOTICES
+from bridge.webhooks import SIGNATURE_HEADER
 from tests.fakes import discord_api as fd
 from tests.fakes.discord_api import FakeDiscord
 from tests.fakes.slack_api import APP_TOKEN, BOT_TOKEN, SIGNING_SECRET, FakeSlack, payload, sign
@@ -52,6 +54,7 @@ ENV = {
     "SLACK_APP_TOKEN": APP_TOKEN,
     "SLACK_SIGNING_SECRET": SIGNING_SECRET,
     "DISCORD_TOKEN": fd.TOKEN,
+    "HOOK_SECRET": SANDBOX_WEBHOOK_SECRET,
 }
 
 
@@ -193,6 +196,7 @@ def write_config(
     after_restart: str = "ask-again",
     listen: str = "127.0.0.1:0",
     rate_limit: int | None = None,
+    alerts_to: str = "",
 ) -> Path:
     limits = f", rate_limit: {rate_limit}, rate_window: 30" if rate_limit else ""
     lines = [
@@ -209,6 +213,10 @@ def write_config(
     if discord:
         lines.insert(3, 'discord: {token: "${DISCORD_TOKEN}"}')
         lines.append(f"  - {{platform: discord, chatbot: {SANDBOX_CHATBOT_ID}}}")
+    if alerts_to:
+        lines.append(f'chatbots: [{{id: {SANDBOX_CHATBOT_ID}, name: Sandbox Bot, webhook_secret: "${{HOOK_SECRET}}"}}]')
+        rule = f'chatbot: {SANDBOX_CHATBOT_ID}, events: [conversation.escalated], to: ["{alerts_to}"]'
+        lines.append(f"alerts: [{{{rule}}}]")
     path = tmp_path / "bridge.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -524,6 +532,74 @@ async def test_slack_http_kill_right_after_the_200_still_answers_once_and_a_late
     assert answers_to(texts, "what is the refund policy") == 1, texts
     assert len(texts) == 1
     assert job_states(bridge.state) == {"delivered": 1}
+
+
+# --- alert cards ------------------------------------------------------------------------------
+
+ALERTS = "C0ALERTS"
+
+
+def escalation_webhook() -> tuple[bytes, dict[str, str]]:
+    """A signed conversation.escalated webhook from the sandbox chatbot, as InsiteChat sends it."""
+    body = {
+        "event": "conversation.escalated",
+        "chatbot_id": SANDBOX_CHATBOT_ID,
+        "timestamp": datetime.now(timezone.utc).isoformat(),
+        "data": {"session_id": "visitor-7", "conversation_id": "conv-7", "message": "can I talk to a human?"},
+    }
+    raw = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign_webhook(raw, SANDBOX_WEBHOOK_SECRET)}
+    return raw, headers
+
+
+async def ready(http: httpx.AsyncClient) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        return (await http.get("/readyz")).status_code == 200
+    return False
+
+
+def alert_cards(slack: FakeSlack) -> list[dict[str, Any]]:
+    """The alert cards Slack shows in the alert channel (a post whose answer was lost counts)."""
+    return [m for m in slack.messages.get(ALERTS, []) if m.get("bot_id") and m.get("metadata")]
+
+
+async def test_slack_kill_after_slack_took_an_alert_card_but_before_it_was_recorded_leaves_one_card(
+    emulator: Emulator, slack: FakeSlack, tmp_path: Path, processes: list[BridgeProcess]
+) -> None:
+    # The outbox took the card (its row is "started", no attempt counted) and Slack stored the
+    # post, but the process died before the answer came back: the next start must look first.
+    slack.channels[ALERTS] = {"name": "alerts", "is_member": True}
+    hang = slack.hang_after("chat.postMessage")
+    port = free_port()
+    config = write_config(tmp_path, emulator, slack=slack, listen=f"127.0.0.1:{port}", alerts_to=f"slack:{ALERTS}")
+    bridge = BridgeProcess(config)
+    processes.append(bridge)
+    raw, headers = escalation_webhook()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+
+        await start_slack(bridge, slack)
+        deadline = time.monotonic() + 20
+        while not await ready(http):
+            assert time.monotonic() < deadline, "the bridge never became ready\n" + bridge.logs()
+            await asyncio.sleep(0.05)
+        response = await http.post(f"/webhooks/insitechat/{SANDBOX_CHATBOT_ID}", content=raw, headers=headers)
+        assert response.status_code == 200 and response.json() == {"ok": True, "duplicate": False}
+        await slack.wait_for(lambda: hang.hung == 1, timeout=10)
+        assert len(alert_cards(slack)) == 1
+        assert _read(bridge.state, "SELECT started, attempts FROM outbox WHERE delivered_at IS NULL") == [(1, 0)]
+        await bridge.kill()
+
+        slack.release()
+        looks = len(slack.calls_to("conversations.history"))
+        await start_slack(bridge, slack)
+        await bridge.wait_done(jobs=0)
+    await bridge.terminate()
+    cards = alert_cards(slack)
+    assert len(cards) == 1, f"the card was posted again after the restart: {cards}"  # found by its metadata
+    [card] = cards
+    assert "visitor asked for a human" in card["text"]
+    assert len(slack.calls_to("conversations.history")) > looks
+    assert _read(bridge.state, "SELECT reference FROM outbox") == [(card["ts"],)]
 
 
 # --- Discord ---------------------------------------------------------------------------------

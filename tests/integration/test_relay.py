@@ -171,6 +171,22 @@ async def test_duplicates_concurrent_and_after_restart_give_one_answer(make_harn
     assert len(chat_calls(emulator)) == 1 and len(h.adapter.sent) == 1 and h2.adapter.sent == []
 
 
+async def test_the_same_ts_in_two_channels_is_two_messages_each_answered(make_harness, emulator: Emulator) -> None:
+    # Slack ts values are unique per channel only: two posts at the same instant in two
+    # channels share one. Neither is a duplicate of the other.
+    h = make_harness()
+    one = msg("what are the opening hours?", id="1700000100.000100", channel="C1", mentions_bot=True)
+    two = msg("where is the office?", id="1700000100.000100", channel="C2", mentions_bot=True)
+    assert await h.relay.handle(one) is Outcome.ANSWERED
+    assert await h.relay.handle(two) is Outcome.ANSWERED
+    assert sorted(post.conversation.channel for post in h.adapter.sent) == ["C1", "C2"]
+    assert [c.json["message"] for c in chat_calls(emulator)] == [one.text, two.text]
+    jobs = [await h.store.job_by_key(m.dedupe_key) for m in (one, two)]
+    assert [job[0].inbound.channel for job in jobs if job and job[0].inbound] == ["C1", "C2"]
+    assert all(job is not None and job[1] is JobState.DELIVERED for job in jobs)
+    assert await h.relay.handle(two) is Outcome.DUPLICATE  # and each is still one message
+
+
 async def test_reset_starts_a_fresh_session(make_harness, emulator: Emulator) -> None:
     h = make_harness()
     await h.relay.handle(msg("remember the word pineapple", channel="D1", is_dm=True))
@@ -201,7 +217,9 @@ async def test_quota_exhausted_tells_the_user(emulator: Emulator, tmp_path: Path
     with caplog.at_level(logging.ERROR):
         assert await h.relay.handle(msg("two", id="2", channel="D1", is_dm=True)) is Outcome.NOTICE
     assert "".join(h.adapter.sent[-1].parts) == NOTICES["quota"]
-    assert "quota" in caplog.text
+    # The operator's reason is the product here ("an admin can see why in the logs"): said once, as an error.
+    reasons = [r for r in caplog.records if r.name == "bridge.relay" and "monthly quota exhausted" in r.getMessage()]
+    assert [r.levelno for r in reasons] == [logging.ERROR]
     # The circuit is open now: the next message gets the notice without another API call.
     calls = len(chat_calls(emulator))
     assert await h.relay.handle(msg("three", id="3", channel="D1", is_dm=True)) is Outcome.NOTICE

@@ -8,9 +8,11 @@ import signal
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
+from tests.conftest import free_port
 from tests.fakes.slack_api import APP_TOKEN, BOT_TOKEN, FakeSlack, payload
 
 ENV = {
@@ -30,13 +32,15 @@ def slack(slack: FakeSlack) -> FakeSlack:
     return slack
 
 
-def write_config(tmp_path: Path, emulator: Emulator, slack: FakeSlack, channel: str = "C0GENERAL") -> Path:
+def write_config(
+    tmp_path: Path, emulator: Emulator, slack: FakeSlack, channel: str = "C0GENERAL", listen: str = "127.0.0.1:0"
+) -> Path:
     path = tmp_path / "bridge.yaml"
     path.write_text(
         f"""
 insitechat: {{base_url: "{emulator.base_url}", api_key: "${{IC_KEY}}"}}
 state: {{sqlite: "{tmp_path / 'state.db'}"}}
-server: {{listen: "127.0.0.1:0"}}
+server: {{listen: "{listen}"}}
 slack: {{bot_token: "${{SLACK_BOT_TOKEN}}", app_token: "${{SLACK_APP_TOKEN}}", api_url: "{slack.api_url}"}}
 routes:
   - {{platform: slack, channel: {channel}, chatbot: {SANDBOX_CHATBOT_ID}}}
@@ -49,7 +53,8 @@ routes:
 async def test_run_answers_over_socket_mode_and_exits_cleanly_on_sigterm(
     emulator: Emulator, slack: FakeSlack, tmp_path: Path
 ) -> None:
-    config = write_config(tmp_path, emulator, slack)
+    port = free_port()
+    config = write_config(tmp_path, emulator, slack, listen=f"127.0.0.1:{port}")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bridge", "run", "--config", str(config), env=ENV,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
@@ -59,6 +64,10 @@ async def test_run_answers_over_socket_mode_and_exits_cleanly_on_sigterm(
         envelope = await slack.send_envelope(payload("app_mention"))
         await asyncio.wait_for(envelope.acked.wait(), 10)
         await slack.wait_for(lambda: slack.calls_to("reactions.remove"), timeout=10)
+        # The bridge's own count of how the message ended, as an operator's Prometheus reads it.
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            metrics = (await http.get("/metrics")).text
+        assert 'insitechat_bridge_messages_total{outcome="answered",platform="slack"} 1.0' in metrics.splitlines()
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = await asyncio.wait_for(proc.communicate(), 20)
@@ -67,6 +76,7 @@ async def test_run_answers_over_socket_mode_and_exits_cleanly_on_sigterm(
     [post] = slack.posts
     assert post["thread_ts"] == "1700000100.000100" and "refund policy" in post["text"]
     await slack.wait_for(lambda: not slack.sockets, timeout=5)  # the socket was closed, not dropped
+    # What stays on stderr is the log's own promise: no traceback, no secret, no message text.
     assert "Traceback" not in stderr
     for secret in (BOT_TOKEN, APP_TOKEN, SANDBOX_KEY):
         assert secret not in stderr and secret not in out.decode()

@@ -7,7 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from bridge.emulator import SANDBOX_CHATBOT_ID, Emulator
 from bridge.messages import Conversation
 from bridge.outbox import Outbox
 from bridge.store import SQLiteStore
-from bridge.webhooks import SIGNATURE_HEADER, WebhookReceiver
+from bridge.webhooks import SIGNATURE_HEADER, WebhookReceiver, signature_matches
 from tests.fakes.alert_poster import FakePoster
 
 BOT = SANDBOX_CHATBOT_ID
@@ -166,6 +166,34 @@ async def test_oversized_body_is_413_without_reading_it_all(bed: Bed) -> None:
 async def test_every_signature_encoding_is_accepted(bed: Bed, signature: Any) -> None:
     response = await post(bed.url, GOOD, {SIGNATURE_HEADER: signature(GOOD)})
     assert response.status_code == 200 and response.json() == {"ok": True, "duplicate": False}
+
+
+def _digest(raw: bytes) -> bytes:
+    return hmac.new(SECRET.encode(), raw, hashlib.sha256).digest()
+
+
+# Signatures that share a prefix with the right one, or have it as their prefix: none may pass.
+NEAR_MISSES = {
+    "hex, last byte cut": lambda raw: "sha256=" + _digest(raw).hex()[:62],
+    "hex, half": lambda raw: "sha256=" + _digest(raw).hex()[:32],
+    "hex, one byte, no prefix": lambda raw: _digest(raw).hex()[:2],
+    "prefix only": lambda raw: "sha256=",
+    "hex, a byte too many": lambda raw: "sha256=" + _digest(raw).hex() + "00",
+    "base64, last bytes cut": lambda raw: base64.b64encode(_digest(raw)).decode()[:40],
+    "base64, first 3 bytes": lambda raw: base64.b64encode(_digest(raw)).decode()[:4],
+    "base64, a byte too many": lambda raw: base64.b64encode(_digest(raw) + b"\0").decode(),
+}
+
+
+@pytest.mark.parametrize("near_miss", NEAR_MISSES.values(), ids=NEAR_MISSES.keys())
+async def test_a_truncated_or_extended_signature_is_not_a_match(bed: Bed, near_miss: Callable[[bytes], str]) -> None:
+    assert signature_matches(GOOD, "sha256=" + _digest(GOOD).hex(), SECRET)  # the whole one is right
+    assert not signature_matches(GOOD, near_miss(GOOD), SECRET)
+    response = await post(bed.url, GOOD, {SIGNATURE_HEADER: near_miss(GOOD)})
+    assert response.status_code == 401
+    await bed.outbox.deliver_due()
+    assert bed.slack.posted == [] and bed.discord.posted == []
+    assert (await bed.store.outbox_depth())[0] == 0  # nothing was stored either
 
 
 async def test_unknown_event_is_acknowledged_but_not_alerted(bed: Bed) -> None:

@@ -89,6 +89,18 @@ def new_job(clock: ManualClock, message_id: str = "100.1") -> ChatJob:
     return ChatJob.new(question(message_id), chatbot="bot-1", now=clock.time())
 
 
+async def test_the_same_ts_in_another_channel_is_another_message(reopen: Open, clock: ManualClock) -> None:
+    # Slack ts values are unique only within a channel: the channel is part of the identity.
+    store = reopen()
+    here = ChatJob.new(question("100.1"), chatbot="bot-1", now=clock.time())
+    elsewhere_inbound = Inbound("slack", "T1", "C2", "100.1", "U2", "and here?", mentions_bot=True)
+    elsewhere = ChatJob.new(elsewhere_inbound, chatbot="bot-1", now=clock.time())
+    assert await store.create_job(here, lease=60)
+    assert await store.create_job(elsewhere, lease=60)
+    found = [await store.job_by_key(job.key) for job in (here, elsewhere)]
+    assert [(f[0].id, f[0].inbound) for f in found if f] == [(here.id, here.inbound), (elsewhere.id, elsewhere_inbound)]
+
+
 async def test_a_job_is_created_once_per_platform_message(reopen: Open, clock: ManualClock) -> None:
     store = reopen()
     job = new_job(clock)
