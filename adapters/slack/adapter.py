@@ -12,13 +12,14 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.app.async_app import AsyncApp
 from slack_bolt.middleware.authorization.async_single_team_authorization import AsyncSingleTeamAuthorization
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError
+from slack_sdk.signature import SignatureVerifier
 
 from adapters.slack.alerts import SECTION_LIMIT, alert_key, alert_metadata, human_blocks
 from adapters.slack.delivery import part_mark, part_metadata, quietly, send_error
@@ -99,6 +100,8 @@ class SlackAdapter:
             ignoring_self_events_enabled=False,
             attaching_conversation_kwargs_enabled=False,
         )
+        # HTTP mode only (config validation requires its signing secret there).
+        self._verifier = SignatureVerifier(config.signing_secret) if self._http and config.signing_secret else None
         self.app.use(self._accept_before_ack)
         self._bot = BotUser()
         SlackInteractions(
@@ -321,7 +324,25 @@ class SlackAdapter:
         if not self._running or not self._intake:
             # Not started yet, or shutting down: Slack retries, and the retry is answered.
             return web.Response(status=503, text="not ready")
-        bolt_request = await to_bolt_request(request)
+        raw = await request.read()
+        timestamp = request.headers.get("X-Slack-Request-Timestamp", "")
+        signature = request.headers.get("X-Slack-Signature")
+        try:
+            text = raw.decode("utf-8")  # Slack sends UTF-8; slack_sdk's verifier decodes it too
+        except UnicodeDecodeError:
+            return web.Response(status=400 if signature else 401, text="not a Slack request")
+        # Verified before anything parses the body: Bolt's parser raises on junk (a 500 with a
+        # traceback), and an unsigned request must learn nothing but 401 from us.
+        if self._verifier is None or not timestamp.isdigit() or not self._verifier.is_valid(text, timestamp, signature):
+            return web.Response(status=401, text="invalid signature")
+        try:
+            bolt_request = AsyncBoltRequest(body=text, query=request.query_string, headers=request.headers)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # JSON and UTF-8 errors are ValueErrors;
+            # a body that parses to something other than an object (`[]`, `null`) fails on .get()
+            log.warning("slack: a signed request to %s was not an event (%s); refused", EVENTS_PATH, type(exc).__name__)
+            return web.Response(status=400, text="malformed body")
+        if not isinstance(bolt_request.body, dict):
+            return web.Response(status=400, text="malformed body")
         return await to_aiohttp_response(await self.app.async_dispatch(bolt_request))
 
     async def _accept_before_ack(

@@ -175,6 +175,32 @@ async def test_url_verification_and_signatures(start_bridge, slack: FakeSlack, e
     assert len(chat_calls(emulator)) == 1 and len(slack.posts) == 1
 
 
+JUNK_BODIES = [
+    (b"not json at all", "application/json"),
+    (b"[]", "application/json"),
+    (b"null", "application/json"),
+    (b"payload=garbage", "application/x-www-form-urlencoded"),
+    (b"payload=%7B%22type%22%3A", "application/x-www-form-urlencoded"),
+    (b"\xff\xfe\x00", "application/json"),
+]
+
+
+@pytest.mark.parametrize(("raw", "content_type"), JUNK_BODIES)
+async def test_junk_is_refused_before_it_is_parsed(
+    start_bridge, slack: FakeSlack, emulator: Emulator, raw: bytes, content_type: str
+) -> None:
+    """Unsigned junk is 401 and signed junk 400: never a 500, whatever Bolt's body parser makes of it."""
+    bridge = await start_bridge()
+    async with bridge.http.post(bridge.events_url, data=raw, headers={"Content-Type": content_type}) as response:
+        assert response.status == 401
+    headers = {"Content-Type": content_type, **sign(raw, SIGNING_SECRET)}
+    async with bridge.http.post(bridge.events_url, data=raw, headers=headers) as response:
+        assert response.status == 400
+    # And the bridge still answers a real event afterwards.
+    assert (await bridge.post_event(payload("app_mention")))[0] == 200
+    await slack.wait_for(lambda: slack.posts)
+
+
 # --- triggers -------------------------------------------------------------------------------------
 
 
