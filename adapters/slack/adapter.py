@@ -15,6 +15,7 @@ from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.app.async_app import AsyncApp
+from slack_bolt.logger.messages import warning_client_prioritized_and_token_skipped
 from slack_bolt.middleware.authorization.async_single_team_authorization import AsyncSingleTeamAuthorization
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.response import BoltResponse
@@ -56,6 +57,17 @@ SOCKET_PING_INTERVAL = 10.0  # Socket Mode ping every this many seconds (Bolt's 
 SILENT_AFTER = 2  # pings: a socket silent for longer is not ready, even if it looks connected
 FIND_PAGES = 5  # conversations.history/replies pages searched for an earlier post after a crash
 FIND_PAGE_SIZE = 200
+
+
+class _SameTokenTwice(logging.Filter):
+    """Drops Bolt's "client given, token unused" warning: Bolt reads SLACK_BOT_TOKEN (the README's name)
+    on its own, and the client we hand it carries that very token, so nothing is unused."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != warning_client_prioritized_and_token_skipped()
+
+
+logging.getLogger("slack_bolt.AsyncApp").addFilter(_SameTokenTwice())
 
 
 class SlackAdapter:

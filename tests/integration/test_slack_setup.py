@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +15,13 @@ from bridge.clock import SystemClock
 from bridge.emulator import SANDBOX_CHATBOT_ID
 from bridge.messages import Inbound
 from bridge.ports import PlatformRefused
-from tests.fakes.slack_api import ALL_SCOPES, APP_TOKEN, BOT_TOKEN, SIGNING_SECRET, FakeSlack
+from tests.fakes.slack_api import (
+    ALL_SCOPES,
+    APP_TOKEN,
+    BOT_TOKEN,
+    SIGNING_SECRET,
+    FakeSlack,
+)
 
 WRONG_BOT_TOKEN = "xoxb-wrong-token"
 WRONG_APP_TOKEN = "xapp-wrong-token"
@@ -185,3 +192,16 @@ async def test_socket_stop_is_idempotent_and_closes_the_socket(fake: FakeSlack) 
     await adapter.stop()
     await fake.wait_for(lambda: not fake.sockets)
     await adapter.stop()
+
+
+def test_the_readme_token_variable_does_not_make_bolt_warn(
+    fake: FakeSlack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bolt reads SLACK_BOT_TOKEN itself and warns that the client's token wins; both are the same token.
+
+    The warning is the product here: every start printed it for the variable name the README uses.
+    """
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-from-the-environment")
+    with caplog.at_level(logging.INFO, logger="slack_bolt"):
+        SlackAdapter(settings_for(fake.api_url).slack, noop)
+    assert [r for r in caplog.records if r.name.startswith("slack_bolt") and r.levelno >= logging.WARNING] == []
