@@ -561,6 +561,25 @@ async def test_no_assistant_status_without_the_scope(start_bridge, slack: FakeSl
 # --- Socket Mode ----------------------------------------------------------------------------------
 
 
+async def test_only_real_socket_mode_retries_are_logged_as_retries(
+    start_bridge, slack: FakeSlack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bolt turns every envelope's `retry_attempt: 0` into an x-slack-retry-num header of "0".
+
+    The log line is the product here: the operator reads "slack retry N" as Slack redelivering.
+    """
+    await start_bridge(mode="socket")
+    with caplog.at_level(logging.INFO, logger="adapters.slack"):
+        first = await slack.send_envelope(payload("app_mention"), retry_attempt=0)
+        await asyncio.wait_for(first.acked.wait(), 5)
+        retries = [r for r in caplog.records if r.name.startswith("adapters.slack") and "retry" in r.getMessage()]
+        assert retries == []
+        again = await slack.send_envelope(payload("app_mention"), retry_attempt=2, retry_reason="timeout")
+        await asyncio.wait_for(again.acked.wait(), 5)
+    [retry] = [r for r in caplog.records if r.name.startswith("adapters.slack") and "retry" in r.getMessage()]
+    assert "retry 2 (timeout)" in retry.getMessage()
+
+
 async def test_socket_mode_envelopes_are_acked_and_answered(start_bridge, slack: FakeSlack, emulator: Emulator) -> None:
     bridge = await start_bridge(mode="socket")
     assert slack.calls_to("apps.connections.open")[0].token == APP_TOKEN
