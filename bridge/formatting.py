@@ -341,10 +341,19 @@ class MarkdownRenderer:
 
     def code_block(self, language: str, body: list[str]) -> list[str]:
         opener = "```" + (language if self.keep_fence_language else "")
-        return [opener, *body, "```"]
+        return [opener, *(unfence(line) for line in body), "```"]
 
     def table(self, lines: list[str]) -> list[str]:
         return self.code_block("", lines)
+
+
+_BACKTICK_RUN = re.compile(r"`{3,}")
+
+
+def unfence(line: str) -> str:
+    """A code line that cannot end its block: Slack and Discord toggle code at every ```, even
+    inside a longer or ~~~ fence, so each run of 3+ backticks gets invisible breaks."""
+    return _BACKTICK_RUN.sub(lambda run: ZWSP.join(run.group()), line)
 
 
 def unwrap(destination: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from bridge.formatting import NO_MARKS, SAFE_SCHEME, ZWSP, MarkdownRenderer, Markers, split_text, unwrap
+from bridge.formatting import NO_MARKS, SAFE_SCHEME, ZWSP, MarkdownRenderer, Markers, split_text, unfence, unwrap
 
 SLACK_LIMIT = 3900  # Slack truncates text past 40k and a markdown/section block takes < 4000
 
@@ -61,7 +61,7 @@ class SlackRenderer(MarkdownRenderer):
         return f"*{shown}*" if shown.strip() else ""
 
     def code_block(self, language: str, body: list[str]) -> list[str]:
-        return ["```", *(slack_escape(line) for line in body), "```"]
+        return ["```", *(unfence(slack_escape(line)) for line in body), "```"]
 
 
 _SLACK = SlackRenderer()

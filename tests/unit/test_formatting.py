@@ -453,3 +453,23 @@ def test_split_text_any_text_within_limit_and_nothing_lost(text: str, limit: int
     assert all(0 < len(part) <= limit for part in parts)
     if limit >= 16 and "`" not in text and "~" not in text:  # no fences, so nothing is added
         assert _no_space("".join(parts)) == _no_space(text)
+
+
+NESTED_FENCES = [
+    "````markdown\n```python\nprint(1)\n```\n````",  # a longer fence around a ``` block
+    "~~~\n```\ninside a tilde fence\n```\n~~~",
+    "```text\nan inline ``` in the middle\n```",
+]
+
+
+@pytest.mark.parametrize("convert", [to_slack, to_discord])
+@pytest.mark.parametrize("markdown", NESTED_FENCES)
+def test_backticks_inside_a_code_block_cannot_end_it(convert: Convert, markdown: str) -> None:
+    """Slack and Discord toggle code at every ```: only the block's own two fences may contain one."""
+    [text] = convert(markdown, UNLIMITED)
+    lines = text.split("\n")
+    assert [line for line in lines if "```" in line] == [lines[0], lines[-1]]
+    assert lines[-1] == "```" and lines[0].startswith("```")
+    inner = [line.replace(ZWSP, "") for line in lines[1:-1]]
+    original = markdown.split("\n")[1:-1]
+    assert inner == original  # what the reader sees is the code as written
