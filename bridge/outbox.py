@@ -15,7 +15,7 @@ from bridge.backoff import Backoff
 from bridge.clock import Clock
 from bridge.desk import AlertDesk
 from bridge.messages import Conversation, Delivery, Outbound, OutboundKind
-from bridge.ports import Adapter, AlertPoster, PermanentSendError
+from bridge.ports import Adapter, AlertPoster, PermanentSendError, TellsRefusal
 from bridge.store import ChatJob, OutboxItem, ReplyKind, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,17 @@ class Outbox:
             delivered += result is DeliveryResult.DELIVERED
         return delivered
 
+    async def _tell_refused(
+        self, adapter: Adapter, item: OutboxItem, job: ChatJob | None, refusal: PermanentSendError
+    ) -> None:
+        """Never silent: a chat reply refused for good is explained to the asker, where the platform allows it."""
+        if item.payload.get("kind") != "chat" or not isinstance(adapter, TellsRefusal):
+            return
+        if job is None:
+            job = await self._store.get_job(item.payload["job"])
+        if job is not None and job.inbound is not None:
+            await adapter.tell_refused(job.inbound, refusal)
+
     def _backoff_for(self, item: OutboxItem) -> Backoff:
         return self._chat_backoff if item.payload.get("kind") == "chat" else self._alert_backoff
 
@@ -175,6 +186,7 @@ class Outbox:
             metrics.DELIVERIES.labels(platform, "refused").inc()
             await self._store.outbox_fail(taken.id, str(exc))
             log.error("delivery to %s refused for good, not retried: %s", taken.destination, exc)
+            await self._tell_refused(adapter, taken, job, exc)
             return DeliveryResult.FAILED
         except StoreError:
             raise

@@ -122,6 +122,17 @@ class AlertPoster(Adapter, Protocol):
 
 
 @runtime_checkable
+class TellsRefusal(Protocol):
+    """An adapter that can tell the asker privately that their answer could not be posted (Slack's ephemeral)."""
+
+    async def tell_refused(self, inbound: Inbound, refusal: PermanentSendError) -> bool:
+        """Tell the person who asked, where only they see it, why the answer is not there; True when told.
+
+        Never raises: where even that cannot be posted (the bot left the channel), it logs one line.
+        """
+
+
+@runtime_checkable
 class ReportsReadiness(Protocol):
     """An adapter whose connection can look open while it is not live (a socket, a gateway)."""
 

@@ -23,7 +23,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.signature import SignatureVerifier
 
 from adapters.slack.alerts import SECTION_LIMIT, alert_key, alert_metadata, human_blocks
-from adapters.slack.delivery import part_mark, part_metadata, quietly, send_error
+from adapters.slack.delivery import SlackPostRefused, part_mark, part_metadata, quietly, refusal_notice, send_error
 from adapters.slack.interactions import BotUser, Serves, SlackInteractions
 from adapters.slack.setup import (
     EVENTS_PATH,
@@ -46,6 +46,7 @@ from bridge.alerts import Alert
 from bridge.formatting import split_text
 from bridge.messages import Conversation, Delivery, Inbound, Outbound
 from bridge.handover import HandOvers
+from bridge.ports import PermanentSendError
 from bridge.store import StoreError
 
 
@@ -473,6 +474,21 @@ class SlackAdapter:
         if found:
             log.info("slack: %d of %d part(s) of %s were already posted; posting the rest", len(found), count, delivery.key)
         return found
+
+    async def tell_refused(self, inbound: Inbound, refusal: PermanentSendError) -> bool:
+        """An ephemeral note to the asker, in the question's thread, saying why the answer is not there."""
+        code = refusal.code if isinstance(refusal, SlackPostRefused) else ""
+        try:
+            await self.client.chat_postEphemeral(
+                channel=inbound.channel,
+                user=inbound.author_id,
+                text=refusal_notice(code, self._bot.name),
+                thread_ts=inbound.thread or None,
+            )
+        except (SlackApiError, *NETWORK_ERRORS) as exc:
+            log.info("slack: could not tell %s why the answer is missing either (%s)", inbound.author_id, error_code(exc))
+            return False
+        return True
 
     @asynccontextmanager
     async def working(self, inbound: Inbound) -> AsyncIterator[None]:

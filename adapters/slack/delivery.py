@@ -47,6 +47,23 @@ PERMANENT_PREFIXES = ("restricted_action",)  # restricted_action, _read_only_cha
 class SlackPostRefused(SlackError, PermanentSendError):
     """Slack refused a post (or the search before it) for good, see PERMANENT_CODES; plain words, never a token."""
 
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code  # Slack's error code: what the asker is told
+
+
+def refusal_notice(code: str, bot_name: str) -> str:
+    """What the asker reads (only they) when their answer could not be posted, by Slack's reason."""
+    if code.startswith("restricted_action"):
+        reason = "only some members may post in this channel"
+    elif code in ("not_in_channel", "channel_not_found"):
+        reason = f"I'm not a member of this channel: invite me with /invite @{bot_name or 'InsiteChat'}"
+    elif code == "is_archived":
+        reason = "this channel is archived"
+    else:
+        reason = f"Slack refused it ({code or 'unknown reason'})"
+    return f"I couldn't post my answer here: {reason}. You can ask me in a direct message instead."
+
 
 def is_permanent(exc: BaseException) -> bool:
     """True when Slack's answer means the call can never succeed as it is."""
@@ -64,7 +81,7 @@ def is_permanent(exc: BaseException) -> bool:
 
 def send_error(message: str, exc: BaseException) -> SlackError:
     """The error a send raises for `exc`: SlackPostRefused when final, else a SlackError to retry later."""
-    return SlackPostRefused(message) if is_permanent(exc) else SlackError(message)
+    return SlackPostRefused(message, error_code(exc)) if is_permanent(exc) else SlackError(message)
 
 
 # --- the mark on each posted part -----------------------------------------------------------

@@ -558,6 +558,35 @@ async def test_no_assistant_status_without_the_scope(start_bridge, slack: FakeSl
     assert slack.calls_to("assistant.threads.setStatus") == []
 
 
+@pytest.mark.parametrize("code", ["restricted_action", "restricted_action_read_only_channel", "is_archived"])
+async def test_an_answer_slack_refuses_for_good_is_explained_to_the_asker(
+    start_bridge, slack: FakeSlack, emulator: Emulator, outcomes: Outcomes, code: str
+) -> None:
+    """Never silent: an announcement channel refuses the answer, and the asker is told why, privately."""
+    bridge = await start_bridge()
+    slack.fail("chat.postMessage", error=code, count=None)
+    assert (await bridge.post_event(payload("app_mention")))[0] == 200
+    [ephemeral] = await slack.wait_for(lambda: slack.ephemeral)
+    assert ephemeral["channel"] == "C0GENERAL" and ephemeral["user"] == payload("app_mention")["event"]["user"]
+    assert "couldn't post my answer here" in ephemeral["text"]
+    await outcomes.wait_for(MENTION_TS, Outcome.FAILED)
+    assert (await bridge.app.store.job_counts()).get(JobState.FAILED) == 1
+    assert len(slack.calls_to("chat.postMessage")) == 1  # not retried
+
+
+async def test_when_even_the_ephemeral_note_is_refused_nothing_breaks(
+    start_bridge, slack: FakeSlack, outcomes: Outcomes
+) -> None:
+    bridge = await start_bridge()
+    slack.fail("chat.postMessage", error="not_in_channel", count=None)
+    slack.fail("chat.postEphemeral", error="not_in_channel", count=None)
+    assert (await bridge.post_event(payload("app_mention")))[0] == 200
+    await outcomes.wait_for(MENTION_TS, Outcome.FAILED)
+    await slack.wait_for(lambda: slack.calls_to("chat.postEphemeral"))
+    assert slack.ephemeral == []
+    assert (await bridge.post_event(payload("url_verification")))[0] == 200  # still serving
+
+
 # --- Socket Mode ----------------------------------------------------------------------------------
 
 
