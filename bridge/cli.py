@@ -346,18 +346,27 @@ async def _cmd_slack_manifest(args: argparse.Namespace) -> int:
     import json
 
     from adapters.slack import manifest
+    from adapters.slack.setup import EVENTS_PATH, PLACEHOLDER_URL
 
-    settings = config.load(args.config)
+    # The manifest creates the Slack app the tokens come from: no ${VAR} needs to be set yet.
+    settings = config.load(args.config, env_needed_by=())
     if settings.slack is None:
         raise CommandFailed("the config has no slack section")
     print(json.dumps(manifest(settings, request_url=args.request_url), indent=2))
+    if settings.slack.transport == "http" and not args.request_url:
+        print(
+            f"note: slack.mode is http and no --request-url was given, so the manifest points at "
+            f"{PLACEHOLDER_URL}{EVENTS_PATH}: replace that with your bridge's public URL, or run again "
+            f"with --request-url https://your-bridge-host",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
 async def _cmd_discord_invite(args: argparse.Namespace) -> int:
     from adapters.discord import DiscordSetupError, invite_url
 
-    settings = config.load(args.config)
+    settings = config.load(args.config, env_needed_by=("discord",))  # the invite comes before the other secrets
     if settings.discord is None:
         raise CommandFailed("the config has no discord section")
     try:

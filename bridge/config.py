@@ -400,17 +400,30 @@ def _check_uuid(value: str) -> str:
 # --- loading ---------------------------------------------------------------------------------
 
 
-def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Settings:
-    """Read, interpolate and validate a config file; raise ConfigError listing every problem."""
+def load(
+    path: str | os.PathLike[str], env: Mapping[str, str] | None = None, *, env_needed_by: tuple[str, ...] | None = None
+) -> Settings:
+    """Read, interpolate and validate a config file; raise ConfigError listing every problem (see `loads`)."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from None
-    return loads(text, source=source, env=os.environ if env is None else env)
+    return loads(text, source=source, env=os.environ if env is None else env, env_needed_by=env_needed_by)
 
 
-def loads(text: str, *, source: str = "<config>", env: Mapping[str, str] | None = None) -> Settings:
+UNSET = "<unset>"  # stands in for a variable a command does not need (see env_needed_by)
+
+
+def loads(
+    text: str,
+    *,
+    source: str = "<config>",
+    env: Mapping[str, str] | None = None,
+    env_needed_by: tuple[str, ...] | None = None,
+) -> Settings:
+    """Parse, interpolate and validate; `env_needed_by`: only these top-level sections need their
+    ${VARS} set (others get UNSET), for commands that run before every secret exists; None: all do."""
     env = os.environ if env is None else env
     try:
         raw = yaml.safe_load(text)
@@ -425,7 +438,7 @@ def loads(text: str, *, source: str = "<config>", env: Mapping[str, str] | None 
     problems: list[str] = []
     problems += _literal_secrets(raw)
     secrets: list[str] = []
-    data = _interpolate(raw, (), env, problems, secrets)
+    data = _interpolate(raw, (), env, problems, secrets, env_needed_by)
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
@@ -461,12 +474,17 @@ def _path_matches(path: tuple[str | int, ...], pattern: tuple[str, ...]) -> bool
 
 
 def _interpolate(
-    node: Any, path: tuple[str | int, ...], env: Mapping[str, str], problems: list[str], secrets: list[str]
+    node: Any,
+    path: tuple[str | int, ...],
+    env: Mapping[str, str],
+    problems: list[str],
+    secrets: list[str],
+    needed_by: tuple[str, ...] | None = None,
 ) -> Any:
     if isinstance(node, dict):
-        return {k: _interpolate(v, (*path, str(k)), env, problems, secrets) for k, v in node.items()}
+        return {k: _interpolate(v, (*path, str(k)), env, problems, secrets, needed_by) for k, v in node.items()}
     if isinstance(node, list):
-        return [_interpolate(v, (*path, i), env, problems, secrets) for i, v in enumerate(node)]
+        return [_interpolate(v, (*path, i), env, problems, secrets, needed_by) for i, v in enumerate(node)]
     if not isinstance(node, str) or "$" not in node:
         return node
 
@@ -477,13 +495,15 @@ def _interpolate(
         value = env.get(name)
         if value is None or (value == "" and default is not None):
             if default is None:
+                if needed_by is not None and str(path[0]) not in needed_by:
+                    return UNSET
                 problems.append(f"{_dotted(path)}: environment variable {name} is not set")
                 return ""
             value = default
         return value
 
     result = _ENV_REF.sub(replace, node)
-    if any(_path_matches(path, pattern) for pattern in SECRET_PATHS) and result:
+    if any(_path_matches(path, pattern) for pattern in SECRET_PATHS) and result and result != UNSET:
         secrets.append(result)
     return result
 

@@ -85,6 +85,25 @@ async def test_discord_invite_command_reports_the_adapter_error_plainly(
     assert "refused the bot token" in str(failure.value) and wrong not in str(failure.value)
 
 
+async def test_discord_invite_needs_only_the_discord_token(
+    fake: FakeDiscord, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The invite comes before the InsiteChat key and the Slack tokens may exist: it reads only discord.token."""
+    path = tmp_path / "bridge.yaml"
+    path.write_text(
+        f'insitechat: {{api_key: "${{KEY}}"}}\nslack: {{bot_token: "${{SLACK_BOT_TOKEN}}", app_token: "${{SLACK_APP_TOKEN}}"}}\n'
+        f'discord: {{token: "${{DISCORD_TOKEN}}"}}\nroutes: [{{platform: discord, chatbot: {BOT}}}]\n'
+    )
+    for name in ("KEY", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DISCORD_TOKEN", fd.TOKEN)
+    assert await cli._cmd_discord_invite(argparse.Namespace(config=str(path))) == 0
+    assert f"client_id={fd.BOT_ID}" in capsys.readouterr().out
+    monkeypatch.delenv("DISCORD_TOKEN")
+    with pytest.raises(config.ConfigError, match="DISCORD_TOKEN is not set"):
+        await cli._cmd_discord_invite(argparse.Namespace(config=str(path)))
+
+
 async def test_check_passes_when_the_bot_can_post_everywhere_routed(fake: FakeDiscord) -> None:
     routes = (
         f'  - {{platform: discord, workspace: "{fd.GUILD_ID}", channel: "{fd.GENERAL}", chatbot: {BOT}}}\n'

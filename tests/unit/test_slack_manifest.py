@@ -74,3 +74,33 @@ def test_the_cli_prints_the_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyP
     printed = json.loads(capsys.readouterr().out)
     assert printed == manifest(settings_for("http"), request_url="https://bridge.example.com")
     assert "xoxb-test-token" not in json.dumps(printed) and "s3cret" not in json.dumps(printed)
+
+
+@pytest.mark.parametrize("transport", ["socket", "http"])
+def test_the_manifest_comes_before_any_token_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], transport: str
+) -> None:
+    """The README's order: the manifest creates the Slack app, which is where the tokens come from."""
+    for name in ENV:
+        monkeypatch.delenv(name, raising=False)
+    path = tmp_path / "bridge.yaml"
+    path.write_text(settings_text(transport, command="/helpdesk"))
+    assert cli.main(["slack-manifest", "--config", str(path), "--request-url", "https://bridge.example.com"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["features"]["slash_commands"][0]["command"] == "/helpdesk"
+
+
+def test_an_http_manifest_without_a_request_url_says_what_to_replace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    path = tmp_path / "bridge.yaml"
+    path.write_text(settings_text("http"))
+    assert cli.main(["slack-manifest", "--config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "https://YOUR-BRIDGE-HOST" in captured.out
+    assert "--request-url" in captured.err and "YOUR-BRIDGE-HOST" in captured.err
+    path.write_text(settings_text("socket"))  # Socket Mode needs no URL: nothing to say
+    assert cli.main(["slack-manifest", "--config", str(path)]) == 0
+    assert capsys.readouterr().err == ""
