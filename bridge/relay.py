@@ -337,10 +337,11 @@ class Relay:
         if words in RESET_WORDS:
             await self._store.bump_generation(conversation.key)
             return _notice("reset", Outcome.RESET)
+        if not inbound.is_dm:
+            # Followed first: a bare mention's hello invites the question into this thread.
+            await self._store.follow(conversation.key)
         if not inbound.text.strip():
             return _notice("hello")
-        if not inbound.is_dm:
-            await self._store.follow(conversation.key)
         if recovered and job.state is JobState.ASKED and not self._ask_again:
             return _notice("restarted")
         return None

@@ -110,6 +110,16 @@ async def test_follow_up_in_thread_keeps_context_without_mention(make_harness, e
     assert h.adapter.sent[1].conversation == h.adapter.sent[0].conversation
 
 
+async def test_a_bare_mention_says_hello_and_follows_its_thread(make_harness, emulator: Emulator) -> None:
+    """"@bot" alone opens the thread "ask me here": the question asked there next, without a mention, is answered."""
+    h = make_harness()
+    assert await h.relay.handle(msg("", mentions_bot=True)) is Outcome.NOTICE
+    assert "".join(h.adapter.sent[0].parts) == NOTICES["hello"]
+    assert await h.relay.handle(msg("what are your opening hours?", id="100.2", thread="100.1")) is Outcome.ANSWERED
+    assert "opening hours" in "".join(h.adapter.sent[1].parts)
+    assert h.adapter.sent[1].conversation == h.adapter.sent[0].conversation
+
+
 @pytest.mark.parametrize(
     ("inbound", "reason"),
     [
