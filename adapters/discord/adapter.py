@@ -45,6 +45,8 @@ discord.VoiceClient.warn_dave = False
 
 OnMessage = Callable[[Inbound], Awaitable[object]]
 
+PREPARE_TIMEOUT = 5.0  # seconds working() may spend opening the answer's thread before the question is asked
+
 
 class _Client(discord.Client):
     """discord.Client with its events handed to the adapter."""
@@ -556,17 +558,24 @@ class DiscordAdapter:
 
     @contextlib.asynccontextmanager
     async def working(self, inbound: Inbound) -> AsyncIterator[None]:
-        """The typing indicator for the whole wait, where the user wrote (a slash command shows "thinking")."""
+        """The typing indicator for the whole wait, where the answer will be (a slash command shows "thinking")."""
         client = self._poster()
-        origin = self._memory.origins.get(inbound.message_id)
-        if inbound.is_command or client is None or origin is None:
+        where = ""
+        if not inbound.is_command and client is not None:
+            try:
+                # Bounded: a thread Discord is slow to open (its rate limit) must not hold up the question.
+                async with asyncio.timeout(PREPARE_TIMEOUT):
+                    where = await self.poster.answer_place(inbound)
+            except TimeoutError:
+                log.info("discord: the thread for %s is slow to open; answering first", inbound.message_id)
+        if client is None or not where:
             yield
             return
-        typing = client.get_partial_messageable(int(origin.place.channel_id)).typing()
+        typing = client.get_partial_messageable(int(where)).typing()
         try:
             await typing.__aenter__()
         except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
-            log.debug("discord: no typing indicator in %s: %s", origin.place.channel_id, exc)
+            log.debug("discord: no typing indicator in %s: %s", where, exc)
             yield
             return
         try:

@@ -56,7 +56,8 @@ class Memory:
     origins: Recent[str, Origin] = field(default_factory=Recent)  # a question's id -> where it was asked
     roots: Recent[str, str] = field(default_factory=Recent)  # the bot's message id -> its conversation's thread root
     places: Recent[int, Place] = field(default_factory=lambda: Recent(500))  # threads fetched over REST
-    threads: Recent[str, bool] = field(default_factory=lambda: Recent(1000))  # threads this process created
+    # A question's id -> True: its thread is open (made here); False: Discord would not make one there.
+    threads: Recent[str, bool] = field(default_factory=lambda: Recent(1000))
     # A slash command's id -> (monotonic time, its interaction), answered through followups for 15 minutes.
     interactions: dict[str, tuple[float, discord.Interaction]] = field(default_factory=dict)
 

@@ -16,7 +16,7 @@ from adapters.discord.places import Memory, Origin, place_of_channel
 from adapters.discord.setup import PERMISSION_NAMES
 from adapters.discord.translate import Place, PlaceKind
 from bridge.clock import Clock
-from bridge.messages import Outbound, OutboundKind
+from bridge.messages import Inbound, Outbound, OutboundKind
 from bridge.ports import PermanentSendError
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,28 @@ class DiscordPoster:
         self._cached_channel = cached_channel
         self._followup_of = followup_of
         self._threads_for = threads_for
+
+    async def answer_place(self, inbound: Inbound) -> str:
+        """The channel id the answer to `inbound` will be posted in; "" when unknown (not seen by this process).
+
+        Where the answer gets a thread of its own, the thread is opened now: the person sees it
+        at once, and the typing indicator shows in it rather than in the channel they left.
+        """
+        origin = self._memory.origins.get(inbound.message_id)
+        if origin is None:
+            return ""
+        place = origin.place
+        if (
+            place.kind is PlaceKind.TEXT
+            and inbound.conversation.thread == inbound.message_id
+            and self._threads_for(origin.guild_id, place.channel_id)
+        ):
+            try:
+                return await self._ensure_thread(origin, inbound.message_id) or place.channel_id
+            except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+                # Not fatal: posting the answer tries again, and the typing shows in the channel meanwhile.
+                log.info("discord: could not open the thread for %s yet: %s", inbound.message_id, exc)
+        return place.channel_id
 
     async def _origin_of(self, outbound: Outbound) -> Origin:
         origin = self._memory.origins.get(outbound.reply_to) if outbound.reply_to else None
@@ -242,13 +264,17 @@ class DiscordPoster:
         answer and any error notice still arrive.
         """
         client = self._client()
-        if message_id in self._memory.threads or isinstance(self._cached_channel(int(message_id)), discord.Thread):
+        known = self._memory.threads.get(message_id)
+        if known is not None:  # opened, or refused, for this message before: asked once
+            return message_id if known else None
+        if isinstance(self._cached_channel(int(message_id)), discord.Thread):
             return message_id
         channel = self._cached_channel(int(origin.place.channel_id))
         if not isinstance(channel, discord.TextChannel):
             channel = await client.fetch_channel(int(origin.place.channel_id))
         if not isinstance(channel, discord.TextChannel):
             log.warning("discord: channel %s cannot hold threads; answering in the channel", origin.place.channel_id)
+            self._memory.threads[message_id] = False
             return None
         fallback = f"Chat with {client.user.display_name if client.user else 'the bot'}"
         try:
@@ -262,9 +288,11 @@ class DiscordPoster:
                     "discord: cannot start a thread in #%s (%s): the bot lacks %s; answering in the channel instead",
                     channel.name, channel.id, _thread_permissions_missing(channel, exc.code),
                 )
+                self._memory.threads[message_id] = False
                 return None
             if exc.code == WRONG_CHANNEL_TYPE:
                 log.warning("discord: channel %s cannot hold threads; answering in the channel", channel.id)
+                self._memory.threads[message_id] = False
                 return None
             # Created before a crash, or by a person in the meantime: post into it.
             if exc.code != THREAD_ALREADY_CREATED:

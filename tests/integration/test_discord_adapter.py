@@ -121,7 +121,11 @@ async def test_mention_creates_a_thread_and_answers_there(bridge: Bridge, fake: 
     assert posts_in(fake, fd.GENERAL) == []  # nothing in the channel itself
     [call] = chat_calls(emulator)
     assert call.json["message"] == "What is the refund policy?"  # the mention is not part of the question
-    assert fake.rest("POST", rf"/channels/{fd.GENERAL}/typing"), "typing shown where the user wrote"
+    # The thread opens as the bot starts on the answer, and the typing shows in it, where the answer lands.
+    assert fake.rest("POST", rf"/channels/{fd.GENERAL}/typing") == []
+    order = [c for c in fake.calls if c.method == "POST"]
+    opened, typing = order.index(created), order.index(fake.rest("POST", rf"/channels/{qid}/typing")[0])
+    assert opened < typing < order.index(fake.rest("POST", rf"/channels/{qid}/messages")[0])
     [post] = fake.rest("POST", rf"/channels/{qid}/messages")
     assert post.json["allowed_mentions"] == {"parse": []}
     assert post.json["enforce_nonce"] is True and 0 < len(post.json["nonce"]) <= 25
