@@ -71,6 +71,9 @@ class Inbound:
     author_is_self: bool = False
     is_command: bool = False  # came through a slash command: always addressed to the bot
     author_name: str = ""
+    # The platform sent no text: Discord without the Message Content intent, for a message that
+    # neither mentions the bot nor replies to it. `text` is "" then, which is not a bare mention.
+    text_withheld: bool = False
 
     @property
     def in_thread(self) -> bool:

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 JOB_LEASE = 60.0  # a job's worker renews its lease every third of this; a dead worker's job is taken over
 
+HINTED = "hinted"  # store kind: conversation key -> told how to reach the bot when its text was withheld
+HINT_TTL = 30 * 86_400.0  # as long as a thread is followed
+
 RESET_WORDS = frozenset({"reset", "new conversation", "new chat", "start over"})
 RESUME_WORDS = frozenset({"resume", "come back"})
 
@@ -49,6 +52,8 @@ NOTICES = {
     "unavailable": "The chatbot service isn't reachable right now. Please try again in a few minutes.",
     "misconfigured": "I'm not set up correctly to answer here yet. An admin can see why in the bridge's logs.",
     "empty": "The chatbot had no answer to that. Could you rephrase the question?",
+    "withheld": "I can only read messages here that mention me. To go on, mention me, reply to one of my "
+    "messages, or use my slash command.",
     "error": "Something went wrong while getting your answer. Please try again.",
 }
 
@@ -257,6 +262,8 @@ class Relay:
             return Decision(False, "no route for this place")
         if route.reply is ReplyMode.OFF:
             return Decision(False, "route is off")
+        if inbound.text_withheld:
+            return await self._withheld(inbound, route)
         if inbound.is_command or inbound.is_dm:
             return Decision(True, "command" if inbound.is_command else "direct message", route)
         if inbound.mentions_bot or inbound.replies_to_bot:
@@ -272,6 +279,16 @@ class Relay:
         if route.reply is ReplyMode.ALL:
             return Decision(True, "channel answers everything", route)
         return Decision(False, "not addressed")
+
+    async def _withheld(self, inbound: Inbound, route: RouteSettings) -> Decision:
+        """A message whose text the platform withheld: in a thread the bot follows, say once how to reach it."""
+        key = inbound.conversation.key
+        if not inbound.in_thread or inbound.mentions_others or not await self._store.is_followed(key):
+            return Decision(False, "text withheld by the platform (no Message Content intent)")
+        # Claimed here, atomically: several such messages (or replicas) tell the person once.
+        if not await self._store.put_if(HINTED, key, True, revision=None, ttl=HINT_TTL):
+            return Decision(False, "text withheld; told how to go on already")
+        return Decision(True, "a follow-up whose text was withheld: saying how to go on", route)
 
     # --- answering ---------------------------------------------------------------------------
 
@@ -330,6 +347,8 @@ class Relay:
     async def _without_asking(self, job: ChatJob, inbound: Inbound, *, recovered: bool) -> _Reply | None:
         """The reply to a command word or an empty mention, or after a restart mid-call; None: ask InsiteChat."""
         conversation = inbound.conversation
+        if inbound.text_withheld:
+            return _notice("withheld")
         words = _words(inbound.text)
         if self._desk is not None and words in RESUME_WORDS and await self._desk.paused(conversation):
             await self._desk.resume(conversation)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -469,8 +470,8 @@ class DiscordAdapter:
         if inbound is None:
             return
         if content_withheld(data, inbound, has_intent=self._config.message_content_intent):
-            log.debug("discord: message %s arrived without content (no Message Content intent)", inbound.message_id)
-            return
+            # Passed on marked: in a thread the bot follows, the relay tells the person how to reach it.
+            inbound = dataclasses.replace(inbound, text_withheld=True)
         if not inbound.author_is_self:
             self._memory.origins[inbound.message_id] = Origin(place, guild_id, inbound.text[:200])
         # Awaited here: Discord never redelivers a gateway event to a new session, so the

@@ -182,13 +182,15 @@ async def check(settings: Settings) -> list[str]:
         except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
             return problems + [f"discord: cannot list the bot's servers ({type(exc).__name__})"]
         for i, route in enumerate(settings.routes):
-            if route.platform != "discord":
+            if route.platform not in ("discord", "*"):
                 continue
             if not config.message_content_intent and route.reply is ReplyMode.ALL:
                 problems.append(
                     f"routes[{i}].reply: all needs the Message Content intent: set discord.message_content_intent: true "
                     "and switch it on in the Developer Portal (Bot tab)"
                 )
+            if route.platform != "discord":
+                continue  # its channel ids may be another platform's
             if route.workspace != "*" and route.workspace not in guild_ids:
                 problems.append(
                     f"routes[{i}].workspace: the bot is not in Discord server {route.workspace}; "

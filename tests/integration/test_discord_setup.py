@@ -104,6 +104,17 @@ async def test_discord_invite_needs_only_the_discord_token(
         await cli._cmd_discord_invite(argparse.Namespace(config=str(path)))
 
 
+async def test_check_names_every_route_that_needs_the_message_content_intent(fake: FakeDiscord) -> None:
+    """A route for every platform (platform: "*") answering everything also needs it on Discord."""
+    routes = f'  - {{platform: "*", channel: "{fd.ASK_ALL}", reply: all, chatbot: {BOT}}}'
+    problems = await check(settings(routes=routes))
+    assert [p for p in problems if "Message Content intent" in p] == [
+        "routes[1].reply: all needs the Message Content intent: set discord.message_content_intent: true "
+        "and switch it on in the Developer Portal (Bot tab)"
+    ]
+    assert [p for p in await check(settings(routes=routes, intent=True)) if "needs the Message Content" in p] == []
+
+
 async def test_check_passes_when_the_bot_can_post_everywhere_routed(fake: FakeDiscord) -> None:
     routes = (
         f'  - {{platform: discord, workspace: "{fd.GUILD_ID}", channel: "{fd.GENERAL}", chatbot: {BOT}}}\n'
