@@ -27,7 +27,7 @@ _RULE = "──────────"  # neither Slack nor Discord renders a 
 
 # An opening "<!", "<@" or "<#" (Slack's special syntax) and "@channel"/"@here"/"@everyone".
 _SPECIAL_OPEN = re.compile(r"<(?=[!@#])")
-_CROWD = re.compile(r"@(?=(?:channel|here|everyone)\b)", re.IGNORECASE)
+_CROWD = re.compile(r"(?<![A-Za-z0-9])@(?=channel|here|everyone)", re.IGNORECASE)
 
 
 def neutralise_plain(text: str) -> str:

@@ -9,7 +9,8 @@ from bridge.formatting import NO_MARKS, ZWSP, MarkdownRenderer, Markers, split_t
 DISCORD_LIMIT = 2000  # Discord rejects longer content (400, code 50035)
 
 # Discord pings on "@everyone"/"@here" and on <@id>, <@!id> (user) and <@&id> (role).
-_DISCORD_CROWD = re.compile(r"@(?=(?:everyone|here)\b)", re.IGNORECASE)
+# No word boundary after: "@here_now" and "_@here_" must not even look like a ping; an address before stays.
+_DISCORD_CROWD = re.compile(r"(?<![A-Za-z0-9])@(?=everyone|here)", re.IGNORECASE)  # mail@here.com stays
 _DISCORD_MENTION = re.compile(r"<@(?=[!&]?\d)")
 
 

@@ -11,7 +11,7 @@ SLACK_LIMIT = 3900  # Slack truncates text past 40k and a markdown/section block
 # "<!channel>", "<!here>", "<!subteam^S1>", "<@U1>", "<#C1>": Slack's special syntax.
 _SLACK_SPECIAL = re.compile(r"<([!@#][^<>\n]*)>")
 _SLACK_SPECIAL_OPEN = re.compile(r"<(?=[!@#])")  # an unclosed one, e.g. cut by the AI
-_SLACK_CROWD = re.compile(r"@(?=(?:channel|here|everyone)\b)", re.IGNORECASE)
+_SLACK_CROWD = re.compile(r"(?<![A-Za-z0-9])@(?=channel|here|everyone)", re.IGNORECASE)  # as on Discord
 
 
 def neutralise_slack(text: str) -> str:

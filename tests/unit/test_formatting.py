@@ -473,3 +473,13 @@ def test_backticks_inside_a_code_block_cannot_end_it(convert: Convert, markdown:
     inner = [line.replace(ZWSP, "") for line in lines[1:-1]]
     original = markdown.split("\n")[1:-1]
     assert inner == original  # what the reader sees is the code as written
+
+
+@pytest.mark.parametrize("crowd", ["@everyone123", "@here_now", "_@here_", "(@everyone)", "@HERE!", "@everyone's"])
+def test_a_crowd_mention_glued_to_other_text_is_neutralised_too(crowd: str) -> None:
+    """No word boundary needed: "@here_now" must not even look like a ping."""
+    for neutralise in (neutralise_discord, neutralise_slack):
+        out = neutralise(crowd)
+        assert "@" + ZWSP in out and out.replace(ZWSP, "") == crowd.replace("<", "&lt;").replace(">", "&gt;")
+    for convert in (to_discord, to_slack):
+        assert re.search(r"@(?:everyone|here)", "\n".join(convert(crowd)), re.IGNORECASE) is None
