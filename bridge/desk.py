@@ -22,6 +22,7 @@ from bridge.alerts import (
     destinations_for,
     parse_envelope,
 )
+from bridge.cards import CLAIM
 from bridge.clock import Clock
 from bridge.config import Settings
 from bridge.messages import Conversation
@@ -187,6 +188,15 @@ class AlertDesk:
         raise StoreError(f"{kind} {key} kept changing under concurrent updates")
 
     # --- buttons ------------------------------------------------------------------------------
+
+    @staticmethod
+    def taken_by_someone_else(alert: Alert, action: str, who: str) -> str:
+        """What the clicker reads when their click changed nothing because someone else got there first; "" otherwise."""
+        if alert.state is AlertState.RESOLVED and alert.resolved_by != who:
+            return f"Already resolved by {alert.resolved_by}."
+        if action == CLAIM and alert.state is AlertState.CLAIMED and alert.claimed_by != who:
+            return f"Already claimed by {alert.claimed_by}."
+        return ""
 
     async def act(self, alert_id: str, action: str, who: str) -> Alert | None:
         """Claim or resolve; every posted copy of the card is updated through the outbox."""

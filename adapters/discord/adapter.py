@@ -19,7 +19,7 @@ from adapters.discord.alerts import AlertCards, jump_url
 from adapters.discord.interactions import DiscordInteractions
 from adapters.discord.places import Memory, Origin, place_of_channel
 from adapters.discord.posting import NO_MENTIONS, DiscordPoster
-from adapters.discord.setup import DiscordRefused, DiscordStartError, describe_failure
+from adapters.discord.setup import DiscordRefused, DiscordStartError, describe_failure, rest_intents
 from adapters.discord.translate import (
     BotIdentity,
     Place,
@@ -186,10 +186,7 @@ class DiscordAdapter:
 
     def _make_rest_client(self) -> discord.Client:
         # Never connected: login() alone gives discord.py's HTTP client, which is all posting needs.
-        # Its intents are never sent; guilds only keeps discord.py from warning that state may suffer.
-        intents = discord.Intents.none()
-        intents.guilds = True
-        return discord.Client(intents=intents, allowed_mentions=NO_MENTIONS, max_messages=None)
+        return discord.Client(intents=rest_intents(), allowed_mentions=NO_MENTIONS, max_messages=None)
 
     async def start(self) -> None:
         """Log in, connect the gateway and return once Discord says ready; raise a plain error otherwise.

@@ -29,6 +29,11 @@ from bridge.messages import Conversation, Inbound, Outbound, OutboundKind
 
 log = logging.getLogger(__name__)
 
+RESET_IN_CHANNEL = (
+    "To start a new conversation here, reply `reset` in the thread you want to restart "
+    "(mention me if I'm not following it). In a DM with me, /{command} works too."
+)
+
 
 class DiscordInteractions:
     """The slash commands and button clicks: each acknowledges first, as Discord drops what waits over 3 s.
@@ -82,6 +87,17 @@ class DiscordInteractions:
         tree.add_command(reset_command)
 
     async def _on_command(self, interaction: discord.Interaction, text: str) -> None:
+        place = place_of_channel(interaction.channel)
+        if text == "reset" and place is not None and place.kind is PlaceKind.TEXT:
+            # Outside a thread or DM there is no conversation to reset (a slash command there is
+            # its own): say where reset works, at once and only to them, as Slack does.
+            try:
+                await interaction.response.send_message(
+                    RESET_IN_CHANNEL.format(command=self._config.reset_command), ephemeral=True
+                )
+            except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+                log.warning("discord: could not answer /%s in time: %s", self._config.reset_command, exc)
+            return
         try:
             # First thing: Discord drops an interaction not acknowledged within 3 seconds.
             await interaction.response.defer(thinking=True)
@@ -92,7 +108,6 @@ class DiscordInteractions:
         memory = self._memory
         memory.interactions = {k: v for k, v in memory.interactions.items() if now - v[0] < INTERACTION_LIFETIME}
         memory.interactions[str(interaction.id)] = (now, interaction)
-        place = place_of_channel(interaction.channel)
         if place is None:
             place = Place(str(interaction.channel_id or ""), PlaceKind.DM if interaction.guild_id is None else PlaceKind.OTHER)
         user = interaction.user
@@ -145,6 +160,9 @@ class DiscordInteractions:
             await self._tell(interaction, ALERT_EXPIRED)
             return
         log.info("discord: %s on alert %s by user %s", action, alert_id, interaction.user.id)
+        taken = AlertDesk.taken_by_someone_else(alert, action, who)
+        if taken:
+            await self._tell(interaction, taken)
 
     async def _on_human_button(self, interaction: discord.Interaction, chatbot_id: str) -> None:
         """"Talk to a human" under an answer: the core raises the hand-over; the person reads its result."""

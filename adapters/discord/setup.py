@@ -16,6 +16,31 @@ from bridge.ports import PlatformRefused
 
 log = logging.getLogger(__name__)
 
+
+def rest_intents() -> discord.Intents:
+    """Intents for a client that only logs in over REST: never sent, but guilds keeps discord.py from
+    warning ("Guilds intent seems to be disabled") in the middle of `check`'s verdict lines."""
+    intents = discord.Intents.none()
+    intents.guilds = True
+    return intents
+
+
+class OneLineReconnects(logging.Filter):
+    """discord.py logs each gateway reconnect attempt as an ERROR with a full traceback (three in an
+    eight-second outage); the reason in one WARNING line says the same."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Attempting a reconnect in %.2fs" and record.exc_info:
+            error = record.exc_info[1]
+            record.msg = "discord: the gateway connection dropped (%s); reconnecting in %.2f s"
+            record.args = (f"{type(error).__name__}: {error}" if error else "?", *(record.args or ()))
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+logging.getLogger("discord.client").addFilter(OneLineReconnects())
+
 # Exactly what the bot does: read and post in channels and threads, start threads on
 # messages, reply to messages (needs history) and post alert embeds.
 REQUIRED_PERMISSIONS = discord.Permissions(
@@ -95,7 +120,7 @@ async def invite_url(settings: Settings) -> str:
     if settings.discord is None:
         raise DiscordSetupError("the config has no discord section")
     token = settings.discord.token
-    client = discord.Client(intents=discord.Intents.none())
+    client = discord.Client(intents=rest_intents())
     app_id: int | None = None
     try:
         await client.login(token)
@@ -158,7 +183,7 @@ async def check(settings: Settings) -> list[str]:
     if settings.discord is None:
         return []
     config = settings.discord
-    client = discord.Client(intents=discord.Intents.none())
+    client = discord.Client(intents=rest_intents())
     problems: list[str] = []
     try:
         try:

@@ -33,8 +33,7 @@ from adapters.slack.translate import (
     command_inbound,
     parse_command,
 )
-from bridge.alerts import AlertState
-from bridge.cards import ACTION_PREFIX, CLAIM, parse_action_id
+from bridge.cards import ACTION_PREFIX, parse_action_id
 from bridge.clock import Clock
 from bridge.config import SlackSettings
 from bridge.desk import AlertDesk
@@ -171,10 +170,8 @@ class SlackInteractions:
             return
         if alert is None:
             await self._tell(click, respond, ALERT_GONE)
-        elif alert.state is AlertState.RESOLVED and alert.resolved_by != who:
-            await self._tell(click, respond, f"Already resolved by {alert.resolved_by}.")
-        elif verb == CLAIM and alert.state is AlertState.CLAIMED and alert.claimed_by != who:
-            await self._tell(click, respond, f"Already claimed by {alert.claimed_by}.")
+        elif taken := AlertDesk.taken_by_someone_else(alert, verb, who):
+            await self._tell(click, respond, taken)
 
     async def _on_human_button(
         self,

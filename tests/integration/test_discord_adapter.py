@@ -320,6 +320,19 @@ async def test_slash_commands_in_a_thread_continue_and_reset_its_session(bridge:
     assert sessions[0] == sessions[1] != sessions[2]
 
 
+async def test_slash_reset_in_a_channel_says_where_reset_works(bridge: Bridge, fake: FakeDiscord, emulator: Emulator) -> None:
+    """/reset outside a thread or DM has no conversation to reset: say how, only to the person, as Slack does."""
+    await bridge()
+    reset = await fake.slash("reset", channel_id=fd.GENERAL)
+    [callback] = await eventually(
+        lambda: fake.rest("POST", rf"/interactions/{reset['id']}/{reset['token']}/callback"), what="the answer to /reset"
+    )
+    assert callback.json["type"] == 4 and callback.json["data"]["flags"] & 64  # at once, only to them
+    assert "reply `reset` in the thread" in callback.json["data"]["content"]
+    assert NOTICES["reset"] not in callback.json["data"]["content"] and followups(fake, reset) == []
+    assert chat_calls(emulator) == []
+
+
 async def test_slash_commands_use_the_configured_names(
     emulator: Emulator, fake: FakeDiscord, tmp_path: Path
 ) -> None:

@@ -223,9 +223,17 @@ async def test_a_visitor_session_shares_one_thread_and_the_escalation_is_announc
     escalation = in_thread[-1]
     assert escalation["content"] == "" and escalation["mention_roles"] == [] and buttons(escalation)
     # Claim on the card inside the thread edits it there.
-    await fake.click(escalation, buttons(escalation)[0], user=fd.BOB)
+    claim = buttons(escalation)[0]
+    await fake.click(escalation, claim, user=fd.BOB)
     await eventually(lambda: fake.rest("PATCH", rf"/channels/{thread}/messages/{escalation['id']}"), what="the edit in the thread")
     assert escalation["embeds"][0]["footer"]["text"].startswith("Claimed by Bob at")
+    # A second claim, by someone else, is told who has it (as on Slack), only to them.
+    await fake.click(escalation, claim, user=fd.ALICE)  # a Claim button still shown somewhere (a stale copy)
+    [told] = await eventually(
+        lambda: [c for c in fake.rest("POST", r"/webhooks/\d+/[^/]+") if c.json.get("content", "").startswith("Already")],
+        what="the note to the second claimer",
+    )
+    assert told.json["content"] == "Already claimed by Bob." and told.json["flags"] & 64
 
 
 # --- outage and restart ----------------------------------------------------------------------------

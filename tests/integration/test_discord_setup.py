@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -178,3 +179,28 @@ async def test_an_invalid_command_name_names_the_setting() -> None:
     with pytest.raises(DiscordStartError, match="discord.ask_command"):
         await adapter.start()
     await adapter.stop()
+
+
+async def test_check_prints_no_discord_py_warning_between_its_lines(
+    fake: FakeDiscord, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The verdict lines are the product: discord.py's "Guilds intent seems to be disabled" landed among them."""
+    with caplog.at_level(logging.INFO, logger="discord"):
+        await check(settings())
+        await invite_url(settings())
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("discord") and r.levelno >= logging.WARNING] == []
+
+
+def test_a_gateway_reconnect_is_one_warning_line_not_a_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """discord.py's connect loop logs each retry with _log.exception; that record, as it makes it, is one line."""
+    reconnects = logging.getLogger("discord.client")  # discord.py's own logger, where its loop logs
+    with caplog.at_level(logging.INFO, logger="discord.client"):
+        try:
+            raise OSError("Connect call failed ('127.0.0.1', 9)")
+        except OSError:
+            reconnects.exception("Attempting a reconnect in %.2fs", 2.5)
+    [record] = [r for r in caplog.records if r.name == "discord.client"]
+    assert record.levelno == logging.WARNING and record.exc_info is None and not caplog.text.count("Traceback")
+    assert record.getMessage() == (
+        "discord: the gateway connection dropped (OSError: Connect call failed ('127.0.0.1', 9)); reconnecting in 2.50 s"
+    )
