@@ -25,6 +25,7 @@ PATH = "/webhooks/insitechat/{chatbot_id}"
 SIGNATURE_HEADER = "X-InsiteChat-Signature"
 MAX_BODY = 256 * 1024
 FUTURE_SKEW = timedelta(minutes=5)  # a sender's clock may run a little ahead
+MAX_DEPTH = 32  # an event is a few levels deep; a signed body nested far deeper is refused before anything walks it
 
 
 def signature_matches(raw: bytes, header: str, secret: str) -> bool:
@@ -98,6 +99,10 @@ class WebhookReceiver:
             body = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError):
             return _refuse(400, "body is not JSON", chatbot_id)
+        except RecursionError:  # deeper than json (and anything after it) can walk
+            return _refuse(400, f"JSON nested deeper than {MAX_DEPTH} levels", chatbot_id)
+        if _depth(body) > MAX_DEPTH:
+            return _refuse(400, f"JSON nested deeper than {MAX_DEPTH} levels", chatbot_id)
         event = parse_envelope(body)
         if event is None:
             return _refuse(400, "not an InsiteChat event envelope", chatbot_id)
@@ -126,6 +131,21 @@ class WebhookReceiver:
             metrics.DEDUPE_HITS.labels("webhook").inc()
             log.info("webhook %s for chatbot %s is a duplicate", event.name, chatbot_id)
         return web.json_response({"ok": True, "duplicate": not fresh})
+
+
+def _depth(value: object) -> int:
+    """How deeply lists and objects nest in parsed JSON, without recursion (so the walk itself is safe)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        node, level = pending.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_DEPTH:
+            return deepest
+        pending.extend((child, level + 1) for child in children)
+    return deepest
 
 
 async def _read_limited(request: web.Request) -> bytes | None:

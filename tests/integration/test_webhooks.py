@@ -113,6 +113,8 @@ async def post(url: str, raw: bytes, headers: dict[str, str] | None = None) -> h
 GOOD = envelope()
 OTHER_BOT = envelope(chatbot="11111111-2222-4333-8444-555555555555")
 OLD, FUTURE = envelope(minutes_ago=120), envelope(minutes_ago=-30)
+DEEP = b"[" * 1000 + b"]" * 1000  # validly signed, but json's recursion limit is near
+DEEP_DATA = envelope(extra=json.loads("[" * 100 + "]" * 100))
 BAD_REQUESTS = [
     ("no signature", GOOD, {}, 401),
     ("wrong secret", GOOD, {SIGNATURE_HEADER: sign(GOOD, "other")}, 401),
@@ -124,6 +126,8 @@ BAD_REQUESTS = [
     ("wrong chatbot in body", OTHER_BOT, {SIGNATURE_HEADER: sign(OTHER_BOT)}, 400),
     ("replayed: two hours old", OLD, {SIGNATURE_HEADER: sign(OLD)}, 400),
     ("from the future", FUTURE, {SIGNATURE_HEADER: sign(FUTURE)}, 400),
+    ("nested 1,000 deep", DEEP, {SIGNATURE_HEADER: sign(DEEP)}, 400),
+    ("nested 100 deep in its data", DEEP_DATA, {SIGNATURE_HEADER: sign(DEEP_DATA)}, 400),
 ]
 
 
