@@ -27,6 +27,7 @@ from bridge.relay import JOB_LEASE, Relay
 from bridge.store import LOCK_LEASE, Store, StoreError, open_store
 from bridge.supervisor import Supervisor
 from bridge.webhooks import WebhookReceiver
+from bridge.webserver import quiet_malformed_requests
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +239,7 @@ class BridgeApp:
             asyncio.get_running_loop().create_task(self._stop_at_end_of_input(self.console))
 
     async def _start_server(self) -> None:
+        quiet_malformed_requests()
         self._runner = web.AppRunner(self.web, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.server.host, self.settings.server.port)

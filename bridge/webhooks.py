@@ -18,6 +18,7 @@ from bridge.clock import Clock
 from bridge.config import Settings
 from bridge.desk import AlertDesk
 from bridge.store import StoreError
+from bridge.webserver import BODY_TIMEOUT, BodyTooLarge, read_body
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,9 @@ def _decodings(value: str) -> list[bytes]:
 class WebhookReceiver:
     """POST /webhooks/insitechat/<chatbot id>: 2xx only once the event is stored (or a duplicate)."""
 
-    def __init__(self, settings: Settings, desk: AlertDesk, clock: Clock) -> None:
+    def __init__(self, settings: Settings, desk: AlertDesk, clock: Clock, *, body_timeout: float = BODY_TIMEOUT) -> None:
         self._settings = settings
+        self._body_timeout = body_timeout
         self._desk = desk
         self._clock = clock
         self._max_age = timedelta(minutes=settings.webhooks.max_age_minutes)
@@ -84,9 +86,12 @@ class WebhookReceiver:
             return _refuse(404, "unknown chatbot", chatbot_id)
         if request.content_length is not None and request.content_length > MAX_BODY:
             return _refuse(413, "body over 256 KiB", chatbot_id)
-        raw = await _read_limited(request)
-        if raw is None:
+        try:
+            raw = await read_body(request, limit=MAX_BODY, timeout=self._body_timeout)
+        except BodyTooLarge:
             return _refuse(413, "body over 256 KiB", chatbot_id)
+        except web.HTTPRequestTimeout:
+            return _refuse(408, "the body took too long to arrive", chatbot_id)
         if self._verify:
             secret = bot.webhook_secret if bot else None
             if not secret:
@@ -146,18 +151,6 @@ def _depth(value: object) -> int:
             return deepest
         pending.extend((child, level + 1) for child in children)
     return deepest
-
-
-async def _read_limited(request: web.Request) -> bytes | None:
-    """The body, or None as soon as it grows past MAX_BODY (never reading all of a huge one)."""
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await request.content.read(64 * 1024):
-        size += len(chunk)
-        if size > MAX_BODY:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _refuse(status: int, reason: str, chatbot_id: str) -> web.Response:

@@ -48,6 +48,7 @@ from bridge.messages import Conversation, Delivery, Inbound, Outbound
 from bridge.handover import HandOvers
 from bridge.ports import PermanentSendError
 from bridge.store import StoreError
+from bridge.webserver import BodyTooLarge, read_body
 
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ SOCKET_PING_INTERVAL = 10.0  # Socket Mode ping every this many seconds (Bolt's 
 SILENT_AFTER = 2  # pings: a socket silent for longer is not ready, even if it looks connected
 FIND_PAGES = 5  # conversations.history/replies pages searched for an earlier post after a crash
 FIND_PAGE_SIZE = 200
+MAX_EVENT_BODY = 1024 * 1024  # Slack's events and interaction payloads are far smaller
 
 
 class _SameTokenTwice(logging.Filter):
@@ -337,7 +339,10 @@ class SlackAdapter:
         if not self._running or not self._intake:
             # Not started yet, or shutting down: Slack retries, and the retry is answered.
             return web.Response(status=503, text="not ready")
-        raw = await request.read()
+        try:
+            raw = await read_body(request, limit=MAX_EVENT_BODY)
+        except BodyTooLarge:
+            return web.Response(status=413, text="too large")
         timestamp = request.headers.get("X-Slack-Request-Timestamp", "")
         signature = request.headers.get("X-Slack-Signature")
         try:

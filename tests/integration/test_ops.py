@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import io
@@ -124,3 +125,30 @@ async def test_no_secret_or_pii_in_logs(app: BridgeApp, emulator: Emulator, capl
     for sentinel in (KEY, WEBHOOK_SECRET, EMAIL, PHONE, "sentinel-topic-42", "Sentinel Name"):
         assert sentinel not in logged, sentinel
     assert "outcome=answered" in logged  # the logs are there, just clean
+
+
+async def _raw_request(url: str, data: bytes, *, then_wait: float = 0.0) -> bytes:
+    """Bytes written straight to the server's socket (what no HTTP client would send); its answer."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(data)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(4096), 5 + then_wait)
+    finally:
+        writer.close()
+
+
+async def test_malformed_requests_are_one_quiet_line_not_a_traceback_each(
+    app: BridgeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The log line is the product here: a 10,000-request fuzz filled the log with aiohttp tracebacks."""
+    junk = b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n"
+    with caplog.at_level(logging.DEBUG, logger="aiohttp"):
+        answers = [await _raw_request(app.server_url, junk) for _ in range(20)]
+    assert all(answer.split(b" ", 2)[1] == b"400" for answer in answers)
+    server = [r for r in caplog.records if r.name == "aiohttp.server" and r.levelno >= logging.WARNING]
+    assert len(server) == 1 and server[0].exc_info is None and server[0].levelno == logging.WARNING
+    assert "malformed request" in server[0].getMessage()
+    async with httpx.AsyncClient() as http:  # and the server still serves
+        assert (await http.get(app.server_url + "/healthz")).status_code == 200

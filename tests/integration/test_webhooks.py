@@ -66,7 +66,7 @@ class Bed:
         self.outbox.register(self.discord)
         self.app = web.Application()
         self.desk.on_queued = self.outbox.wake
-        WebhookReceiver(settings, self.desk, clock).add_routes(self.app)
+        WebhookReceiver(settings, self.desk, clock, body_timeout=0.5).add_routes(self.app)
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -136,6 +136,21 @@ async def test_bad_requests_are_refused_and_make_no_alert(bed: Bed, name: str, r
     response = await post(bed.url, raw, headers)
     assert response.status_code == status, name
     await bed.outbox.deliver_due()
+    assert bed.slack.posted == [] and bed.discord.posted == []
+
+
+async def test_a_body_that_trickles_in_is_cut_off_with_408(bed: Bed) -> None:
+    """A slow-loris body (headers promise 100 bytes, 10 arrive) must not hold the connection forever."""
+    host, port = bed.url.removeprefix("http://").split("/", 1)[0].split(":")
+    path = "/" + bed.url.removeprefix("http://").split("/", 1)[1]
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n".encode() + b"{" * 10)
+    await writer.drain()
+    try:
+        answer = await asyncio.wait_for(reader.read(4096), 10)  # the receiver gives it 0.5 s here (10 s in service)
+    finally:
+        writer.close()
+    assert answer.split(b" ", 2)[1] == b"408"
     assert bed.slack.posted == [] and bed.discord.posted == []
 
 
