@@ -194,6 +194,13 @@ async def _cmd_check(args: argparse.Namespace) -> int:
     settings = config.load(args.config)
     _setup_logs(args, settings)
     print(f"ok    config: {args.config} is valid ({', '.join(settings.platforms) or 'no platform'})")
+    if not settings.webhooks.verify_signatures:
+        ignored = [bot.id for bot in settings.chatbots if bot.webhook_secret]
+        print(
+            "WARN  webhooks.verify_signatures is false: ANYONE who can reach the webhook URL can raise alerts"
+            + (f", and the webhook_secret of {', '.join(ignored)} is ignored" if ignored else "")
+            + "; set it to true before exposing the bridge"
+        )
     if not args.live:
         return EXIT_OK
     checks: list[tuple[str, list[str]]] = [("state", await _check_state(settings))]

@@ -242,3 +242,24 @@ async def test_check_live_warns_about_a_redis_that_keeps_nothing_and_fails_on_on
     code, out, err = await _cli("check", "--live", "--config", str(cfg), env={**env, "REDIS_URL": "redis://:hunter2@127.0.0.1:1/0"})
     assert code == 1 and "FAIL  state.redis_url:" in out
     assert "hunter2" not in out + err and "Traceback" not in err
+
+
+async def test_check_and_run_say_loudly_that_webhook_signatures_are_off(tmp_path: Path) -> None:
+    cfg = tmp_path / "bridge.yaml"
+    cfg.write_text(
+        "insitechat: {api_key: '${INSITECHAT_API_KEY}'}\n"
+        "console: {enabled: true}\n"
+        "webhooks: {verify_signatures: false}\n"
+        f"chatbots: [{{id: {SANDBOX_CHATBOT_ID}, webhook_secret: '${{WH}}'}}]\n"
+        f"routes: [{{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}]\n"
+        f"alerts: [{{chatbot: {SANDBOX_CHATBOT_ID}, to: ['console:alerts']}}]\n"
+    )
+    env = {**ENV, "INSITECHAT_API_KEY": SANDBOX_KEY, "WH": "a-webhook-secret"}
+    code, out, err = await _cli("check", "--config", str(cfg), env=env)
+    assert code == 0, err
+    [warning] = [line for line in out.splitlines() if line.startswith("WARN")]
+    assert "webhooks.verify_signatures is false" in warning and "webhook_secret" in warning
+    assert "a-webhook-secret" not in out + err
+    # And every start says it, where the operator reads the bridge's log.
+    result = run_cli("run", "--config", str(cfg), stdin="", env={**env, "INSITECHAT_BASE_URL": "http://127.0.0.1:9"})
+    assert "SIGNATURE CHECKS ARE OFF" in result.stderr
