@@ -37,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return asyncio.run(args.func(args))
+        status: int = asyncio.run(args.func(args))  # argparse's Namespace is untyped: func is a _cmd_* command
+        return status
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -268,11 +269,11 @@ async def _check_chatbots(settings: Settings) -> list[str]:
             key = settings.chatbot_key(route.chatbot)
             if key not in chatbots_of:
                 continue  # that key's failure is already reported
-            bot = chatbots_of[key].get(route.chatbot)
-            if bot is None:
+            routed = chatbots_of[key].get(route.chatbot)
+            if routed is None:
                 problems.append(f"routes[{i}].chatbot: {route.chatbot} is not a chatbot of key {key!r}")
-            elif not bot.is_active:
-                problems.append(f"routes[{i}].chatbot: {bot.name} ({route.chatbot}) is paused in InsiteChat")
+            elif not routed.is_active:
+                problems.append(f"routes[{i}].chatbot: {routed.name} ({route.chatbot}) is paused in InsiteChat")
     finally:
         for client in clients.values():
             await client.aclose()

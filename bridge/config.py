@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 # ${VAR} or ${VAR:-default}; $${...} is a literal "${...}".
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -110,10 +111,10 @@ class StateSettings(_Model):
     sqlite: str = "./bridge-state.db"
     # Redis instead of the SQLite file: the state several replicas share.
     redis_url: str | None = None
-    redis_prefix: str = Field("icb:", min_length=1, description="keys under this prefix: one Redis, several bridges")
+    redis_prefix: str = Field(default="icb:", min_length=1, description="keys under this prefix: one Redis, several bridges")
     # Questions, answers and the exchanges quoted on "Talk to a human" cards are kept this
     # long after delivery; then only ids and states remain.
-    keep_text_hours: float = Field(24.0, gt=0, le=24 * 90)
+    keep_text_hours: float = Field(default=24.0, gt=0, le=24 * 90)
 
     @field_validator("redis_url")
     @classmethod
@@ -301,7 +302,7 @@ class AlertRule(_Model):
 
 class WebhookSettings(_Model):
     verify_signatures: bool = True
-    max_age_minutes: float = Field(60.0, gt=0)
+    max_age_minutes: float = Field(default=60.0, gt=0)
 
 
 class LoggingSettings(_Model):
@@ -341,8 +342,8 @@ class Settings(_Model):
             if self.chatbot_key(route.chatbot) not in keys:
                 yield f"routes[{i}].chatbot: no insitechat key for it; add it under chatbots with a key"
         for i, rule in enumerate(self.alerts):
-            bot = self.chatbot_settings(rule.chatbot)
-            if self.webhooks.verify_signatures and not (bot and bot.webhook_secret):
+            rule_bot = self.chatbot_settings(rule.chatbot)
+            if self.webhooks.verify_signatures and not (rule_bot and rule_bot.webhook_secret):
                 yield (
                     f"alerts[{i}].chatbot: {rule.chatbot} has no webhook_secret under chatbots: "
                     "its webhooks cannot be verified (or set webhooks.verify_signatures: false)"
@@ -501,7 +502,7 @@ def _is_union_tag(part: Any) -> bool:
     return isinstance(part, str) and (part[:1].isupper() or part in {"str", "int", "float", "bool", "none"})
 
 
-def _plain(error: Any) -> str:
+def _plain(error: ErrorDetails) -> str:
     kind, message = error["type"], error["msg"]
     plain = {
         "missing": "required but missing",

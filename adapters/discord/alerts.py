@@ -8,9 +8,13 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import discord
+
+if TYPE_CHECKING:
+    # Types only: imported on its own at run time, discord.types trips over a circular import.
+    from discord.types.threads import ThreadArchiveDuration
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +28,7 @@ MARKER_PREFIX = "#icb-"  # the delivery marker rides in the embed URL's fragment
 LOOKBACK = 300.0  # seconds searched before `since`: the bridge's clock and Discord's may differ
 HISTORY_PAGE = 100
 HISTORY_PAGES = 3  # an alert channel rarely gets 300 messages between a crash and the retry
-ALERT_THREAD_ARCHIVE_MINUTES = 10080  # a week: a visitor's session thread stays open for the team
+ALERT_THREAD_ARCHIVE_MINUTES: ThreadArchiveDuration = 10080  # a week: a visitor's session thread stays open for the team
 THREAD_ALREADY_CREATED = 160004
 UNKNOWN_MESSAGE = 10008
 CONTENT_LIMIT = 2000

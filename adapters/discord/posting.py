@@ -6,7 +6,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import discord
@@ -18,6 +18,10 @@ from adapters.discord.translate import Place, PlaceKind
 from bridge.clock import Clock
 from bridge.messages import Outbound, OutboundKind
 from bridge.ports import PermanentSendError
+
+if TYPE_CHECKING:
+    # Types only: imported on its own at run time, discord.types trips over a circular import.
+    from discord.types.threads import ThreadArchiveDuration
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,7 @@ WRONG_CHANNEL_TYPE = 50024  # "Cannot execute action on this channel type": no t
 # What starting a thread on a message and answering in it takes, beyond posting in the channel.
 THREAD_PERMISSIONS = discord.Permissions(create_public_threads=True, send_messages_in_threads=True, read_message_history=True)
 THREAD_NAME_LIMIT = 100
-THREAD_ARCHIVE_MINUTES = 1440
+THREAD_ARCHIVE_MINUTES: ThreadArchiveDuration = 1440
 NONCE_LIMIT = 25
 INTERACTION_LIFETIME = 15 * 60.0
 FIND_LIMIT = 100  # messages read back when looking for parts posted before a crash
@@ -192,7 +196,8 @@ class DiscordPoster:
                 nonce=make_nonce(outbound, index),  # discord.py adds enforce_nonce with it
                 allowed_mentions=NO_MENTIONS,
                 reference=reference if index == 0 else None,  # type: ignore[arg-type]
-                mention_author=False if reference is not None and index == 0 else None,
+                # discord.py's send() overloads say bool; its implementation and docs take None (the default).
+                mention_author=False if reference is not None and index == 0 else None,  # type: ignore[arg-type]
                 **extra,
             )
             ids.append(str(message.id))

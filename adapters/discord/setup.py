@@ -233,7 +233,8 @@ async def _check_channel(client: discord.Client, bot_id: str, channel_id: str, *
 
 async def _channel_problem(client: discord.Client, bot_id: str, channel_id: str, *, threads: bool, alerts: bool) -> str:
     """What stops the bot posting in one channel, from REST payloads; raises on HTTP failures."""
-    channel = await client.http.get_channel(int(channel_id))
+    # Read loosely, like every payload here: a thread's parent_id is not in every member of discord.py's Channel union.
+    channel: Mapping[str, Any] = await client.http.get_channel(int(channel_id))
     guild_id = channel.get("guild_id")
     if not guild_id:
         return ""  # a DM channel: nothing to grant

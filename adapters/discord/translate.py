@@ -133,7 +133,9 @@ def content_withheld(data: Mapping[str, Any], inbound: Inbound, *, has_intent: b
 
 def _is_reply(data: Mapping[str, Any]) -> bool:
     reference = data.get("message_reference")
-    return bool(reference) and int(reference.get("type", REPLY_REFERENCE)) == REPLY_REFERENCE
+    if not reference:
+        return False
+    return int(reference.get("type", REPLY_REFERENCE)) == REPLY_REFERENCE
 
 
 def _replied_message(data: Mapping[str, Any]) -> Mapping[str, Any] | None:

@@ -236,7 +236,8 @@ class SlackAdapter:
         while True:
             nap = asyncio.ensure_future(self._clock.sleep(self.token_check_interval))
             try:
-                await asyncio.wait({ended, nap}, return_when=asyncio.FIRST_COMPLETED)
+                either: set[asyncio.Future[Any]] = {ended, nap}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 nap.cancel()
             if ended.done():

@@ -105,11 +105,16 @@ class Click:
     message_blocks: list[dict[str, Any]]
 
 
+def _part(body: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = body.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
 def click_of(body: Mapping[str, Any]) -> Click:
-    user = body.get("user") if isinstance(body.get("user"), Mapping) else {}
-    container = body.get("container") if isinstance(body.get("container"), Mapping) else {}
-    channel = body.get("channel") if isinstance(body.get("channel"), Mapping) else {}
-    message = body.get("message") if isinstance(body.get("message"), Mapping) else {}
+    user = _part(body, "user")
+    container = _part(body, "container")
+    channel = _part(body, "channel")
+    message = _part(body, "message")
     blocks = message.get("blocks")
     return Click(
         user=str(user.get("id") or ""),
