@@ -134,10 +134,10 @@ async def _timed(platform: str, codes: tuple[Code, Code], sizes: Sizes) -> tuple
     waits = []
     discord = platform == "discord"
     async with harness(latency=sizes.latency, discord=discord) as h0, harness(latency=sizes.latency, discord=discord) as h1:
-        started = {code.label: (h, *await _start(h, platform, code, sizes)) for h, code in zip((h0, h1), codes)}
+        started = {code.label: (h, *await _start(h, platform, code, sizes)) for h, code in zip((h0, h1), codes, strict=True)}
         pids = [bridge.pid for _, bridge, _ in started.values()]
         for index in range(sizes.dur_max_pairs):
-            if sum(_quiet(b, a) for (b, _), (a, _) in zip(slices["before"], slices["after"])) >= sizes.dur_pairs:
+            if sum(_quiet(b, a) for (b, _), (a, _) in zip(slices["before"], slices["after"], strict=False)) >= sizes.dur_pairs:
                 break
             waits.append(await _wait_quiet(pids, sizes.dur_patience))
             for code in codes if index % 2 == 0 else codes[::-1]:
@@ -301,7 +301,7 @@ async def durability_cost(
 
 def _judged(timed: dict[str, list[tuple[Level, int]]], waits: list[float]) -> dict[str, Any]:
     """Pooled figures over the quiet pairs when there are enough of them, else over every pair (no verdict)."""
-    pairs = list(zip(timed["before"], timed["after"]))
+    pairs = list(zip(timed["before"], timed["after"], strict=False))
     quiet = [i for i, (b, a) in enumerate(pairs) if _quiet(b[0], a[0])]
     used = quiet if len(quiet) >= MIN_QUIET else list(range(len(pairs)))
     return {

@@ -206,7 +206,7 @@ def _durability_row(platform: str, label: str, part: dict[str, Any]) -> str:
 
 def durability_growth(before: dict[str, Any], after: dict[str, Any]) -> list[float]:
     """Each pair's p50 growth: slice i after - slice i before (next to each other in time)."""
-    return [a - b for a, b in zip(after["slice_p50"], before["slice_p50"])]
+    return [a - b for a, b in zip(after["slice_p50"], before["slice_p50"], strict=False)]
 
 
 def _durability_verdict(part: dict[str, Any], grew: float) -> str:

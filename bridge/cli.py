@@ -228,7 +228,7 @@ async def _check_state(settings: Settings) -> list[str]:
 
     state = settings.state
     if not state.redis_url:
-        folder = Path(state.sqlite).resolve().parent
+        folder = Path(state.sqlite).resolve().parent  # noqa: ASYNC240 (a one-off check, not the serving loop)
         while not folder.exists():
             folder = folder.parent
         return [] if os.access(folder, os.W_OK) else [f"state.sqlite: cannot write in {folder}"]
@@ -373,7 +373,7 @@ async def _cmd_send_test_alert(args: argparse.Namespace) -> int:
     import hashlib
     import hmac
     import json
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
     import httpx
 
@@ -382,7 +382,7 @@ async def _cmd_send_test_alert(args: argparse.Namespace) -> int:
 
     settings = config.load(args.config)
     _setup_logs(args, settings)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     data = {"test": True, "session_id": f"test-{int(now.timestamp())}", "message": "This is a test alert."}
     destinations = destinations_for(settings, Event("webhook.test", args.chatbot, now, data))
     if not destinations:

@@ -441,9 +441,9 @@ def _literal_secrets(raw: Any) -> list[str]:
     """Secrets written into the file itself are refused: they belong in the environment."""
     problems = []
     for path, value in _walk(raw, ()):
-        if any(_path_matches(path, pattern) for pattern in SECRET_PATHS):
-            if isinstance(value, str) and not _SECRET_REF.match(value.strip()):
-                problems.append(f"{_dotted(path)}: secrets come from the environment; write ${{SOME_VAR}} here")
+        secret = any(_path_matches(path, pattern) for pattern in SECRET_PATHS)
+        if secret and isinstance(value, str) and not _SECRET_REF.match(value.strip()):
+            problems.append(f"{_dotted(path)}: secrets come from the environment; write ${{SOME_VAR}} here")
     return problems
 
 
@@ -458,7 +458,7 @@ def _walk(node: Any, path: tuple[str | int, ...]) -> Iterator[tuple[tuple[str | 
 
 
 def _path_matches(path: tuple[str | int, ...], pattern: tuple[str, ...]) -> bool:
-    return len(path) == len(pattern) and all(p == "*" or p == str(q) for p, q in zip(pattern, path))
+    return len(path) == len(pattern) and all(p == "*" or p == str(q) for p, q in zip(pattern, path, strict=True))
 
 
 def _interpolate(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import random
@@ -97,7 +98,7 @@ class Outbox:
         if final_pass > 0:
             try:
                 await asyncio.wait_for(self.deliver_due(), final_pass)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.info("shutdown: deliveries still under way are left for the next start")
             except Exception:
                 log.exception("shutdown: the last outbox pass failed; undelivered items stay queued")
@@ -116,10 +117,8 @@ class Outbox:
                 log.error("outbox pass failed: %s; trying again", exc)
             except Exception:
                 log.exception("outbox pass failed; trying again")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll)
-            except asyncio.TimeoutError:
-                pass
 
     async def deliver_due(self) -> int:
         """One pass over what is due; returns how many deliveries succeeded.

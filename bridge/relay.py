@@ -241,9 +241,9 @@ class Relay:
     async def decide(self, inbound: Inbound) -> Decision:
         """Whether the bot should answer: the trigger rules, then a human's hand-over."""
         decision = await self._triggered(inbound)
-        if decision.answer and self._desk is not None and await self._desk.paused(inbound.conversation):
-            if _words(inbound.text) not in RESUME_WORDS:
-                return Decision(False, "a human has taken over this thread", decision.route)
+        paused = decision.answer and self._desk is not None and await self._desk.paused(inbound.conversation)
+        if paused and _words(inbound.text) not in RESUME_WORDS:
+            return Decision(False, "a human has taken over this thread", decision.route)
         return decision
 
     async def _triggered(self, inbound: Inbound) -> Decision:

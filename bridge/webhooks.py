@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
@@ -45,15 +46,11 @@ def signature_matches(raw: bytes, header: str, secret: str) -> bool:
 
 def _decodings(value: str) -> list[bytes]:
     found = []
-    try:
+    with contextlib.suppress(ValueError):
         found.append(bytes.fromhex(value))
-    except ValueError:
-        pass
     for decode in (base64.b64decode, base64.urlsafe_b64decode):
-        try:
+        with contextlib.suppress(binascii.Error, ValueError):
             found.append(decode(value + "=" * (-len(value) % 4)))
-        except (binascii.Error, ValueError):
-            pass
     return [d for d in found if len(d) == hashlib.sha256().digest_size]
 
 
@@ -106,7 +103,7 @@ class WebhookReceiver:
         if event.name == HUMAN_REQUESTED:
             return _refuse(400, "reserved event name", chatbot_id)
         if event.timestamp is not None:
-            now = datetime.fromtimestamp(self._clock.time(), timezone.utc)
+            now = datetime.fromtimestamp(self._clock.time(), UTC)
             if event.timestamp < now - self._max_age:
                 return _refuse(400, "event too old (a replay?)", chatbot_id)
             if event.timestamp > now + FUTURE_SKEW:

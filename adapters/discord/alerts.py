@@ -7,7 +7,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -148,7 +148,7 @@ def thread_title(card: Mapping[str, Any]) -> str:
 
 
 def snowflake_at(epoch: float) -> int:
-    return discord.utils.time_snowflake(datetime.fromtimestamp(max(epoch, 1_420_070_400.0), tz=timezone.utc))
+    return discord.utils.time_snowflake(datetime.fromtimestamp(max(epoch, 1_420_070_400.0), tz=UTC))
 
 
 # --- posting -----------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -215,7 +215,7 @@ class DiscordPoster:
         if delivery is None or client.user is None:
             return {}
         # A minute of slack for clock skew; history after a snowflake of that time.
-        start = datetime.fromtimestamp(max(delivery.since - 60, DISCORD_EPOCH_SECONDS), timezone.utc)
+        start = datetime.fromtimestamp(max(delivery.since - 60, DISCORD_EPOCH_SECONDS), UTC)
         after = discord.Object(id=discord.utils.time_snowflake(start))
         mine = [
             message

@@ -180,7 +180,7 @@ async def check(settings: Settings) -> list[str]:
         try:
             guild_ids = {str(g["id"]) for g in await client.http.get_guilds(200)}
         except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
-            return problems + [f"discord: cannot list the bot's servers ({type(exc).__name__})"]
+            return [*problems, f"discord: cannot list the bot's servers ({type(exc).__name__})"]
         for i, route in enumerate(settings.routes):
             if route.platform != "discord":
                 continue

@@ -152,7 +152,7 @@ def _conversation_root(data: Mapping[str, Any], replied: Mapping[str, Any] | Non
     says what it answered (its own reply reference, or the slash command it followed up).
     """
     replied_id = str((data.get("message_reference") or {}).get("message_id", ""))
-    if replied_id in roots and roots[replied_id]:
+    if roots.get(replied_id):
         return roots[replied_id]
     if replied is not None:
         answered = (replied.get("message_reference") or {}).get("message_id")

@@ -326,7 +326,7 @@ class SlackAdapter:
         return await to_aiohttp_response(await self.app.async_dispatch(bolt_request))
 
     async def _accept_before_ack(
-        self, req: AsyncBoltRequest, next: Callable[[], Awaitable[BoltResponse]]  # noqa: A002 (Bolt's name)
+        self, req: AsyncBoltRequest, next: Callable[[], Awaitable[BoltResponse]]  # Bolt's name for it
     ) -> BoltResponse:
         """Messages and mentions are stored as jobs before Bolt acknowledges them.
 

@@ -10,7 +10,7 @@ import json
 import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import discord
@@ -58,7 +58,7 @@ TOKEN = make_token(BOT_ID)
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def _user(user_id: int, name: str, *, bot: bool = False) -> dict[str, Any]:
@@ -216,7 +216,7 @@ class FakeDiscord:
 
     def _next_id(self) -> int:
         """A snowflake from the current time, as Discord makes them (history `after=` relies on it)."""
-        self._last_id = max(self._last_id + 1, discord.utils.time_snowflake(datetime.now(timezone.utc)))
+        self._last_id = max(self._last_id + 1, discord.utils.time_snowflake(datetime.now(UTC)))
         return self._last_id
 
     # ----- lifecycle ---------------------------------------------------------------------

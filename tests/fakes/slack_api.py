@@ -259,10 +259,8 @@ class FakeSlack:
             if remaining <= 0:
                 raise AssertionError(f"timed out; calls so far: {[c.method for c in self.calls]}")
             self._changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 0.05))
-            except TimeoutError:
-                pass
 
     async def send_envelope(
         self,

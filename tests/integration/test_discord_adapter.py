@@ -149,7 +149,7 @@ async def test_thread_messages_for_someone_else_or_marked_are_ignored(
     thread = int(question["id"])
     await eventually(lambda: posts_in(fake, thread), what="the first answer")
     ignored = [
-        await fake.user_message(thread, "<@%d> what do you think?" % fd.BOB, mentions=(fd.BOB,)),
+        await fake.user_message(thread, f"<@{fd.BOB}> what do you think?", mentions=(fd.BOB,)),
         await fake.user_message(thread, "!note to self"),
         await fake.user_message(fd.GENERAL, "chatting in the channel without a mention"),
     ]

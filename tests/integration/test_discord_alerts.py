@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,7 @@ def edits_of(fake: FakeDiscord, message: dict[str, Any]) -> list[dict[str, Any]]
 
 def signed_envelope(event: str = "conversation.escalated", **data: Any) -> tuple[bytes, dict[str, str]]:
     body = json.dumps({
-        "event": event, "chatbot_id": BOT, "timestamp": datetime.now(timezone.utc).isoformat(),
+        "event": event, "chatbot_id": BOT, "timestamp": datetime.now(UTC).isoformat(),
         "data": {"session_id": "web-77", "conversation_id": "conv-77", "message": "a human please", "message_count": 3, **data},
     }).encode()
     return body, {"Content-Type": "application/json", SIGNATURE_HEADER: sign_webhook(body, SECRET)}

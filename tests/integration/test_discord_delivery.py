@@ -153,7 +153,7 @@ async def test_without_thread_permission_the_answer_is_a_reply_in_the_channel(
     assert [p["content"] for p in fake.bot_posts()] == [answer["content"]]  # exactly once, no error notice
     assert "first question about pricing" in answer["content"]
     assert int(question["id"]) not in fake.threads
-    [refused] = fake.rest("POST", rf"/channels/{fd.GENERAL}/messages/{question['id']}/threads")
+    [_refused] = fake.rest("POST", rf"/channels/{fd.GENERAL}/messages/{question['id']}/threads")
     [post] = fake.rest("POST", rf"/channels/{fd.GENERAL}/messages")
     assert str(post.json["message_reference"]["message_id"]) == question["id"]
     assert post.json["message_reference"]["fail_if_not_exists"] is False

@@ -145,6 +145,6 @@ async def test_an_invalid_command_name_names_the_setting() -> None:
     bad = settings()
     bad = bad.model_copy(update={"discord": bad.discord.model_copy(update={"ask_command": "Ask Me"})})  # type: ignore[union-attr]
     adapter = DiscordAdapter(bad.discord, lambda inbound: asyncio.sleep(0))
-    with pytest.raises(DiscordStartError, match="discord.ask_command"):
+    with pytest.raises(DiscordStartError, match=r"discord\.ask_command"):
         await adapter.start()
     await adapter.stop()

@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, IO
 
@@ -144,7 +144,7 @@ class BridgeProcess:
         self.proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(self.proc.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.proc.kill()
             await self.proc.wait()
             self._ended()
@@ -544,7 +544,7 @@ def escalation_webhook() -> tuple[bytes, dict[str, str]]:
     body = {
         "event": "conversation.escalated",
         "chatbot_id": SANDBOX_CHATBOT_ID,
-        "timestamp": datetime.now(timezone.utc).isoformat(),
+        "timestamp": datetime.now(UTC).isoformat(),
         "data": {"session_id": "visitor-7", "conversation_id": "conv-7", "message": "can I talk to a human?"},
     }
     raw = json.dumps(body).encode()

@@ -8,7 +8,7 @@ import io
 import json
 import logging
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -111,7 +111,7 @@ async def test_no_secret_or_pii_in_logs(app: BridgeApp, emulator: Emulator, capl
     await app.relay.handle(console_message(QUESTION, message_id="2"))
     body = json.dumps({
         "event": "lead.captured", "chatbot_id": SANDBOX_CHATBOT_ID,
-        "timestamp": datetime.now(timezone.utc).isoformat(),
+        "timestamp": datetime.now(UTC).isoformat(),
         "data": {"lead_id": "L1", "name": "Sentinel Name", "email": EMAIL, "phone": PHONE},
     }).encode()
     signature = hmac.new(WEBHOOK_SECRET.encode(), body, hashlib.sha256).hexdigest()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -367,7 +368,7 @@ async def test_answers_in_one_conversation_never_overlap(make_harness, emulator:
     assert all(o is Outcome.ANSWERED for o in outcomes)
     arrivals = [r.time for r in chat_calls(emulator)]
     # One at a time: each call leaves only after the previous answer came back.
-    assert all(later - earlier >= 0.09 for earlier, later in zip(arrivals, arrivals[1:])), arrivals
+    assert all(later - earlier >= 0.09 for earlier, later in itertools.pairwise(arrivals)), arrivals
     assert len(h.store._locks) == 0  # nothing left behind
 
 

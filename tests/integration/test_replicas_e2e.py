@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -247,7 +247,7 @@ class Webhook:
 def new_webhook(n: int) -> Webhook:
     email = f"lead{n}-{uuid.uuid4().hex[:6]}@example.com"
     body = {
-        "event": "lead.captured", "chatbot_id": SANDBOX_CHATBOT_ID, "timestamp": datetime.now(timezone.utc).isoformat(),
+        "event": "lead.captured", "chatbot_id": SANDBOX_CHATBOT_ID, "timestamp": datetime.now(UTC).isoformat(),
         "data": {"session_id": f"visitor-{n}", "conversation_id": f"conv-{n}", "lead_id": f"L-{n}",
                  "name": f"Lead {n}", "email": email},
     }

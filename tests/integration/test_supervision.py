@@ -12,7 +12,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +122,7 @@ SECRETS = {
 
 def escalation() -> tuple[bytes, dict[str, str]]:
     body = json.dumps({
-        "event": "conversation.escalated", "chatbot_id": BOT, "timestamp": datetime.now(timezone.utc).isoformat(),
+        "event": "conversation.escalated", "chatbot_id": BOT, "timestamp": datetime.now(UTC).isoformat(),
         "data": {"session_id": "web-9", "conversation_id": "conv-9", "message": "a human please", "message_count": 2},
     }).encode()
     return body, {"Content-Type": "application/json", SIGNATURE_HEADER: sign_webhook(body, SECRET)}
@@ -399,7 +399,7 @@ async def test_run_keeps_serving_while_slack_is_unreachable_and_stops_cleanly(em
             await until(answers, timeout=30, what="the bridge to serve /healthz")
             body, headers = escalation()
             assert (await http.post(f"/webhooks/insitechat/{BOT}", content=body, headers=headers)).status_code == 200
-            status, slack_part = await until(lambda: _failed_attempt(http, "slack", "cannot reach the Slack API"), what="readyz")
+            status, _slack_part = await until(lambda: _failed_attempt(http, "slack", "cannot reach the Slack API"), what="readyz")
             assert status == 503
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 30)

@@ -8,7 +8,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,7 @@ async def bed(tmp_path: Path) -> AsyncIterator[Bed]:
 
 
 def envelope(event: str = ESCALATED, *, chatbot: str = BOT, minutes_ago: float = 1, **data: Any) -> bytes:
-    stamp = (datetime.now(timezone.utc) - timedelta(minutes=minutes_ago)).isoformat()
+    stamp = (datetime.now(UTC) - timedelta(minutes=minutes_ago)).isoformat()
     body = {"event": event, "chatbot_id": chatbot, "timestamp": stamp,
             "data": {"session_id": "visitor-42", "conversation_id": "conv-42", "message": "I want a human", **data}}
     return json.dumps(body).encode()
@@ -269,7 +269,7 @@ async def test_hostile_visitor_text_cannot_ping(bed: Bed) -> None:
 
 async def test_outage_and_restart_deliver_exactly_once(tmp_path: Path) -> None:
     clock = ManualClock()
-    clock._epoch_offset = datetime.now(timezone.utc).timestamp() - clock.monotonic()
+    clock._epoch_offset = datetime.now(UTC).timestamp() - clock.monotonic()
     settings = make_settings()
     first = Bed(tmp_path / "s.db", settings, clock)
     await first.start()
@@ -450,7 +450,7 @@ async def test_the_same_escalation_while_its_alert_is_open_is_one_card(bed: Bed)
 
 def escalation_at(clock: ManualClock) -> bytes:
     """An escalation stamped with the injected clock's time (the receiver refuses old ones)."""
-    stamp = datetime.fromtimestamp(clock.time(), timezone.utc).isoformat()
+    stamp = datetime.fromtimestamp(clock.time(), UTC).isoformat()
     return json.dumps({"event": ESCALATED, "chatbot_id": BOT, "timestamp": stamp,
                        "data": {"session_id": "visitor-7", "message": "a human please"}}).encode()
 

@@ -310,7 +310,7 @@ async def test_a_redis_that_does_not_answer_is_a_store_error_not_a_hang(clock: M
     port = server.sockets[0].getsockname()[1]
     store = RedisStore(f"redis://127.0.0.1:{port}/0", clock=clock, timeout=0.3)
     try:
-        with pytest.raises(StoreError, match="(?i)timeout"):
+        with pytest.raises(StoreError, match=r"(?i)timeout"):
             await asyncio.wait_for(store.outbox_add("k", "slack:C1", {}), 5)
     finally:
         await store.close()
