@@ -97,7 +97,9 @@ def parse_envelope(body: Any) -> Event | None:
     if not isinstance(name, str) or not name.strip() or not isinstance(chatbot_id, str):
         return None
     data = body.get("data")
-    return Event(name.strip(), chatbot_id.strip(), parse_timestamp(body.get("timestamp")), data if isinstance(data, dict) else {})
+    return Event(
+        name.strip(), chatbot_id.strip(), parse_timestamp(body.get("timestamp")), data if isinstance(data, dict) else {}
+    )
 
 
 def parse_timestamp(value: Any) -> datetime | None:
@@ -141,7 +143,9 @@ def destinations_for(settings: Settings, event: Event) -> list[Destination]:
     for rule in settings.alerts:
         if rule.chatbot != event.chatbot_id:
             continue
-        wanted = event.is_test or event.name in rule.events or (event.name == HUMAN_REQUESTED and ESCALATED in rule.events)
+        wanted = (
+            event.is_test or event.name in rule.events or (event.name == HUMAN_REQUESTED and ESCALATED in rule.events)
+        )
         if not wanted:
             continue
         for address in rule.to:

@@ -57,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def command(name: str, help_text: str, func: Callable[[argparse.Namespace], Awaitable[int]]) -> argparse.ArgumentParser:
+    def command(
+        name: str, help_text: str, func: Callable[[argparse.Namespace], Awaitable[int]]
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
         p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -94,7 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     manifest.add_argument("--config", "-c", default=os.environ.get(CONFIG_ENV), required=CONFIG_ENV not in os.environ)
     manifest.add_argument("--request-url", default="", help="public base URL for HTTP mode, e.g. https://bridge.example.com")
 
-    invite = command("discord-invite", "Print the OAuth2 URL that invites the bot with the permissions it needs.", _cmd_discord_invite)
+    invite = command(
+        "discord-invite",
+        "Print the OAuth2 URL that invites the bot with the permissions it needs.",
+        _cmd_discord_invite,
+    )
     invite.add_argument("--config", "-c", default=os.environ.get(CONFIG_ENV), required=CONFIG_ENV not in os.environ)
 
     test_alert = command(
@@ -387,7 +393,9 @@ async def _cmd_send_test_alert(args: argparse.Namespace) -> int:
     destinations = destinations_for(settings, Event("webhook.test", args.chatbot, now, data))
     if not destinations:
         raise CommandFailed(f"no alert rule in the config names chatbot {args.chatbot}")
-    body = json.dumps({"event": "webhook.test", "chatbot_id": args.chatbot, "timestamp": now.isoformat(), "data": data}).encode()
+    body = json.dumps(
+        {"event": "webhook.test", "chatbot_id": args.chatbot, "timestamp": now.isoformat(), "data": data}
+    ).encode()
     headers = {"Content-Type": "application/json"}
     bot = settings.chatbot_settings(args.chatbot)
     if bot is not None and bot.webhook_secret:

@@ -111,7 +111,9 @@ class StateSettings(_Model):
     sqlite: str = "./bridge-state.db"
     # Redis instead of the SQLite file: the state several replicas share.
     redis_url: str | None = None
-    redis_prefix: str = Field(default="icb:", min_length=1, description="keys under this prefix: one Redis, several bridges")
+    redis_prefix: str = Field(
+        default="icb:", min_length=1, description="keys under this prefix: one Redis, several bridges"
+    )
     # Questions, answers and the exchanges quoted on "Talk to a human" cards are kept this
     # long after delivery; then only ids and states remain.
     keep_text_hours: float = Field(default=24.0, gt=0, le=24 * 90)
@@ -375,7 +377,10 @@ class Settings(_Model):
         return next(r for r in candidates if r.specificity == best)
 
     def discord_threads(self, workspace: str, channel: str) -> bool:
-        """Discord: whether an answer to a channel message goes in a new thread (the route's choice, else discord.threads)."""
+        """Discord: whether an answer to a channel message goes in a new thread.
+
+        The route's choice, else discord.threads.
+        """
         route = self.route_for("discord", workspace, channel, False)
         if route is not None and route.threads is not None:
             return route.threads
@@ -418,7 +423,9 @@ def loads(text: str, *, source: str = "<config>", env: Mapping[str, str] | None 
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(source, [f"{where}not valid YAML ({getattr(exc, 'problem', None) or 'syntax error'})"]) from None
+        raise ConfigError(
+            source, [f"{where}not valid YAML ({getattr(exc, 'problem', None) or 'syntax error'})"]
+        ) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

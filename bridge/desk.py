@@ -107,7 +107,9 @@ class AlertDesk:
         ]
         if not await self._store.accept(keys, deliveries, records=records):
             return None
-        log.info("alert %s (%s, round %d) queued for %d destination(s)", alert_id, event.name, number, len(destinations))
+        log.info(
+            "alert %s (%s, round %d) queued for %d destination(s)", alert_id, event.name, number, len(destinations)
+        )
         self.on_queued()
         return alert_id
 

@@ -243,7 +243,9 @@ class Outbox:
     async def _post(self, poster: AlertPoster, platform: str, item: OutboxItem, alert: Alert) -> str:
         destination = item.payload["destination"]
         channel, address = destination["channel"], item.destination
-        mentions = tuple(destination["mentions"]) if alert.event.name in _MENTIONED_EVENTS or alert.event.is_test else ()
+        mentions = (
+            tuple(destination["mentions"]) if alert.event.name in _MENTIONED_EVENTS or alert.event.is_test else ()
+        )
         thread_key = f"{address}|{item.payload['group']}"
         thread = await self._store.get(THREAD, thread_key) or ""
         reference = None

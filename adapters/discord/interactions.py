@@ -72,7 +72,9 @@ class DiscordInteractions:
             )
             app_commands.describe(question="Your question for the chatbot")(ask_command)
             reset_command: app_commands.Command[Any, [], None] = app_commands.Command(
-                name=self._config.reset_command, description="Start a new conversation with the chatbot here", callback=reset
+                name=self._config.reset_command,
+                description="Start a new conversation with the chatbot here",
+                callback=reset,
             )
         except (ValueError, TypeError) as exc:
             raise DiscordStartError(
@@ -94,7 +96,9 @@ class DiscordInteractions:
         memory.interactions[str(interaction.id)] = (now, interaction)
         place = place_of_channel(interaction.channel)
         if place is None:
-            place = Place(str(interaction.channel_id or ""), PlaceKind.DM if interaction.guild_id is None else PlaceKind.OTHER)
+            place = Place(
+                str(interaction.channel_id or ""), PlaceKind.DM if interaction.guild_id is None else PlaceKind.OTHER
+            )
         user = interaction.user
         self._submit(
             translate_command(
@@ -175,7 +179,9 @@ class DiscordInteractions:
     def _conversation_of_click(self, interaction: discord.Interaction) -> Conversation:
         place = place_of_channel(interaction.channel)
         if place is None:
-            place = Place(str(interaction.channel_id or ""), PlaceKind.DM if interaction.guild_id is None else PlaceKind.OTHER)
+            place = Place(
+                str(interaction.channel_id or ""), PlaceKind.DM if interaction.guild_id is None else PlaceKind.OTHER
+            )
         message = interaction.message
         reference = message.reference if message is not None else None
         metadata = message.interaction_metadata if message is not None else None

@@ -33,7 +33,9 @@ MISSING_ACCESS = 50001
 MISSING_PERMISSIONS = 50013
 WRONG_CHANNEL_TYPE = 50024  # "Cannot execute action on this channel type": no threads here
 # What starting a thread on a message and answering in it takes, beyond posting in the channel.
-THREAD_PERMISSIONS = discord.Permissions(create_public_threads=True, send_messages_in_threads=True, read_message_history=True)
+THREAD_PERMISSIONS = discord.Permissions(
+    create_public_threads=True, send_messages_in_threads=True, read_message_history=True
+)
 THREAD_NAME_LIMIT = 100
 THREAD_ARCHIVE_MINUTES: ThreadArchiveDuration = 1440
 NONCE_LIMIT = 25
@@ -145,7 +147,8 @@ class DiscordPoster:
             return await self._send(outbound)
         except (discord.NotFound, discord.Forbidden) as exc:
             raise PermanentSendError(
-                f"discord refused the post to {outbound.conversation.channel} ({exc.status}, code {exc.code}: {exc.text})"
+                f"discord refused the post to {outbound.conversation.channel} "
+                f"({exc.status}, code {exc.code}: {exc.text})"
             ) from exc
 
     async def _send(self, outbound: Outbound) -> list[str]:
@@ -180,9 +183,13 @@ class DiscordPoster:
                     guild_id=int(origin.guild_id) if origin.guild_id else None,
                     fail_if_not_exists=False,  # the question was deleted: still answer
                 )
-        target = client.get_partial_messageable(int(target_id), guild_id=int(origin.guild_id) if origin.guild_id else None)
+        target = client.get_partial_messageable(
+            int(target_id), guild_id=int(origin.guild_id) if origin.guild_id else None
+        )
         last_view = self._answer_view(outbound)
-        posted = await self._posted_parts(target, outbound) if outbound.delivery and outbound.delivery.look_first else {}
+        posted = (
+            await self._posted_parts(target, outbound) if outbound.delivery and outbound.delivery.look_first else {}
+        )
         ids: list[str] = []
         for index, part in enumerate(outbound.parts):
             if index in posted:
@@ -259,7 +266,10 @@ class DiscordPoster:
         try:
             # Through the posting client, not the cached channel's own (the gateway client's) session.
             await client.http.start_thread_with_message(
-                channel.id, int(message_id), name=thread_name(origin.hint, fallback), auto_archive_duration=THREAD_ARCHIVE_MINUTES
+                channel.id,
+                int(message_id),
+                name=thread_name(origin.hint, fallback),
+                auto_archive_duration=THREAD_ARCHIVE_MINUTES,
             )
         except discord.HTTPException as exc:
             if isinstance(exc, discord.Forbidden) and exc.code in (MISSING_PERMISSIONS, MISSING_ACCESS):
@@ -293,11 +303,18 @@ class DiscordPoster:
 
 
 def _thread_permissions_missing(channel: discord.TextChannel, code: int) -> str:
-    """The permission names behind a refused thread, from discord.py's cache; Discord's code tells when it knows nothing."""
+    """The permission names behind a refused thread, from discord.py's cache.
+
+    Discord's code tells when the cache knows nothing.
+    """
     me = channel.guild.me
     if me is not None:
         perms = channel.permissions_for(me)
-        missing = [PERMISSION_NAMES.get(name, name) for name, on in THREAD_PERMISSIONS if on and not getattr(perms, name)]
+        missing = [
+            PERMISSION_NAMES.get(name, name) for name, on in THREAD_PERMISSIONS if on and not getattr(perms, name)
+        ]
         if missing:
             return ", ".join(missing)
-    return "View Channel or Read Message History" if code == MISSING_ACCESS else PERMISSION_NAMES["create_public_threads"]
+    return (
+        "View Channel or Read Message History" if code == MISSING_ACCESS else PERMISSION_NAMES["create_public_threads"]
+    )

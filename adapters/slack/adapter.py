@@ -102,7 +102,14 @@ class SlackAdapter:
         self.app.use(self._accept_before_ack)
         self._bot = BotUser()
         SlackInteractions(
-            self.client, config, self._bot, self._submit, clock=self._clock, serves=serves, handovers=handovers, desk=desk
+            self.client,
+            config,
+            self._bot,
+            self._submit,
+            clock=self._clock,
+            serves=serves,
+            handovers=handovers,
+            desk=desk,
         ).register(self.app)
         # Tests shorten it; readiness allows SILENT_AFTER intervals without a pong or frame.
         self.ping_interval = SOCKET_PING_INTERVAL
@@ -430,7 +437,11 @@ class SlackAdapter:
             if mark.parts != count or not 1 <= mark.part <= count:
                 # Split differently then (another config): matching by number would garble the answer.
                 log.warning(
-                    "slack: an earlier post of %s is part %d of %d, not of %d; ignored", delivery.key, mark.part, mark.parts, count
+                    "slack: an earlier post of %s is part %d of %d, not of %d; ignored",
+                    delivery.key,
+                    mark.part,
+                    mark.parts,
+                    count,
                 )
                 return False
             if mark.part not in found or float(ts) < float(found[mark.part]):
@@ -439,7 +450,9 @@ class SlackAdapter:
 
         await self._scan(channel, thread=thread, since=delivery.since, what="the parts of an answer", visit=visit)
         if found:
-            log.info("slack: %d of %d part(s) of %s were already posted; posting the rest", len(found), count, delivery.key)
+            log.info(
+                "slack: %d of %d part(s) of %s were already posted; posting the rest", len(found), count, delivery.key
+            )
         return found
 
     @asynccontextmanager
@@ -455,7 +468,9 @@ class SlackAdapter:
             self._spawn(self._clear_working(inbound, shown))
 
     async def _show_working(self, inbound: Inbound) -> None:
-        add = self.client.reactions_add(channel=inbound.channel, timestamp=inbound.message_id, name=self._slack.reaction)
+        add = self.client.reactions_add(
+            channel=inbound.channel, timestamp=inbound.message_id, name=self._slack.reaction
+        )
         await quietly("reactions.add", add, harmless=("already_reacted",))
         if inbound.is_dm and "assistant:write" in self.scopes:
             await quietly(
@@ -510,7 +525,9 @@ class SlackAdapter:
             )
         except (SlackApiError, *NETWORK_ERRORS) as exc:
             code = error_code(exc)
-            hint = f"; invite the bot with /invite @{self._bot.name or 'InsiteChat'}" if code == "not_in_channel" else ""
+            hint = (
+                f"; invite the bot with /invite @{self._bot.name or 'InsiteChat'}" if code == "not_in_channel" else ""
+            )
             raise SlackError(f"posting an alert to {channel} failed ({code}{hint})") from None
         ts = str(response.get("ts") or "")
         if not ts:
@@ -548,7 +565,11 @@ class SlackAdapter:
         cursor: str | None = None
         for _ in range(FIND_PAGES):
             args: dict[str, Any] = {
-                "channel": channel, "oldest": oldest, "include_all_metadata": True, "limit": FIND_PAGE_SIZE, "cursor": cursor,
+                "channel": channel,
+                "oldest": oldest,
+                "include_all_metadata": True,
+                "limit": FIND_PAGE_SIZE,
+                "cursor": cursor,
             }
             try:
                 if thread:

@@ -85,7 +85,11 @@ def parse_human_value(value: str) -> tuple[str, Conversation] | None:
 
 def without_human_button(blocks: Any, who: str) -> list[dict[str, Any]]:
     """The answer's blocks after a click: the button gives way to who asked (an edit never pings)."""
-    kept = [b for b in blocks if isinstance(b, dict) and b.get("block_id") != HUMAN_BLOCK_ID] if isinstance(blocks, list) else []
+    kept = (
+        [b for b in blocks if isinstance(b, dict) and b.get("block_id") != HUMAN_BLOCK_ID]
+        if isinstance(blocks, list)
+        else []
+    )
     note = {"type": "context", "elements": [{"type": "mrkdwn", "text": f":raising_hand: {who} asked for a human"}]}
     return [*kept, note]
 

@@ -76,7 +76,10 @@ async def test_discord_invite_command_reports_the_adapter_error_plainly(
     fake: FakeDiscord, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "bridge.yaml"
-    path.write_text(f'insitechat: {{api_key: "${{KEY}}"}}\ndiscord: {{token: "${{DISCORD_TOKEN}}"}}\nroutes: [{{platform: discord, chatbot: {BOT}}}]\n')
+    path.write_text(
+        f'insitechat: {{api_key: "${{KEY}}"}}\ndiscord: {{token: "${{DISCORD_TOKEN}}"}}\n'
+        f"routes: [{{platform: discord, chatbot: {BOT}}}]\n"
+    )
     wrong = fd.make_token(fd.BOT_ID, "wrong-secret")
     monkeypatch.setenv("KEY", "ic_x")
     monkeypatch.setenv("DISCORD_TOKEN", wrong)
@@ -101,7 +104,10 @@ async def test_check_wants_thread_permissions_in_alert_channels(fake: FakeDiscor
     fake.channels[locked] = fd._channel(locked, "alerts-no-threads", overwrites=[
         {"id": str(fd.BOT_ROLE_ID), "type": 0, "allow": "0", "deny": str(deny)},
     ])
-    alerts = f'alerts: [{{chatbot: {BOT}, to: ["discord:{fd.ALERTS}", "discord:{locked}"]}}]\nwebhooks: {{verify_signatures: false}}'
+    alerts = (
+        f'alerts: [{{chatbot: {BOT}, to: ["discord:{fd.ALERTS}", "discord:{locked}"]}}]\n'
+        "webhooks: {verify_signatures: false}"
+    )
     assert await check(settings(alerts=alerts)) == [
         # The catch-all route answers in that channel too, in threads.
         f"routes[0].channel: in #alerts-no-threads ({locked}) the bot lacks Create Public Threads",

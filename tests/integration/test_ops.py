@@ -53,14 +53,24 @@ discord: {{token: "${{KEY}}"}}
         env={"KEY": KEY, "WH": WEBHOOK_SECRET},
     )
     # Only the core is under test here: no Discord connection is made.
-    bridge = BridgeApp(settings.model_copy(update={"discord": None}), console_in=io.StringIO(""), console_out=io.StringIO())
+    bridge = BridgeApp(
+        settings.model_copy(update={"discord": None}), console_in=io.StringIO(""), console_out=io.StringIO()
+    )
     await bridge.start()
     yield bridge
     await bridge.stop()
 
 
 def console_message(text: str, message_id: str = "1") -> Inbound:
-    return Inbound(platform="console", workspace="", channel="console", message_id=message_id, author_id="you", text=text, is_dm=True)
+    return Inbound(
+        platform="console",
+        workspace="",
+        channel="console",
+        message_id=message_id,
+        author_id="you",
+        text=text,
+        is_dm=True,
+    )
 
 
 async def test_healthz_and_readyz(app: BridgeApp, emulator: Emulator) -> None:

@@ -128,7 +128,9 @@ BAD_REQUESTS = [
 
 
 @pytest.mark.parametrize(("name", "raw", "headers", "status"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
-async def test_bad_requests_are_refused_and_make_no_alert(bed: Bed, name: str, raw: bytes, headers: dict[str, str], status: int) -> None:
+async def test_bad_requests_are_refused_and_make_no_alert(
+    bed: Bed, name: str, raw: bytes, headers: dict[str, str], status: int
+) -> None:
     response = await post(bed.url, raw, headers)
     assert response.status_code == status, name
     await bed.outbox.deliver_due()
@@ -136,7 +138,9 @@ async def test_bad_requests_are_refused_and_make_no_alert(bed: Bed, name: str, r
 
 
 async def test_unknown_chatbot_path_is_404(bed: Bed) -> None:
-    response = await post(bed.url.replace(BOT, "99999999-9999-4999-8999-999999999999"), GOOD, {SIGNATURE_HEADER: sign(GOOD)})
+    response = await post(
+        bed.url.replace(BOT, "99999999-9999-4999-8999-999999999999"), GOOD, {SIGNATURE_HEADER: sign(GOOD)}
+    )
     assert response.status_code == 404
 
 
@@ -212,12 +216,17 @@ async def test_storage_failure_is_the_only_5xx(bed: Bed) -> None:
 
 @hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    body=st.one_of(st.binary(max_size=2000), st.text(max_size=500).map(str.encode),
-                   st.dictionaries(st.text(max_size=10), st.text(max_size=20), max_size=5).map(lambda d: json.dumps(d).encode())),
+    body=st.one_of(
+        st.binary(max_size=2000),
+        st.text(max_size=500).map(str.encode),
+        st.dictionaries(st.text(max_size=10), st.text(max_size=20), max_size=5).map(lambda d: json.dumps(d).encode()),
+    ),
     signature=st.one_of(st.none(), st.text(max_size=80)),
     content_type=st.sampled_from(["application/json", "text/plain", "", "application/x-www-form-urlencoded"]),
 )
-async def test_fuzzed_requests_never_5xx_and_never_alert(bed: Bed, body: bytes, signature: str | None, content_type: str) -> None:
+async def test_fuzzed_requests_never_5xx_and_never_alert(
+    bed: Bed, body: bytes, signature: str | None, content_type: str
+) -> None:
     headers = {"Content-Type": content_type} if content_type else {}
     # Only values an HTTP client can send at all (httpx refuses padded or non-ASCII header values).
     if signature is not None and signature.isprintable() and signature.isascii() and signature.strip() == signature:
@@ -341,7 +350,9 @@ async def test_emulator_escalation_and_lead_reach_both_platforms(bed: Bed) -> No
     try:
         await emulator.visitor_message(BOT, "hello", session_id="web-1")
         await emulator.visitor_message(BOT, "can I talk to a human please", session_id="web-1")
-        await emulator.capture_lead(BOT, name="Ada", email="ada@example.com", phone="+1 555", custom_data={"plan": "pro"})
+        await emulator.capture_lead(
+            BOT, name="Ada", email="ada@example.com", phone="+1 555", custom_data={"plan": "pro"}
+        )
         await emulator.wait_for_webhooks()
         await bed.outbox.deliver_due()
         cards = sorted((json.dumps(p.card) for p in bed.slack.posted), key=lambda c: "lead" in c)

@@ -260,7 +260,9 @@ async def test_a_proxy_error_page_still_gives_a_readable_error(
 async def test_5xx_is_retried_with_jittered_backoff(
     api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
 ) -> None:
-    route = api.get(f"/v1/chatbots/{BOT}").mock(side_effect=[fail(500), fail(502), httpx.Response(200, json={"id": BOT})])
+    route = api.get(f"/v1/chatbots/{BOT}").mock(
+        side_effect=[fail(500), fail(502), httpx.Response(200, json={"id": BOT})]
+    )
     jitter = iter([0.0, 1.0])
     client = make_client(random=lambda: next(jitter))
     assert (await client.get_chatbot(BOT)).id == BOT
@@ -339,7 +341,9 @@ async def test_chat_raises_after_a_second_connect_error(api: respx.MockRouter, m
 
 
 @pytest.mark.parametrize(
-    "failures", [[fail(503), httpx.ConnectError], [httpx.ConnectError, fail(503)]], ids=["503-then-connect", "connect-then-503"]
+    "failures",
+    [[fail(503), httpx.ConnectError], [httpx.ConnectError, fail(503)]],
+    ids=["503-then-connect", "connect-then-503"],
 )
 async def test_chat_has_one_resend_in_total_across_failure_kinds(
     api: respx.MockRouter, make_client: MakeClient, failures: list[Any]
