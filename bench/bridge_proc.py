@@ -66,7 +66,9 @@ def main(argv: list[str]) -> int:
         from adapters.discord import DiscordAdapter
 
         discord.http.Route.BASE = f"{discord_url}/api/v10"
-        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(discord_url.replace("http://", "ws://") + "/gateway")
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(
+            discord_url.replace("http://", "ws://") + "/gateway"
+        )
         # Only start-up gets faster: discord.py waits this long for more guilds before on_ready.
         DiscordAdapter.guild_ready_timeout = 0.1
     source = os.environ.get("BENCH_SOURCE")

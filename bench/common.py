@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import platform
@@ -113,10 +114,8 @@ def machine_facts() -> dict[str, str]:
             break
     versions = []
     for dist in ("slack_bolt", "slack_sdk", "discord.py", "aiohttp", "httpx"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions.append(f"{dist} {metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            pass
     return {
         "cpu": model,
         "cores": str(len(os.sched_getaffinity(0))),

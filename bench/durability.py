@@ -92,7 +92,9 @@ def _progress(text: str) -> None:
     print(f"           {text}", file=sys.stderr, flush=True)
 
 
-async def _start(h: Harness, platform: str, code: Code, sizes: Sizes, *, trace: Path | None = None) -> tuple[Child, Sender]:
+async def _start(
+    h: Harness, platform: str, code: Code, sizes: Sizes, *, trace: Path | None = None
+) -> tuple[Child, Sender]:
     """A bridge from `code`'s tree on `h`'s fakes, Slack over Socket Mode, warmed up."""
     name = f"{code.label}-{platform}" + ("-traced" if trace else "")
     bridge = h.bridge(name, platforms=(platform,), slack_mode="socket", source=code.source, trace=trace, **UNLIMITED)
@@ -122,7 +124,9 @@ async def _wait_quiet(pids: list[int], patience: float) -> float:
     return time.monotonic() - started
 
 
-async def _timed(platform: str, codes: tuple[Code, Code], sizes: Sizes) -> tuple[dict[str, list[tuple[Level, int]]], list[float]]:
+async def _timed(
+    platform: str, codes: tuple[Code, Code], sizes: Sizes
+) -> tuple[dict[str, list[tuple[Level, int]]], list[float]]:
     """Both bridges up at once, each on its own fakes; the load goes to one at a time, in alternating slices.
 
     Slices a few seconds apart see about the same machine, so each before/after pair is
@@ -133,11 +137,19 @@ async def _timed(platform: str, codes: tuple[Code, Code], sizes: Sizes) -> tuple
     slices: dict[str, list[tuple[Level, int]]] = {code.label: [] for code in codes}
     waits = []
     discord = platform == "discord"
-    async with harness(latency=sizes.latency, discord=discord) as h0, harness(latency=sizes.latency, discord=discord) as h1:
-        started = {code.label: (h, *await _start(h, platform, code, sizes)) for h, code in zip((h0, h1), codes)}
+    async with (
+        harness(latency=sizes.latency, discord=discord) as h0,
+        harness(latency=sizes.latency, discord=discord) as h1,
+    ):
+        started = {
+            code.label: (h, *await _start(h, platform, code, sizes)) for h, code in zip((h0, h1), codes, strict=True)
+        }
         pids = [bridge.pid for _, bridge, _ in started.values()]
         for index in range(sizes.dur_max_pairs):
-            if sum(_quiet(b, a) for (b, _), (a, _) in zip(slices["before"], slices["after"])) >= sizes.dur_pairs:
+            if (
+                sum(_quiet(b, a) for (b, _), (a, _) in zip(slices["before"], slices["after"], strict=False))
+                >= sizes.dur_pairs
+            ):
                 break
             waits.append(await _wait_quiet(pids, sizes.dur_patience))
             for code in codes if index % 2 == 0 else codes[::-1]:
@@ -151,8 +163,10 @@ async def _timed(platform: str, codes: tuple[Code, Code], sizes: Sizes) -> tuple
                 slices[code.label].append((level, bridge.log_count(" ERROR ")))
             b, a = slices["before"][-1][0], slices["after"][-1][0]
             _progress(
-                f"{platform} pair {index + 1}: p50 before {b.overhead(50) * 1000:.1f} ms, after {a.overhead(50) * 1000:.1f} ms; "
-                f"rest of the machine {b.cpu['other']:.0%} / {a.cpu['other']:.0%} of a core; load {os.getloadavg()[0]:.2f}"
+                f"{platform} pair {index + 1}: p50 before {b.overhead(50) * 1000:.1f} ms, "
+                f"after {a.overhead(50) * 1000:.1f} ms; "
+                f"rest of the machine {b.cpu['other']:.0%} / {a.cpu['other']:.0%} of a core; "
+                f"load {os.getloadavg()[0]:.2f}"
             )
     return slices, waits
 
@@ -165,7 +179,11 @@ async def _count_round(platform: str, code: Code, sizes: Sizes) -> dict[str, Any
         await asyncio.sleep(SETTLE)
         since = time.monotonic()
         level = await closed_loop(
-            sender, concurrency=sizes.dur_concurrency, duration=sizes.dur_count_duration, latency=sizes.latency, pid=None
+            sender,
+            concurrency=sizes.dur_concurrency,
+            duration=sizes.dur_count_duration,
+            latency=sizes.latency,
+            pid=None,
         )
         await asyncio.sleep(SETTLE)
         until = time.monotonic()
@@ -241,7 +259,9 @@ def state_tables(path: Path) -> dict[str, int]:
     """Rows per table in the child's state file, opened read-only after it exited (which schema ran)."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        names = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+        names = [
+            r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+        ]
         return {name: int(db.execute(f'SELECT COUNT(*) FROM "{name}"').fetchone()[0]) for name in sorted(names)}
     finally:
         db.close()
@@ -285,7 +305,10 @@ def pooled(levels: list[tuple[Level, int]]) -> dict[str, Any]:
 async def durability_cost(
     sizes: Sizes, *, platforms: tuple[str, ...] = ("slack", "discord"), before: str = BEFORE, after: str | None = None
 ) -> dict[str, Any]:
-    """(6) Both trees side by side in alternating slices (before, after, after, before, ...), then a traced round each."""
+    """(6) Both trees side by side in alternating slices, then a traced round each.
+
+    The slices go before, after, after, before, ...
+    """
     result: dict[str, Any] = {
         "concurrency": sizes.dur_concurrency, "latency": sizes.latency, "slice": sizes.dur_slice, "platforms": {},
     }
@@ -301,7 +324,7 @@ async def durability_cost(
 
 def _judged(timed: dict[str, list[tuple[Level, int]]], waits: list[float]) -> dict[str, Any]:
     """Pooled figures over the quiet pairs when there are enough of them, else over every pair (no verdict)."""
-    pairs = list(zip(timed["before"], timed["after"]))
+    pairs = list(zip(timed["before"], timed["after"], strict=False))
     quiet = [i for i, (b, a) in enumerate(pairs) if _quiet(b[0], a[0])]
     used = quiet if len(quiet) >= MIN_QUIET else list(range(len(pairs)))
     return {

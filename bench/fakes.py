@@ -50,7 +50,9 @@ class TimedSlack(FakeSlack):
         return data, headers
 
     def posts_to(self, channel: str) -> int:
-        return sum(1 for c in self.calls if c.method == "chat.postMessage" and c.ok and c.args.get("channel") == channel)
+        return sum(
+            1 for c in self.calls if c.method == "chat.postMessage" and c.ok and c.args.get("channel") == channel
+        )
 
 
 class TimedDiscord(FakeDiscord):

@@ -154,7 +154,9 @@ async def harness(
     assert ENV["BENCH_IC_KEY"] == SANDBOX_KEY and ENV["BENCH_SLACK_APP_TOKEN"] == APP_TOKEN
     # Retry-After tells the bridge the scaled window's real remaining time; without it a 429 costs the
     # unscaled 60 s default wait, which would say nothing about a 6 s window.
-    emulator = GatedEmulator.sandbox(latency=latency, rate_limit=rate_limit, rate_window=rate_window, retry_after_header=True)
+    emulator = GatedEmulator.sandbox(
+        latency=latency, rate_limit=rate_limit, rate_window=rate_window, retry_after_header=True
+    )
     slack = TimedSlack()
     fake_discord = TimedDiscord() if discord else None
     await emulator.start()

@@ -100,7 +100,11 @@ async def relay_overhead(platform: str, sizes: Sizes) -> list[dict[str, Any]]:
         await _warm(sender, sizes)
         for concurrency in sizes.levels:
             level = await closed_loop(
-                sender, concurrency=concurrency, duration=sizes.duration[concurrency], latency=sizes.latency, pid=bridge.pid
+                sender,
+                concurrency=concurrency,
+                duration=sizes.duration[concurrency],
+                latency=sizes.latency,
+                pid=bridge.pid,
             )
             h.mark_upstream(level.samples)
             rows.append(level_row(platform, level) | {"errors": bridge.log_count(" ERROR ")})
@@ -117,7 +121,11 @@ async def baseline(sizes: Sizes) -> list[dict[str, Any]]:
         await _warm(sender, sizes)
         for concurrency in sizes.levels:
             level = await closed_loop(
-                sender, concurrency=concurrency, duration=sizes.duration[concurrency], latency=sizes.latency, pid=bot.pid
+                sender,
+                concurrency=concurrency,
+                duration=sizes.duration[concurrency],
+                latency=sizes.latency,
+                pid=bot.pid,
             )
             h.mark_upstream(level.samples)
             rows.append(level_row("baseline (sync Bolt)", level) | {"errors": bot.log_count("Traceback")})

@@ -1,4 +1,6 @@
-"""Run the benchmarks and print the tables: `python -m bench.run [--quick] [--only PARTS] [--json FILE] [--before REV]`."""
+"""Run the benchmarks and print the tables:
+`python -m bench.run [--quick] [--only PARTS] [--json FILE] [--before REV]`.
+"""
 
 from __future__ import annotations
 
@@ -68,7 +70,8 @@ def relay_table(rows: list[dict[str, Any]], latency: float) -> str:
         note = f" ({'; '.join(notes)})" if notes else ""
         ack = ms(r["ack_p99"]) if r["platform"] != "discord" else "-"
         out.append(
-            f"| {r['platform']} | {r['concurrent']} | {r['answered']} ({r['lost']}) | {r['throughput']:.1f} ({r['ideal']:.0f}) "
+            f"| {r['platform']} | {r['concurrent']} | {r['answered']} ({r['lost']}) "
+            f"| {r['throughput']:.1f} ({r['ideal']:.0f}) "
             f"| {_pct(share)} | {ms(r['overhead_p50'])} / {ms(r['overhead_p99'])} "
             f"| {ms(r['inbound_p50'])} / {ms(r['outbound_p50'])} | {ack} "
             f"| {_cpu(r)} | {_verdict(misses)}{note} |"
@@ -89,10 +92,14 @@ def baseline_table(ours: list[dict[str, Any]], base: list[dict[str, Any]]) -> st
     for b in base:
         o = by_level.get(b["concurrent"])
         if o is None:
-            out.append(f"| {b['concurrent']} | {b['throughput']:.1f} | - | - | {ms(b['overhead_p99'])} | - | - | {ms(b['ack_p99'])} |")
+            out.append(
+                f"| {b['concurrent']} | {b['throughput']:.1f} | - | - | {ms(b['overhead_p99'])} | - | - "
+                f"| {ms(b['ack_p99'])} |"
+            )
             continue
         out.append(
-            f"| {b['concurrent']} | {b['throughput']:.1f} | {o['throughput']:.1f} | {o['throughput'] / b['throughput']:.2f} "
+            f"| {b['concurrent']} | {b['throughput']:.1f} | {o['throughput']:.1f} "
+            f"| {o['throughput'] / b['throughput']:.2f} "
             f"| {ms(b['overhead_p99'])} | {ms(o['overhead_p99'])} | {o['overhead_p99'] / b['overhead_p99']:.2f} "
             f"| {ms(b['ack_p99'])} |"
         )
@@ -125,7 +132,8 @@ def ratelimit_table(rows: list[dict[str, Any]], latency: float) -> str:
         else:
             verdict = "not a bar: the shipped margin (55 of 60), scaled"
         out.append(
-            f"| {r['limiter']} / {r['service']} | {r['messages']} | {_pct(r['used'])} ({r['ideal_span']:.1f} / {r['span']:.1f}) "
+            f"| {r['limiter']} / {r['service']} | {r['messages']} "
+            f"| {_pct(r['used'])} ({r['ideal_span']:.1f} / {r['span']:.1f}) "
             f"| {r['http_429']} | {waits} | {r['fairness']:.2f} | {verdict} |"
         )
     return "\n".join(out)
@@ -169,7 +177,8 @@ def memory_table(r: dict[str, Any]) -> str:
         (f"| {r['in_flight_n']} conversations in flight ({r['in_flight_held_upstream']} at the emulator, the rest "
          f"queued in the bridge) | {r['in_flight']:.1f} | {bar} (< 150 MB) |"),
         f"| after {half} more messages handled | {half_rss:.1f} | |",
-        f"| after {full} more messages handled | {full_rss:.1f} | growth over the second half: {full_rss - half_rss:+.1f} MB |",
+        (f"| after {full} more messages handled | {full_rss:.1f} "
+         f"| growth over the second half: {full_rss - half_rss:+.1f} MB |"),
         f"| peak (VmHWM) | {r['peak']:.1f} | |",
     ])
 
@@ -206,7 +215,7 @@ def _durability_row(platform: str, label: str, part: dict[str, Any]) -> str:
 
 def durability_growth(before: dict[str, Any], after: dict[str, Any]) -> list[float]:
     """Each pair's p50 growth: slice i after - slice i before (next to each other in time)."""
-    return [a - b for a, b in zip(after["slice_p50"], before["slice_p50"])]
+    return [a - b for a, b in zip(after["slice_p50"], before["slice_p50"], strict=False)]
 
 
 def _durability_verdict(part: dict[str, Any], grew: float) -> str:
@@ -226,9 +235,11 @@ def _durability_delta(platform: str, part: dict[str, Any]) -> str:
     ack = _signed(after["ack_p99"] - before["ack_p99"]) if platform == "slack" else "-"
     return (
         f"| {PLATFORM_NAMES[platform]} | **after - before** | | "
-        f"| {_signed(after['overhead_p50'] - before['overhead_p50'])} / {_signed(after['overhead_p99'] - before['overhead_p99'])} "
+        f"| {_signed(after['overhead_p50'] - before['overhead_p50'])} "
+        f"/ {_signed(after['overhead_p99'] - before['overhead_p99'])} "
         f"| **{_spread(pairs, _signed)}** "
-        f"| {_signed(after['inbound_p50'] - before['inbound_p50'])} / {_signed(after['outbound_p50'] - before['outbound_p50'])} "
+        f"| {_signed(after['inbound_p50'] - before['inbound_p50'])} "
+        f"/ {_signed(after['outbound_p50'] - before['outbound_p50'])} "
         f"| {ack} | {(after['cpu_per_answer'] - before['cpu_per_answer']) * 1000:+.2f} | | "
         f"| {_durability_verdict(part, statistics.median(pairs))} |"
     )
@@ -240,8 +251,9 @@ def durability_table(result: dict[str, Any]) -> str:
         (f"Before: `{result['before']}`. After: `{result['after']}`. {result['concurrency']} concurrent "
          f"conversations, upstream latency {result['latency'] * 1000:.0f} ms, limits raised as in (1). Both bridges "
          f"run at once, each on its own fakes; the load goes to one at a time in {result['slice']:g} s slices, in "
-         "pairs, in the order before, after, after, before, ..., until enough pairs were quiet: the rest of the machine "
-         f"used under {durability.QUIET:.0%} of a core in both slices. The figures are over the quiet pairs when there "
+         "pairs, in the order before, after, after, before, ..., until enough pairs were quiet: "
+         f"the rest of the machine used under {durability.QUIET:.0%} of a core in both slices. "
+         "The figures are over the quiet pairs when there "
          f"are {durability.MIN_QUIET} or more, else over all (and no verdict). Slice p50 = the median (lowest to "
          "highest) of the slices' p50s; in the after - before row, of each pair's difference: the bar. Load = the "
          "machine's 1-minute load average after each slice."),
@@ -291,7 +303,9 @@ def durability_table(result: dict[str, Any]) -> str:
 async def run(
     parts: list[str], sizes: Sizes, mode: str, *, before: str = durability.BEFORE, after: str | None = None
 ) -> tuple[str, dict[str, Any]]:
-    results: dict[str, Any] = {"mode": mode, "machine": machine_facts(), "sizes": sizes.__dict__ | {"duration": {str(k): v for k, v in sizes.duration.items()}}}
+    durations = {str(k): v for k, v in sizes.duration.items()}
+    sizes_used = sizes.__dict__ | {"duration": durations}
+    results: dict[str, Any] = {"mode": mode, "machine": machine_facts(), "sizes": sizes_used}
     started = time.monotonic()
 
     async def step(name: str, make: Callable[[], Awaitable[Any]]) -> Any:
@@ -329,9 +343,11 @@ def render(results: dict[str, Any], sizes: Sizes) -> str:
          "Slack/Discord and the load share a second process."),
     ]
     if "relay_slack" in results:
-        out += ["", "#### 1. Relay overhead", "", relay_table(results["relay_slack"] + results["relay_discord"], sizes.latency)]
+        relay = relay_table(results["relay_slack"] + results["relay_discord"], sizes.latency)
+        out += ["", "#### 1. Relay overhead", "", relay]
     if "baseline" in results:
-        out += ["", "#### 2. Against the baseline bot", "", baseline_table(results.get("relay_slack", []), results["baseline"])]
+        against = baseline_table(results.get("relay_slack", []), results["baseline"])
+        out += ["", "#### 2. Against the baseline bot", "", against]
     if "ratelimit" in results:
         out += ["", "#### 3. Rate-limit use", "", ratelimit_table(results["ratelimit"], sizes.latency)]
     if "webhooks" in results:
@@ -345,14 +361,19 @@ def render(results: dict[str, Any], sizes: Sizes) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small sizes (about a minute): checks the harness, not the bars")
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes (about a minute): checks the harness, not the bars"
+    )
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {','.join(PARTS)}")
     parser.add_argument("--json", metavar="FILE", help="also write every number to FILE")
     parser.add_argument(
         "--before", default=durability.BEFORE, metavar="REV",
-        help=f"durability: the revision before durable chat jobs ({durability.BEFORE}), checked out in a temporary worktree",
+        help=f"durability: the revision before durable chat jobs ({durability.BEFORE}), "
+        "checked out in a temporary worktree",
     )
-    parser.add_argument("--after", metavar="REV", help="durability: the revision after (default: this checkout as it is)")
+    parser.add_argument(
+        "--after", metavar="REV", help="durability: the revision after (default: this checkout as it is)"
+    )
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))

@@ -7,7 +7,7 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from bridge.config import Settings
@@ -97,7 +97,9 @@ def parse_envelope(body: Any) -> Event | None:
     if not isinstance(name, str) or not name.strip() or not isinstance(chatbot_id, str):
         return None
     data = body.get("data")
-    return Event(name.strip(), chatbot_id.strip(), parse_timestamp(body.get("timestamp")), data if isinstance(data, dict) else {})
+    return Event(
+        name.strip(), chatbot_id.strip(), parse_timestamp(body.get("timestamp")), data if isinstance(data, dict) else {}
+    )
 
 
 def parse_timestamp(value: Any) -> datetime | None:
@@ -111,7 +113,7 @@ def parse_timestamp(value: Any) -> datetime | None:
         stamp = datetime.fromisoformat(text)
     except ValueError:
         return None
-    return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
 
 
 def body_key(raw: bytes) -> str:
@@ -141,7 +143,9 @@ def destinations_for(settings: Settings, event: Event) -> list[Destination]:
     for rule in settings.alerts:
         if rule.chatbot != event.chatbot_id:
             continue
-        wanted = event.is_test or event.name in rule.events or (event.name == HUMAN_REQUESTED and ESCALATED in rule.events)
+        wanted = (
+            event.is_test or event.name in rule.events or (event.name == HUMAN_REQUESTED and ESCALATED in rule.events)
+        )
         if not wanted:
             continue
         for address in rule.to:

@@ -16,4 +16,5 @@ class Backoff:
         """The wait before retry number `retries` (0 for the first); `jitter` in [0, 1] takes off up to half."""
         # Half fixed, half random: replicas restarted together spread out, and every wait still
         # grows, so a platform that is down is not hammered.
-        return min(self.cap, self.base * 2 ** min(retries, 16)) * (0.5 + 0.5 * jitter)
+        growth: int = 2 ** min(retries, 16)  # typeshed types int ** int as Any (a negative power is a float)
+        return min(self.cap, self.base * growth) * (0.5 + 0.5 * jitter)

@@ -18,7 +18,13 @@ _TITLES = {
     STARTED: ":speech_balloon: New conversation on the website",
     MESSAGE: ":envelope: Visitor message",
 }
-_DISCORD_EMOJI = {":raising_hand:": "🙋", ":card_index:": "📇", ":speech_balloon:": "💬", ":envelope:": "✉️", ":test_tube:": "🧪"}
+_DISCORD_EMOJI = {
+    ":raising_hand:": "🙋",
+    ":card_index:": "📇",
+    ":speech_balloon:": "💬",
+    ":envelope:": "✉️",
+    ":test_tube:": "🧪",
+}
 QUOTE_LIMIT = 1000  # the visitor's words shown on a card
 FIELD_LIMIT = 200  # one lead field
 

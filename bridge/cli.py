@@ -37,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return asyncio.run(args.func(args))
+        status: int = asyncio.run(args.func(args))  # argparse's Namespace is untyped: func is a _cmd_* command
+        return status
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -56,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def command(name: str, help_text: str, func: Callable[[argparse.Namespace], Awaitable[int]]) -> argparse.ArgumentParser:
+    def command(
+        name: str, help_text: str, func: Callable[[argparse.Namespace], Awaitable[int]]
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
         p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -93,7 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     manifest.add_argument("--config", "-c", default=os.environ.get(CONFIG_ENV), required=CONFIG_ENV not in os.environ)
     manifest.add_argument("--request-url", default="", help="public base URL for HTTP mode, e.g. https://bridge.example.com")
 
-    invite = command("discord-invite", "Print the OAuth2 URL that invites the bot with the permissions it needs.", _cmd_discord_invite)
+    invite = command(
+        "discord-invite",
+        "Print the OAuth2 URL that invites the bot with the permissions it needs.",
+        _cmd_discord_invite,
+    )
     invite.add_argument("--config", "-c", default=os.environ.get(CONFIG_ENV), required=CONFIG_ENV not in os.environ)
 
     test_alert = command(
@@ -234,7 +241,7 @@ async def _check_state(settings: Settings) -> list[str]:
 
     state = settings.state
     if not state.redis_url:
-        folder = Path(state.sqlite).resolve().parent
+        folder = Path(state.sqlite).resolve().parent  # noqa: ASYNC240 (a one-off check, not the serving loop)
         while not folder.exists():
             folder = folder.parent
         return [] if os.access(folder, os.W_OK) else [f"state.sqlite: cannot write in {folder}"]
@@ -275,11 +282,11 @@ async def _check_chatbots(settings: Settings) -> list[str]:
             key = settings.chatbot_key(route.chatbot)
             if key not in chatbots_of:
                 continue  # that key's failure is already reported
-            bot = chatbots_of[key].get(route.chatbot)
-            if bot is None:
+            routed = chatbots_of[key].get(route.chatbot)
+            if routed is None:
                 problems.append(f"routes[{i}].chatbot: {route.chatbot} is not a chatbot of key {key!r}")
-            elif not bot.is_active:
-                problems.append(f"routes[{i}].chatbot: {bot.name} ({route.chatbot}) is paused in InsiteChat")
+            elif not routed.is_active:
+                problems.append(f"routes[{i}].chatbot: {routed.name} ({route.chatbot}) is paused in InsiteChat")
     finally:
         for client in clients.values():
             await client.aclose()
@@ -388,7 +395,7 @@ async def _cmd_send_test_alert(args: argparse.Namespace) -> int:
     import hashlib
     import hmac
     import json
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
     import httpx
 
@@ -397,12 +404,14 @@ async def _cmd_send_test_alert(args: argparse.Namespace) -> int:
 
     settings = config.load(args.config)
     _setup_logs(args, settings)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     data = {"test": True, "session_id": f"test-{int(now.timestamp())}", "message": "This is a test alert."}
     destinations = destinations_for(settings, Event("webhook.test", args.chatbot, now, data))
     if not destinations:
         raise CommandFailed(f"no alert rule in the config names chatbot {args.chatbot}")
-    body = json.dumps({"event": "webhook.test", "chatbot_id": args.chatbot, "timestamp": now.isoformat(), "data": data}).encode()
+    body = json.dumps(
+        {"event": "webhook.test", "chatbot_id": args.chatbot, "timestamp": now.isoformat(), "data": data}
+    ).encode()
     headers = {"Content-Type": "application/json"}
     bot = settings.chatbot_settings(args.chatbot)
     if bot is not None and bot.webhook_secret:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 # ${VAR} or ${VAR:-default}; $${...} is a literal "${...}".
 _ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -110,10 +111,12 @@ class StateSettings(_Model):
     sqlite: str = "./bridge-state.db"
     # Redis instead of the SQLite file: the state several replicas share.
     redis_url: str | None = None
-    redis_prefix: str = Field("icb:", min_length=1, description="keys under this prefix: one Redis, several bridges")
+    redis_prefix: str = Field(
+        default="icb:", min_length=1, description="keys under this prefix: one Redis, several bridges"
+    )
     # Questions, answers and the exchanges quoted on "Talk to a human" cards are kept this
     # long after delivery; then only ids and states remain.
-    keep_text_hours: float = Field(24.0, gt=0, le=24 * 90)
+    keep_text_hours: float = Field(default=24.0, gt=0, le=24 * 90)
 
     @field_validator("redis_url")
     @classmethod
@@ -301,7 +304,7 @@ class AlertRule(_Model):
 
 class WebhookSettings(_Model):
     verify_signatures: bool = True
-    max_age_minutes: float = Field(60.0, gt=0)
+    max_age_minutes: float = Field(default=60.0, gt=0)
 
 
 class LoggingSettings(_Model):
@@ -341,8 +344,8 @@ class Settings(_Model):
             if self.chatbot_key(route.chatbot) not in keys:
                 yield f"routes[{i}].chatbot: no insitechat key for it; add it under chatbots with a key"
         for i, rule in enumerate(self.alerts):
-            bot = self.chatbot_settings(rule.chatbot)
-            if self.webhooks.verify_signatures and not (bot and bot.webhook_secret):
+            rule_bot = self.chatbot_settings(rule.chatbot)
+            if self.webhooks.verify_signatures and not (rule_bot and rule_bot.webhook_secret):
                 yield (
                     f"alerts[{i}].chatbot: {rule.chatbot} has no webhook_secret under chatbots: "
                     "its webhooks cannot be verified (or set webhooks.verify_signatures: false)"
@@ -374,7 +377,10 @@ class Settings(_Model):
         return next(r for r in candidates if r.specificity == best)
 
     def discord_threads(self, workspace: str, channel: str) -> bool:
-        """Discord: whether an answer to a channel message goes in a new thread (the route's choice, else discord.threads)."""
+        """Discord: whether an answer to a channel message goes in a new thread.
+
+        The route's choice, else discord.threads.
+        """
         route = self.route_for("discord", workspace, channel, False)
         if route is not None and route.threads is not None:
             return route.threads
@@ -430,7 +436,9 @@ def loads(
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(source, [f"{where}not valid YAML ({getattr(exc, 'problem', None) or 'syntax error'})"]) from None
+        raise ConfigError(
+            source, [f"{where}not valid YAML ({getattr(exc, 'problem', None) or 'syntax error'})"]
+        ) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -453,9 +461,9 @@ def _literal_secrets(raw: Any) -> list[str]:
     """Secrets written into the file itself are refused: they belong in the environment."""
     problems = []
     for path, value in _walk(raw, ()):
-        if any(_path_matches(path, pattern) for pattern in SECRET_PATHS):
-            if isinstance(value, str) and not _SECRET_REF.match(value.strip()):
-                problems.append(f"{_dotted(path)}: secrets come from the environment; write ${{SOME_VAR}} here")
+        secret = any(_path_matches(path, pattern) for pattern in SECRET_PATHS)
+        if secret and isinstance(value, str) and not _SECRET_REF.match(value.strip()):
+            problems.append(f"{_dotted(path)}: secrets come from the environment; write ${{SOME_VAR}} here")
     return problems
 
 
@@ -470,7 +478,7 @@ def _walk(node: Any, path: tuple[str | int, ...]) -> Iterator[tuple[tuple[str | 
 
 
 def _path_matches(path: tuple[str | int, ...], pattern: tuple[str, ...]) -> bool:
-    return len(path) == len(pattern) and all(p == "*" or p == str(q) for p, q in zip(pattern, path))
+    return len(path) == len(pattern) and all(p == "*" or p == str(q) for p, q in zip(pattern, path, strict=True))
 
 
 def _interpolate(
@@ -521,7 +529,7 @@ def _is_union_tag(part: Any) -> bool:
     return isinstance(part, str) and (part[:1].isupper() or part in {"str", "int", "float", "bool", "none"})
 
 
-def _plain(error: Any) -> str:
+def _plain(error: ErrorDetails) -> str:
     kind, message = error["type"], error["msg"]
     plain = {
         "missing": "required but missing",

@@ -108,7 +108,9 @@ class AlertDesk:
         ]
         if not await self._store.accept(keys, deliveries, records=records):
             return None
-        log.info("alert %s (%s, round %d) queued for %d destination(s)", alert_id, event.name, number, len(destinations))
+        log.info(
+            "alert %s (%s, round %d) queued for %d destination(s)", alert_id, event.name, number, len(destinations)
+        )
         self.on_queued()
         return alert_id
 
@@ -191,7 +193,7 @@ class AlertDesk:
 
     @staticmethod
     def taken_by_someone_else(alert: Alert, action: str, who: str) -> str:
-        """What the clicker reads when their click changed nothing because someone else got there first; "" otherwise."""
+        """What the clicker reads when their click changed nothing, as someone else got there first; "" otherwise."""
         if alert.state is AlertState.RESOLVED and alert.resolved_by != who:
             return f"Already resolved by {alert.resolved_by}."
         if action == CLAIM and alert.state is AlertState.CLAIMED and alert.claimed_by != who:

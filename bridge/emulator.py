@@ -17,7 +17,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import aiohttp
@@ -219,7 +219,7 @@ def _path_matches(fragment: str, path: str) -> bool:
 
 
 def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="microseconds")
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="microseconds")
 
 
 def _slugify(name: str) -> str:
@@ -655,7 +655,7 @@ class Emulator:
             ) as response:
                 await response.read()
                 return response.status, None
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             return None, f"{type(exc).__name__}: {exc}"
 
     # ----- HTTP layer ---------------------------------------------------------------

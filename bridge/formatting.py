@@ -430,7 +430,7 @@ class _Splitter:
             self.forbidden[start + 1 : end] = b"\x01" * (end - start - 1)
 
     def _find_fences(self) -> list[_Fence]:
-        fences: list[_Fence] = []
+        fences: list[_Fence | None] = []  # None: a block too small to reopen, split like text
         offset, opened = 0, None
         for line in self.text.split("\n"):
             if opened is None:

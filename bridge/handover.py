@@ -27,7 +27,8 @@ class HandOverResult(enum.Enum):
 TEXTS = {
     HandOverResult.RAISED: "I've asked the team: someone will reply here. "
     "I'll stay quiet in this thread until then; say `resume` to bring me back.",
-    HandOverResult.ALREADY_RAISED: "The team has already been asked and will reply here. Say `resume` to bring me back.",
+    HandOverResult.ALREADY_RAISED: "The team has already been asked and will reply here. "
+    "Say `resume` to bring me back.",
     HandOverResult.UNAVAILABLE: "Handing over to a person isn't set up for this chatbot. "
     "An admin can route escalations in the bridge's config.",
     HandOverResult.STALE: "This button no longer works. Mention me and ask again.",

@@ -496,7 +496,8 @@ class InsiteChatClient:
         return None
 
     def _backoff(self, backoffs: int) -> float:
-        cap = min(self._policy.max_backoff, self._policy.base_backoff * 2**backoffs)
+        growth: int = 2**backoffs  # typeshed types int ** int as Any (a negative power is a float)
+        cap = min(self._policy.max_backoff, self._policy.base_backoff * growth)
         # Half fixed, half random: spreads retries without ever retrying at once.
         return cap * (0.5 + 0.5 * self._random())
 

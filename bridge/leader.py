@@ -116,7 +116,10 @@ class RedisLease:
         return self._leader
 
     def holder(self) -> str | None:
-        """Which replica holds the lease: this one's name while leader, else the last seen holder (None: nobody, or unknown)."""
+        """Which replica holds the lease: this one's name while leader, else the last seen holder.
+
+        None: nobody, or unknown.
+        """
         return self.name if self._leader else self._holder
 
     async def wait_changed(self) -> None:
@@ -147,7 +150,12 @@ class RedisLease:
                     await asyncio.wait_for(self._release(keys=[self.key], args=[self._token]), self.renew_every)
                     log.info("lease %s: released by %s", self.key, self.name)
                 except Exception as exc:  # it runs out by itself; a standby takes over then
-                    log.warning("lease %s: could not release it (%s); it runs out within %.0f s", self.key, _why(exc), self.lease)
+                    log.warning(
+                        "lease %s: could not release it (%s); it runs out within %.0f s",
+                        self.key,
+                        _why(exc),
+                        self.lease,
+                    )
             self._set_leader(False)
         self._holder = None
         if self._owns_client:

@@ -30,14 +30,20 @@ LIMITER_WAIT = Histogram(
 )
 LIMITER_QUEUE = Gauge("insitechat_bridge_limiter_queue_depth", "Requests waiting in the rate limiter.", ["key"])
 WEBHOOKS = Counter(
-    "insitechat_bridge_webhooks_total", "Webhook requests by result (accepted, duplicate, refused-<status>...).", ["result"]
+    "insitechat_bridge_webhooks_total",
+    "Webhook requests by result (accepted, duplicate, refused-<status>...).",
+    ["result"],
 )
 OUTBOX_DEPTH = Gauge("insitechat_bridge_outbox_depth", "Deliveries (alert cards, chat replies) not yet done.")
 OUTBOX_OLDEST = Gauge("insitechat_bridge_outbox_oldest_seconds", "Age of the oldest undelivered item (0 if none).")
 DELIVERIES = Counter(
-    "insitechat_bridge_alert_deliveries_total", "Outbox delivery attempts by platform and result.", ["platform", "result"]
+    "insitechat_bridge_alert_deliveries_total",
+    "Outbox delivery attempts by platform and result.",
+    ["platform", "result"],
 )
-CHAT_JOBS = Gauge("insitechat_bridge_chat_jobs", "Stored chat jobs by state (texts dropped after the keep window).", ["state"])
+CHAT_JOBS = Gauge(
+    "insitechat_bridge_chat_jobs", "Stored chat jobs by state (texts dropped after the keep window).", ["state"]
+)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import random
@@ -97,7 +98,7 @@ class Outbox:
         if final_pass > 0:
             try:
                 await asyncio.wait_for(self.deliver_due(), final_pass)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.info("shutdown: deliveries still under way are left for the next start")
             except Exception:
                 log.exception("shutdown: the last outbox pass failed; undelivered items stay queued")
@@ -116,10 +117,8 @@ class Outbox:
                 log.error("outbox pass failed: %s; trying again", exc)
             except Exception:
                 log.exception("outbox pass failed; trying again")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll)
-            except asyncio.TimeoutError:
-                pass
 
     async def deliver_due(self) -> int:
         """One pass over what is due; returns how many deliveries succeeded.
@@ -256,7 +255,9 @@ class Outbox:
     async def _post(self, poster: AlertPoster, platform: str, item: OutboxItem, alert: Alert) -> str:
         destination = item.payload["destination"]
         channel, address = destination["channel"], item.destination
-        mentions = tuple(destination["mentions"]) if alert.event.name in _MENTIONED_EVENTS or alert.event.is_test else ()
+        mentions = (
+            tuple(destination["mentions"]) if alert.event.name in _MENTIONED_EVENTS or alert.event.is_test else ()
+        )
         thread_key = f"{address}|{item.payload['group']}"
         thread = await self._store.get(THREAD, thread_key) or ""
         reference = None

@@ -246,9 +246,9 @@ class Relay:
     async def decide(self, inbound: Inbound) -> Decision:
         """Whether the bot should answer: the trigger rules, then a human's hand-over."""
         decision = await self._triggered(inbound)
-        if decision.answer and self._desk is not None and await self._desk.paused(inbound.conversation):
-            if _words(inbound.text) not in RESUME_WORDS:
-                return Decision(False, "a human has taken over this thread", decision.route)
+        paused = decision.answer and self._desk is not None and await self._desk.paused(inbound.conversation)
+        if paused and _words(inbound.text) not in RESUME_WORDS:
+            return Decision(False, "a human has taken over this thread", decision.route)
         return decision
 
     async def _triggered(self, inbound: Inbound) -> Decision:
@@ -391,7 +391,9 @@ class Relay:
         offer_human = self._handovers.offered(conversation, job.chatbot, is_dm=inbound.is_dm)
         return _Reply(answer, ReplyKind.ANSWER, Outcome.ANSWERED, offer_human)
 
-    async def _maybe_queue_notice(self, adapter: Adapter, inbound: Inbound, client: InsiteChatClient, lane: str) -> None:
+    async def _maybe_queue_notice(
+        self, adapter: Adapter, inbound: Inbound, client: InsiteChatClient, lane: str
+    ) -> None:
         """A courtesy while the answer waits in the queue: posted at once, not retried (the answer is)."""
         limiter = client.limiter
         if limiter is None:
@@ -454,14 +456,19 @@ class Relay:
         for task in unfinished.values():
             task.cancel()
         if unfinished:
-            log.warning("%d answer(s) not finished at shutdown: they stay stored, and the next start answers them", len(unfinished))
+            log.warning(
+                "%d answer(s) not finished at shutdown: they stay stored, and the next start answers them",
+                len(unfinished),
+            )
             await asyncio.gather(*unfinished.values(), return_exceptions=True)
         if unfinished:
             try:
                 # Leases ended now, not in a minute: another replica on the same Redis takes them at once.
                 await self._store.renew_jobs(list(unfinished), lease=0)
             except StoreError as exc:
-                log.warning("could not hand over %d unfinished job(s) at once (%s); their leases run out", len(unfinished), exc)
+                log.warning(
+                    "could not hand over %d unfinished job(s) at once (%s); their leases run out", len(unfinished), exc
+                )
 
 
 def _notice(name: str, outcome: Outcome = Outcome.NOTICE) -> _Reply:

@@ -177,7 +177,11 @@ class Supervisor:
             log.warning("%s: the connection ended (%s); reconnecting in %s", self.name, reason, _seconds(delay))
         else:
             log.warning(
-                "%s: connection attempt %d failed (%s); next attempt in %s", self.name, self.attempt, reason, _seconds(delay)
+                "%s: connection attempt %d failed (%s); next attempt in %s",
+                self.name,
+                self.attempt,
+                reason,
+                _seconds(delay),
             )
         await self._clock.sleep(delay)
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
@@ -47,22 +48,20 @@ def signature_matches(raw: bytes, header: str, secret: str) -> bool:
 
 def _decodings(value: str) -> list[bytes]:
     found = []
-    try:
+    with contextlib.suppress(ValueError):
         found.append(bytes.fromhex(value))
-    except ValueError:
-        pass
     for decode in (base64.b64decode, base64.urlsafe_b64decode):
-        try:
+        with contextlib.suppress(binascii.Error, ValueError):
             found.append(decode(value + "=" * (-len(value) % 4)))
-        except (binascii.Error, ValueError):
-            pass
     return [d for d in found if len(d) == hashlib.sha256().digest_size]
 
 
 class WebhookReceiver:
     """POST /webhooks/insitechat/<chatbot id>: 2xx only once the event is stored (or a duplicate)."""
 
-    def __init__(self, settings: Settings, desk: AlertDesk, clock: Clock, *, body_timeout: float = BODY_TIMEOUT) -> None:
+    def __init__(
+        self, settings: Settings, desk: AlertDesk, clock: Clock, *, body_timeout: float = BODY_TIMEOUT
+    ) -> None:
         self._settings = settings
         self._body_timeout = body_timeout
         self._desk = desk
@@ -87,7 +86,7 @@ class WebhookReceiver:
         if request.content_length is not None and request.content_length > MAX_BODY:
             return _refuse(413, "body over 256 KiB", chatbot_id)
         try:
-            raw = await read_body(request, limit=MAX_BODY, timeout=self._body_timeout)
+            raw = await read_body(request, limit=MAX_BODY, within=self._body_timeout)
         except BodyTooLarge:
             return _refuse(413, "body over 256 KiB", chatbot_id)
         except web.HTTPRequestTimeout:
@@ -116,7 +115,7 @@ class WebhookReceiver:
         if event.name == HUMAN_REQUESTED:
             return _refuse(400, "reserved event name", chatbot_id)
         if event.timestamp is not None:
-            now = datetime.fromtimestamp(self._clock.time(), timezone.utc)
+            now = datetime.fromtimestamp(self._clock.time(), UTC)
             if event.timestamp < now - self._max_age:
                 return _refuse(400, "event too old (a replay?)", chatbot_id)
             if event.timestamp > now + FUTURE_SKEW:

@@ -18,16 +18,16 @@ class BodyTooLarge(Exception):
     """The body grew past the limit; the caller answers 413."""
 
 
-async def read_body(request: web.Request, *, limit: int, timeout: float = BODY_TIMEOUT) -> bytes:
-    """The whole body, at most `limit` bytes, within `timeout` seconds.
+async def read_body(request: web.Request, *, limit: int, within: float = BODY_TIMEOUT) -> bytes:
+    """The whole body, at most `limit` bytes, within `within` seconds.
 
     Raises BodyTooLarge as soon as it grows past `limit` (never reading all of a huge one), and
-    web.HTTPRequestTimeout (408) when it trickles in slower than `timeout` allows.
+    web.HTTPRequestTimeout (408) when it trickles in slower than that.
     """
     chunks: list[bytes] = []
     size = 0
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while chunk := await request.content.read(64 * 1024):
                 size += len(chunk)
                 if size > limit:

@@ -226,7 +226,9 @@ class DiscordAdapter:
         finally:
             ready.cancel()
         if not self._ready.is_set():
-            error = describe_failure(task.exception() if task.done() and not task.cancelled() else None, self.start_timeout)
+            error = describe_failure(
+                task.exception() if task.done() and not task.cancelled() else None, self.start_timeout
+            )
             await self._close_gateway()
             raise error
         task.add_done_callback(self._client_ended)
@@ -417,7 +419,9 @@ class DiscordAdapter:
         interval = float(keep_alive.interval or 0.0)
         silent = self._perf() - keep_alive._last_ack
         if interval and silent > self.heartbeat_grace * interval + 1.0:
-            return f"the Discord gateway has not acknowledged a heartbeat for {silent:.1f} s (interval {interval:.1f} s)"
+            return (
+                f"the Discord gateway has not acknowledged a heartbeat for {silent:.1f} s (interval {interval:.1f} s)"
+            )
         latency = float(keep_alive.latency)  # infinite until the first ACK
         if latency == float("inf"):
             return "the Discord gateway has not acknowledged a heartbeat yet"
@@ -519,7 +523,11 @@ class DiscordAdapter:
             return jump_url(None, conversation.channel)
         if not conversation.thread:
             return jump_url(conversation.workspace, conversation.channel)
-        if conversation.thread.isdigit() and self._poster() is not None and await self.poster.thread_place(int(conversation.thread)):
+        if (
+            conversation.thread.isdigit()
+            and self._poster() is not None
+            and await self.poster.thread_place(int(conversation.thread))
+        ):
             return jump_url(conversation.workspace, conversation.thread)
         return jump_url(conversation.workspace, conversation.channel, conversation.thread)
 

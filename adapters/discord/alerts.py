@@ -7,10 +7,14 @@ import hashlib
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime, timezone
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import discord
+
+if TYPE_CHECKING:
+    # Types only: imported on its own at run time, discord.types trips over a circular import.
+    from discord.types.threads import ThreadArchiveDuration
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +28,8 @@ MARKER_PREFIX = "#icb-"  # the delivery marker rides in the embed URL's fragment
 LOOKBACK = 300.0  # seconds searched before `since`: the bridge's clock and Discord's may differ
 HISTORY_PAGE = 100
 HISTORY_PAGES = 3  # an alert channel rarely gets 300 messages between a crash and the retry
-ALERT_THREAD_ARCHIVE_MINUTES = 10080  # a week: a visitor's session thread stays open for the team
+# A week: a visitor's session thread stays open for the team.
+ALERT_THREAD_ARCHIVE_MINUTES: ThreadArchiveDuration = 10080
 THREAD_ALREADY_CREATED = 160004
 UNKNOWN_MESSAGE = 10008
 CONTENT_LIMIT = 2000
@@ -91,7 +96,8 @@ def parse_human_id(custom_id: str) -> str | None:
 
 
 def human_view(chatbot_id: str) -> discord.ui.View | None:
-    return view_of([{"type": 1, "components": [{"type": 2, "style": 2, "label": HUMAN_LABEL, "custom_id": human_custom_id(chatbot_id)}]}])
+    button = {"type": 2, "style": 2, "label": HUMAN_LABEL, "custom_id": human_custom_id(chatbot_id)}
+    return view_of([{"type": 1, "components": [button]}])
 
 
 def make_reference(thread: str, message_id: str) -> str:
@@ -144,7 +150,7 @@ def thread_title(card: Mapping[str, Any]) -> str:
 
 
 def snowflake_at(epoch: float) -> int:
-    return discord.utils.time_snowflake(datetime.fromtimestamp(max(epoch, 1_420_070_400.0), tz=timezone.utc))
+    return discord.utils.time_snowflake(datetime.fromtimestamp(max(epoch, 1_420_070_400.0), tz=UTC))
 
 
 # --- posting -----------------------------------------------------------------------------------
@@ -174,7 +180,9 @@ class AlertCards:
             return str(message.id)
         if broadcast:
             guild_id = await self._guild_of(channel)
-            await self._send(channel, broadcast_line(card, jump_url(guild_id, thread_id)), None, None, delivery_nonce(key, "line"))
+            await self._send(
+                channel, broadcast_line(card, jump_url(guild_id, thread_id)), None, None, delivery_nonce(key, "line")
+            )
         # The announcement carried the mentions: the copy in the thread does not ping twice.
         message = await self._send(thread_id, "" if broadcast else content, embed, view, delivery_nonce(key))
         return make_reference(thread_id, str(message.id))
@@ -197,7 +205,9 @@ class AlertCards:
             if len(page) < HISTORY_PAGE:
                 return None
             after = max(int(m["id"]) for m in page)
-        log.warning("discord: gave up looking for an earlier post in %s after %d messages", where, HISTORY_PAGE * HISTORY_PAGES)
+        log.warning(
+            "discord: gave up looking for an earlier post in %s after %d messages", where, HISTORY_PAGE * HISTORY_PAGES
+        )
         return None
 
     async def update(self, channel: str, reference: str, card: Mapping[str, Any]) -> None:

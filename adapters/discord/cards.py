@@ -22,9 +22,13 @@ def discord_card(alert: Alert, mentions: tuple[str, ...] = ()) -> dict[str, Any]
     heading = plain_title(alert)
     description = ""
     if alert.event.visitor_text:
-        description = "\n".join(f"> {line}" for line in _discord_text(cut(alert.event.visitor_text, QUOTE_LIMIT)).splitlines())
+        description = "\n".join(
+            f"> {line}" for line in _discord_text(cut(alert.event.visitor_text, QUOTE_LIMIT)).splitlines()
+        )
     if alert.history:
-        exchanges = "\n".join(f"**{_discord_text(who)}:** {_discord_text(cut(said, 300))}" for who, said in alert.history[-4:])
+        exchanges = "\n".join(
+            f"**{_discord_text(who)}:** {_discord_text(cut(said, 300))}" for who, said in alert.history[-4:]
+        )
         description = f"{description}\n\n{exchanges}".strip()
     links = [f"[Open in InsiteChat]({dashboard_link(alert)})"]
     if alert.thread_link:
@@ -34,7 +38,10 @@ def discord_card(alert: Alert, mentions: tuple[str, ...] = ()) -> dict[str, Any]
         "title": cut(heading, 256),
         "description": cut(description, 4000),
         "color": COLOURS[alert.state],
-        "fields": [{"name": cut(k, 256), "value": cut(_discord_text(v), 1024) or "-", "inline": True} for k, v in facts(alert)[:20]],
+        "fields": [
+            {"name": cut(k, 256), "value": cut(_discord_text(v), 1024) or "-", "inline": True}
+            for k, v in facts(alert)[:20]
+        ],
     }
     status = state_line(alert, _discord_text)
     if status:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -72,12 +72,14 @@ class DiscordInteractions:
             await handlers._on_command(interaction, "reset")
 
         try:
-            ask_command = app_commands.Command(
+            ask_command: app_commands.Command[Any, [str], None] = app_commands.Command(
                 name=self._config.ask_command, description="Ask the chatbot a question", callback=ask
             )
             app_commands.describe(question="Your question for the chatbot")(ask_command)
-            reset_command = app_commands.Command(
-                name=self._config.reset_command, description="Start a new conversation with the chatbot here", callback=reset
+            reset_command: app_commands.Command[Any, [], None] = app_commands.Command(
+                name=self._config.reset_command,
+                description="Start a new conversation with the chatbot here",
+                callback=reset,
             )
         except (ValueError, TypeError) as exc:
             raise DiscordStartError(
@@ -109,7 +111,9 @@ class DiscordInteractions:
         memory.interactions = {k: v for k, v in memory.interactions.items() if now - v[0] < INTERACTION_LIFETIME}
         memory.interactions[str(interaction.id)] = (now, interaction)
         if place is None:
-            place = Place(str(interaction.channel_id or ""), PlaceKind.DM if interaction.guild_id is None else PlaceKind.OTHER)
+            place = Place(
+                str(interaction.channel_id or ""), PlaceKind.DM if interaction.guild_id is None else PlaceKind.OTHER
+            )
         user = interaction.user
         self._submit(
             translate_command(
@@ -127,7 +131,8 @@ class DiscordInteractions:
 
     async def on_component(self, interaction: discord.Interaction) -> None:
         """A button click: Claim / Resolve on an alert card, or "Talk to a human" under an answer."""
-        custom_id = str((interaction.data or {}).get("custom_id", ""))
+        data: Mapping[str, object] = interaction.data or {}
+        custom_id = str(data.get("custom_id", ""))
         action = parse_action_id(custom_id)
         chatbot_id = parse_human_id(custom_id)
         if action is None and chatbot_id is None:
@@ -192,7 +197,9 @@ class DiscordInteractions:
     def _conversation_of_click(self, interaction: discord.Interaction) -> Conversation:
         place = place_of_channel(interaction.channel)
         if place is None:
-            place = Place(str(interaction.channel_id or ""), PlaceKind.DM if interaction.guild_id is None else PlaceKind.OTHER)
+            place = Place(
+                str(interaction.channel_id or ""), PlaceKind.DM if interaction.guild_id is None else PlaceKind.OTHER
+            )
         message = interaction.message
         reference = message.reference if message is not None else None
         metadata = message.interaction_metadata if message is not None else None

@@ -51,7 +51,10 @@ class Origin:
 
 @dataclass
 class Memory:
-    """What this process remembers of Discord, shared by the adapter's parts; a restart forgets it (nothing depends on it)."""
+    """What this process remembers of Discord, shared by the adapter's parts.
+
+    A restart forgets it (nothing depends on it).
+    """
 
     origins: Recent[str, Origin] = field(default_factory=Recent)  # a question's id -> where it was asked
     roots: Recent[str, str] = field(default_factory=Recent)  # the bot's message id -> its conversation's thread root

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from datetime import datetime, timezone
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import discord
@@ -19,6 +19,10 @@ from bridge.clock import Clock
 from bridge.messages import Inbound, Outbound, OutboundKind
 from bridge.ports import PermanentSendError
 
+if TYPE_CHECKING:
+    # Types only: imported on its own at run time, discord.types trips over a circular import.
+    from discord.types.threads import ThreadArchiveDuration
+
 log = logging.getLogger(__name__)
 
 # AI text must never ping anyone: no @everyone/@here, roles, users or the replied-to author.
@@ -29,9 +33,11 @@ MISSING_ACCESS = 50001
 MISSING_PERMISSIONS = 50013
 WRONG_CHANNEL_TYPE = 50024  # "Cannot execute action on this channel type": no threads here
 # What starting a thread on a message and answering in it takes, beyond posting in the channel.
-THREAD_PERMISSIONS = discord.Permissions(create_public_threads=True, send_messages_in_threads=True, read_message_history=True)
+THREAD_PERMISSIONS = discord.Permissions(
+    create_public_threads=True, send_messages_in_threads=True, read_message_history=True
+)
 THREAD_NAME_LIMIT = 100
-THREAD_ARCHIVE_MINUTES = 1440
+THREAD_ARCHIVE_MINUTES: ThreadArchiveDuration = 1440
 NONCE_LIMIT = 25
 INTERACTION_LIFETIME = 15 * 60.0
 FIND_LIMIT = 100  # messages read back when looking for parts posted before a crash
@@ -163,7 +169,8 @@ class DiscordPoster:
             return await self._send(outbound)
         except (discord.NotFound, discord.Forbidden) as exc:
             raise PermanentSendError(
-                f"discord refused the post to {outbound.conversation.channel} ({exc.status}, code {exc.code}: {exc.text})"
+                f"discord refused the post to {outbound.conversation.channel} "
+                f"({exc.status}, code {exc.code}: {exc.text})"
             ) from exc
 
     async def _send(self, outbound: Outbound) -> list[str]:
@@ -198,9 +205,13 @@ class DiscordPoster:
                     guild_id=int(origin.guild_id) if origin.guild_id else None,
                     fail_if_not_exists=False,  # the question was deleted: still answer
                 )
-        target = client.get_partial_messageable(int(target_id), guild_id=int(origin.guild_id) if origin.guild_id else None)
+        target = client.get_partial_messageable(
+            int(target_id), guild_id=int(origin.guild_id) if origin.guild_id else None
+        )
         last_view = self._answer_view(outbound)
-        posted = await self._posted_parts(target, outbound) if outbound.delivery and outbound.delivery.look_first else {}
+        posted = (
+            await self._posted_parts(target, outbound) if outbound.delivery and outbound.delivery.look_first else {}
+        )
         ids: list[str] = []
         for index, part in enumerate(outbound.parts):
             if index in posted:
@@ -214,7 +225,8 @@ class DiscordPoster:
                 nonce=make_nonce(outbound, index),  # discord.py adds enforce_nonce with it
                 allowed_mentions=NO_MENTIONS,
                 reference=reference if index == 0 else None,  # type: ignore[arg-type]
-                mention_author=False if reference is not None and index == 0 else None,
+                # discord.py's send() overloads say bool; its implementation and docs take None (the default).
+                mention_author=False if reference is not None and index == 0 else None,  # type: ignore[arg-type]
                 **extra,
             )
             ids.append(str(message.id))
@@ -232,7 +244,7 @@ class DiscordPoster:
         if delivery is None or client.user is None:
             return {}
         # A minute of slack for clock skew; history after a snowflake of that time.
-        start = datetime.fromtimestamp(max(delivery.since - 60, DISCORD_EPOCH_SECONDS), timezone.utc)
+        start = datetime.fromtimestamp(max(delivery.since - 60, DISCORD_EPOCH_SECONDS), UTC)
         after = discord.Object(id=discord.utils.time_snowflake(start))
         mine = [
             message
@@ -280,7 +292,10 @@ class DiscordPoster:
         try:
             # Through the posting client, not the cached channel's own (the gateway client's) session.
             await client.http.start_thread_with_message(
-                channel.id, int(message_id), name=thread_name(origin.hint, fallback), auto_archive_duration=THREAD_ARCHIVE_MINUTES
+                channel.id,
+                int(message_id),
+                name=thread_name(origin.hint, fallback),
+                auto_archive_duration=THREAD_ARCHIVE_MINUTES,
             )
         except discord.HTTPException as exc:
             if isinstance(exc, discord.Forbidden) and exc.code in (MISSING_PERMISSIONS, MISSING_ACCESS):
@@ -316,11 +331,18 @@ class DiscordPoster:
 
 
 def _thread_permissions_missing(channel: discord.TextChannel, code: int) -> str:
-    """The permission names behind a refused thread, from discord.py's cache; Discord's code tells when it knows nothing."""
+    """The permission names behind a refused thread, from discord.py's cache.
+
+    Discord's code tells when the cache knows nothing.
+    """
     me = channel.guild.me
     if me is not None:
         perms = channel.permissions_for(me)
-        missing = [PERMISSION_NAMES.get(name, name) for name, on in THREAD_PERMISSIONS if on and not getattr(perms, name)]
+        missing = [
+            PERMISSION_NAMES.get(name, name) for name, on in THREAD_PERMISSIONS if on and not getattr(perms, name)
+        ]
         if missing:
             return ", ".join(missing)
-    return "View Channel or Read Message History" if code == MISSING_ACCESS else PERMISSION_NAMES["create_public_threads"]
+    return (
+        "View Channel or Read Message History" if code == MISSING_ACCESS else PERMISSION_NAMES["create_public_threads"]
+    )

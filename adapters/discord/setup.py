@@ -87,8 +87,12 @@ def describe_failure(exc: BaseException | None, timeout: float) -> DiscordStartE
     a plain DiscordStartError when another try may work.
     """
     if exc is None:
-        return DiscordStartError(f"Discord did not report ready within {timeout:.0f} s; check the network and discord.token")
-    if isinstance(exc, discord.PrivilegedIntentsRequired) or (isinstance(exc, discord.ConnectionClosed) and exc.code == 4014):
+        return DiscordStartError(
+            f"Discord did not report ready within {timeout:.0f} s; check the network and discord.token"
+        )
+    if isinstance(exc, discord.PrivilegedIntentsRequired) or (
+        isinstance(exc, discord.ConnectionClosed) and exc.code == 4014
+    ):
         return DiscordRefused(
             "Discord refused the Message Content intent (gateway close code 4014): switch on Message Content "
             "Intent in the Developer Portal (Bot tab), or set discord.message_content_intent: false"
@@ -135,7 +139,9 @@ async def invite_url(settings: Settings) -> str:
         await client.close()
     app_id = app_id or application_id_from_token(token)
     if app_id is None:
-        raise DiscordSetupError("cannot tell the application id: Discord is unreachable and discord.token is not a bot token")
+        raise DiscordSetupError(
+            "cannot tell the application id: Discord is unreachable and discord.token is not a bot token"
+        )
     return discord.utils.oauth_url(app_id, permissions=REQUIRED_PERMISSIONS, scopes=SCOPES)
 
 
@@ -205,14 +211,14 @@ async def check(settings: Settings) -> list[str]:
         try:
             guild_ids = {str(g["id"]) for g in await client.http.get_guilds(200)}
         except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
-            return problems + [f"discord: cannot list the bot's servers ({type(exc).__name__})"]
+            return [*problems, f"discord: cannot list the bot's servers ({type(exc).__name__})"]
         for i, route in enumerate(settings.routes):
             if route.platform not in ("discord", "*"):
                 continue
             if not config.message_content_intent and route.reply is ReplyMode.ALL:
                 problems.append(
-                    f"routes[{i}].reply: all needs the Message Content intent: set discord.message_content_intent: true "
-                    "and switch it on in the Developer Portal (Bot tab)"
+                    f"routes[{i}].reply: all needs the Message Content intent: "
+                    "set discord.message_content_intent: true and switch it on in the Developer Portal (Bot tab)"
                 )
             if route.platform != "discord":
                 continue  # its channel ids may be another platform's
@@ -260,7 +266,8 @@ async def _check_channel(client: discord.Client, bot_id: str, channel_id: str, *
 
 async def _channel_problem(client: discord.Client, bot_id: str, channel_id: str, *, threads: bool, alerts: bool) -> str:
     """What stops the bot posting in one channel, from REST payloads; raises on HTTP failures."""
-    channel = await client.http.get_channel(int(channel_id))
+    # Read loosely, like every payload here: a thread's parent_id is not in every member of discord.py's Channel union.
+    channel: Mapping[str, Any] = await client.http.get_channel(int(channel_id))
     guild_id = channel.get("guild_id")
     if not guild_id:
         return ""  # a DM channel: nothing to grant
@@ -328,7 +335,11 @@ async def _check_server(
         if missing:
             lacking.append((channel, missing))
     roles = channel_permissions(guild=guild, member=member, user_id=bot_id, overwrites=[])
-    shared = [name for name in _missing(roles, _needed(TEXT, threads=threads, alerts=False)) if any(name in m for _, m in lacking)]
+    shared = [
+        name
+        for name in _missing(roles, _needed(TEXT, threads=threads, alerts=False))
+        if any(name in m for _, m in lacking)
+    ]
     lines: list[str] = []
     if shared:
         affected = sum(1 for _, missing in lacking if set(shared) & set(missing))

@@ -68,7 +68,8 @@ def translate_message(
     # Discord omits the replied message when it was deleted or not loaded; the bot's own
     # recent message ids still tell.
     replies_to_bot = _is_reply(data) and (
-        (replied is not None and str((replied.get("author") or {}).get("id")) == bot.user_id) or replied_id in (roots or {})
+        (replied is not None and str((replied.get("author") or {}).get("id")) == bot.user_id)
+        or replied_id in (roots or {})
     )
     is_dm = not data.get("guild_id")
     thread = place.channel_id if place.kind is PlaceKind.THREAD else ""
@@ -84,7 +85,9 @@ def translate_message(
         thread=thread,
         is_dm=is_dm,
         mentions_bot=bot.user_id in mentioned or bool(bot_roles),
-        mentions_others=bool(set(mentioned) - {bot.user_id}) or bool(roles - bot.role_ids) or bool(data.get("mention_everyone")),
+        mentions_others=(
+            bool(set(mentioned) - {bot.user_id}) or bool(roles - bot.role_ids) or bool(data.get("mention_everyone"))
+        ),
         replies_to_bot=replies_to_bot,
         # Webhook posts (and other integrations) are not people either.
         author_is_bot=bool(author.get("bot") or author.get("system") or data.get("webhook_id")),
@@ -133,7 +136,9 @@ def content_withheld(data: Mapping[str, Any], inbound: Inbound, *, has_intent: b
 
 def _is_reply(data: Mapping[str, Any]) -> bool:
     reference = data.get("message_reference")
-    return bool(reference) and int(reference.get("type", REPLY_REFERENCE)) == REPLY_REFERENCE
+    if not reference:
+        return False
+    return int(reference.get("type", REPLY_REFERENCE)) == REPLY_REFERENCE
 
 
 def _replied_message(data: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -150,7 +155,7 @@ def _conversation_root(data: Mapping[str, Any], replied: Mapping[str, Any] | Non
     says what it answered (its own reply reference, or the slash command it followed up).
     """
     replied_id = str((data.get("message_reference") or {}).get("message_id", ""))
-    if replied_id in roots and roots[replied_id]:
+    if roots.get(replied_id):
         return roots[replied_id]
     if replied is not None:
         answered = (replied.get("message_reference") or {}).get("message_id")

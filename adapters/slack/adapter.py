@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -120,7 +120,14 @@ class SlackAdapter:
         self.app.use(self._accept_before_ack)
         self._bot = BotUser()
         SlackInteractions(
-            self.client, config, self._bot, self._submit, clock=self._clock, serves=serves, handovers=handovers, desk=desk
+            self.client,
+            config,
+            self._bot,
+            self._submit,
+            clock=self._clock,
+            serves=serves,
+            handovers=handovers,
+            desk=desk,
         ).register(self.app)
         # Tests shorten it; readiness allows SILENT_AFTER intervals without a pong or frame.
         self.ping_interval = SOCKET_PING_INTERVAL
@@ -254,7 +261,8 @@ class SlackAdapter:
         while True:
             nap = asyncio.ensure_future(self._clock.sleep(self.token_check_interval))
             try:
-                await asyncio.wait({ended, nap}, return_when=asyncio.FIRST_COMPLETED)
+                either: set[asyncio.Future[Any]] = {ended, nap}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 nap.cancel()
             if ended.done():
@@ -354,7 +362,8 @@ class SlackAdapter:
         if self._verifier is None or not timestamp.isdigit() or not self._verifier.is_valid(text, timestamp, signature):
             return web.Response(status=401, text="invalid signature")
         try:
-            bolt_request = AsyncBoltRequest(body=text, query=request.query_string, headers=request.headers)
+            headers: dict[str, str | Sequence[str]] = {name: request.headers.getall(name) for name in request.headers}
+            bolt_request = AsyncBoltRequest(body=text, query=request.query_string, headers=headers)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:  # JSON and UTF-8 errors are ValueErrors;
             # a body that parses to something other than an object (`[]`, `null`) fails on .get()
             log.warning("slack: a signed request to %s was not an event (%s); refused", EVENTS_PATH, type(exc).__name__)
@@ -364,7 +373,7 @@ class SlackAdapter:
         return await to_aiohttp_response(await self.app.async_dispatch(bolt_request))
 
     async def _accept_before_ack(
-        self, req: AsyncBoltRequest, next: Callable[[], Awaitable[BoltResponse]]  # noqa: A002 (Bolt's name)
+        self, req: AsyncBoltRequest, next: Callable[[], Awaitable[BoltResponse]]  # Bolt's name for it
     ) -> BoltResponse:
         """Messages and mentions are stored as jobs before Bolt acknowledges them.
 
@@ -468,7 +477,11 @@ class SlackAdapter:
             if mark.parts != count or not 1 <= mark.part <= count:
                 # Split differently then (another config): matching by number would garble the answer.
                 log.warning(
-                    "slack: an earlier post of %s is part %d of %d, not of %d; ignored", delivery.key, mark.part, mark.parts, count
+                    "slack: an earlier post of %s is part %d of %d, not of %d; ignored",
+                    delivery.key,
+                    mark.part,
+                    mark.parts,
+                    count,
                 )
                 return False
             if mark.part not in found or float(ts) < float(found[mark.part]):
@@ -477,7 +490,9 @@ class SlackAdapter:
 
         await self._scan(channel, thread=thread, since=delivery.since, what="the parts of an answer", visit=visit)
         if found:
-            log.info("slack: %d of %d part(s) of %s were already posted; posting the rest", len(found), count, delivery.key)
+            log.info(
+                "slack: %d of %d part(s) of %s were already posted; posting the rest", len(found), count, delivery.key
+            )
         return found
 
     async def tell_refused(self, inbound: Inbound, refusal: PermanentSendError) -> bool:
@@ -491,7 +506,9 @@ class SlackAdapter:
                 thread_ts=inbound.thread or None,
             )
         except (SlackApiError, *NETWORK_ERRORS) as exc:
-            log.info("slack: could not tell %s why the answer is missing either (%s)", inbound.author_id, error_code(exc))
+            log.info(
+                "slack: could not tell %s why the answer is missing either (%s)", inbound.author_id, error_code(exc)
+            )
             return False
         return True
 
@@ -508,7 +525,9 @@ class SlackAdapter:
             self._spawn(self._clear_working(inbound, shown))
 
     async def _show_working(self, inbound: Inbound) -> None:
-        add = self.client.reactions_add(channel=inbound.channel, timestamp=inbound.message_id, name=self._slack.reaction)
+        add = self.client.reactions_add(
+            channel=inbound.channel, timestamp=inbound.message_id, name=self._slack.reaction
+        )
         await quietly("reactions.add", add, harmless=("already_reacted",))
         if inbound.is_dm and "assistant:write" in self.scopes:
             await quietly(
@@ -563,7 +582,9 @@ class SlackAdapter:
             )
         except (SlackApiError, *NETWORK_ERRORS) as exc:
             code = error_code(exc)
-            hint = f"; invite the bot with /invite @{self._bot.name or 'InsiteChat'}" if code == "not_in_channel" else ""
+            hint = (
+                f"; invite the bot with /invite @{self._bot.name or 'InsiteChat'}" if code == "not_in_channel" else ""
+            )
             raise SlackError(f"posting an alert to {channel} failed ({code}{hint})") from None
         ts = str(response.get("ts") or "")
         if not ts:
@@ -601,7 +622,11 @@ class SlackAdapter:
         cursor: str | None = None
         for _ in range(FIND_PAGES):
             args: dict[str, Any] = {
-                "channel": channel, "oldest": oldest, "include_all_metadata": True, "limit": FIND_PAGE_SIZE, "cursor": cursor,
+                "channel": channel,
+                "oldest": oldest,
+                "include_all_metadata": True,
+                "limit": FIND_PAGE_SIZE,
+                "cursor": cursor,
             }
             try:
                 if thread:

@@ -85,7 +85,11 @@ def parse_human_value(value: str) -> tuple[str, Conversation] | None:
 
 def without_human_button(blocks: Any, who: str) -> list[dict[str, Any]]:
     """The answer's blocks after a click: the button gives way to who asked (an edit never pings)."""
-    kept = [b for b in blocks if isinstance(b, dict) and b.get("block_id") != HUMAN_BLOCK_ID] if isinstance(blocks, list) else []
+    kept = (
+        [b for b in blocks if isinstance(b, dict) and b.get("block_id") != HUMAN_BLOCK_ID]
+        if isinstance(blocks, list)
+        else []
+    )
     note = {"type": "context", "elements": [{"type": "mrkdwn", "text": f":raising_hand: {who} asked for a human"}]}
     return [*kept, note]
 
@@ -105,11 +109,16 @@ class Click:
     message_blocks: list[dict[str, Any]]
 
 
+def _part(body: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = body.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
 def click_of(body: Mapping[str, Any]) -> Click:
-    user = body.get("user") if isinstance(body.get("user"), Mapping) else {}
-    container = body.get("container") if isinstance(body.get("container"), Mapping) else {}
-    channel = body.get("channel") if isinstance(body.get("channel"), Mapping) else {}
-    message = body.get("message") if isinstance(body.get("message"), Mapping) else {}
+    user = _part(body, "user")
+    container = _part(body, "container")
+    channel = _part(body, "channel")
+    message = _part(body, "message")
     blocks = message.get("blocks")
     return Click(
         user=str(user.get("id") or ""),

@@ -30,7 +30,9 @@ def slack_card(alert: Alert, mentions: tuple[str, ...] = ()) -> dict[str, Any]:
     fields = [{"type": "mrkdwn", "text": f"*{_slack_text(k)}*\n{_slack_text(v)}"} for k, v in facts(alert)[:10]]
     blocks.append({"type": "section", "fields": fields})
     if alert.history:
-        exchanges = "\n".join(f"*{_slack_text(who)}:* {_slack_text(cut(said, 300))}" for who, said in alert.history[-4:])
+        exchanges = "\n".join(
+            f"*{_slack_text(who)}:* {_slack_text(cut(said, 300))}" for who, said in alert.history[-4:]
+        )
         blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": cut(exchanges, 2900)}})
     links = [f"<{dashboard_link(alert)}|Open in InsiteChat>"]
     if alert.thread_link:

@@ -79,7 +79,7 @@ def is_permanent(exc: BaseException) -> bool:
     return code in PERMANENT_CODES or code.startswith(PERMANENT_PREFIXES)
 
 
-def send_error(message: str, exc: BaseException) -> SlackError:
+def send_error(message: str, exc: Exception) -> SlackError:
     """The error a send raises for `exc`: SlackPostRefused when final, else a SlackError to retry later."""
     return SlackPostRefused(message, error_code(exc)) if is_permanent(exc) else SlackError(message)
 

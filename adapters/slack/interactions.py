@@ -207,7 +207,9 @@ class SlackInteractions:
                 channel=conversation.channel, text=text, thread_ts=thread or None, unfurl_links=False
             )
         except (SlackApiError, *NETWORK_ERRORS) as exc:
-            log.warning("posting the talk-to-a-human confirmation in %s failed: %s", conversation.channel, error_code(exc))
+            log.warning(
+                "posting the talk-to-a-human confirmation in %s failed: %s", conversation.channel, error_code(exc)
+            )
             await self._tell(click, respond, text)
         if click.message_ts:
             # The button gives way to who asked, so nobody clicks it again.

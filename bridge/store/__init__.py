@@ -1,4 +1,4 @@
-"""Durable state: small protocols by concern, the SQLite default, the Redis backend, and the store the config asks for."""
+"""Durable state: protocols by concern, the SQLite default, the Redis backend, and the store the config asks for."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import json
 import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import discord
@@ -58,11 +58,18 @@ TOKEN = make_token(BOT_ID)
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def _user(user_id: int, name: str, *, bot: bool = False) -> dict[str, Any]:
-    return {"id": str(user_id), "username": name, "global_name": name.title(), "discriminator": "0", "avatar": None, "bot": bot}
+    return {
+        "id": str(user_id),
+        "username": name,
+        "global_name": name.title(),
+        "discriminator": "0",
+        "avatar": None,
+        "bot": bot,
+    }
 
 
 BOT_USER = _user(BOT_ID, "insitebot", bot=True) | {"verified": True, "mfa_enabled": False, "flags": 0}
@@ -136,23 +143,30 @@ class _Conn:
 
 def _role(role_id: int, name: str, perms: int, *, position: int, bot_id: int | None = None) -> dict[str, Any]:
     role: dict[str, Any] = {
-        "id": str(role_id), "name": name, "color": 0, "colors": {"primary_color": 0}, "hoist": False, "position": position,
-        "permissions": str(perms), "managed": bot_id is not None, "mentionable": False, "flags": 0, "icon": None,
-        "unicode_emoji": None,
+        "id": str(role_id), "name": name, "color": 0, "colors": {"primary_color": 0}, "hoist": False,
+        "position": position, "permissions": str(perms), "managed": bot_id is not None, "mentionable": False,
+        "flags": 0, "icon": None, "unicode_emoji": None,
     }
     if bot_id is not None:
         role["tags"] = {"bot_id": str(bot_id)}
     return role
 
 
-def _channel(channel_id: int, name: str, kind: int = 0, *, position: int = 0, overwrites: list[Any] | None = None) -> dict[str, Any]:
+def _channel(
+    channel_id: int, name: str, kind: int = 0, *, position: int = 0, overwrites: list[Any] | None = None
+) -> dict[str, Any]:
     data: dict[str, Any] = {
         "id": str(channel_id), "type": kind, "guild_id": str(GUILD_ID), "name": name, "position": position,
         "permission_overwrites": overwrites or [], "parent_id": None, "topic": None, "nsfw": False,
         "rate_limit_per_user": 0, "last_message_id": None, "flags": 0,
     }
     if kind == 15:
-        data |= {"available_tags": [], "default_reaction_emoji": None, "default_sort_order": None, "default_forum_layout": 0}
+        data |= {
+            "available_tags": [],
+            "default_reaction_emoji": None,
+            "default_sort_order": None,
+            "default_forum_layout": 0,
+        }
     return data
 
 
@@ -165,7 +179,9 @@ class FakeDiscord:
     closes the gateway with 4014.
     """
 
-    def __init__(self, *, token: str = TOKEN, message_content_allowed: bool = True, heartbeat_interval: float = 45.0) -> None:
+    def __init__(
+        self, *, token: str = TOKEN, message_content_allowed: bool = True, heartbeat_interval: float = 45.0
+    ) -> None:
         self.token = token
         self.message_content_allowed = message_content_allowed
         self.heartbeat_interval = heartbeat_interval  # seconds, sent in HELLO
@@ -212,17 +228,26 @@ class FakeDiscord:
             _channel(ALERTS, "alerts", position=4),
         ):
             self.channels[int(channel["id"])] = channel
-        self.channels[DM_CHANNEL] = {"id": str(DM_CHANNEL), "type": 1, "recipients": [USERS[ALICE]], "last_message_id": None, "flags": 0}
+        self.channels[DM_CHANNEL] = {
+            "id": str(DM_CHANNEL),
+            "type": 1,
+            "recipients": [USERS[ALICE]],
+            "last_message_id": None,
+            "flags": 0,
+        }
 
     def _next_id(self) -> int:
         """A snowflake from the current time, as Discord makes them (history `after=` relies on it)."""
-        self._last_id = max(self._last_id + 1, discord.utils.time_snowflake(datetime.now(timezone.utc)))
+        self._last_id = max(self._last_id + 1, discord.utils.time_snowflake(datetime.now(UTC)))
         return self._last_id
 
     # ----- lifecycle ---------------------------------------------------------------------
 
     async def start(self, port: int = 0) -> str:
-        """Listen on `port` (0: any free one); a given port lets a test start Discord "coming back" where the bridge looks."""
+        """Listen on `port` (0: any free one).
+
+        A given port lets a test start Discord "coming back" where the bridge looks.
+        """
         app = web.Application(middlewares=[self._hold_answers])
         app.router.add_get("/gateway", self._gateway)
         app.router.add_route("*", "/api/v10/{tail:.*}", self._rest)
@@ -276,7 +301,9 @@ class FakeDiscord:
         if status == 429:
             body = body or {"message": "You are being rate limited.", "retry_after": retry_after, "global": False}
             headers = {"Via": "1.1 google"} if headers is None else headers
-        fault = Fault(status, body or {"message": "Injected failure", "code": 0}, headers or {}, path, method, count, commit)
+        fault = Fault(
+            status, body or {"message": "Injected failure", "code": 0}, headers or {}, path, method, count, commit
+        )
         self.faults.append(fault)
         return fault
 
@@ -416,7 +443,9 @@ class FakeDiscord:
         await self.dispatch("MESSAGE_CREATE", data)
         return data
 
-    async def forum_post(self, title: str, content: str, *, author: int = ALICE, mention_bot: bool = False) -> dict[str, Any]:
+    async def forum_post(
+        self, title: str, content: str, *, author: int = ALICE, mention_bot: bool = False
+    ) -> dict[str, Any]:
         """A new forum post: a thread in FORUM whose starter message has the thread's id."""
         thread_id = self._next_id()
         thread = self._thread_payload(thread_id, FORUM, title, owner=author)
@@ -431,7 +460,9 @@ class FakeDiscord:
         await self.dispatch("THREAD_CREATE", thread | {"newly_created": True})
         return root_message
 
-    async def slash(self, name: str, options: dict[str, str] | None = None, *, channel_id: int = GENERAL, dm: bool = False) -> dict[str, Any]:
+    async def slash(
+        self, name: str, options: dict[str, str] | None = None, *, channel_id: int = GENERAL, dm: bool = False
+    ) -> dict[str, Any]:
         """A member runs a slash command; returns the INTERACTION_CREATE payload."""
         interaction_id = self._next_id()
         channel = self.threads.get(channel_id) or self.channels[channel_id]
@@ -583,7 +614,14 @@ class FakeDiscord:
         return int(self.identifies[-1].get("intents", 0)) if self.identifies else 0
 
     def _guild_payload(self) -> dict[str, Any]:
-        bot_member = {"user": BOT_USER, "roles": [str(BOT_ROLE_ID)], "joined_at": _now(), "deaf": False, "mute": False, "flags": 0}
+        bot_member = {
+            "user": BOT_USER,
+            "roles": [str(BOT_ROLE_ID)],
+            "joined_at": _now(),
+            "deaf": False,
+            "mute": False,
+            "flags": 0,
+        }
         return {
             "id": str(GUILD_ID), "name": "Test Server", "icon": None, "owner_id": str(ALICE), "roles": self.roles,
             "emojis": [], "stickers": [], "features": [], "member_count": 4, "members": [bot_member],
@@ -627,7 +665,11 @@ class FakeDiscord:
 
     def _json(self, body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
         # Exactly "application/json": discord.py does not parse JSON with a charset suffix.
-        return web.Response(body=json.dumps(body).encode(), status=status, headers={"Content-Type": "application/json", **(headers or {})})
+        return web.Response(
+            body=json.dumps(body).encode(),
+            status=status,
+            headers={"Content-Type": "application/json", **(headers or {})},
+        )
 
     def _error(self, status: int, code: int, message: str) -> web.Response:
         return self._json({"message": message, "code": code}, status)
@@ -651,7 +693,10 @@ class FakeDiscord:
 
     async def _handle(self, request: web.Request, path: str, body: Any) -> web.StreamResponse:
         # Interaction callbacks and followups authenticate with the interaction token in the path.
-        if not path.startswith(("/interactions/", "/webhooks/")) and request.headers.get("Authorization") != f"Bot {self.token}":
+        if (
+            not path.startswith(("/interactions/", "/webhooks/"))
+            and request.headers.get("Authorization") != f"Bot {self.token}"
+        ):
             return self._error(401, 0, "401: Unauthorized")
         for method, pattern, handler in self._routes():
             match = re.fullmatch(pattern, path)
@@ -684,7 +729,18 @@ class FakeDiscord:
         return self._json(BOT_USER)
 
     async def _get_my_guilds(self, request: web.Request, body: Any) -> web.Response:
-        return self._json([{"id": str(GUILD_ID), "name": "Test Server", "icon": None, "owner": False, "permissions": "0", "features": []}])
+        return self._json(
+            [
+                {
+                    "id": str(GUILD_ID),
+                    "name": "Test Server",
+                    "icon": None,
+                    "owner": False,
+                    "permissions": "0",
+                    "features": [],
+                }
+            ]
+        )
 
     async def _get_application(self, request: web.Request, body: Any) -> web.Response:
         return self._json({
@@ -713,7 +769,16 @@ class FakeDiscord:
     async def _get_member(self, request: web.Request, body: Any, guild_id: str, user_id: str) -> web.Response:
         if int(guild_id) != GUILD_ID or int(user_id) != BOT_ID:
             return self._error(404, 10007, "Unknown Member")
-        return self._json({"user": BOT_USER, "roles": [str(BOT_ROLE_ID)], "joined_at": _now(), "deaf": False, "mute": False, "flags": 0})
+        return self._json(
+            {
+                "user": BOT_USER,
+                "roles": [str(BOT_ROLE_ID)],
+                "joined_at": _now(),
+                "deaf": False,
+                "mute": False,
+                "flags": 0,
+            }
+        )
 
     def _create_bot_message(self, channel_id: int, body: dict[str, Any], *, webhook: bool = False) -> dict[str, Any]:
         message_id = self._next_id()
@@ -770,7 +835,8 @@ class FakeDiscord:
         limit = min(int(query.get("limit", 50)), 100)
         found = [
             m for mid, m in self.messages.items()
-            if int(m["channel_id"]) == cid and not int(m.get("flags", 0)) & 64 and mid > after and (before is None or mid < before)
+            if int(m["channel_id"]) == cid and not int(m.get("flags", 0)) & 64 and mid > after
+            and (before is None or mid < before)
         ]
         found.sort(key=lambda m: int(m["id"]))
         # With only `after`, Discord returns the `limit` messages right after it (still newest first).
@@ -832,7 +898,9 @@ class FakeDiscord:
     async def _get_commands(self, request: web.Request, body: Any, app_id: str) -> web.Response:
         return self._json(self.commands)
 
-    async def _interaction_callback(self, request: web.Request, body: Any, interaction_id: str, token: str) -> web.Response:
+    async def _interaction_callback(
+        self, request: web.Request, body: Any, interaction_id: str, token: str
+    ) -> web.Response:
         self.interaction_callbacks.append(body)
         interaction = self.interactions.get(int(interaction_id), {})
         if body.get("type") == 7 and "message" in interaction:  # UPDATE_MESSAGE: edit the clicked message
@@ -840,8 +908,8 @@ class FakeDiscord:
         flags = int((body.get("data") or {}).get("flags", 0))
         return self._json({
             "interaction": {
-                "id": interaction_id, "type": interaction.get("type", 2), "response_message_loading": body.get("type") == 5,
-                "response_message_ephemeral": bool(flags & 64),
+                "id": interaction_id, "type": interaction.get("type", 2),
+                "response_message_loading": body.get("type") == 5, "response_message_ephemeral": bool(flags & 64),
             },
             "resource": {"type": body.get("type")},
         })

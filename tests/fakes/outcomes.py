@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from bridge.messages import Inbound
 from bridge.relay import Outcome, Relay
@@ -36,10 +37,8 @@ class Outcomes:
                 seen = [o.value for o in self.of(message_id)]
                 raise AssertionError(f"message {message_id} never ended {outcome.value}; it ended {seen}")
             self._changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
 
     async def wait_all(self, message_ids: list[str | int], outcome: Outcome, timeout: float = 10.0) -> None:
         for message_id in message_ids:

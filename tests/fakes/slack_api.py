@@ -206,7 +206,9 @@ class FakeSlack:
         """Drop the faults of `method` (of every method when None)."""
         self.faults = [f for f in self.faults if method is not None and f.method != method]
 
-    def user_message(self, channel: str, ts: str, text: str = "a question", *, user: str = "U0ALICE", thread_ts: str = "") -> dict[str, Any]:
+    def user_message(
+        self, channel: str, ts: str, text: str = "a question", *, user: str = "U0ALICE", thread_ts: str = ""
+    ) -> dict[str, Any]:
         """Store a person's message (events alone do not): the root a thread search needs to exist."""
         message: dict[str, Any] = {"type": "message", "text": text, "user": user, "ts": ts}
         if thread_ts:
@@ -259,10 +261,8 @@ class FakeSlack:
             if remaining <= 0:
                 raise AssertionError(f"timed out; calls so far: {[c.method for c in self.calls]}")
             self._changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 0.05))
-            except TimeoutError:
-                pass
 
     async def send_envelope(
         self,
@@ -324,7 +324,10 @@ class FakeSlack:
             await ws.close()
 
     async def start(self, port: int = 0) -> str:
-        """Listen on `port` (0: any free one); a given port lets a test start Slack "coming back" where the bridge looks."""
+        """Listen on `port` (0: any free one).
+
+        A given port lets a test start Slack "coming back" where the bridge looks.
+        """
         app = web.Application(middlewares=[self._hold_answers])
         app.router.add_route("*", "/api/{method}", self._api)
         app.router.add_get("/link", self._socket)
@@ -350,7 +353,11 @@ class FakeSlack:
     @web.middleware
     async def _hold_answers(self, request: web.Request, handler: Any) -> web.StreamResponse:
         hang = next(
-            (h for h in self.hangs if h.method == request.match_info.get("method") and (h.remaining is None or h.remaining > 0)),
+            (
+                h
+                for h in self.hangs
+                if h.method == request.match_info.get("method") and (h.remaining is None or h.remaining > 0)
+            ),
             None,
         )
         if hang is not None and hang.remaining is not None:
@@ -387,14 +394,18 @@ class FakeSlack:
         args = await self._args(request)
         token = request.headers.get("Authorization", "").removeprefix("Bearer ") or str(args.pop("token", ""))
         status, data, headers, drop = self._answer(method, args, token)
-        self.calls.append(SlackCall(method, args, token, status, bool(data.get("ok")), asyncio.get_running_loop().time(), data))
+        self.calls.append(
+            SlackCall(method, args, token, status, bool(data.get("ok")), asyncio.get_running_loop().time(), data)
+        )
         self._notify()
         if drop and request.transport is not None:
             # Closed before a byte of the answer: the client cannot tell whether the call worked.
             request.transport.close()
         return web.json_response(data, status=status or 200, headers=headers)  # after a drop, never sent
 
-    def _answer(self, method: str, args: dict[str, Any], token: str) -> tuple[int, dict[str, Any], dict[str, str], bool]:
+    def _answer(
+        self, method: str, args: dict[str, Any], token: str
+    ) -> tuple[int, dict[str, Any], dict[str, str], bool]:
         """(status, JSON, headers, drop the connection instead of answering)."""
         fault = next((f for f in self.faults if f.method == method and (f.remaining is None or f.remaining > 0)), None)
         if fault is not None and fault.skip:
@@ -411,7 +422,9 @@ class FakeSlack:
             return fault.status, {"ok": False, "error": fault.error}, fault.headers, False
         return (*self._answer_normally(method, args, token), False)
 
-    def _answer_normally(self, method: str, args: dict[str, Any], token: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    def _answer_normally(
+        self, method: str, args: dict[str, Any], token: str
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
         if self._stopping:
             return 503, {"ok": False, "error": "service_unavailable"}, {}
         expected = self.app_token if method == "apps.connections.open" else self.bot_token
@@ -438,7 +451,13 @@ class FakeSlack:
         if self.channels.get(channel, {}).get("is_member") is False:
             return {"ok": False, "error": "not_in_channel"}, {}
         ts = self._new_ts()
-        message: dict[str, Any] = {"type": "message", "text": args.get("text"), "user": BOT_USER, "bot_id": BOT_ID, "ts": ts}
+        message: dict[str, Any] = {
+            "type": "message",
+            "text": args.get("text"),
+            "user": BOT_USER,
+            "bot_id": BOT_ID,
+            "ts": ts,
+        }
         blocks = _json_arg(args.get("blocks"))
         if blocks:
             message["blocks"] = blocks
@@ -451,7 +470,12 @@ class FakeSlack:
             if _truthy(args.get("reply_broadcast")):
                 message["subtype"] = "thread_broadcast"
         self.messages.setdefault(channel, []).append(message)
-        return {"ok": True, "channel": channel, "ts": ts, "message": {k: v for k, v in message.items() if k != "metadata"}}, {}
+        return {
+            "ok": True,
+            "channel": channel,
+            "ts": ts,
+            "message": {k: v for k, v in message.items() if k != "metadata"},
+        }, {}
 
     def _m_chat_update(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         channel, ts = str(args.get("channel") or ""), str(args.get("ts") or "")
@@ -548,7 +572,9 @@ class FakeSlack:
         self.sockets.append(ws)
         self.connections.append(ws)
         if not self.silent:
-            await ws.send_str(json.dumps({"type": "hello", "num_connections": 1, "connection_info": {"app_id": "A0TEST"}}))
+            await ws.send_str(
+                json.dumps({"type": "hello", "num_connections": 1, "connection_info": {"app_id": "A0TEST"}})
+            )
         self._notify()
         try:
             async for message in ws:

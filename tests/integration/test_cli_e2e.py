@@ -17,7 +17,9 @@ from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-def run_cli(*args: str, stdin: str = "", env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, stdin: str = "", env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "bridge", *args], input=stdin, capture_output=True, text=True,
         env=env or ENV, timeout=timeout,
@@ -38,7 +40,9 @@ def test_sandbox_answers_keeps_context_resets_and_ends_with_input() -> None:
 
 
 def test_sandbox_plays_a_visitor_and_shows_alerts_with_claim_and_resolve() -> None:
-    result = run_cli("run", stdin="/visitor can I talk to a human please\n/claim\n/lead Ada Lovelace ada@example.com\n/resolve\n")
+    result = run_cli(
+        "run", stdin="/visitor can I talk to a human please\n/claim\n/lead Ada Lovelace ada@example.com\n/resolve\n"
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "alert> 🙋 A visitor asked for a human" in out
@@ -153,7 +157,9 @@ async def test_emulator_command_serves_the_api(tmp_path: Path) -> None:
         first = await asyncio.wait_for(proc.stdout.readline(), 30)  # type: ignore[union-attr]
         assert f"127.0.0.1:{port}/api" in first.decode()
         async with httpx.AsyncClient() as http:
-            r = await http.get(f"http://127.0.0.1:{port}/api/v1/chatbots", headers={"Authorization": f"Bearer {SANDBOX_KEY}"})
+            r = await http.get(
+                f"http://127.0.0.1:{port}/api/v1/chatbots", headers={"Authorization": f"Bearer {SANDBOX_KEY}"}
+            )
         assert r.status_code == 200 and r.json()[0]["id"] == SANDBOX_CHATBOT_ID
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.communicate(), 30)
@@ -180,14 +186,18 @@ async def test_send_test_alert_goes_through_the_running_bridge(emulator: Emulato
     )
     env = {**ENV, "INSITECHAT_API_KEY": SANDBOX_KEY, "WH": "whsec-cli-test"}
     settings = config_module.loads(text, env=env)
-    app = BridgeApp(settings.model_copy(update={"discord": None}), console_in=io.StringIO(""), console_out=io.StringIO())
+    app = BridgeApp(
+        settings.model_copy(update={"discord": None}), console_in=io.StringIO(""), console_out=io.StringIO()
+    )
     discord = FakePoster("discord")
     app.outbox.register(discord)  # a platform stand-in; the rest of the path is real
     await app.start()
     try:
         cfg = tmp_path / "bridge.yaml"
         cfg.write_text(text)
-        code, out, err = await _cli("send-test-alert", SANDBOX_CHATBOT_ID, "--config", str(cfg), "--url", app.server_url, env=env)
+        code, out, err = await _cli(
+            "send-test-alert", SANDBOX_CHATBOT_ID, "--config", str(cfg), "--url", app.server_url, env=env
+        )
         assert code == 0, err
         assert "discord:123" in out
         for _ in range(200):
@@ -195,7 +205,9 @@ async def test_send_test_alert_goes_through_the_running_bridge(emulator: Emulato
                 break
             await asyncio.sleep(0.02)
         assert "Test alert" in discord.posted[0].card["embed"]["title"]
-        code, out, err = await _cli("send-test-alert", "99999999-9999-4999-8999-999999999999", "--config", str(cfg), env=env)
+        code, out, err = await _cli(
+            "send-test-alert", "99999999-9999-4999-8999-999999999999", "--config", str(cfg), env=env
+        )
         assert code == 1 and "no alert rule" in err
     finally:
         await app.stop()

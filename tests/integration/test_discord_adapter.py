@@ -45,7 +45,9 @@ async def turned_down(outcomes: Outcomes, *messages: dict[str, Any]) -> None:
     await outcomes.wait_all([m["id"] for m in messages], Outcome.IGNORED)
 
 
-def make_settings(emulator_url: str, state: Path, *, intent: bool = True, threads: bool = True, extra_routes: str = "") -> config.Settings:
+def make_settings(
+    emulator_url: str, state: Path, *, intent: bool = True, threads: bool = True, extra_routes: str = ""
+) -> config.Settings:
     return config.loads(
         f"""
 insitechat: {{base_url: "{emulator_url}", api_key: "${{KEY}}"}}
@@ -110,7 +112,9 @@ def posts_in(fake: FakeDiscord, channel_id: int) -> list[dict[str, Any]]:
 # --- the conversation ---------------------------------------------------------------------
 
 
-async def test_mention_creates_a_thread_and_answers_there(bridge: Bridge, fake: FakeDiscord, emulator: Emulator) -> None:
+async def test_mention_creates_a_thread_and_answers_there(
+    bridge: Bridge, fake: FakeDiscord, emulator: Emulator
+) -> None:
     await bridge()
     question = await fake.user_message(fd.GENERAL, "What is the refund policy?", mention_bot=True)
     qid = int(question["id"])
@@ -137,7 +141,9 @@ async def test_follow_up_in_the_thread_needs_no_mention(bridge: Bridge, fake: Fa
     thread = int(question["id"])
     await eventually(lambda: posts_in(fake, thread), what="the first answer")
     await fake.user_message(thread, "and the second one?")
-    answers = await eventually(lambda: len(posts_in(fake, thread)) == 2 and posts_in(fake, thread), what="the follow-up answer")
+    answers = await eventually(
+        lambda: len(posts_in(fake, thread)) == 2 and posts_in(fake, thread), what="the follow-up answer"
+    )
     assert "second one" in answers[1]["content"] and "first question about pricing" in answers[1]["content"]
     first, second = chat_calls(emulator)
     assert first.json["session_id"] == second.json["session_id"]  # one session per thread
@@ -153,7 +159,7 @@ async def test_thread_messages_for_someone_else_or_marked_are_ignored(
     thread = int(question["id"])
     await eventually(lambda: posts_in(fake, thread), what="the first answer")
     ignored = [
-        await fake.user_message(thread, "<@%d> what do you think?" % fd.BOB, mentions=(fd.BOB,)),
+        await fake.user_message(thread, f"<@{fd.BOB}> what do you think?", mentions=(fd.BOB,)),
         await fake.user_message(thread, "!note to self"),
         await fake.user_message(fd.GENERAL, "chatting in the channel without a mention"),
     ]
@@ -231,7 +237,9 @@ async def test_restart_replaying_a_message_gives_one_answer(
     assert len(chat_calls(emulator)) == 1 and len(fake.bot_posts()) == 1
 
 
-async def test_long_answer_is_split_in_order_with_code_fences_intact(bridge: Bridge, fake: FakeDiscord, emulator: Emulator) -> None:
+async def test_long_answer_is_split_in_order_with_code_fences_intact(
+    bridge: Bridge, fake: FakeDiscord, emulator: Emulator
+) -> None:
     code = "\n".join(f"    step_{i:03d} = compute({i})  # keep this line whole" for i in range(60))
     prose = " ".join(f"Sentence number {i} explains the setup in some detail." for i in range(70))
     answer = f"{prose}\n\n```python\n{code}\n```\n\n{prose}\n\n```\n{code}\n```\nThe end."
@@ -240,7 +248,9 @@ async def test_long_answer_is_split_in_order_with_code_fences_intact(bridge: Bri
     await bridge()
     question = await fake.user_message(fd.GENERAL, "give me the long answer", mention_bot=True)
     thread = int(question["id"])
-    await eventually(lambda: posts_in(fake, thread) and posts_in(fake, thread)[-1]["content"].endswith("The end."), what="all parts")
+    await eventually(
+        lambda: posts_in(fake, thread) and posts_in(fake, thread)[-1]["content"].endswith("The end."), what="all parts"
+    )
     parts = [p["content"] for p in posts_in(fake, thread)]
     assert len(parts) >= 4 and all(len(p) <= 2000 for p in parts)
     for part in parts:
@@ -289,7 +299,9 @@ def followups(fake: FakeDiscord, interaction: dict[str, Any]) -> list[Any]:
     return fake.rest("POST", rf"/webhooks/{fd.APP_ID}/{interaction['token']}")
 
 
-async def test_slash_ask_is_deferred_then_answered_by_followup(bridge: Bridge, fake: FakeDiscord, emulator: Emulator) -> None:
+async def test_slash_ask_is_deferred_then_answered_by_followup(
+    bridge: Bridge, fake: FakeDiscord, emulator: Emulator
+) -> None:
     await bridge()
     assert [c["name"] for c in fake.commands] == ["ask", "reset"]  # synced at start
     assert [o["name"] for o in fake.commands[0]["options"]] == ["question"]
@@ -303,7 +315,9 @@ async def test_slash_ask_is_deferred_then_answered_by_followup(bridge: Bridge, f
     assert chat_calls(emulator)[0].json["message"] == "What are your opening hours?"
 
 
-async def test_slash_commands_in_a_thread_continue_and_reset_its_session(bridge: Bridge, fake: FakeDiscord, emulator: Emulator) -> None:
+async def test_slash_commands_in_a_thread_continue_and_reset_its_session(
+    bridge: Bridge, fake: FakeDiscord, emulator: Emulator
+) -> None:
     await bridge()
     question = await fake.user_message(fd.GENERAL, "remember the word pineapple", mention_bot=True)
     thread = int(question["id"])
@@ -320,13 +334,14 @@ async def test_slash_commands_in_a_thread_continue_and_reset_its_session(bridge:
     assert sessions[0] == sessions[1] != sessions[2]
 
 
-async def test_slash_reset_in_a_channel_says_where_reset_works(bridge: Bridge, fake: FakeDiscord, emulator: Emulator) -> None:
+async def test_slash_reset_in_a_channel_says_where_reset_works(
+    bridge: Bridge, fake: FakeDiscord, emulator: Emulator
+) -> None:
     """/reset outside a thread or DM has no conversation to reset: say how, only to the person, as Slack does."""
     await bridge()
     reset = await fake.slash("reset", channel_id=fd.GENERAL)
-    [callback] = await eventually(
-        lambda: fake.rest("POST", rf"/interactions/{reset['id']}/{reset['token']}/callback"), what="the answer to /reset"
-    )
+    callback_path = rf"/interactions/{reset['id']}/{reset['token']}/callback"
+    [callback] = await eventually(lambda: fake.rest("POST", callback_path), what="the answer to /reset")
     assert callback.json["type"] == 4 and callback.json["data"]["flags"] & 64  # at once, only to them
     assert "reply `reset` in the thread" in callback.json["data"]["content"]
     assert NOTICES["reset"] not in callback.json["data"]["content"] and followups(fake, reset) == []
@@ -337,7 +352,8 @@ async def test_slash_commands_use_the_configured_names(
     emulator: Emulator, fake: FakeDiscord, tmp_path: Path
 ) -> None:
     settings = make_settings(emulator.base_url, tmp_path / "s.db")
-    settings = settings.model_copy(update={"discord": settings.discord.model_copy(update={"ask_command": "question", "reset_command": "forget"})})  # type: ignore[union-attr]
+    commands = {"ask_command": "question", "reset_command": "forget"}
+    settings = settings.model_copy(update={"discord": settings.discord.model_copy(update=commands)})  # type: ignore[union-attr]
     app = BridgeApp(settings, grace=1)
     await app.start()
     await asyncio.wait_for(app.connected(), 15)  # the platforms connect in the background
@@ -421,7 +437,9 @@ async def test_threads_off_replies_in_place_and_replies_continue_the_conversatio
     assert post.json["allowed_mentions"] == {"parse": [], "replied_user": False}
     # A platform reply to the bot's answer, without a mention, continues that conversation.
     await fake.user_message(fd.GENERAL, "and the second one?", reply_to=int(answer["id"]))
-    answers = await eventually(lambda: len(posts_in(fake, fd.GENERAL)) == 2 and posts_in(fake, fd.GENERAL), what="the reply's answer")
+    answers = await eventually(
+        lambda: len(posts_in(fake, fd.GENERAL)) == 2 and posts_in(fake, fd.GENERAL), what="the reply's answer"
+    )
     assert "first question about pricing" in answers[1]["content"]
     first, second = chat_calls(emulator)
     assert first.json["session_id"] == second.json["session_id"]
@@ -461,7 +479,9 @@ async def test_a_thread_made_meanwhile_is_reused(bridge: Bridge, fake: FakeDisco
     qid = int(question["id"])
     fake.messages[qid] = question
     fake.threads[qid] = fake._thread_payload(qid, fd.GENERAL, "their thread", owner=fd.ALICE)  # event missed
-    outbound = Outbound(Conversation("discord", str(fd.GUILD_ID), str(fd.GENERAL), str(qid)), ("answer",), reply_to=str(qid))
+    outbound = Outbound(
+        Conversation("discord", str(fd.GUILD_ID), str(fd.GENERAL), str(qid)), ("answer",), reply_to=str(qid)
+    )
     await app.adapters[0].send(outbound)
     assert len(fake.rest("POST", rf"/channels/{fd.GENERAL}/messages/{qid}/threads")) == 1  # refused: 160004
     assert [p["content"] for p in posts_in(fake, qid)] == ["answer"]

@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -150,8 +150,11 @@ def edits_of(fake: FakeDiscord, message: dict[str, Any]) -> list[dict[str, Any]]
 
 def signed_envelope(event: str = "conversation.escalated", **data: Any) -> tuple[bytes, dict[str, str]]:
     body = json.dumps({
-        "event": event, "chatbot_id": BOT, "timestamp": datetime.now(timezone.utc).isoformat(),
-        "data": {"session_id": "web-77", "conversation_id": "conv-77", "message": "a human please", "message_count": 3, **data},
+        "event": event, "chatbot_id": BOT, "timestamp": datetime.now(UTC).isoformat(),
+        "data": {
+            "session_id": "web-77", "conversation_id": "conv-77", "message": "a human please", "message_count": 3,
+            **data,
+        },
     }).encode()
     return body, {"Content-Type": "application/json", SIGNATURE_HEADER: sign_webhook(body, SECRET)}
 
@@ -210,7 +213,9 @@ async def test_a_visitor_session_shares_one_thread_and_the_escalation_is_announc
     await eventually(lambda: len(posts(fake, fd.ALERTS)) == 2, what="the root card and the announcement")
     root, announcement = posts(fake, fd.ALERTS)
     thread = int(root["id"])
-    in_thread = await eventually(lambda: len(cards(fake, thread)) == 3 and cards(fake, thread), what="three cards in the thread")
+    in_thread = await eventually(
+        lambda: len(cards(fake, thread)) == 3 and cards(fake, thread), what="three cards in the thread"
+    )
     assert root["embeds"][0]["title"].endswith("New conversation on the website") and root["content"] == ""
     assert [c["embeds"][0]["title"] for c in in_thread] == [
         "✉️ Visitor message", "✉️ Visitor message", "🙋 A visitor asked for a human",
@@ -218,19 +223,26 @@ async def test_a_visitor_session_shares_one_thread_and_the_escalation_is_announc
     [created] = fake.rest("POST", rf"/channels/{fd.ALERTS}/messages/\d+/threads")
     assert created.path.endswith(f"/{thread}/threads") and "web-2" in created.json["name"]
     # The escalation pings once: in the channel, with a link to the thread; the copy inside does not.
-    assert announcement["content"].startswith(ONCALL) and f"https://discord.com/channels/{fd.GUILD_ID}/{thread}" in announcement["content"]
+    assert (
+        announcement["content"].startswith(ONCALL)
+        and f"https://discord.com/channels/{fd.GUILD_ID}/{thread}" in announcement["content"]
+    )
     assert announcement["mention_roles"] == [str(fd.ONCALL_ROLE)]
     escalation = in_thread[-1]
     assert escalation["content"] == "" and escalation["mention_roles"] == [] and buttons(escalation)
     # Claim on the card inside the thread edits it there.
     claim = buttons(escalation)[0]
     await fake.click(escalation, claim, user=fd.BOB)
-    await eventually(lambda: fake.rest("PATCH", rf"/channels/{thread}/messages/{escalation['id']}"), what="the edit in the thread")
+    await eventually(
+        lambda: fake.rest("PATCH", rf"/channels/{thread}/messages/{escalation['id']}"), what="the edit in the thread"
+    )
     assert escalation["embeds"][0]["footer"]["text"].startswith("Claimed by Bob at")
     # A second claim, by someone else, is told who has it (as on Slack), only to them.
     await fake.click(escalation, claim, user=fd.ALICE)  # a Claim button still shown somewhere (a stale copy)
     [told] = await eventually(
-        lambda: [c for c in fake.rest("POST", r"/webhooks/\d+/[^/]+") if c.json.get("content", "").startswith("Already")],
+        lambda: [
+            c for c in fake.rest("POST", r"/webhooks/\d+/[^/]+") if c.json.get("content", "").startswith("Already")
+        ],
         what="the note to the second claimer",
     )
     assert told.json["content"] == "Already claimed by Bob." and told.json["flags"] & 64

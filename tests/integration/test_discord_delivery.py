@@ -1,4 +1,7 @@
-"""Durable Discord posts: nonces from the delivery key, answers where no thread can be made, typed refusals, `check` of "*" routes."""
+"""Durable Discord posts: nonces from the delivery key, answers where no thread can be made, typed refusals.
+
+And `check` of "*" routes.
+"""
 
 from __future__ import annotations
 
@@ -153,7 +156,7 @@ async def test_without_thread_permission_the_answer_is_a_reply_in_the_channel(
     assert [p["content"] for p in fake.bot_posts()] == [answer["content"]]  # exactly once, no error notice
     assert "first question about pricing" in answer["content"]
     assert int(question["id"]) not in fake.threads
-    [refused] = fake.rest("POST", rf"/channels/{fd.GENERAL}/messages/{question['id']}/threads")
+    [_refused] = fake.rest("POST", rf"/channels/{fd.GENERAL}/messages/{question['id']}/threads")
     [post] = fake.rest("POST", rf"/channels/{fd.GENERAL}/messages")
     assert str(post.json["message_reference"]["message_id"]) == question["id"]
     assert post.json["message_reference"]["fail_if_not_exists"] is False
@@ -191,7 +194,9 @@ async def test_refusals_that_never_change_are_permanent(bridge: Bridge, fake: Fa
     with pytest.raises(PermanentSendError, match="50013"):
         await adapter.send(outbound(question_in(fake, fd.GENERAL), "nowhere to go", key="job:1"))
     # The channel was deleted.
-    gone = fake.message_payload(fd.ASK_ALL, "asked in a channel since deleted", mention_bot=True) | {"channel_id": "1299999999999999999"}
+    gone = fake.message_payload(fd.ASK_ALL, "asked in a channel since deleted", mention_bot=True) | {
+        "channel_id": "1299999999999999999"
+    }
     with pytest.raises(PermanentSendError, match="10003"):
         await adapter.send(outbound(gone, "too late", key="job:2"))
     assert fake.bot_posts() == []
@@ -212,7 +217,9 @@ async def test_passing_trouble_is_not_permanent(bridge: Bridge, fake: FakeDiscor
         await app.adapters[0].send(dm)
     assert not isinstance(failure.value, PermanentSendError)
     # ... and a refusal for good is, in the same place.
-    fake.inject(403, path=r"/messages$", method="POST", body={"message": "Cannot send messages to this user", "code": 50007})
+    fake.inject(
+        403, path=r"/messages$", method="POST", body={"message": "Cannot send messages to this user", "code": 50007}
+    )
     with pytest.raises(PermanentSendError):
         await app.adapters[0].send(dm)
 

@@ -77,7 +77,10 @@ async def test_discord_invite_command_reports_the_adapter_error_plainly(
     fake: FakeDiscord, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "bridge.yaml"
-    path.write_text(f'insitechat: {{api_key: "${{KEY}}"}}\ndiscord: {{token: "${{DISCORD_TOKEN}}"}}\nroutes: [{{platform: discord, chatbot: {BOT}}}]\n')
+    path.write_text(
+        f'insitechat: {{api_key: "${{KEY}}"}}\ndiscord: {{token: "${{DISCORD_TOKEN}}"}}\n'
+        f"routes: [{{platform: discord, chatbot: {BOT}}}]\n"
+    )
     wrong = fd.make_token(fd.BOT_ID, "wrong-secret")
     monkeypatch.setenv("KEY", "ic_x")
     monkeypatch.setenv("DISCORD_TOKEN", wrong)
@@ -92,7 +95,8 @@ async def test_discord_invite_needs_only_the_discord_token(
     """The invite comes before the InsiteChat key and the Slack tokens may exist: it reads only discord.token."""
     path = tmp_path / "bridge.yaml"
     path.write_text(
-        f'insitechat: {{api_key: "${{KEY}}"}}\nslack: {{bot_token: "${{SLACK_BOT_TOKEN}}", app_token: "${{SLACK_APP_TOKEN}}"}}\n'
+        f'insitechat: {{api_key: "${{KEY}}"}}\n'
+        f'slack: {{bot_token: "${{SLACK_BOT_TOKEN}}", app_token: "${{SLACK_APP_TOKEN}}"}}\n'
         f'discord: {{token: "${{DISCORD_TOKEN}}"}}\nroutes: [{{platform: discord, chatbot: {BOT}}}]\n'
     )
     for name in ("KEY", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN"):
@@ -132,7 +136,10 @@ async def test_check_wants_thread_permissions_in_alert_channels(fake: FakeDiscor
     fake.channels[locked] = fd._channel(locked, "alerts-no-threads", overwrites=[
         {"id": str(fd.BOT_ROLE_ID), "type": 0, "allow": "0", "deny": str(deny)},
     ])
-    alerts = f'alerts: [{{chatbot: {BOT}, to: ["discord:{fd.ALERTS}", "discord:{locked}"]}}]\nwebhooks: {{verify_signatures: false}}'
+    alerts = (
+        f'alerts: [{{chatbot: {BOT}, to: ["discord:{fd.ALERTS}", "discord:{locked}"]}}]\n'
+        "webhooks: {verify_signatures: false}"
+    )
     assert await check(settings(alerts=alerts)) == [
         # The catch-all route answers in that channel too, in threads.
         f"routes[0].channel: in #alerts-no-threads ({locked}) the bot lacks Create Public Threads",
@@ -176,7 +183,7 @@ async def test_an_invalid_command_name_names_the_setting() -> None:
     bad = settings()
     bad = bad.model_copy(update={"discord": bad.discord.model_copy(update={"ask_command": "Ask Me"})})  # type: ignore[union-attr]
     adapter = DiscordAdapter(bad.discord, lambda inbound: asyncio.sleep(0))
-    with pytest.raises(DiscordStartError, match="discord.ask_command"):
+    with pytest.raises(DiscordStartError, match=r"discord\.ask_command"):
         await adapter.start()
     await adapter.stop()
 
@@ -188,7 +195,8 @@ async def test_check_prints_no_discord_py_warning_between_its_lines(
     with caplog.at_level(logging.INFO, logger="discord"):
         await check(settings())
         await invite_url(settings())
-    assert [r.getMessage() for r in caplog.records if r.name.startswith("discord") and r.levelno >= logging.WARNING] == []
+    warned = [r.getMessage() for r in caplog.records if r.name.startswith("discord") and r.levelno >= logging.WARNING]
+    assert warned == []
 
 
 def test_a_gateway_reconnect_is_one_warning_line_not_a_traceback(caplog: pytest.LogCaptureFixture) -> None:
@@ -202,5 +210,6 @@ def test_a_gateway_reconnect_is_one_warning_line_not_a_traceback(caplog: pytest.
     [record] = [r for r in caplog.records if r.name == "discord.client"]
     assert record.levelno == logging.WARNING and record.exc_info is None and not caplog.text.count("Traceback")
     assert record.getMessage() == (
-        "discord: the gateway connection dropped (OSError: Connect call failed ('127.0.0.1', 9)); reconnecting in 2.50 s"
+        "discord: the gateway connection dropped (OSError: Connect call failed ('127.0.0.1', 9)); "
+        "reconnecting in 2.50 s"
     )

@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, IO
 
@@ -61,7 +61,9 @@ ENV = {
 # --- waiting ---------------------------------------------------------------------------------
 
 
-async def until(condition: Callable[[], Any], what: str, timeout: float = 15.0, logs: Callable[[], str] | None = None) -> Any:
+async def until(
+    condition: Callable[[], Any], what: str, timeout: float = 15.0, logs: Callable[[], str] | None = None
+) -> Any:
     """Poll condition() until it is truthy; fail saying `what` (and the bridge's log) at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
@@ -144,7 +146,7 @@ class BridgeProcess:
         self.proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(self.proc.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.proc.kill()
             await self.proc.wait()
             self._ended()
@@ -249,7 +251,10 @@ _ts_counter = iter(range(1, 10**6))
 
 
 def slack_question(slack: FakeSlack, text: str, *, thread_ts: str = "") -> dict[str, Any]:
-    """A person mentions the bot (in a thread with `thread_ts`); the message is stored on the fake, as Slack keeps it."""
+    """A person mentions the bot (in a thread with `thread_ts`).
+
+    The message is stored on the fake, as Slack keeps it.
+    """
     ts = f"{int(time.time()) - 5}.{next(_ts_counter):06d}"  # before the bot's replies, never equal to one
     event: dict[str, Any] = {"ts": ts, "event_ts": ts, "text": f"<@UBOT> {text}", "client_msg_id": str(uuid.uuid4())}
     if thread_ts:
@@ -274,7 +279,11 @@ async def ask_over_socket(slack: FakeSlack, text: str, *, thread_ts: str = "") -
 
 def slack_texts(slack: FakeSlack, thread_ts: str) -> list[str]:
     """What the bot posted in the question's thread, as Slack shows it (a post whose answer was lost counts)."""
-    return [str(m.get("text") or "") for m in slack.messages.get(CHANNEL, []) if m.get("thread_ts") == thread_ts and m.get("bot_id")]
+    return [
+        str(m.get("text") or "")
+        for m in slack.messages.get(CHANNEL, [])
+        if m.get("thread_ts") == thread_ts and m.get("bot_id")
+    ]
 
 
 async def start_slack(bridge: BridgeProcess, slack: FakeSlack) -> None:
@@ -316,7 +325,9 @@ async def test_slack_question_still_queued_in_the_rate_limiter_is_answered_after
     # restart it must be asked, not told "I lost the answer" (that is only true of the first).
     emulator.inject("hang", path_contains="/chat")
     port = free_port()
-    config = write_config(tmp_path, emulator, slack=slack, after_restart="notice", listen=f"127.0.0.1:{port}", rate_limit=1)
+    config = write_config(
+        tmp_path, emulator, slack=slack, after_restart="notice", listen=f"127.0.0.1:{port}", rate_limit=1
+    )
     bridge = BridgeProcess(config)
     processes.append(bridge)
     await start_slack(bridge, slack)
@@ -544,7 +555,7 @@ def escalation_webhook() -> tuple[bytes, dict[str, str]]:
     body = {
         "event": "conversation.escalated",
         "chatbot_id": SANDBOX_CHATBOT_ID,
-        "timestamp": datetime.now(timezone.utc).isoformat(),
+        "timestamp": datetime.now(UTC).isoformat(),
         "data": {"session_id": "visitor-7", "conversation_id": "conv-7", "message": "can I talk to a human?"},
     }
     raw = json.dumps(body).encode()
@@ -623,7 +634,9 @@ async def start_discord(bridge: BridgeProcess, fake: FakeDiscord) -> None:
     """Start a run; return once it is logged in and has registered its slash commands (after READY)."""
     synced = len(fake.rest("PUT", r"/applications/\d+/commands"))
     await bridge.start()
-    await until(lambda: len(fake.rest("PUT", r"/applications/\d+/commands")) > synced, "the Discord login", 20, bridge.logs)
+    await until(
+        lambda: len(fake.rest("PUT", r"/applications/\d+/commands")) > synced, "the Discord login", 20, bridge.logs
+    )
 
 
 def discord_texts(fake: FakeDiscord, channel_id: int | str) -> list[str]:
@@ -648,7 +661,9 @@ async def test_discord_kill_after_the_message_was_stored_before_the_call_answers
     await discord.user_message(fd.DM_CHANNEL, "what is the refund policy", dm=True)
     await until(lambda: chat_calls(emulator) == 1, "the first chat call", logs=bridge.logs)
     await discord.user_message(fd.DM_CHANNEL, "and for digital goods", dm=True)
-    await until(lambda: job_states(bridge.state) == {"asked": 1, "accepted": 1}, "the second job stored", logs=bridge.logs)
+    await until(
+        lambda: job_states(bridge.state) == {"asked": 1, "accepted": 1}, "the second job stored", logs=bridge.logs
+    )
     await bridge.kill()
 
     emulator.clear_faults()

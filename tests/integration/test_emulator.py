@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import io
+import itertools
 import json
 import re
 import time
@@ -480,8 +481,8 @@ async def test_delivery_is_dropped_after_three_retries(launch: Launcher, receive
     assert [(a.attempt, a.outcome) for a in attempts] == [
         (1, "retrying"), (2, "retrying"), (3, "retrying"), (4, "dropped")
     ]
-    gaps = [later.time - earlier.time for earlier, later in zip(attempts, attempts[1:])]
-    assert all(gap >= delay for gap, delay in zip(gaps, (0.01, 0.05, 0.15)))
+    gaps = [later.time - earlier.time for earlier, later in itertools.pairwise(attempts)]
+    assert all(gap >= delay for gap, delay in zip(gaps, (0.01, 0.05, 0.15), strict=True))
     assert len(receiver.hits) == 4
 
 

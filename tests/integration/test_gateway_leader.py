@@ -1,4 +1,7 @@
-"""One Discord gateway among replicas: the Redis lease, and DiscordAdapters that follow it (real discord.py, FakeDiscord, real Redis)."""
+"""One Discord gateway among replicas: the Redis lease, and DiscordAdapters that follow it.
+
+Real discord.py, FakeDiscord, real Redis.
+"""
 
 from __future__ import annotations
 
@@ -317,7 +320,9 @@ def general() -> Conversation:
 CARD = {"content": "", "embed": {"title": "A visitor asked for a human", "description": "[Open](https://insitechat.ai/x)"}}
 
 
-async def test_only_the_lease_holder_opens_a_gateway_and_every_replica_posts(replicas: Replicas, fake: FakeDiscord) -> None:
+async def test_only_the_lease_holder_opens_a_gateway_and_every_replica_posts(
+    replicas: Replicas, fake: FakeDiscord
+) -> None:
     a = await replicas("host-a:1")
     b = await replicas("host-b:2")
     assert a.lease.is_leader and not b.lease.is_leader
@@ -364,7 +369,9 @@ async def test_the_standby_opens_the_gateway_when_the_holder_dies(replicas: Repl
     assert a.heard == []
 
 
-async def test_losing_the_lease_closes_the_gateway_at_once(replicas: Replicas, fake: FakeDiscord, redis: Any, key: str) -> None:
+async def test_losing_the_lease_closes_the_gateway_at_once(
+    replicas: Replicas, fake: FakeDiscord, redis: Any, key: str
+) -> None:
     a = await replicas("host-a:1", renew_every=0.1)
     assert fake.open_sessions() == 1
     # Another replica holds the key now (a paused past its lease, say): a's next renewal is refused.
@@ -376,7 +383,9 @@ async def test_losing_the_lease_closes_the_gateway_at_once(replicas: Replicas, f
     assert fake.bot_posts(fd.GENERAL)[-1]["content"] == "still here"
     # The key is free again: a takes the lease back and reconnects.
     await redis.delete(key)
-    await eventually(lambda: a.adapter.readiness() == "ok (gateway held here: host-a:1)", timeout=3, what="a back on the gateway")
+    await eventually(
+        lambda: a.adapter.readiness() == "ok (gateway held here: host-a:1)", timeout=3, what="a back on the gateway"
+    )
     assert len(fake.identifies) == 2 and fake.open_sessions() == 1
 
 
@@ -446,10 +455,14 @@ async def test_two_bridges_one_gateway_both_ready_and_a_clean_stop_hands_it_over
         assert await readyz(a) == (200, "ok (gateway held here: host-a)")
         assert await readyz(b) == (200, "ok (standby; gateway held by host-a)")
         await a.stop()  # released on the way out: b need not wait for the lease to run out
-        await eventually(lambda: b.gateway_lease is not None and b.gateway_lease.is_leader, timeout=1, what="b to take the lease")
+        await eventually(
+            lambda: b.gateway_lease is not None and b.gateway_lease.is_leader, timeout=1, what="b to take the lease"
+        )
         await eventually(lambda: fake.open_sessions() == 1 and len(fake.identifies) == 2, timeout=3, what="b's gateway")
         b_discord = next(adapter for adapter in b.adapters if isinstance(adapter, DiscordAdapter))
-        await eventually(lambda: b_discord.readiness() == "ok (gateway held here: host-b)", what="b ready on the gateway")
+        await eventually(
+            lambda: b_discord.readiness() == "ok (gateway held here: host-b)", what="b ready on the gateway"
+        )
         assert await readyz(b) == (200, "ok (gateway held here: host-b)")
     finally:
         for app in (a, b):

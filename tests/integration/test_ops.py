@@ -9,7 +9,7 @@ import io
 import json
 import logging
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -54,14 +54,24 @@ discord: {{token: "${{KEY}}"}}
         env={"KEY": KEY, "WH": WEBHOOK_SECRET},
     )
     # Only the core is under test here: no Discord connection is made.
-    bridge = BridgeApp(settings.model_copy(update={"discord": None}), console_in=io.StringIO(""), console_out=io.StringIO())
+    bridge = BridgeApp(
+        settings.model_copy(update={"discord": None}), console_in=io.StringIO(""), console_out=io.StringIO()
+    )
     await bridge.start()
     yield bridge
     await bridge.stop()
 
 
 def console_message(text: str, message_id: str = "1") -> Inbound:
-    return Inbound(platform="console", workspace="", channel="console", message_id=message_id, author_id="you", text=text, is_dm=True)
+    return Inbound(
+        platform="console",
+        workspace="",
+        channel="console",
+        message_id=message_id,
+        author_id="you",
+        text=text,
+        is_dm=True,
+    )
 
 
 async def test_healthz_and_readyz(app: BridgeApp, emulator: Emulator) -> None:
@@ -112,7 +122,7 @@ async def test_no_secret_or_pii_in_logs(app: BridgeApp, emulator: Emulator, capl
     await app.relay.handle(console_message(QUESTION, message_id="2"))
     body = json.dumps({
         "event": "lead.captured", "chatbot_id": SANDBOX_CHATBOT_ID,
-        "timestamp": datetime.now(timezone.utc).isoformat(),
+        "timestamp": datetime.now(UTC).isoformat(),
         "data": {"lead_id": "L1", "name": "Sentinel Name", "email": EMAIL, "phone": PHONE},
     }).encode()
     signature = hmac.new(WEBHOOK_SECRET.encode(), body, hashlib.sha256).hexdigest()

@@ -1,4 +1,7 @@
-"""The bridge with its state on Redis: it answers, says when Redis keeps nothing on disk, and a Redis it cannot reach stops the start."""
+"""The bridge with its state on Redis.
+
+It answers, says when Redis keeps nothing on disk, and a Redis it cannot reach stops the start.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +39,9 @@ routes: [{{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}]
 async def test_the_bridge_runs_on_redis(
     emulator: Emulator, redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app = BridgeApp(settings_for(emulator, redis_url, redis_prefix), console_in=io.StringIO(""), console_out=io.StringIO())
+    app = BridgeApp(
+        settings_for(emulator, redis_url, redis_prefix), console_in=io.StringIO(""), console_out=io.StringIO()
+    )
     assert isinstance(app.store, RedisStore)
     with caplog.at_level(logging.WARNING, logger="bridge.app"):
         await app.start()

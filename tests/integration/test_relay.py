@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -139,7 +140,10 @@ async def test_messages_the_bot_must_ignore(make_harness, emulator: Emulator, in
 async def test_follow_ups_for_someone_else_or_marked_are_ignored(make_harness, emulator: Emulator) -> None:
     h = make_harness()
     await h.relay.handle(msg("question", mentions_bot=True))
-    assert await h.relay.handle(msg("@bob what do you think?", id="100.2", thread="100.1", mentions_others=True)) is Outcome.IGNORED
+    assert (
+        await h.relay.handle(msg("@bob what do you think?", id="100.2", thread="100.1", mentions_others=True))
+        is Outcome.IGNORED
+    )
     assert await h.relay.handle(msg("!note to self", id="100.3", thread="100.1")) is Outcome.IGNORED
     assert len(chat_calls(emulator)) == 1
 
@@ -168,7 +172,9 @@ async def test_dm_is_answered_and_is_one_conversation(make_harness, emulator: Em
     assert "dm one" in "".join(h.adapter.sent[1].parts)
 
 
-async def test_duplicates_concurrent_and_after_restart_give_one_answer(make_harness, emulator: Emulator, tmp_path: Path) -> None:
+async def test_duplicates_concurrent_and_after_restart_give_one_answer(
+    make_harness, emulator: Emulator, tmp_path: Path
+) -> None:
     h = make_harness()
     # The message + app_mention pair, and a retry arriving while the first is answered.
     emulator.latency = 0.2
@@ -215,7 +221,9 @@ async def test_bare_mention_gets_a_greeting_not_silence(make_harness, emulator: 
     assert chat_calls(emulator) == []
 
 
-async def test_quota_exhausted_tells_the_user(emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_quota_exhausted_tells_the_user(
+    emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     account = emulator.add_account("Tiny plan", monthly_quota=1)
     key = emulator.add_key(account, "ic_tiny_plan_key")
     emulator.add_chatbot(account, "Tiny", chatbot_id="22222222-3333-4444-8555-666666666666")
@@ -244,7 +252,9 @@ async def test_service_down_gives_unavailable_notice(make_harness, emulator: Emu
     assert "".join(h.adapter.sent[-1].parts) == NOTICES["unavailable"]
 
 
-async def test_bad_key_gives_misconfigured_notice_and_log_without_key(make_harness, caplog: pytest.LogCaptureFixture) -> None:
+async def test_bad_key_gives_misconfigured_notice_and_log_without_key(
+    make_harness, caplog: pytest.LogCaptureFixture
+) -> None:
     h = make_harness(key="ic_revoked_or_wrong")
     with caplog.at_level(logging.INFO):
         assert await h.relay.handle(msg("hi", channel="D1", is_dm=True)) is Outcome.NOTICE
@@ -361,7 +371,9 @@ async def test_a_question_still_in_the_limiters_queue_at_shutdown_is_asked_by_th
     assert (await h.store.job_by_key(queued.dedupe_key))[1] is JobState.ACCEPTED  # never sent
     restarted = make_harness(extra="chat: {after_restart: notice}")
     assert await restarted.relay.recover() == 2
-    replies = {r.conversation.channel: "".join(r.parts) for r in [await restarted.adapter.next_post() for _ in range(2)]}
+    replies = {
+        r.conversation.channel: "".join(r.parts) for r in [await restarted.adapter.next_post() for _ in range(2)]
+    }
     assert replies["D1"] == NOTICES["restarted"]
     assert "still in the queue" in replies["D2"]
     assert len(chat_calls(emulator)) == 2
@@ -377,7 +389,7 @@ async def test_answers_in_one_conversation_never_overlap(make_harness, emulator:
     assert all(o is Outcome.ANSWERED for o in outcomes)
     arrivals = [r.time for r in chat_calls(emulator)]
     # One at a time: each call leaves only after the previous answer came back.
-    assert all(later - earlier >= 0.09 for earlier, later in zip(arrivals, arrivals[1:])), arrivals
+    assert all(later - earlier >= 0.09 for earlier, later in itertools.pairwise(arrivals)), arrivals
     assert len(h.store._locks) == 0  # nothing left behind
 
 

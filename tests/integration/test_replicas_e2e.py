@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -247,7 +247,7 @@ class Webhook:
 def new_webhook(n: int) -> Webhook:
     email = f"lead{n}-{uuid.uuid4().hex[:6]}@example.com"
     body = {
-        "event": "lead.captured", "chatbot_id": SANDBOX_CHATBOT_ID, "timestamp": datetime.now(timezone.utc).isoformat(),
+        "event": "lead.captured", "chatbot_id": SANDBOX_CHATBOT_ID, "timestamp": datetime.now(UTC).isoformat(),
         "data": {"session_id": f"visitor-{n}", "conversation_id": f"conv-{n}", "lead_id": f"L-{n}",
                  "name": f"Lead {n}", "email": email},
     }
@@ -267,7 +267,9 @@ async def post_webhook(http: httpx.AsyncClient, replica: Replica, hook: Webhook)
 def cards_for(slack: FakeSlack, hook: Webhook) -> int:
     """Top-level alert cards naming the lead in the alert channel."""
     return sum(
-        1 for m in slack.messages.get(ALERTS, []) if m.get("bot_id") and not m.get("thread_ts") and hook.email in json.dumps(m)
+        1
+        for m in slack.messages.get(ALERTS, [])
+        if m.get("bot_id") and not m.get("thread_ts") and hook.email in json.dumps(m)
     )
 
 
@@ -439,7 +441,8 @@ async def wait_for_gateway(http: httpx.AsyncClient, fake: FakeDiscord, group: li
             return holders[0]
         if time.monotonic() > deadline:
             raise AssertionError(
-                f"no single gateway holder: {[r.name for r in holders]}, {fake.open_sessions()} sessions\n{all_logs(group)}"
+                f"no single gateway holder: {[r.name for r in holders]}, {fake.open_sessions()} sessions\n"
+                f"{all_logs(group)}"
             )
         await asyncio.sleep(0.05)
 
@@ -471,7 +474,12 @@ async def test_discord_three_replicas_one_gateway_a_killed_leader_is_replaced_an
             counted[str(message["id"])] = question
             await asyncio.sleep(0.05)
         # Every one was received (stored and asked) before the kill; some answers are still on their way.
-        await until(lambda: all(asked(emulator, q) for q in counted.values()), "the questions asked", 15, lambda: all_logs(group))
+        await until(
+            lambda: all(asked(emulator, q) for q in counted.values()),
+            "the questions asked",
+            15,
+            lambda: all_logs(group),
+        )
         heard = {mid for session, event, mid in discord.dispatched if event == "MESSAGE_CREATE"}
         assert set(counted) <= heard
         await leader.bridge.kill()
@@ -493,7 +501,10 @@ async def test_discord_three_replicas_one_gateway_a_killed_leader_is_replaced_an
             await asyncio.sleep(0.05)
 
         await until(
-            lambda: all(discord_answered_once(discord, mid, q) for mid, q in counted.items()) and settled(redis_url, redis_prefix),
+            lambda: (
+                all(discord_answered_once(discord, mid, q) for mid, q in counted.items())
+                and settled(redis_url, redis_prefix)
+            ),
             "every heard question answered",
             timeout=40,
             logs=lambda: all_logs(group),

@@ -1,4 +1,7 @@
-"""One InsiteChat budget per key shared by replicas through a real Redis: the window holds, queues stay fair, dead replicas expire."""
+"""One InsiteChat budget per key shared by replicas through a real Redis.
+
+The window holds, queues stay fair, dead replicas expire.
+"""
 
 from __future__ import annotations
 
@@ -76,7 +79,9 @@ class SteppingClock(ManualClock):
 class Replica:
     """One bridge process's limiter for one key: its own queue and Redis connection, the shared window."""
 
-    def __init__(self, url: str, prefix: str, clock: ManualClock, max_calls: int, window: float, hold: float = 300.0) -> None:
+    def __init__(
+        self, url: str, prefix: str, clock: ManualClock, max_calls: int, window: float, hold: float = 300.0
+    ) -> None:
         # No jitter: every moment stays exact, so the test can step the clock from one to the next.
         self.shared = RedisWindow.from_url(
             url, KEY, max_calls, window, clock=clock, hold=hold, prefix=prefix, random=lambda: 0.0
@@ -240,7 +245,8 @@ async def test_a_replica_killed_holding_slots_blocks_the_others_until_its_hold_d
         "async def main():\n"
         "    url, key, prefix, n, window, hold, start = sys.argv[1:]\n"
         "    clock = ManualClock(float(start))\n"
-        "    shared = RedisWindow.from_url(url, key, int(n), float(window), clock=clock, hold=float(hold), prefix=prefix)\n"
+        "    shared = RedisWindow.from_url(url, key, int(n), float(window), clock=clock,"
+        " hold=float(hold), prefix=prefix)\n"
         "    limiter = SlidingWindowLimiter(int(n), float(window), clock=clock, shared=shared)\n"
         "    for _ in range(int(n)):\n"
         "        await limiter.acquire('x', hold=True)  # on its way, never settled\n"
@@ -361,9 +367,13 @@ async def test_a_redis_that_hangs_costs_the_queue_one_timeout_not_one_each(prefi
 
     server = await asyncio.start_server(deaf, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    redis = Redis(host="127.0.0.1", port=port, socket_timeout=0.2, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
+    redis = Redis(
+        host="127.0.0.1", port=port, socket_timeout=0.2, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
+    )
     clock = ManualClock(START)
-    limiter = SlidingWindowLimiter(5, 60.0, clock=clock, shared=RedisWindow(redis, KEY, 5, 60.0, clock=clock, prefix=prefix))
+    limiter = SlidingWindowLimiter(
+        5, 60.0, clock=clock, shared=RedisWindow(redis, KEY, 5, 60.0, clock=clock, prefix=prefix)
+    )
     began = time.monotonic()
     queued = [asyncio.create_task(limiter.acquire(f"lane{i}")) for i in range(5)]
     try:
@@ -401,7 +411,12 @@ async def test_two_bridges_wired_to_one_redis_share_the_key_budget(
     clock = ManualClock(START)
     settings = settings_for(emulator.base_url, rate_limit=2)
     bridges = [
-        Harness(settings, SQLiteStore(tmp_path / f"{n}.db"), clock=clock, clients=build_clients(settings, clock, redis_url=redis_url))
+        Harness(
+            settings,
+            SQLiteStore(tmp_path / f"{n}.db"),
+            clock=clock,
+            clients=build_clients(settings, clock, redis_url=redis_url),
+        )
         for n in ("one", "two")
     ]
     try:

@@ -37,7 +37,9 @@ from tests.fakes.outcomes import Outcomes
 MENTION_TS = "1700000100.000100"
 
 
-def bridge_settings(emulator: Emulator, slack: FakeSlack, state: Path, *, mode: str = "http", deadline: float = 30) -> config.Settings:
+def bridge_settings(
+    emulator: Emulator, slack: FakeSlack, state: Path, *, mode: str = "http", deadline: float = 30
+) -> config.Settings:
     transport = "signing_secret: ${SLACK_SIGNING_SECRET}" if mode == "http" else "app_token: ${SLACK_APP_TOKEN}"
     return config.loads(
         f"""
@@ -204,10 +206,14 @@ async def test_junk_is_refused_before_it_is_parsed(
 # --- triggers -------------------------------------------------------------------------------------
 
 
-async def test_mention_is_answered_once_in_its_thread_with_a_reaction(start_bridge, slack: FakeSlack, emulator: Emulator) -> None:
+async def test_mention_is_answered_once_in_its_thread_with_a_reaction(
+    start_bridge, slack: FakeSlack, emulator: Emulator
+) -> None:
     bridge = await start_bridge()
     # Slack delivers one post that mentions the bot twice: as app_mention and as message.
-    await asyncio.gather(bridge.post_event(payload("app_mention")), bridge.post_event(payload("message_channel_mention")))
+    await asyncio.gather(
+        bridge.post_event(payload("app_mention")), bridge.post_event(payload("message_channel_mention"))
+    )
     await slack.wait_for(lambda: slack.calls_to("reactions.remove"))
     await settle(bridge)
     [post] = slack.posts
@@ -323,7 +329,9 @@ async def test_bots_self_and_subtypes_are_ignored(start_bridge, slack: FakeSlack
 # --- exactly one answer -----------------------------------------------------------------------------
 
 
-async def test_pair_and_retries_give_one_answer_also_across_a_restart(start_bridge, slack: FakeSlack, emulator: Emulator) -> None:
+async def test_pair_and_retries_give_one_answer_also_across_a_restart(
+    start_bridge, slack: FakeSlack, emulator: Emulator
+) -> None:
     emulator.latency = 0.3  # the retries arrive while the first delivery is still being answered
     bridge = await start_bridge()
     statuses = await asyncio.gather(
@@ -350,7 +358,9 @@ async def test_pair_and_retries_give_one_answer_also_across_a_restart(start_brid
 # --- formatting ---------------------------------------------------------------------------------------
 
 
-async def test_a_5000_line_answer_is_split_in_order_with_fences_intact(start_bridge, slack: FakeSlack, emulator: Emulator) -> None:
+async def test_a_5000_line_answer_is_split_in_order_with_fences_intact(
+    start_bridge, slack: FakeSlack, emulator: Emulator
+) -> None:
     lines = []
     for block in range(50):
         lines += [f"Step {block}: run this", "```python", *(f"print({block}, {i})  # line" for i in range(97)), "```"]
@@ -467,7 +477,9 @@ async def test_insitechat_trouble_reaches_the_user_as_a_notice(
 # --- slash command ---------------------------------------------------------------------------------
 
 
-async def test_slash_command_posts_the_question_and_answers_in_its_thread(start_bridge, slack: FakeSlack, emulator: Emulator) -> None:
+async def test_slash_command_posts_the_question_and_answers_in_its_thread(
+    start_bridge, slack: FakeSlack, emulator: Emulator
+) -> None:
     bridge = await start_bridge()
     status, body = await bridge.command(text="What is the refund policy?")
     assert status == 200 and body == ""  # acked at once, nothing ephemeral
@@ -500,7 +512,9 @@ async def test_slash_command_edge_cases(start_bridge, slack: FakeSlack, emulator
     assert slack.posts == [] and chat_calls(emulator) == []
 
 
-async def test_slash_command_reset_in_a_dm_starts_a_new_conversation(start_bridge, slack: FakeSlack, emulator: Emulator) -> None:
+async def test_slash_command_reset_in_a_dm_starts_a_new_conversation(
+    start_bridge, slack: FakeSlack, emulator: Emulator
+) -> None:
     bridge = await start_bridge()
     await bridge.post_event(payload("message_im"))
     await slack.wait_for(lambda: len(slack.posts) == 1)

@@ -227,14 +227,18 @@ async def test_emulator_escalation_is_one_thread_with_the_escalation_broadcast(
     # The on-call mention is in the escalation only: the one ping of the whole session.
     assert escalation["text"].startswith(ONCALL + " ") and "visitor asked for a human" in escalation["text"]
     assert not any(ONCALL in json.dumps(p) for p in [root, *replies[:-1]])
-    assert "talk to a human please" in json.dumps(escalation["blocks"]) and "Sandbox Bot" in json.dumps(escalation["blocks"])
+    assert "talk to a human please" in json.dumps(escalation["blocks"]) and "Sandbox Bot" in json.dumps(
+        escalation["blocks"]
+    )
     keys = [p["metadata"]["event_payload"]["key"] for p in posts]
     assert all(p["metadata"]["event_type"] == ALERT_EVENT_TYPE for p in posts) and len(set(keys)) == 4
     assert all(p["unfurl_links"] is False for p in posts)
     assert buttons(cards(slack)[-1]) == ["Claim", "Resolve"]
 
 
-async def test_the_same_webhook_four_times_posts_once(start_bridge: StartBridge, slack: FakeSlack, emulator: Emulator) -> None:
+async def test_the_same_webhook_four_times_posts_once(
+    start_bridge: StartBridge, slack: FakeSlack, emulator: Emulator
+) -> None:
     bridge = await start_bridge()
     await escalate(emulator)
     await slack.wait_for(lambda: len(cards(slack)) == 4)
@@ -271,7 +275,9 @@ async def test_slack_down_across_a_restart_delivers_exactly_once(
     started, received, escalated = slack.messages[ALERTS]
     keys = [m["metadata"]["event_payload"]["key"] for m in (started, received, escalated)]
     assert len(set(keys)) == 3
-    assert received["thread_ts"] == escalated["thread_ts"] == started["ts"] and escalated["subtype"] == "thread_broadcast"
+    assert (
+        received["thread_ts"] == escalated["thread_ts"] == started["ts"] and escalated["subtype"] == "thread_broadcast"
+    )
     # The lost post was found by its metadata and not posted again: three posts, one of them "failed".
     assert len(slack.calls_to("chat.postMessage")) - calls_before == 3
     looks = slack.calls_to("conversations.history") + slack.calls_to("conversations.replies")
@@ -338,7 +344,9 @@ async def test_claim_and_resolve_over_http(start_bridge: StartBridge, slack: Fak
         assert response.status == 401
 
 
-async def test_claim_and_resolve_over_socket_mode(start_bridge: StartBridge, slack: FakeSlack, emulator: Emulator) -> None:
+async def test_claim_and_resolve_over_socket_mode(
+    start_bridge: StartBridge, slack: FakeSlack, emulator: Emulator
+) -> None:
     bridge = await start_bridge(mode="socket")
 
     async def click(body: dict[str, Any]) -> None:
@@ -397,7 +405,9 @@ async def test_talk_to_a_human_from_a_thread_pauses_it_until_resolved(
 
     # Resolved on the card: the bot says it is back in the thread, and answers again.
     alert_id = alert_id_of(card)
-    await bridge.click(block_actions(f"insitechat_alert:resolve:{alert_id}", value=alert_id, user="U0CAROL", message=card))
+    await bridge.click(
+        block_actions(f"insitechat_alert:resolve:{alert_id}", value=alert_id, user="U0CAROL", message=card)
+    )
     back = await slack.wait_for(lambda: [p for p in slack.posts if p["text"] == RESUMED_NOTICE])
     assert back[0]["thread_ts"] == THREAD_TS and back[0]["channel"] == "C0GENERAL"
     await bridge.event(payload("message_thread_followup", ts="1700000300.000300", text="And for gift cards?"))
@@ -413,16 +423,22 @@ async def test_talk_to_a_human_from_a_thread_pauses_it_until_resolved(
     await slack.wait_for(lambda: len([p for p in slack.posts if p["text"] == HUMAN_ASKED]) == 2)
 
 
-async def test_talk_to_a_human_in_a_dm_until_resume(start_bridge: StartBridge, slack: FakeSlack, emulator: Emulator) -> None:
+async def test_talk_to_a_human_in_a_dm_until_resume(
+    start_bridge: StartBridge, slack: FakeSlack, emulator: Emulator
+) -> None:
     bridge = await start_bridge(mode="socket")
     await slack.send_envelope(payload("message_im"))
     [answer] = await slack.wait_for(lambda: slack.messages.get("D0ALICE"))
     value = human_button(answer)["value"]
     assert json.loads(value) == {"chatbot": BOT, "conversation": "slack:T0TEST:D0ALICE:"}
-    envelope = await slack.click(block_actions(HUMAN_ACTION, value=value, user="U0ALICE", channel="D0ALICE", message=answer))
+    envelope = await slack.click(
+        block_actions(HUMAN_ACTION, value=value, user="U0ALICE", channel="D0ALICE", message=answer)
+    )
     await asyncio.wait_for(envelope.acked.wait(), 5)
     [card] = await slack.wait_for(lambda: cards(slack))
-    assert "reset my password" in json.dumps(card["blocks"]) and "Open the chat thread" not in json.dumps(card["blocks"])
+    assert "reset my password" in json.dumps(card["blocks"]) and "Open the chat thread" not in json.dumps(
+        card["blocks"]
+    )
     [confirmation] = await slack.wait_for(lambda: [p for p in slack.posts if p["text"] == RAISED_IN_DM])
     assert confirmation["channel"] == "D0ALICE" and "thread_ts" not in confirmation
 
@@ -443,7 +459,9 @@ async def test_the_button_sits_under_the_last_part_only_and_can_be_switched_off(
     long_answer = "\n\n".join(f"Paragraph {i}: " + "refund details " * 14 for i in range(16))  # ~3600 characters
     emulator.script_reply(None, "refund policy", long_answer)
     await (await start_bridge()).event(payload("app_mention"))
-    *first, last = await slack.wait_for(lambda: len(slack.messages.get("C0GENERAL", [])) >= 2 and slack.messages["C0GENERAL"])
+    *first, last = await slack.wait_for(
+        lambda: len(slack.messages.get("C0GENERAL", [])) >= 2 and slack.messages["C0GENERAL"]
+    )
     assert all("blocks" not in m for m in first)
     assert len(last["blocks"][0]["text"]["text"]) <= SECTION_LIMIT and human_button(last)
     assert "Paragraph 15" in last["text"] and "Paragraph 0" in first[0]["text"]
@@ -524,7 +542,9 @@ async def test_shutdown_closes_the_socket_first_and_still_posts_the_answer_in_fl
 async def test_find_alert_pages_through_the_channel_and_the_thread(
     slack: FakeSlack, emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    adapter = SlackAdapter(settings_for(emulator, slack, tmp_path / "s.db").slack, lambda inbound: None, web=aiohttp.web.Application())
+    adapter = SlackAdapter(
+        settings_for(emulator, slack, tmp_path / "s.db").slack, lambda inbound: None, web=aiohttp.web.Application()
+    )
     await adapter.start()
     card = {"text": "An alert", "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": "An alert"}}]}
     since = time.time()

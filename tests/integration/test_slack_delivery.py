@@ -59,7 +59,9 @@ async def start_adapter(slack: FakeSlack) -> AsyncIterator[StartAdapter]:
         await adapter.stop()
 
 
-def answer(*parts: str, key: str = "job:1", look_first: bool = False, since: float = 0.0, channel: str = CHANNEL) -> Outbound:
+def answer(
+    *parts: str, key: str = "job:1", look_first: bool = False, since: float = 0.0, channel: str = CHANNEL
+) -> Outbound:
     thread = QUESTION if channel == CHANNEL else ""
     return Outbound(
         Conversation("slack", TEAM, channel, thread),
@@ -94,7 +96,9 @@ async def test_idempotent_calls_keep_the_connection_retry(slack: FakeSlack, star
     assert len(slack.calls_to("conversations.replies")) == 2
 
 
-async def test_look_first_after_a_lost_response_posts_each_part_once(slack: FakeSlack, start_adapter: StartAdapter) -> None:
+async def test_look_first_after_a_lost_response_posts_each_part_once(
+    slack: FakeSlack, start_adapter: StartAdapter
+) -> None:
     adapter = await start_adapter()
     slack.user_message(CHANNEL, QUESTION)
     slack.fail("chat.postMessage", drop=True)
@@ -114,7 +118,9 @@ async def test_look_first_after_a_lost_response_posts_each_part_once(slack: Fake
     assert search.args["ts"] == QUESTION and search.args["include_all_metadata"] in (True, "1", "true")
 
 
-async def test_look_first_after_a_crash_posts_only_the_missing_part(slack: FakeSlack, start_adapter: StartAdapter) -> None:
+async def test_look_first_after_a_crash_posts_only_the_missing_part(
+    slack: FakeSlack, start_adapter: StartAdapter
+) -> None:
     since = time.time() - 5
     parts = ("part one", "part two", "part three")
     slack.user_message(CHANNEL, QUESTION)
@@ -145,7 +151,9 @@ async def test_look_first_in_a_dm_searches_its_history(slack: FakeSlack, start_a
     assert slack.calls_to("conversations.history") and not slack.calls_to("conversations.replies")
 
 
-async def test_look_first_never_guesses_when_slack_cannot_be_asked(slack: FakeSlack, start_adapter: StartAdapter) -> None:
+async def test_look_first_never_guesses_when_slack_cannot_be_asked(
+    slack: FakeSlack, start_adapter: StartAdapter
+) -> None:
     adapter = await start_adapter()
     slack.fail("conversations.history", status=500)
     with pytest.raises(SlackError) as failure:
@@ -157,7 +165,10 @@ async def test_look_first_never_guesses_when_slack_cannot_be_asked(slack: FakeSl
 # --- permanent and temporary refusals --------------------------------------------------------
 
 
-@pytest.mark.parametrize("code", ["channel_not_found", "is_archived", "not_in_channel", "token_revoked", "restricted_action_read_only_channel"])
+@pytest.mark.parametrize(
+    "code",
+    ["channel_not_found", "is_archived", "not_in_channel", "token_revoked", "restricted_action_read_only_channel"],
+)
 async def test_final_refusals_are_permanent(slack: FakeSlack, start_adapter: StartAdapter, code: str) -> None:
     adapter = await start_adapter()
     slack.fail("chat.postMessage", error=code)
@@ -197,7 +208,9 @@ async def test_passing_trouble_is_not_permanent(slack: FakeSlack, start_adapter:
 # --- the whole bridge ---------------------------------------------------------------------------
 
 
-async def test_an_answer_whose_response_was_lost_is_posted_once(slack: FakeSlack, emulator: Emulator, tmp_path: Path) -> None:
+async def test_an_answer_whose_response_was_lost_is_posted_once(
+    slack: FakeSlack, emulator: Emulator, tmp_path: Path
+) -> None:
     settings = config.loads(
         f"""
 insitechat: {{base_url: "{emulator.base_url}", api_key: "${{KEY}}"}}

@@ -92,7 +92,9 @@ def assert_no_secret(lines: list[str]) -> None:
 
 
 async def test_check_passes_a_good_setup(fake: FakeSlack) -> None:
-    settings = settings_for(fake.api_url, routes=f"  - {{platform: slack, channel: C0GENERAL, chatbot: {SANDBOX_CHATBOT_ID}}}")
+    settings = settings_for(
+        fake.api_url, routes=f"  - {{platform: slack, channel: C0GENERAL, chatbot: {SANDBOX_CHATBOT_ID}}}"
+    )
     assert await slack_adapter.check(settings) == []
     assert {c.method for c in fake.calls} == {"auth.test", "apps.connections.open", "conversations.info"}
 
@@ -111,7 +113,9 @@ async def test_check_names_each_channel_problem_once(fake: FakeSlack) -> None:
 
 
 async def test_check_lists_missing_scopes(fake: FakeSlack) -> None:
-    fake.scopes = ",".join(s for s in ALL_SCOPES.split(",") if s not in ("reactions:write", "im:history", "groups:read"))
+    fake.scopes = ",".join(
+        s for s in ALL_SCOPES.split(",") if s not in ("reactions:write", "im:history", "groups:read")
+    )
     lines = await slack_adapter.check(settings_for(fake.api_url))
     assert len(lines) == 2
     assert lines[0].startswith("slack.bot_token: missing scope(s) im:history, reactions:write (")
@@ -126,7 +130,9 @@ async def test_check_lists_missing_scopes(fake: FakeSlack) -> None:
         (dict(app_token=WRONG_APP_TOKEN), "slack.app_token: Slack refused it for Socket Mode (invalid_auth)"),
     ],
 )
-async def test_check_reports_refused_tokens_without_showing_them(fake: FakeSlack, tokens: dict[str, str], expected: str) -> None:
+async def test_check_reports_refused_tokens_without_showing_them(
+    fake: FakeSlack, tokens: dict[str, str], expected: str
+) -> None:
     lines = await slack_adapter.check(settings_for(fake.api_url, **tokens))
     assert len(lines) == 1 and lines[0].startswith(expected)
     assert_no_secret(lines)
@@ -153,7 +159,9 @@ async def noop(inbound: Inbound) -> None:
         (dict(app_token=WRONG_APP_TOKEN), "Slack refused the app token (apps.connections.open: invalid_auth)"),
     ],
 )
-async def test_start_fails_fast_and_plainly(fake: FakeSlack, tmp_path: Path, tokens: dict[str, str], message: str) -> None:
+async def test_start_fails_fast_and_plainly(
+    fake: FakeSlack, tmp_path: Path, tokens: dict[str, str], message: str
+) -> None:
     adapter = SlackAdapter(settings_for(fake.api_url, **tokens).slack, noop, clock=SystemClock())
     with pytest.raises(SlackError) as raised:
         await adapter.start()
@@ -188,7 +196,11 @@ async def test_socket_stop_is_idempotent_and_closes_the_socket(fake: FakeSlack) 
     adapter = SlackAdapter(settings_for(fake.api_url).slack, noop)
     await adapter.start()
     await fake.wait_for(lambda: fake.sockets)
-    assert adapter.me is not None and (adapter.me.user_id, adapter.me.bot_id, adapter.me.team_id) == ("UBOT", "BBOT", "T0TEST")
+    assert adapter.me is not None and (adapter.me.user_id, adapter.me.bot_id, adapter.me.team_id) == (
+        "UBOT",
+        "BBOT",
+        "T0TEST",
+    )
     await adapter.stop()
     await fake.wait_for(lambda: not fake.sockets)
     await adapter.stop()

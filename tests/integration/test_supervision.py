@@ -12,7 +12,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,9 @@ async def until(condition: Callable[[], Any], timeout: float = 10.0, what: str =
         await asyncio.sleep(0.02)
 
 
-def slack_yaml(api_url: str, *, state: Path, emulator_url: str, bot_token: str = "${SLACK_BOT_TOKEN}", listen: str = "127.0.0.1:0") -> str:
+def slack_yaml(
+    api_url: str, *, state: Path, emulator_url: str, bot_token: str = "${SLACK_BOT_TOKEN}", listen: str = "127.0.0.1:0"
+) -> str:
     return f"""
 insitechat: {{base_url: "{emulator_url}", api_key: "${{IC_KEY}}"}}
 state: {{sqlite: "{state}"}}
@@ -122,7 +124,7 @@ SECRETS = {
 
 def escalation() -> tuple[bytes, dict[str, str]]:
     body = json.dumps({
-        "event": "conversation.escalated", "chatbot_id": BOT, "timestamp": datetime.now(timezone.utc).isoformat(),
+        "event": "conversation.escalated", "chatbot_id": BOT, "timestamp": datetime.now(UTC).isoformat(),
         "data": {"session_id": "web-9", "conversation_id": "conv-9", "message": "a human please", "message_count": 2},
     }).encode()
     return body, {"Content-Type": "application/json", SIGNATURE_HEADER: sign_webhook(body, SECRET)}
@@ -200,7 +202,11 @@ async def test_discord_down_at_start_takes_the_webhook_and_delivers_it_once_disc
     monkeypatch.setattr(discord.http.Route, "BASE", f"http://127.0.0.1:{port}/api/v10")
     monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(f"ws://127.0.0.1:{port}/gateway"))
     clock = ShiftedClock()
-    app = BridgeApp(config.loads(discord_yaml(state=tmp_path / "state.db", emulator_url=emulator.base_url), env=SECRETS), clock=clock, grace=1)
+    app = BridgeApp(
+        config.loads(discord_yaml(state=tmp_path / "state.db", emulator_url=emulator.base_url), env=SECRETS),
+        clock=clock,
+        grace=1,
+    )
     await app.start()
     fake = FakeDiscord()
     try:
@@ -214,7 +220,9 @@ async def test_discord_down_at_start_takes_the_webhook_and_delivers_it_once_disc
             assert (await http.get("/healthz")).status_code == 200
             await fake.start(port=port)
             await asyncio.wait_for(app.connected(), 15)
-            [card] = await until(lambda: later(app, clock) and [m for m in fake.bot_posts(fd.ALERTS) if m["embeds"]], what="the card")
+            [card] = await until(
+                lambda: later(app, clock) and [m for m in fake.bot_posts(fd.ALERTS) if m["embeds"]], what="the card"
+            )
             assert "asked for a human" in card["embeds"][0]["title"]
             assert await part(http, "discord") == (200, "ok")
     finally:
@@ -233,7 +241,9 @@ async def discord_fake() -> AsyncIterator[FakeDiscord]:
 
 @pytest.fixture
 async def discord_bridge(emulator: Emulator, discord_fake: FakeDiscord, tmp_path: Path) -> AsyncIterator[BridgeApp]:
-    app = BridgeApp(config.loads(discord_yaml(state=tmp_path / "state.db", emulator_url=emulator.base_url), env=SECRETS), grace=1)
+    app = BridgeApp(
+        config.loads(discord_yaml(state=tmp_path / "state.db", emulator_url=emulator.base_url), env=SECRETS), grace=1
+    )
     await app.start()
     await asyncio.wait_for(app.connected(), 15)
     yield app
@@ -367,20 +377,26 @@ async def test_run_exits_1_with_the_reason_when_discord_closes_the_gateway_with_
     discord_fake.identify_close_code = 4004  # the REST login passes; the gateway refuses the token
     cfg = tmp_path / "bridge.yaml"
     cfg.write_text(discord_yaml(state=tmp_path / "state.db", emulator_url=emulator.base_url))
-    code, err = await run_to_exit(["-c", DISCORD_LAUNCHER, discord_fake.base_url, "run", "--config", str(cfg)], {**ENV, **SECRETS})
+    code, err = await run_to_exit(
+        ["-c", DISCORD_LAUNCHER, discord_fake.base_url, "run", "--config", str(cfg)], {**ENV, **SECRETS}
+    )
     assert code == 1, err
     assert err.strip().splitlines()[-1] == (
-        "error: discord: Discord refused the bot token (discord.token): copy a fresh token from the Developer Portal, Bot tab"
+        "error: discord: Discord refused the bot token (discord.token): "
+        "copy a fresh token from the Developer Portal, Bot tab"
     )
     assert "Traceback" not in err and fd.TOKEN not in err
     assert len(discord_fake.identifies) == 1
 
 
-async def test_run_keeps_serving_while_slack_is_unreachable_and_stops_cleanly(emulator: Emulator, tmp_path: Path) -> None:
+async def test_run_keeps_serving_while_slack_is_unreachable_and_stops_cleanly(
+    emulator: Emulator, tmp_path: Path
+) -> None:
     listen, nowhere = free_port(), free_port()
     cfg = tmp_path / "bridge.yaml"
     cfg.write_text(slack_yaml(
-        f"http://127.0.0.1:{nowhere}/api/", state=tmp_path / "state.db", emulator_url=emulator.base_url, listen=f"127.0.0.1:{listen}"
+        f"http://127.0.0.1:{nowhere}/api/", state=tmp_path / "state.db", emulator_url=emulator.base_url,
+        listen=f"127.0.0.1:{listen}",
     ))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bridge", "run", "--config", str(cfg), env={**ENV, **SECRETS},
@@ -399,7 +415,9 @@ async def test_run_keeps_serving_while_slack_is_unreachable_and_stops_cleanly(em
             await until(answers, timeout=30, what="the bridge to serve /healthz")
             body, headers = escalation()
             assert (await http.post(f"/webhooks/insitechat/{BOT}", content=body, headers=headers)).status_code == 200
-            status, slack_part = await until(lambda: _failed_attempt(http, "slack", "cannot reach the Slack API"), what="readyz")
+            status, _slack_part = await until(
+                lambda: _failed_attempt(http, "slack", "cannot reach the Slack API"), what="readyz"
+            )
             assert status == 503
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 30)

@@ -8,7 +8,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,7 @@ async def bed(tmp_path: Path) -> AsyncIterator[Bed]:
 
 
 def envelope(event: str = ESCALATED, *, chatbot: str = BOT, minutes_ago: float = 1, **data: Any) -> bytes:
-    stamp = (datetime.now(timezone.utc) - timedelta(minutes=minutes_ago)).isoformat()
+    stamp = (datetime.now(UTC) - timedelta(minutes=minutes_ago)).isoformat()
     body = {"event": event, "chatbot_id": chatbot, "timestamp": stamp,
             "data": {"session_id": "visitor-42", "conversation_id": "conv-42", "message": "I want a human", **data}}
     return json.dumps(body).encode()
@@ -132,7 +132,9 @@ BAD_REQUESTS = [
 
 
 @pytest.mark.parametrize(("name", "raw", "headers", "status"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
-async def test_bad_requests_are_refused_and_make_no_alert(bed: Bed, name: str, raw: bytes, headers: dict[str, str], status: int) -> None:
+async def test_bad_requests_are_refused_and_make_no_alert(
+    bed: Bed, name: str, raw: bytes, headers: dict[str, str], status: int
+) -> None:
     response = await post(bed.url, raw, headers)
     assert response.status_code == status, name
     await bed.outbox.deliver_due()
@@ -155,7 +157,9 @@ async def test_a_body_that_trickles_in_is_cut_off_with_408(bed: Bed) -> None:
 
 
 async def test_unknown_chatbot_path_is_404(bed: Bed) -> None:
-    response = await post(bed.url.replace(BOT, "99999999-9999-4999-8999-999999999999"), GOOD, {SIGNATURE_HEADER: sign(GOOD)})
+    response = await post(
+        bed.url.replace(BOT, "99999999-9999-4999-8999-999999999999"), GOOD, {SIGNATURE_HEADER: sign(GOOD)}
+    )
     assert response.status_code == 404
 
 
@@ -231,12 +235,17 @@ async def test_storage_failure_is_the_only_5xx(bed: Bed) -> None:
 
 @hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    body=st.one_of(st.binary(max_size=2000), st.text(max_size=500).map(str.encode),
-                   st.dictionaries(st.text(max_size=10), st.text(max_size=20), max_size=5).map(lambda d: json.dumps(d).encode())),
+    body=st.one_of(
+        st.binary(max_size=2000),
+        st.text(max_size=500).map(str.encode),
+        st.dictionaries(st.text(max_size=10), st.text(max_size=20), max_size=5).map(lambda d: json.dumps(d).encode()),
+    ),
     signature=st.one_of(st.none(), st.text(max_size=80)),
     content_type=st.sampled_from(["application/json", "text/plain", "", "application/x-www-form-urlencoded"]),
 )
-async def test_fuzzed_requests_never_5xx_and_never_alert(bed: Bed, body: bytes, signature: str | None, content_type: str) -> None:
+async def test_fuzzed_requests_never_5xx_and_never_alert(
+    bed: Bed, body: bytes, signature: str | None, content_type: str
+) -> None:
     headers = {"Content-Type": content_type} if content_type else {}
     # Only values an HTTP client can send at all (httpx refuses padded or non-ASCII header values).
     if signature is not None and signature.isprintable() and signature.isascii() and signature.strip() == signature:
@@ -288,7 +297,7 @@ async def test_hostile_visitor_text_cannot_ping(bed: Bed) -> None:
 
 async def test_outage_and_restart_deliver_exactly_once(tmp_path: Path) -> None:
     clock = ManualClock()
-    clock._epoch_offset = datetime.now(timezone.utc).timestamp() - clock.monotonic()
+    clock._epoch_offset = datetime.now(UTC).timestamp() - clock.monotonic()
     settings = make_settings()
     first = Bed(tmp_path / "s.db", settings, clock)
     await first.start()
@@ -360,7 +369,9 @@ async def test_emulator_escalation_and_lead_reach_both_platforms(bed: Bed) -> No
     try:
         await emulator.visitor_message(BOT, "hello", session_id="web-1")
         await emulator.visitor_message(BOT, "can I talk to a human please", session_id="web-1")
-        await emulator.capture_lead(BOT, name="Ada", email="ada@example.com", phone="+1 555", custom_data={"plan": "pro"})
+        await emulator.capture_lead(
+            BOT, name="Ada", email="ada@example.com", phone="+1 555", custom_data={"plan": "pro"}
+        )
         await emulator.wait_for_webhooks()
         await bed.outbox.deliver_due()
         cards = sorted((json.dumps(p.card) for p in bed.slack.posted), key=lambda c: "lead" in c)
@@ -469,7 +480,7 @@ async def test_the_same_escalation_while_its_alert_is_open_is_one_card(bed: Bed)
 
 def escalation_at(clock: ManualClock) -> bytes:
     """An escalation stamped with the injected clock's time (the receiver refuses old ones)."""
-    stamp = datetime.fromtimestamp(clock.time(), timezone.utc).isoformat()
+    stamp = datetime.fromtimestamp(clock.time(), UTC).isoformat()
     return json.dumps({"event": ESCALATED, "chatbot_id": BOT, "timestamp": stamp,
                        "data": {"session_id": "visitor-7", "message": "a human please"}}).encode()
 

@@ -39,8 +39,13 @@ def problems_of(text: str, env: dict[str, str] | None = None) -> list[str]:
 
 
 def test_example_config_is_valid() -> None:
-    env = {"INSITECHAT_API_KEY": "ic_x", "SLACK_BOT_TOKEN": "xoxb-x", "SLACK_APP_TOKEN": "xapp-x", "DISCORD_BOT_TOKEN": "d",
-           "SUPPORT_BOT_WEBHOOK_SECRET": "whsec"}
+    env = {
+        "INSITECHAT_API_KEY": "ic_x",
+        "SLACK_BOT_TOKEN": "xoxb-x",
+        "SLACK_APP_TOKEN": "xapp-x",
+        "DISCORD_BOT_TOKEN": "d",
+        "SUPPORT_BOT_WEBHOOK_SECRET": "whsec",
+    }
     settings = config.load(ROOT / "config.example.yaml", env=env)
     assert settings.platforms == ["slack", "discord"]
     assert settings.insitechat.base_url == "https://backend.insitechat.ai/api"
@@ -106,23 +111,53 @@ def test_no_matching_route() -> None:
         (lambda t: t.replace("channel: C1", "channel: C1\n    reply: sometimes"), "routes[0].reply: Input should be"),
         (lambda t: t.replace("channel: C1", "channel: C1\n    colour: red"), "routes[0].colour: unknown option"),
         (lambda t: t.replace("platform: slack", "platform: teams"), "routes[0].platform: Input should be"),
-        (lambda t: t.replace("api_key: ${IC_KEY}", "api_key: ${MISSING_VAR}"), "insitechat.api_key: environment variable MISSING_VAR is not set"),
-        (lambda t: t.replace("api_key: ${IC_KEY}", "api_key: ic_written_in_the_file"), "insitechat.api_key: secrets come from the environment"),
+        (
+            lambda t: t.replace("api_key: ${IC_KEY}", "api_key: ${MISSING_VAR}"),
+            "insitechat.api_key: environment variable MISSING_VAR is not set",
+        ),
+        (
+            lambda t: t.replace("api_key: ${IC_KEY}", "api_key: ic_written_in_the_file"),
+            "insitechat.api_key: secrets come from the environment",
+        ),
         (lambda t: t.replace("api_key: ${IC_KEY}", "timeout: 5"), "insitechat: set api_key (one account) or keys"),
-        (lambda t: t.replace("api_key: ${IC_KEY}", "api_key: ${IC_KEY}\n  base_url: ftp://x"), "insitechat.base_url: must be an http(s) URL"),
-        (lambda t: t.replace("api_key: ${IC_KEY}", "api_key: ${IC_KEY}\n  rate_limit: 0"), "insitechat.rate_limit: Input should be greater than or equal to 1"),
-        (lambda t: t.replace("  app_token: ${SLACK_APP}\n", ""), "slack: set app_token (Socket Mode) or signing_secret"),
+        (
+            lambda t: t.replace("api_key: ${IC_KEY}", "api_key: ${IC_KEY}\n  base_url: ftp://x"),
+            "insitechat.base_url: must be an http(s) URL",
+        ),
+        (
+            lambda t: t.replace("api_key: ${IC_KEY}", "api_key: ${IC_KEY}\n  rate_limit: 0"),
+            "insitechat.rate_limit: Input should be greater than or equal to 1",
+        ),
+        (
+            lambda t: t.replace("  app_token: ${SLACK_APP}\n", ""),
+            "slack: set app_token (Socket Mode) or signing_secret",
+        ),
         (lambda t: t.replace("  app_token: ${SLACK_APP}\n", "  mode: http\n"), "slack: HTTP mode needs signing_secret"),
         (lambda t: t.replace("  bot_token: ${SLACK_BOT}\n", ""), "slack.bot_token: required but missing"),
-        (lambda t: t.replace("discord:\n  token: ${DISCORD}\n", "") + f"  - {{platform: discord, chatbot: {BOT}}}\n", "routes[1].platform: discord is routed but has no discord section"),
+        (
+            lambda t: t.replace("discord:\n  token: ${DISCORD}\n", "") + f"  - {{platform: discord, chatbot: {BOT}}}\n",
+            "routes[1].platform: discord is routed but has no discord section",
+        ),
         (lambda t: t.split("routes:")[0], "routes: at least one route is needed"),
         (lambda t: t + f"chatbots:\n  - {{id: {BOT}, key: other}}\n", "chatbots[0].key: no key named 'other'"),
         (lambda t: t + f"alerts:\n  - {{chatbot: {BOT}, to: ['teams:C1']}}\n", "alerts[0].to: 'teams:C1' is not"),
-        (lambda t: t + f"alerts:\n  - {{chatbot: {BOT}, to: ['slack:C1']}}\n", "alerts[0].chatbot: 0a1b2c3d-4e5f-6789-abcd-ef0123456789 has no webhook_secret"),
-        (lambda t: t + f"alerts:\n  - {{chatbot: {BOT}, to: ['slack:C1'], mention: ['@everyone']}}\n", "alerts[0].mention: '@everyone' is not an explicit mention"),
-        (lambda t: t + f"alerts:\n  - {{chatbot: {BOT}, to: ['slack:C1'], events: [visitor.waved]}}\n", "alerts[0].events: unknown event 'visitor.waved'"),
+        (
+            lambda t: t + f"alerts:\n  - {{chatbot: {BOT}, to: ['slack:C1']}}\n",
+            "alerts[0].chatbot: 0a1b2c3d-4e5f-6789-abcd-ef0123456789 has no webhook_secret",
+        ),
+        (
+            lambda t: t + f"alerts:\n  - {{chatbot: {BOT}, to: ['slack:C1'], mention: ['@everyone']}}\n",
+            "alerts[0].mention: '@everyone' is not an explicit mention",
+        ),
+        (
+            lambda t: t + f"alerts:\n  - {{chatbot: {BOT}, to: ['slack:C1'], events: [visitor.waved]}}\n",
+            "alerts[0].events: unknown event 'visitor.waved'",
+        ),
         (lambda t: t + "server: {listen: nowhere}\n", 'server.listen: must be "host:port"'),
-        (lambda t: t.replace("token: ${DISCORD}", "token: ${DISCORD}\n  ask_command: /Ask"), "discord.ask_command: must be 1-32 lowercase"),
+        (
+            lambda t: t.replace("token: ${DISCORD}", "token: ${DISCORD}\n  ask_command: /Ask"),
+            "discord.ask_command: must be 1-32 lowercase",
+        ),
         (lambda t: t + "slack_extra: 1\n", "slack_extra: unknown option"),
         (lambda t: "routes: [", "line 1, column 10: not valid YAML"),
         (lambda t: "- just\n- a list\n", "the file must be a mapping"),
@@ -143,7 +178,9 @@ def test_every_problem_is_listed_at_once() -> None:
 def test_secret_values_never_appear_in_errors() -> None:
     secret = "xoxb-very-secret-token-value"
     # A secret that fails validation (the API URL check) must not be echoed back.
-    text = BASE.replace("slack:\n  bot_token: ${SLACK_BOT}", "slack:\n  bot_token: ${SLACK_BOT}\n  api_url: ${SLACK_BOT}")
+    text = BASE.replace(
+        "slack:\n  bot_token: ${SLACK_BOT}", "slack:\n  bot_token: ${SLACK_BOT}\n  api_url: ${SLACK_BOT}"
+    )
     problems = problems_of(text, env={**ENV, "SLACK_BOT": secret})
     assert any(p.startswith("slack.api_url") for p in problems)
     assert all(secret not in p for p in problems)
@@ -168,7 +205,11 @@ def test_several_keys() -> None:
 
 def test_cli_exits_2_with_paths_and_no_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text(BASE.replace(f"chatbot: {BOT}", "chatbot: nope").replace("bot_token: ${SLACK_BOT}", "bot_token: ${SLACK_BOT}\n  api_url: ${SLACK_BOT}"))
+    bad.write_text(
+        BASE.replace(f"chatbot: {BOT}", "chatbot: nope").replace(
+            "bot_token: ${SLACK_BOT}", "bot_token: ${SLACK_BOT}\n  api_url: ${SLACK_BOT}"
+        )
+    )
     env = {**os.environ, **ENV, "SLACK_BOT": "xoxb-leak-me-not"}
     result = subprocess.run(
         [sys.executable, "-m", "bridge", "check", "--config", str(bad)],
@@ -182,10 +223,13 @@ def test_cli_exits_2_with_paths_and_no_traceback(tmp_path: Path) -> None:
 
 def test_state_on_redis_takes_the_url_from_the_environment_only() -> None:
     url = "redis://bridge:redis-sentinel-pw@10.0.0.5:6379/2"
-    settings = config.loads(BASE + "state:\n  redis_url: ${REDIS_URL}\n  redis_prefix: 'support:'\n", env={**ENV, "REDIS_URL": url})
+    settings = config.loads(
+        BASE + "state:\n  redis_url: ${REDIS_URL}\n  redis_prefix: 'support:'\n", env={**ENV, "REDIS_URL": url}
+    )
     assert settings.state.redis_url == url and settings.state.redis_prefix == "support:"
     assert config.loads(BASE, env=ENV).state.redis_url is None  # SQLite stays the default
-    assert config.loads(BASE + "state:\n  redis_url: ${REDIS_URL:-}\n", env=ENV).state.redis_url is None  # optional, unset
+    # Optional, unset:
+    assert config.loads(BASE + "state:\n  redis_url: ${REDIS_URL:-}\n", env=ENV).state.redis_url is None
     # Written into the file: refused (it carries the password), and never echoed back.
     literal = problems_of(BASE + f"state: {{redis_url: '{url}'}}\n")
     assert literal == ["state.redis_url: secrets come from the environment; write ${SOME_VAR} here"]

@@ -33,7 +33,10 @@ CARD: dict[str, Any] = {
     "embed": {
         "title": "🙋 A visitor asked for a human",
         "description": "> help\n\n[Open in InsiteChat](https://app.insitechat.ai/chatbots/abc)",
-        "fields": [{"name": "Chatbot", "value": "Support", "inline": True}, {"name": "Session", "value": "web\\_1", "inline": True}],
+        "fields": [
+            {"name": "Chatbot", "value": "Support", "inline": True},
+            {"name": "Session", "value": "web\\_1", "inline": True},
+        ],
     },
     "components": [{"type": 1, "components": [
         {"type": 2, "style": 1, "label": "Claim", "custom_id": "insitechat_alert:claim:a1"},
@@ -57,7 +60,10 @@ def test_only_the_written_ids_may_ping() -> None:
 def test_marker_rides_in_the_title_link_and_is_recognised() -> None:
     marker = key_marker("k|discord:1")
     embed = card_embed(CARD, marker).to_dict()
-    assert embed["url"] == f"https://app.insitechat.ai/chatbots/abc#icb-{marker}" and embed["title"] == CARD["embed"]["title"]
+    assert (
+        embed["url"] == f"https://app.insitechat.ai/chatbots/abc#icb-{marker}"
+        and embed["title"] == CARD["embed"]["title"]
+    )
     assert marked_with({"embeds": [embed]}, marker) and not marked_with({"embeds": [embed]}, key_marker("other"))
     assert card_embed(CARD).to_dict()["url"] == "https://app.insitechat.ai/chatbots/abc"  # edits: link kept, no marker
     assert "url" not in CARD["embed"]  # the card itself is not changed
@@ -95,7 +101,9 @@ def test_announcement_and_thread_title() -> None:
 
 def test_a_click_belongs_to_the_conversation_its_answer_was_in() -> None:
     in_thread = Place(THREAD, PlaceKind.THREAD, parent_id=CHANNEL)
-    assert click_conversation(guild_id=GUILD, place=in_thread, message_id="7") == Conversation("discord", GUILD, CHANNEL, THREAD)
+    assert click_conversation(guild_id=GUILD, place=in_thread, message_id="7") == Conversation(
+        "discord", GUILD, CHANNEL, THREAD
+    )
     dm = Place("55", PlaceKind.DM)
     assert click_conversation(guild_id="", place=dm, message_id="7") == Conversation("discord", "", "55", "")
     text = Place(CHANNEL, PlaceKind.TEXT)
@@ -103,7 +111,9 @@ def test_a_click_belongs_to_the_conversation_its_answer_was_in() -> None:
     assert click_conversation(guild_id=GUILD, place=text, message_id="7", replied_id="6").thread == "6"
     # A slash command's followup: the command's interaction id roots it.
     assert click_conversation(guild_id=GUILD, place=text, message_id="7", interaction_id="4").thread == "4"
-    assert click_conversation(guild_id=GUILD, place=text, message_id="7", replied_id="6", roots={"7": "3"}).thread == "3"
+    assert (
+        click_conversation(guild_id=GUILD, place=text, message_id="7", replied_id="6", roots={"7": "3"}).thread == "3"
+    )
 
 
 def test_recorded_button_click_payload_maps_to_its_thread() -> None:

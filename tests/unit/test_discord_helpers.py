@@ -17,7 +17,9 @@ from tests.fakes.discord_api import make_token
 CONV = Conversation("discord", "1", "2", "18446744073709551615")
 
 
-def outbound(parts: tuple[str, ...], kind: OutboundKind = OutboundKind.ANSWER, reply_to: str = "18446744073709551615") -> Outbound:
+def outbound(
+    parts: tuple[str, ...], kind: OutboundKind = OutboundKind.ANSWER, reply_to: str = "18446744073709551615"
+) -> Outbound:
     return Outbound(CONV, parts, kind, reply_to=reply_to)
 
 
@@ -70,7 +72,10 @@ def test_permissions_from_roles_and_overwrites() -> None:
     assert base.view_channel and base.send_messages and base.embed_links and not base.create_public_threads
     deny_role = [{"id": "11", "type": 0, "allow": "0", "deny": str(discord.Permissions(send_messages=True).value)}]
     assert not channel_permissions(guild=GUILD, member=member, user_id="5", overwrites=deny_role).send_messages
-    allow_member = deny_role + [{"id": "5", "type": 1, "allow": str(discord.Permissions(send_messages=True).value), "deny": "0"}]
+    allow_member = [
+        *deny_role,
+        {"id": "5", "type": 1, "allow": str(discord.Permissions(send_messages=True).value), "deny": "0"},
+    ]
     assert channel_permissions(guild=GUILD, member=member, user_id="5", overwrites=allow_member).send_messages
     hide_everyone = [{"id": "10", "type": 0, "allow": "0", "deny": str(discord.Permissions(view_channel=True).value)}]
     assert not channel_permissions(guild=GUILD, member=member, user_id="5", overwrites=hide_everyone).view_channel

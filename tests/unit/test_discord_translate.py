@@ -8,7 +8,14 @@ from typing import Any
 
 import pytest
 
-from adapters.discord.translate import BotIdentity, Place, PlaceKind, content_withheld, translate_command, translate_message
+from adapters.discord.translate import (
+    BotIdentity,
+    Place,
+    PlaceKind,
+    content_withheld,
+    translate_command,
+    translate_message,
+)
 
 PAYLOADS = Path(__file__).parent.parent / "payloads" / "discord"
 BOT = "1098765432109876543"
@@ -95,7 +102,12 @@ def test_everyone_counts_as_mentioning_others() -> None:
 
 @pytest.mark.parametrize(
     ("name", "is_bot", "is_self"),
-    [("from_other_bot", True, False), ("from_self", True, True), ("webhook", True, False), ("mention_in_channel", False, False)],
+    [
+        ("from_other_bot", True, False),
+        ("from_self", True, True),
+        ("webhook", True, False),
+        ("mention_in_channel", False, False),
+    ],
 )
 def test_authors(name: str, is_bot: bool, is_self: bool) -> None:
     inbound = translate_message(payload(name), ME, IN_CHANNEL)
@@ -104,7 +116,9 @@ def test_authors(name: str, is_bot: bool, is_self: bool) -> None:
 
 def test_forum_post_starter_is_its_own_thread() -> None:
     post = payload("forum_post_starter")
-    inbound = translate_message(post, ME, Place(post["channel_id"], PlaceKind.THREAD, parent_id=FORUM, parent_is_forum=True))
+    inbound = translate_message(
+        post, ME, Place(post["channel_id"], PlaceKind.THREAD, parent_id=FORUM, parent_is_forum=True)
+    )
     assert inbound is not None
     assert (inbound.channel, inbound.thread, inbound.message_id) == (FORUM, post["id"], post["id"])
     assert not inbound.in_thread  # a new post: "reply: all" answers it like a top-level message
@@ -117,7 +131,9 @@ def test_system_messages_are_not_candidates(name: str) -> None:
 
 
 def test_a_forward_of_the_bot_s_message_is_not_a_reply_to_it() -> None:
-    inbound = translate_message(payload("forward"), ME, IN_CHANNEL, roots={"1364100000000000006": "1364100000000000001"})
+    inbound = translate_message(
+        payload("forward"), ME, IN_CHANNEL, roots={"1364100000000000006": "1364100000000000001"}
+    )
     assert inbound is not None and not inbound.replies_to_bot and inbound.thread == ""
 
 

@@ -73,6 +73,9 @@ def test_compose_runs_two_replicas_on_a_persistent_redis_with_time_to_stop() -> 
 def test_env_example_holds_every_secret_the_example_config_names() -> None:
     import re as _re
 
-    names = set(_re.findall(r"\$\{([A-Z_]+)\}", (ROOT / "config.example.yaml").read_text())) - {"VAR", "INSITECHAT_BASE_URL"}
+    names = set(_re.findall(r"\$\{([A-Z_]+)\}", (ROOT / "config.example.yaml").read_text())) - {
+        "VAR",
+        "INSITECHAT_BASE_URL",
+    }
     example = (ROOT / "bridge.env.example").read_text()
     assert all(_re.search(rf"^#? ?{name}=", example, _re.M) for name in names), names

@@ -20,7 +20,9 @@ IN_DM = Conversation("slack", "T1", "D1", "")
 
 
 def settings_for(routes: str, alerts: bool = True) -> config.Settings:
-    escalations = f"alerts: [{{chatbot: {BOT}, events: [conversation.escalated], to: [\"slack:CALERT\"]}}]" if alerts else ""
+    escalations = (
+        f"alerts: [{{chatbot: {BOT}, events: [conversation.escalated], to: [\"slack:CALERT\"]}}]" if alerts else ""
+    )
     return config.loads(
         f"""
 insitechat: {{api_key: "${{KEY}}"}}

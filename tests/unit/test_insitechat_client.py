@@ -7,7 +7,7 @@ import json
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
@@ -146,9 +146,9 @@ async def test_list_chatbots_parses_loosely(api: respx.MockRouter, make_client: 
     bots = await make_client().list_chatbots()
     assert bots == [
         Chatbot(
-            "b1", "Support Bot", "support-bot", "gemini", False, datetime(2026, 3, 15, 10, 30, 0, 123456, timezone.utc)
+            "b1", "Support Bot", "support-bot", "gemini", False, datetime(2026, 3, 15, 10, 30, 0, 123456, UTC)
         ),
-        Chatbot("b2", "Sales", "", "", True, datetime(2026, 3, 15, 10, 30, tzinfo=timezone.utc)),
+        Chatbot("b2", "Sales", "", "", True, datetime(2026, 3, 15, 10, 30, tzinfo=UTC)),
     ]
 
 
@@ -184,7 +184,7 @@ async def test_get_chatbot_and_list_sources(api: respx.MockRouter, make_client: 
     assert detail.fallback_message == ""  # null in the JSON
     assert detail.is_active and detail.created_at is None
     sources = await client.list_sources(BOT)
-    april = datetime(2026, 4, 1, tzinfo=timezone.utc)
+    april = datetime(2026, 4, 1, tzinfo=UTC)
     assert sources[0] == Source("s1", "url", "Help", "https://x/help", "done", 42, april)
     assert sources[1] == Source("s2", "notion", "Wiki", "", "crawling", None, None)
 
@@ -260,7 +260,9 @@ async def test_a_proxy_error_page_still_gives_a_readable_error(
 async def test_5xx_is_retried_with_jittered_backoff(
     api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
 ) -> None:
-    route = api.get(f"/v1/chatbots/{BOT}").mock(side_effect=[fail(500), fail(502), httpx.Response(200, json={"id": BOT})])
+    route = api.get(f"/v1/chatbots/{BOT}").mock(
+        side_effect=[fail(500), fail(502), httpx.Response(200, json={"id": BOT})]
+    )
     jitter = iter([0.0, 1.0])
     client = make_client(random=lambda: next(jitter))
     assert (await client.get_chatbot(BOT)).id == BOT
@@ -339,7 +341,9 @@ async def test_chat_raises_after_a_second_connect_error(api: respx.MockRouter, m
 
 
 @pytest.mark.parametrize(
-    "failures", [[fail(503), httpx.ConnectError], [httpx.ConnectError, fail(503)]], ids=["503-then-connect", "connect-then-503"]
+    "failures",
+    [[fail(503), httpx.ConnectError], [httpx.ConnectError, fail(503)]],
+    ids=["503-then-connect", "connect-then-503"],
 )
 async def test_chat_has_one_resend_in_total_across_failure_kinds(
     api: respx.MockRouter, make_client: MakeClient, failures: list[Any]
@@ -407,7 +411,7 @@ async def test_rate_limit_without_retry_after_waits_the_default_and_holds_the_li
 
 @pytest.mark.parametrize(
     "retry_after",
-    ["7", format_datetime(datetime.fromtimestamp(ManualClock(START).time() + 7, timezone.utc), usegmt=True)],
+    ["7", format_datetime(datetime.fromtimestamp(ManualClock(START).time() + 7, UTC), usegmt=True)],
     ids=["seconds", "http-date"],
 )
 async def test_rate_limit_honours_retry_after(

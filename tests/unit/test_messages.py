@@ -44,7 +44,11 @@ def test_session_ids_are_deterministic_short_and_recognisable() -> None:
 
 
 def test_conversation_key_round_trips_and_rejects_other_text() -> None:
-    for conv in (Conversation("slack", "T1", "C1", "100.1"), Conversation("discord", "", "D7", ""), Conversation("console", "", "console")):
+    for conv in (
+        Conversation("slack", "T1", "C1", "100.1"),
+        Conversation("discord", "", "D7", ""),
+        Conversation("console", "", "console"),
+    ):
         assert Conversation.from_key(conv.key) == conv
     for bad in ("", "slack:T1:C1", "slack:T1::1", ":T1:C1:1", "a:b:c:d:e"):
         with pytest.raises(ValueError):

@@ -1,4 +1,4 @@
-"""The package list in pyproject.toml holds every package of the source tree, so a wheel (the Docker image) has them all."""
+"""pyproject.toml's package list holds every package of the source tree, so a wheel (the Docker image) has them all."""
 
 from __future__ import annotations
 

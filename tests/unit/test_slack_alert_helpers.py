@@ -79,7 +79,13 @@ def test_after_a_click_the_button_gives_way_to_who_asked() -> None:
 
 
 def test_a_click_is_read_from_the_recorded_payload() -> None:
-    message = {"type": "message", "ts": "1800000005.000100", "thread_ts": "1700000100.000100", "text": "hi", "blocks": []}
+    message = {
+        "type": "message",
+        "ts": "1800000005.000100",
+        "thread_ts": "1700000100.000100",
+        "text": "hi",
+        "blocks": [],
+    }
     click = click_of(block_actions(HUMAN_ACTION, user="U0ALICE", channel="C0GENERAL", message=message))
     assert (click.user, click.channel, click.message_ts, click.thread_ts, click.message_text) == (
         "U0ALICE", "C0GENERAL", "1800000005.000100", "1700000100.000100", "hi"

@@ -12,7 +12,12 @@ from adapters.slack.setup import BOT_EVENTS, REQUIRED_SCOPES
 from bridge import cli, config
 from tests.conftest import CHATBOT_ID
 
-ENV = {"SLACK_BOT_TOKEN": "xoxb-test-token", "SLACK_APP_TOKEN": "xapp-test-token", "SLACK_SIGNING_SECRET": "s3cret", "KEY": "ic_test"}
+ENV = {
+    "SLACK_BOT_TOKEN": "xoxb-test-token",
+    "SLACK_APP_TOKEN": "xapp-test-token",
+    "SLACK_SIGNING_SECRET": "s3cret",
+    "KEY": "ic_test",
+}
 
 
 def settings_text(transport: str, command: str = "/ask") -> str:
@@ -65,7 +70,9 @@ def test_http_mode_manifest_points_at_our_events_url(request_url: str, expected:
     assert data["settings"]["interactivity"] == {"is_enabled": True, "request_url": expected}
 
 
-def test_the_cli_prints_the_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_cli_prints_the_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
     path = tmp_path / "bridge.yaml"

@@ -1,4 +1,4 @@
-"""The store's contract, on every backend (SQLite, Redis): jobs, leases, the outbox, records, atomic intake, retention, locks.
+"""The store's contract on every backend (SQLite, Redis): jobs, leases, outbox, records, intake, retention, locks.
 
 SQLite is exclusive (one process per file: opening it voids every earlier lease); Redis is
 shared by live replicas, so there a lease is taken over only once it ran out. Tests that
@@ -229,7 +229,12 @@ async def test_outbox_lifecycle(reopen: Open, clock: ManualClock) -> None:
     clock.advance(5)
     assert await store.outbox_depth() == (1, 5.0)
     [item] = await store.outbox_due()
-    assert (item.key, item.destination, item.payload, item.attempts) == ("evt1:slack:C1", "slack:C1", {"event": "lead.captured"}, 0)
+    assert (item.key, item.destination, item.payload, item.attempts) == (
+        "evt1:slack:C1",
+        "slack:C1",
+        {"event": "lead.captured"},
+        0,
+    )
     await store.outbox_take(item.id, lease=60)
     await store.outbox_retry(item.id, delay=30, error="slack 500")
     assert await store.outbox_due() == []
@@ -274,12 +279,16 @@ async def test_compare_and_set_refuses_a_stale_revision(reopen: Open, clock: Man
 async def test_accept_keeps_the_records_with_the_deliveries_or_nothing(reopen: Open, clock: ManualClock) -> None:
     store = reopen()
     record = NewRecord("alert", "a1", {"state": "open"}, 60.0)
-    assert await store.accept(["event:1", "body:x"], [NewDelivery("a1|slack:C1", "slack:C1", {"alert": "a1"})], records=[record])
+    assert await store.accept(
+        ["event:1", "body:x"], [NewDelivery("a1|slack:C1", "slack:C1", {"alert": "a1"})], records=[record]
+    )
     assert await store.get("alert", "a1") == {"state": "open"}
     assert [i.key for i in await store.outbox_due()] == ["a1|slack:C1"]
     # A duplicate (one key seen) changes nothing, the record included.
     again = NewRecord("alert", "a1", {"state": "new"}, 60.0)
-    assert not await store.accept(["body:y", "event:1"], [NewDelivery("a1|discord:1", "discord:1", {})], records=[again])
+    assert not await store.accept(
+        ["body:y", "event:1"], [NewDelivery("a1|discord:1", "discord:1", {})], records=[again]
+    )
     assert await store.get("alert", "a1") == {"state": "open"}
     assert len(await store.outbox_due()) == 1
 

@@ -69,7 +69,9 @@ async def test_a_job_one_replica_created_is_a_duplicate_for_the_other(replica: R
     assert await second.job_counts() == {JobState.ACCEPTED: 1}
 
 
-async def test_a_live_replicas_lease_is_kept_and_taken_over_once_it_runs_out(replica: Replica, clock: ManualClock) -> None:
+async def test_a_live_replicas_lease_is_kept_and_taken_over_once_it_runs_out(
+    replica: Replica, clock: ManualClock
+) -> None:
     first, second = replica(), replica()
     job = new_job(clock)
     await first.create_job(job, lease=60)
@@ -84,7 +86,8 @@ async def test_a_live_replicas_lease_is_kept_and_taken_over_once_it_runs_out(rep
     # The first comes back from a stall: its renewal does not take the job back.
     await first.renew_jobs([job.id], lease=600)
     clock.advance(61)
-    assert [j.id for j in await first.take_over_jobs(lease=60)] == [job.id]  # the second's lease ran out, not a 600 s one
+    # The second's lease ran out, not a 600 s one:
+    assert [j.id for j in await first.take_over_jobs(lease=60)] == [job.id]
 
 
 async def test_an_outbox_item_one_replica_holds_is_not_given_to_the_other(replica: Replica, clock: ManualClock) -> None:
@@ -137,7 +140,8 @@ async def test_racing_replicas_store_one_job_accept_one_event_and_take_over_each
     created = await asyncio.gather(*(r.create_job(new_job(clock), lease=60) for r in replicas * 3))
     assert created.count(True) == 1
     accepted = await asyncio.gather(*(
-        r.accept([f"event:{n}", "body:same"], [NewDelivery(f"evt|slack:C{n}", f"slack:C{n}", {})]) for n, r in enumerate(replicas)
+        r.accept([f"event:{n}", "body:same"], [NewDelivery(f"evt|slack:C{n}", f"slack:C{n}", {})])
+        for n, r in enumerate(replicas)
     ))
     assert accepted.count(True) == 1 and (await replicas[0].outbox_depth())[0] == 1
     for n in range(20):
@@ -148,7 +152,9 @@ async def test_racing_replicas_store_one_job_accept_one_event_and_take_over_each
     assert len(ids) == len(set(ids)) == 21
 
 
-async def test_conversation_lock_release_is_compare_and_delete(replica: Replica, clock: ManualClock, raw: redis.asyncio.Redis, redis_prefix: str) -> None:
+async def test_conversation_lock_release_is_compare_and_delete(
+    replica: Replica, clock: ManualClock, raw: redis.asyncio.Redis, redis_prefix: str
+) -> None:
     stalled = replica(clock=ManualClock(clock.monotonic()))  # stops renewing: its clock never moves
     live, third = replica(), replica()
     held = stalled.conversation_lock("slack:T:C:1")
@@ -244,7 +250,9 @@ async def test_a_replica_killed_mid_work_hands_its_job_item_and_lock_over_after_
 # --- keys and expiry -----------------------------------------------------------------------------
 
 
-async def test_keys_carry_their_prefix_and_a_real_ttl(replica: Replica, clock: ManualClock, raw: redis.asyncio.Redis, redis_prefix: str) -> None:
+async def test_keys_carry_their_prefix_and_a_real_ttl(
+    replica: Replica, clock: ManualClock, raw: redis.asyncio.Redis, redis_prefix: str
+) -> None:
     store = replica()
     await store.follow("slack:T:C:1", ttl=100)
     await store.accept(["event:1"], [], ttl=DAY)
@@ -252,7 +260,9 @@ async def test_keys_carry_their_prefix_and_a_real_ttl(replica: Replica, clock: M
     await store.put("alert", "forever", {})
     job = new_job(clock)
     await store.create_job(job, lease=60)
-    pttl = {key.removeprefix(redis_prefix): await raw.pttl(key) async for key in raw.scan_iter(match=f"{redis_prefix}*")}
+    pttl = {
+        key.removeprefix(redis_prefix): await raw.pttl(key) async for key in raw.scan_iter(match=f"{redis_prefix}*")
+    }
     assert all(key in pttl for key in ("followed:slack:T:C:1", "seen:event:1", "record:alert:a1", f"job:{job.id}"))
     assert (100 + TTL_MARGIN - 5) * 1000 < pttl["followed:slack:T:C:1"] <= (100 + TTL_MARGIN) * 1000
     assert (DAY + TTL_MARGIN - 5) * 1000 < pttl["seen:event:1"] <= (DAY + TTL_MARGIN) * 1000
@@ -310,7 +320,7 @@ async def test_a_redis_that_does_not_answer_is_a_store_error_not_a_hang(clock: M
     port = server.sockets[0].getsockname()[1]
     store = RedisStore(f"redis://127.0.0.1:{port}/0", clock=clock, timeout=0.3)
     try:
-        with pytest.raises(StoreError, match="(?i)timeout"):
+        with pytest.raises(StoreError, match=r"(?i)timeout"):
             await asyncio.wait_for(store.outbox_add("k", "slack:C1", {}), 5)
     finally:
         await store.close()
@@ -340,7 +350,10 @@ async def test_a_cancelled_caller_returns_at_once_and_leaves_the_connection_usab
 
 async def test_a_redis_that_keeps_nothing_on_disk_is_warned_about(replica: Replica, raw: redis.asyncio.Redis) -> None:
     store = replica()
-    appendonly, save = str((await raw.config_get("appendonly"))["appendonly"]), str((await raw.config_get("save"))["save"])
+    appendonly, save = (
+        str((await raw.config_get("appendonly"))["appendonly"]),
+        str((await raw.config_get("save"))["save"]),
+    )
     warning = await store.persistence_warning()
     if appendonly == "no" and not save.strip():
         assert warning is not None and "restart loses the queued alerts and answers" in warning

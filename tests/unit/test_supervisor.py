@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -47,7 +48,7 @@ class Scripted:
 
     @property
     def gaps(self) -> list[float]:
-        return [round(b - a, 3) for a, b in zip(self.starts, self.starts[1:])]
+        return [round(b - a, 3) for a, b in itertools.pairwise(self.starts)]
 
 
 async def settle(supervisor: Supervisor, clock: ManualClock, state: State) -> None:
