@@ -147,9 +147,31 @@ async def _cmd_run(args: argparse.Namespace) -> int:
     if args.config:
         settings = config.load(args.config)
         _setup_logs(args, settings)
+        _log_start(args.config, settings)
         app = BridgeApp(settings, grace=args.grace)
         return await _run_until_signal(app)
     return await _run_sandbox(args)
+
+
+def _log_start(path: str, settings: Settings) -> None:
+    """One line that says which bridge runs with what: the first thing to read in an incident."""
+    fields = {
+        "version": _version(),
+        "config": path,
+        "platforms": ",".join(settings.platforms) or "none",
+        "routes": len(settings.routes),
+        "alert_rules": len(settings.alerts),
+    }
+    log.info("insitechat-bridge starting: %s", " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("insitechat-bridge")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 async def _run_sandbox(args: argparse.Namespace) -> int:

@@ -376,6 +376,11 @@ class Settings(_Model):
         best = max(r.specificity for r in candidates)
         return next(r for r in candidates if r.specificity == best)
 
+    def route_name(self, platform: str, workspace: str, channel: str, is_dm: bool) -> str:
+        """The config path of the route that decides in a place ("routes[2]"), for logs; "" when none does."""
+        route = self.route_for(platform, workspace, channel, is_dm)
+        return next((f"routes[{i}]" for i, r in enumerate(self.routes) if r is route), "")
+
     def discord_threads(self, workspace: str, channel: str) -> bool:
         """Discord: whether an answer to a channel message goes in a new thread.
 

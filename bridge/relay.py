@@ -310,15 +310,17 @@ class Relay:
             # stored and is tried again once its lease runs out.
             log.exception("job %s (%s) failed unexpectedly; it is tried again later", job.id, job.key)
         finally:
-            log.info(
-                "message platform=%s channel=%s chatbot=%s job=%s outcome=%s latency_ms=%d",
-                inbound.platform,
-                inbound.channel,
-                job.chatbot,
-                job.id,
-                outcome.value,
-                (self._clock.monotonic() - started) * 1000,
-            )
+            fields = {
+                "platform": inbound.platform,
+                "channel": inbound.channel,
+                "route": self._settings.route_name(inbound.platform, inbound.workspace, inbound.channel, inbound.is_dm),
+                "chatbot": job.chatbot,
+                "job": job.id,
+                "outcome": outcome.value,
+                "latency_ms": round((self._clock.monotonic() - started) * 1000),
+            }
+            # The same fields as JSON keys (logging.format: json) and in the text line.
+            log.info("message %s", " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
         return outcome
 
     async def _answer(self, job: ChatJob, inbound: Inbound, *, recovered: bool) -> Outcome:

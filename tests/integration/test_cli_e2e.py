@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import signal
 import subprocess
@@ -275,3 +276,21 @@ async def test_check_and_run_say_loudly_that_webhook_signatures_are_off(tmp_path
     # And every start says it, where the operator reads the bridge's log.
     result = run_cli("run", "--config", str(cfg), stdin="", env={**env, "INSITECHAT_BASE_URL": "http://127.0.0.1:9"})
     assert "SIGNATURE CHECKS ARE OFF" in result.stderr
+
+
+def test_run_logs_one_start_line_with_what_runs(tmp_path: Path) -> None:
+    cfg = tmp_path / "bridge.yaml"
+    cfg.write_text(
+        "insitechat: {api_key: '${INSITECHAT_API_KEY}'}\n"
+        "console: {enabled: true}\n"
+        f"state: {{sqlite: '{tmp_path / 'state.db'}'}}\n"
+        "server: {listen: '127.0.0.1:0'}\n"
+        "logging: {format: json}\n"
+        f"routes: [{{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}]\n"
+    )
+    env = {**ENV, "INSITECHAT_API_KEY": SANDBOX_KEY, "INSITECHAT_BASE_URL": "http://127.0.0.1:9"}
+    result = run_cli("run", "--config", str(cfg), stdin="", env=env)
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    [start] = [line for line in lines if line["message"].startswith("insitechat-bridge starting")]
+    assert start["config"] == str(cfg) and start["platforms"] == "console"
+    assert (start["routes"], start["alert_rules"]) == (1, 0) and start["version"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import io
 import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +20,7 @@ from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
 from bridge.insitechat import InsiteChatClient
 from bridge.messages import Inbound, OutboundKind
 from bridge.outbox import Outbox
+from bridge.logs import JsonFormatter
 from bridge.relay import NOTICES, Outcome, Relay
 from bridge.store import JobState, SQLiteStore
 from tests.fakes.queue_adapter import QueueAdapter
@@ -415,3 +418,24 @@ async def test_a_replica_that_stops_hands_its_unfinished_answers_over_at_once(
     for h in (stopping, other):
         await h.close()
         await h.store.close()
+
+
+async def test_the_message_line_carries_its_fields_as_json_keys(make_harness, emulator: Emulator) -> None:
+    """logging.format: json: per-message fields are keys a log pipeline can filter on, not text in "message"."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    relay_log = logging.getLogger("bridge.relay")
+    relay_log.addHandler(handler)
+    previous = relay_log.level
+    relay_log.setLevel(logging.INFO)
+    try:
+        h = make_harness()
+        assert await h.relay.handle(msg("What is the refund policy?", mentions_bot=True)) is Outcome.ANSWERED
+    finally:
+        relay_log.removeHandler(handler)
+        relay_log.setLevel(previous)
+    [line] = [json.loads(text) for text in stream.getvalue().splitlines() if '"outcome"' in text]
+    assert line["outcome"] == "answered" and line["platform"] == "slack" and line["channel"] == "C1"
+    assert line["route"] == "routes[0]" and line["chatbot"] and line["job"]
+    assert isinstance(line["latency_ms"], int)
