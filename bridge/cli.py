@@ -112,6 +112,13 @@ def _parser() -> argparse.ArgumentParser:
     test_alert.add_argument("--config", "-c", default=os.environ.get(CONFIG_ENV), required=CONFIG_ENV not in os.environ)
     test_alert.add_argument("--url", default="", help="the running bridge's base URL (default: from server.listen)")
 
+    health = command(
+        "health",
+        "Ask the bridge running with this config for /healthz (the container's HEALTHCHECK); exit 0 when healthy.",
+        _cmd_health,
+    )
+    health.add_argument("--config", "-c", default=os.environ.get(CONFIG_ENV), required=CONFIG_ENV not in os.environ)
+
     emulator = command("emulator", "Serve a local InsiteChat-compatible API for development and tests.", _cmd_emulator)
     emulator.add_argument("--host", default="127.0.0.1")
     emulator.add_argument("--port", type=int, default=8765)
@@ -438,8 +445,7 @@ async def _cmd_send_test_alert(args: argparse.Namespace) -> int:
     bot = settings.chatbot_settings(args.chatbot)
     if bot is not None and bot.webhook_secret:
         headers[SIGNATURE_HEADER] = hmac.new(bot.webhook_secret.encode(), body, hashlib.sha256).hexdigest()
-    host = settings.server.host if settings.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    base = args.url or f"http://{host}:{settings.server.port}"
+    base = args.url or _local_url(settings)
     url = f"{base.rstrip('/')}/webhooks/insitechat/{args.chatbot}"
     try:
         async with httpx.AsyncClient(timeout=10) as http:
@@ -451,6 +457,28 @@ async def _cmd_send_test_alert(args: argparse.Namespace) -> int:
     print(f"accepted by the bridge at {base}; the test alert goes to:")
     for destination in destinations:
         print(f"  {destination.address}")
+    return EXIT_OK
+
+
+def _local_url(settings: Settings) -> str:
+    """The bridge's own web server as seen from its host (0.0.0.0 listens everywhere, 127.0.0.1 reaches it)."""
+    host = settings.server.host if settings.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    return f"http://{host}:{settings.server.port}"
+
+
+async def _cmd_health(args: argparse.Namespace) -> int:
+    """GET /healthz on server.listen: the HEALTHCHECK follows the configured port, and needs no secret."""
+    import httpx
+
+    url = _local_url(config.load(args.config, env_needed_by=())) + "/healthz"
+    try:
+        async with httpx.AsyncClient(timeout=4) as http:
+            response = await http.get(url)
+    except httpx.HTTPError as exc:
+        raise CommandFailed(f"no answer from {url} ({type(exc).__name__})") from None
+    if response.status_code != 200:
+        raise CommandFailed(f"{url}: {response.status_code} {response.text[:200]}")
+    print(f"ok    {url}")
     return EXIT_OK
 
 

@@ -294,3 +294,31 @@ def test_run_logs_one_start_line_with_what_runs(tmp_path: Path) -> None:
     [start] = [line for line in lines if line["message"].startswith("insitechat-bridge starting")]
     assert start["config"] == str(cfg) and start["platforms"] == "console"
     assert (start["routes"], start["alert_rules"]) == (1, 0) and start["version"]
+
+
+async def test_health_asks_the_bridge_on_its_configured_port(emulator: Emulator, tmp_path: Path) -> None:
+    """The container's HEALTHCHECK: server.listen decides the port, and no secret is needed to ask."""
+    from bridge import config
+    from bridge.app import BridgeApp
+    from tests.conftest import free_port
+
+    port = free_port()
+    cfg = tmp_path / "bridge.yaml"
+    cfg.write_text(
+        f"insitechat: {{base_url: '{emulator.base_url}', api_key: '${{INSITECHAT_API_KEY}}'}}\n"
+        "console: {enabled: true}\n"
+        f"state: {{sqlite: '{tmp_path / 'state.db'}'}}\n"
+        f"server: {{listen: '127.0.0.1:{port}'}}\n"
+        f"routes: [{{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}]\n"
+    )
+    settings = config.load(cfg, env={"INSITECHAT_API_KEY": SANDBOX_KEY})
+    app = BridgeApp(settings, console_in=io.StringIO(""), console_out=io.StringIO())
+    await app.start()
+    try:
+        code, out, err = await _cli("health", "--config", str(cfg), env=ENV)  # INSITECHAT_API_KEY unset
+        assert code == 0, err
+        assert out.startswith(f"ok    http://127.0.0.1:{port}/healthz")
+    finally:
+        await app.stop()
+    code, out, err = await _cli("health", "--config", str(cfg), env=ENV)
+    assert code == 1 and "no answer from" in err and "Traceback" not in err

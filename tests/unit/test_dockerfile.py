@@ -1,81 +1,30 @@
-"""The Dockerfile's rules, checked as text (no Docker engine runs on the build machines)."""
+"""The Dockerfile keeps its promises: cached dependencies, a probe on the configured port, a volume, no root."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = (Path(__file__).resolve().parents[2] / "Dockerfile").read_text()
+LINES = [line.strip() for line in DOCKERFILE.splitlines()]
 
 
-def instructions() -> list[tuple[str, str]]:
-    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
-    result = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            keyword, _, rest = line.partition(" ")
-            result.append((keyword.upper(), rest.strip()))
-    return result
+def index_of(start: str) -> int:
+    return next(i for i, line in enumerate(LINES) if line.startswith(start))
 
 
-def test_runs_as_a_non_root_user() -> None:
-    users = [rest for keyword, rest in instructions() if keyword == "USER"]
-    assert users, "no USER instruction: the container would run as root"
-    assert users[-1] not in ("root", "0", "0:0")
+def test_dependencies_install_before_the_code_is_copied() -> None:
+    deps = index_of("&& pip install --no-cache-dir --prefix=/install -r requirements.txt")
+    assert index_of("COPY pyproject.toml") < deps < index_of("COPY bridge") < index_of("COPY adapters")
+    assert "COPY README.md" not in "\n".join(LINES[:deps])  # a README edit must not reinstall everything
 
 
-def test_has_a_healthcheck_against_healthz_and_exposes_the_port() -> None:
-    ins = instructions()
-    health = [rest for keyword, rest in ins if keyword == "HEALTHCHECK"]
-    assert len(health) == 1 and "/healthz" in health[0]
-    assert ("EXPOSE", "8080") in ins
+def test_the_health_check_follows_the_configured_port() -> None:
+    healthcheck = DOCKERFILE[DOCKERFILE.index("HEALTHCHECK"):].split("\n", 2)
+    assert 'CMD ["insitechat-bridge", "health"]' in healthcheck[1]
+    assert "8080/healthz" not in DOCKERFILE
 
 
-def test_official_slim_python_base() -> None:
-    bases = [rest.split()[0] for keyword, rest in instructions() if keyword == "FROM"]
-    assert bases and all(re.fullmatch(r"python:3\.1[1-9]-slim", base) for base in bases)
-
-
-def test_no_secrets_baked_in() -> None:
-    ins = instructions()
-    copied = " ".join(rest for keyword, rest in ins if keyword in ("COPY", "ADD"))
-    for forbidden in (".env", "config.yaml", "bridge-state", ".git ", "*.db"):
-        assert forbidden not in copied
-    env = " ".join(rest for keyword, rest in ins if keyword in ("ENV", "ARG"))
-    assert not re.search(r"(TOKEN|SECRET|API_KEY)\s*=", env)
-    # The build context is an allow-list: everything is ignored, then the package let back in.
-    rules = [r for r in (ROOT / ".dockerignore").read_text().splitlines() if r and not r.startswith("#")]
-    assert rules[0] == "*"
-    assert all(r.startswith("!") or "__pycache__" in r or r.endswith(".pyc") for r in rules[1:])
-
-
-def test_installs_from_the_project_metadata() -> None:
-    runs = " ".join(rest for keyword, rest in instructions() if keyword == "RUN")
-    assert "pip install" in runs and "requirements" not in runs
-
-
-def test_compose_runs_two_replicas_on_a_persistent_redis_with_time_to_stop() -> None:
-    import yaml
-
-    services = yaml.safe_load((ROOT / "docker-compose.yaml").read_text())["services"]
-    bridges = [s for s in services.values() if s.get("image") == "insitechat-bridge"]
-    assert len(bridges) >= 2
-    redis_command = " ".join(services["redis"]["command"])
-    assert "--appendonly yes" in redis_command  # a Redis restart must not lose queued work
-    for bridge in bridges:
-        assert bridge["restart"] == "unless-stopped"
-        grace = float(bridge["command"][bridge["command"].index("--grace") + 1])
-        assert grace < float(bridge["stop_grace_period"].rstrip("s"))  # the grace ends before SIGKILL
-        assert "${" not in str(bridge.get("environment", {}))  # secrets come from bridge.env
-
-
-def test_env_example_holds_every_secret_the_example_config_names() -> None:
-    import re as _re
-
-    names = set(_re.findall(r"\$\{([A-Z_]+)\}", (ROOT / "config.example.yaml").read_text())) - {
-        "VAR",
-        "INSITECHAT_BASE_URL",
-    }
-    example = (ROOT / "bridge.env.example").read_text()
-    assert all(_re.search(rf"^#? ?{name}=", example, _re.M) for name in names), names
+def test_state_lives_on_a_volume_and_the_process_is_not_root() -> None:
+    assert 'VOLUME ["/data"]' in LINES and "WORKDIR /data" in LINES
+    user = LINES[index_of("USER ")]
+    assert user != "USER root" and index_of("USER ") < index_of("ENTRYPOINT")
