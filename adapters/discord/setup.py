@@ -236,7 +236,7 @@ async def check(settings: Settings) -> list[str]:
                             problems.append(f"routes[{i}].channel: {problem}")
             if route.channel in ("*", "dm"):
                 continue
-            problem = await _check_channel(client, bot_id, route.channel, threads=threads, alerts=False)
+            problem = await _check_channel(client, bot_id, route.channel, threads=threads, alerts=False, route=True)
             if problem:
                 problems.append(f"routes[{i}].channel: {problem}")
         for i, rule in enumerate(settings.alerts):
@@ -252,10 +252,12 @@ async def check(settings: Settings) -> list[str]:
     return problems
 
 
-async def _check_channel(client: discord.Client, bot_id: str, channel_id: str, *, threads: bool, alerts: bool) -> str:
-    """One sentence about what stops the bot in this channel, or ""."""
+async def _check_channel(
+    client: discord.Client, bot_id: str, channel_id: str, *, threads: bool, alerts: bool, route: bool = False
+) -> str:
+    """One sentence about what stops the bot in this channel, or ""; `route`: named by a route (not an alert)."""
     try:
-        return await _channel_problem(client, bot_id, channel_id, threads=threads, alerts=alerts)
+        return await _channel_problem(client, bot_id, channel_id, threads=threads, alerts=alerts, route=route)
     except (discord.NotFound, discord.Forbidden):
         return f"the bot cannot see Discord channel {channel_id} (it does not exist, or the bot lacks View Channel)"
     except ValueError:
@@ -264,7 +266,9 @@ async def _check_channel(client: discord.Client, bot_id: str, channel_id: str, *
         return f"could not check Discord channel {channel_id} ({type(exc).__name__})"
 
 
-async def _channel_problem(client: discord.Client, bot_id: str, channel_id: str, *, threads: bool, alerts: bool) -> str:
+async def _channel_problem(
+    client: discord.Client, bot_id: str, channel_id: str, *, threads: bool, alerts: bool, route: bool = False
+) -> str:
     """What stops the bot posting in one channel, from REST payloads; raises on HTTP failures."""
     # Read loosely, like every payload here: a thread's parent_id is not in every member of discord.py's Channel union.
     channel: Mapping[str, Any] = await client.http.get_channel(int(channel_id))
@@ -272,6 +276,12 @@ async def _channel_problem(client: discord.Client, bot_id: str, channel_id: str,
     if not guild_id:
         return ""  # a DM channel: nothing to grant
     if channel.get("parent_id") and int(channel.get("type", 0)) in (10, 11, 12):
+        if route:
+            # Routes match the channel a message is in, and a thread's message is in its parent.
+            return (
+                f"{channel_id} is a thread or forum post, and routes match the channel a thread is in, so this "
+                f"route is never used: name its channel {channel['parent_id']} instead"
+            )
         channel = await client.http.get_channel(int(channel["parent_id"]))
     guild = await client.http.get_guild(int(guild_id))
     member = await client.http.get_member(int(guild_id), int(bot_id))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -238,6 +239,13 @@ async def check(settings: Settings) -> list[str]:
             )
         except NETWORK_ERRORS as exc:
             problems.append(f"slack.app_token: could not be checked ({error_code(exc)})")
+    for i, route in enumerate(settings.routes):
+        if route.platform == "slack" and _THREAD_TS.match(route.channel):
+            # A thread is a message ts in a channel; routes match channels, so this one never applies.
+            problems.append(
+                f"routes[{i}].channel: {route.channel} is a message timestamp (a thread), and routes match the "
+                "channel a thread is in, so this route is never used: name the channel id (C...) instead"
+            )
     checked: set[str] = set()
     for where, workspace, channel in _slack_channels(settings):
         if workspace not in ("*", team):
@@ -252,6 +260,9 @@ async def check(settings: Settings) -> list[str]:
     return problems
 
 
+_THREAD_TS = re.compile(r"^p?\d{10}\.?\d{6}$")  # 1700000000.000100, or p1700000000000100 from a message link
+
+
 def _slack_channels(settings: Settings) -> list[tuple[str, str, str]]:
     """(config path, workspace, channel id) of every concrete Slack channel routed or alerted to."""
     found: list[tuple[str, str, str]] = []
@@ -260,7 +271,9 @@ def _slack_channels(settings: Settings) -> list[tuple[str, str, str]]:
             continue
         # A "*" platform route may name a Discord channel: only Slack-shaped ids are checked.
         slack_shaped = route.channel[:1] in ("C", "G") and route.channel.isupper()
-        if route.platform == "slack" or (route.platform == "*" and slack_shaped):
+        if (route.platform == "slack" and not _THREAD_TS.match(route.channel)) or (
+            route.platform == "*" and slack_shaped
+        ):
             found.append((f"routes[{i}].channel", route.workspace, route.channel))
     for i, rule in enumerate(settings.alerts):
         for j, destination in enumerate(rule.to):

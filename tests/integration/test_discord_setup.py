@@ -120,6 +120,15 @@ async def test_check_names_every_route_that_needs_the_message_content_intent(fak
     assert [p for p in await check(settings(routes=routes, intent=True)) if "needs the Message Content" in p] == []
 
 
+async def test_check_says_a_route_naming_a_thread_is_never_used(fake: FakeDiscord) -> None:
+    thread = await fake.user_thread(fd.GENERAL, 1200000000000000777, "a thread someone opened")
+    problems = await check(settings(routes=f'  - {{platform: discord, channel: "{thread}", chatbot: {BOT}}}'))
+    assert problems == [
+        f"routes[1].channel: {thread} is a thread or forum post, and routes match the channel a thread is in, "
+        f"so this route is never used: name its channel {fd.GENERAL} instead"
+    ]
+
+
 async def test_check_passes_when_the_bot_can_post_everywhere_routed(fake: FakeDiscord) -> None:
     routes = (
         f'  - {{platform: discord, workspace: "{fd.GUILD_ID}", channel: "{fd.GENERAL}", chatbot: {BOT}}}\n'

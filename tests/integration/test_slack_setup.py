@@ -112,6 +112,14 @@ async def test_check_names_each_channel_problem_once(fake: FakeSlack) -> None:
     assert sorted(asked) == ["C0ALERTS", "C0GENERAL", "C0GONE", "C0OUTSIDE"]
 
 
+async def test_check_says_a_route_naming_a_thread_is_never_used(fake: FakeSlack) -> None:
+    routes = f'  - {{platform: slack, channel: "1700000000.000100", chatbot: {SANDBOX_CHATBOT_ID}}}'
+    assert await slack_adapter.check(settings_for(fake.api_url, routes=routes)) == [
+        "routes[1].channel: 1700000000.000100 is a message timestamp (a thread), and routes match the channel "
+        "a thread is in, so this route is never used: name the channel id (C...) instead"
+    ]
+
+
 async def test_check_lists_missing_scopes(fake: FakeSlack) -> None:
     fake.scopes = ",".join(
         s for s in ALL_SCOPES.split(",") if s not in ("reactions:write", "im:history", "groups:read")
