@@ -155,7 +155,12 @@ async def _cmd_run(args: argparse.Namespace) -> int:
         settings = config.load(args.config)
         _setup_logs(args, settings)
         _log_start(args.config, settings)
-        app = BridgeApp(settings, grace=args.grace)
+        from bridge.store import StoreError
+
+        try:
+            app = BridgeApp(settings, grace=args.grace)
+        except StoreError as exc:  # it names the file or the Redis URL (without its password) and why
+            raise CommandFailed(str(exc)) from None
         return await _run_until_signal(app)
     return await _run_sandbox(args)
 

@@ -322,3 +322,20 @@ async def test_health_asks_the_bridge_on_its_configured_port(emulator: Emulator,
         await app.stop()
     code, out, err = await _cli("health", "--config", str(cfg), env=ENV)
     assert code == 1 and "no answer from" in err and "Traceback" not in err
+
+
+def test_a_state_file_that_cannot_be_opened_is_one_line_with_its_path(tmp_path: Path) -> None:
+    junk = tmp_path / "state.db"
+    junk.write_bytes(b"this is not an SQLite database, it is a text file that happens to be here" * 4)
+    cfg = tmp_path / "bridge.yaml"
+    cfg.write_text(
+        "insitechat: {api_key: '${INSITECHAT_API_KEY}'}\n"
+        "console: {enabled: true}\n"
+        f"state: {{sqlite: '{junk}'}}\n"
+        "server: {listen: '127.0.0.1:0'}\n"
+        f"routes: [{{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}]\n"
+    )
+    result = run_cli("run", "--config", str(cfg), stdin="", env={**ENV, "INSITECHAT_API_KEY": SANDBOX_KEY})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert str(junk) in line and "not a database" in line
