@@ -35,7 +35,7 @@ from bridge.config import DiscordSettings
 from bridge.desk import AlertDesk
 from bridge.handover import HandOvers
 from bridge.messages import Conversation, Inbound, Outbound
-from bridge.ports import GatewayLease
+from bridge.ports import GatewayLease, PermanentSendError
 from bridge.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -494,6 +494,22 @@ class DiscordAdapter:
     async def send(self, outbound: Outbound) -> list[str]:
         """Post the parts where the conversation lives (DiscordPoster.send)."""
         return await self.poster.send(outbound)
+
+    async def tell_refused(self, inbound: Inbound, refusal: PermanentSendError) -> bool:
+        """A DM to the asker saying why the answer is not in the channel (a channel has no ephemeral posts)."""
+        client = self._poster()
+        if client is None or inbound.is_dm or inbound.is_command or not inbound.author_id.isdigit():
+            return False  # a DM refused is final; a slash command's followups are their own channel
+        gone = isinstance(refusal.__cause__, discord.NotFound)
+        reason = "the channel is gone" if gone else "I'm not allowed to post there"
+        text = f"I couldn't post my answer in <#{inbound.channel}>: {reason}. You can ask me here instead."
+        try:
+            dm = await client.http.start_private_message(int(inbound.author_id))
+            await client.get_partial_messageable(int(dm["id"])).send(text, allowed_mentions=NO_MENTIONS)
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            log.info("discord: could not tell user %s why the answer is missing either: %s", inbound.author_id, exc)
+            return False
+        return True
 
     # --- alerts (AlertPoster) ------------------------------------------------------------------
 

@@ -718,6 +718,7 @@ class FakeDiscord:
             ("PATCH", r"/channels/(\d+)/messages/(\d+)", self._edit_message),
             ("POST", r"/channels/(\d+)/messages/(\d+)/threads", self._start_thread),
             ("POST", r"/channels/(\d+)/typing", self._typing),
+            ("POST", r"/users/@me/channels", self._open_dm),
             ("PUT", r"/applications/(\d+)/commands", self._put_commands),
             ("GET", r"/applications/(\d+)/commands", self._get_commands),
             ("POST", r"/interactions/(\d+)/([^/]+)/callback", self._interaction_callback),
@@ -884,6 +885,20 @@ class FakeDiscord:
         self.threads[mid] = thread
         self._spawn(self.dispatch("THREAD_CREATE", thread | {"newly_created": True}))
         return self._json(thread, 201)
+
+    async def _open_dm(self, request: web.Request, body: Any) -> web.Response:
+        """POST /users/@me/channels {recipient_id}: the bot's DM channel with that user (made on first use)."""
+        user_id = int(body["recipient_id"])
+        if user_id not in USERS:
+            return self._error(400, 50007, "Cannot send messages to this user")
+        existing = next(
+            (c for c in self.channels.values() if c["type"] == 1 and c["recipients"][0]["id"] == str(user_id)), None
+        )
+        if existing is None:
+            existing = {"id": str(self._next_id()), "type": 1, "recipients": [USERS[user_id]],
+                        "last_message_id": None, "flags": 0}
+            self.channels[int(existing["id"])] = existing
+        return self._json(existing)
 
     async def _typing(self, request: web.Request, body: Any, channel_id: str) -> web.Response:
         return web.Response(status=204)

@@ -18,6 +18,7 @@ from bridge.app import BridgeApp
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
 from bridge.messages import Conversation, Delivery, Outbound, OutboundKind
 from bridge.ports import PermanentSendError
+from bridge.store import JobState
 from tests.fakes import discord_api as fd
 from tests.fakes.discord_api import FakeDiscord
 
@@ -200,6 +201,25 @@ async def test_refusals_that_never_change_are_permanent(bridge: Bridge, fake: Fa
     with pytest.raises(PermanentSendError, match="10003"):
         await adapter.send(outbound(gone, "too late", key="job:2"))
     assert fake.bot_posts() == []
+
+
+async def test_an_answer_no_channel_takes_is_explained_to_the_asker_in_a_dm(
+    bridge: Bridge, fake: FakeDiscord, emulator: Emulator
+) -> None:
+    """Never silent: no thread, no reply in the channel either, so the asker gets a DM saying why."""
+    app = await bridge()
+    await fake.revoke("create_public_threads", "send_messages", channel=fd.GENERAL)
+    await fake.user_message(fd.GENERAL, "a question the bot cannot answer here", mention_bot=True, author=fd.BOB)
+    dms = await eventually(
+        lambda: [p for p in fake.bot_posts() if fake.channels.get(int(p["channel_id"]), {}).get("type") == 1],
+        what="the DM to the asker",
+    )
+    [dm] = dms
+    assert dm["content"] == (
+        f"I couldn't post my answer in <#{fd.GENERAL}>: I'm not allowed to post there. You can ask me here instead."
+    )
+    assert fake.channels[int(dm["channel_id"])]["recipients"][0]["id"] == str(fd.BOB)
+    assert dm["mentions"] == [] and (await app.store.job_counts()).get(JobState.FAILED) == 1
 
 
 @pytest.mark.parametrize(
