@@ -7,7 +7,7 @@ Errors (every one has ``.status``, the HTTP status or None; no text ever holds t
      ├─ NotFound               404: no such chatbot, or another account's
      ├─ BadRequest             400 / 422: malformed body (a list of {loc, msg, type} made readable)
      ├─ RateLimited            429 "API rate limit exceeded...": .retry_after seconds
-     ├─ QuotaExhausted         429 with any other detail: the monthly message quota
+     ├─ QuotaExhausted         429 with any other detail: the monthly message quota; .retry_in seconds
      ├─ ServerError            5xx (or a 2xx whose body is not what the API promises)
      └─ Unavailable            network error, timeout, open circuit, shared rate budget (Redis)
                                unreachable: .reason, .request_sent
@@ -42,7 +42,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Self, TypeVar
+from pathlib import Path
+from typing import Any, Protocol, Self, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -107,7 +108,14 @@ class RateLimited(InsiteChatError):
 
 
 class QuotaExhausted(InsiteChatError):
-    """429 for anything but the rate limit: the plan's monthly message quota is spent."""
+    """429 for anything but the rate limit: the plan's monthly message quota is spent.
+
+    `retry_in`: seconds until the client asks InsiteChat again (0 while a trial call is deciding).
+    """
+
+    def __init__(self, detail: str, *, retry_in: float) -> None:
+        super().__init__(f"InsiteChat monthly message quota exhausted: {detail}", status=429, detail=detail)
+        self.retry_in = retry_in
 
 
 class ServerError(InsiteChatError):
@@ -240,7 +248,9 @@ class RetryPolicy:
     base_backoff: float = 0.5  # jittered exponential backoff for connect errors / 5xx
     max_backoff: float = 15.0
     rate_limit_wait: float = 60.0  # when a 429 has no Retry-After
-    quota_cooldown: float = 3600.0  # chat stays blocked this long after QuotaExhausted
+    # After QuotaExhausted chat is refused here, without a request, this long; then one trial call
+    # asks again (a raised plan works within minutes, and a spent one costs one 429 per pause).
+    quota_cooldown: float = 300.0
     failure_threshold: int = 5  # consecutive failures that open the circuit
     circuit_cooldown: float = 30.0
 
@@ -256,23 +266,25 @@ class _Circuit:
         self._tripped = False
         self._open_until = float("-inf")
         self._trial_in_flight = False
-        self._quota_until = float("-inf")
+        self._quota = False  # chat paused after a quota 429, until a chat call succeeds
+        self._quota_until = float("-inf")  # then one trial chat call may go out
+        self._quota_trial = False
         self._quota_detail = ""
 
     def state(self) -> str:
-        now = self._clock.monotonic()
         # Quota first: it outlives any outage and is what users need to hear about.
-        if now < self._quota_until:
+        if self._quota:
             return "quota"
+        now = self._clock.monotonic()
         if self._tripped:
             return "open" if now < self._open_until else "half-open"
         return "closed"
 
     def check(self, *, chat: bool) -> None:
         """Raise at once, without network, if this call may not go out now."""
-        if chat and self._clock.monotonic() < self._quota_until:
-            detail = self._quota_detail
-            raise QuotaExhausted(f"InsiteChat monthly message quota exhausted: {detail}", status=429, detail=detail)
+        if chat and self._quota and (self._quota_trial or self._clock.monotonic() < self._quota_until):
+            retry_in = 0.0 if self._quota_trial else self._quota_until - self._clock.monotonic()
+            raise QuotaExhausted(self._quota_detail, retry_in=retry_in)
         if not self._tripped:
             return
         if self._clock.monotonic() < self._open_until:
@@ -281,17 +293,40 @@ class _Circuit:
             raise Unavailable("circuit open (a trial call is in flight)")
 
     def admit(self, *, chat: bool) -> bool:
-        """check(), and claim the single trial call when half-open; True if this call is that trial."""
+        """check(), and claim the single trial call when half-open or after a quota pause; True if claimed."""
         self.check(chat=chat)
-        if not self._tripped:
-            return False
-        self._trial_in_flight = True
-        logger.info("[%s] InsiteChat circuit half-open: sending one trial call", self._name)
-        return True
+        trial = False
+        if chat and self._quota:
+            self._quota_trial = trial = True
+            logger.info("[%s] InsiteChat quota pause over: one trial chat call asks again", self._name)
+        if self._tripped:
+            self._trial_in_flight = trial = True
+            logger.info("[%s] InsiteChat circuit half-open: sending one trial call", self._name)
+        return trial
 
     def release_trial(self) -> None:
-        # A trial that ended without a verdict (cancelled) must not block the circuit forever.
+        # A trial that ended without a verdict (cancelled, a 5xx) must not block the circuit forever.
         self._trial_in_flight = False
+        self._quota_trial = False
+
+    @property
+    def quota_paused(self) -> bool:
+        """Chat is refused here after a quota 429 (the next trial is not due yet)."""
+        return self._quota and not self._quota_trial and self._clock.monotonic() < self._quota_until
+
+    def quota_try_now(self) -> None:
+        """Someone else saw that InsiteChat may take chat again (`check --live`): the next call is a trial."""
+        if self.quota_paused:
+            logger.info("[%s] InsiteChat quota pause ended from outside: the next message asks again", self._name)
+            self._quota_until = self._clock.monotonic()
+
+    def record_chat_success(self) -> bool:
+        """A chat call was answered: the quota is not spent (any more). True if that ends a pause."""
+        ended, self._quota = self._quota, False
+        self._quota_trial = False
+        if ended:
+            logger.info("[%s] InsiteChat takes chat again: the quota pause is over", self._name)
+        return ended
 
     @property
     def closed(self) -> bool:
@@ -318,14 +353,86 @@ class _Circuit:
             )
 
     def trip_quota(self, detail: str) -> None:
+        self._quota = True
+        self._quota_trial = False
         self._quota_until = self._clock.monotonic() + self._policy.quota_cooldown
         self._quota_detail = detail
         logger.error(
-            "[%s] InsiteChat monthly message quota exhausted (%s); chat paused for %.0fs",
+            "[%s] InsiteChat monthly message quota exhausted (%s); chat paused for %.0fs, then one trial call",
             self._name,
             detail,
             self._policy.quota_cooldown,
         )
+
+
+# --- the quota pause, where other processes see it -----------------------------------------
+
+
+class QuotaMark(Protocol):
+    """A quota pause written outside the process: `check --live` ends it for every process at once.
+
+    Each process keeps its own pause (it learns the quota from its own 429 and asks again on
+    its own); the mark only carries "the key works again, ask now" from `check --live` to them.
+    """
+
+    async def set(self) -> None:
+        """A process paused chat after a quota 429."""
+
+    async def is_set(self) -> bool:
+        """False once `check --live` cleared it (or the pause ended elsewhere)."""
+
+    async def clear(self) -> bool:
+        """End the pause for every process; True if there was one."""
+
+    async def aclose(self) -> None:
+        """Release what the mark holds."""
+
+
+class FileQuotaMark:
+    """The mark as a file beside the SQLite state (one bridge per file, `check --live` on the same host)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    async def set(self) -> None:
+        self.path.write_text("paused after a quota 429; `insitechat-bridge check --live` clears it\n")
+
+    async def is_set(self) -> bool:
+        return self.path.exists()
+
+    async def clear(self) -> bool:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        pass
+
+
+class RedisQuotaMark:
+    """The mark as a Redis key beside the shared state, seen by every replica."""
+
+    KEEP = 7 * 24 * 3600  # a mark nobody clears (a key no longer used) goes by itself
+
+    def __init__(self, url: str, key: str) -> None:
+        from redis.asyncio import Redis  # needed only with a Redis state
+
+        self.key = key
+        self._redis = Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+
+    async def set(self) -> None:
+        await self._redis.set(self.key, "1", ex=self.KEEP)
+
+    async def is_set(self) -> bool:
+        return bool(await self._redis.exists(self.key))
+
+    async def clear(self) -> bool:
+        return bool(await self._redis.delete(self.key))
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
 
 
 # --- client -------------------------------------------------------------------------------
@@ -346,6 +453,7 @@ class InsiteChatClient:
         transport: httpx.AsyncBaseTransport | None = None,
         random: Callable[[], float] | None = None,
         name: str = "default",
+        quota_mark: QuotaMark | None = None,
     ) -> None:
         if not api_key:
             raise ValueError("the InsiteChat API key is empty")
@@ -357,6 +465,8 @@ class InsiteChatClient:
         self._random = random or _random.random
         self._name = name
         self._circuit = _Circuit(self._clock, self._policy, name)
+        self._quota_mark = quota_mark
+        self._quota_news = False  # a quota 429 came in: the next _call step writes the mark
         self._http = httpx.AsyncClient(
             headers={
                 "Authorization": f"Bearer {api_key}",
@@ -389,6 +499,8 @@ class InsiteChatClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        if self._quota_mark is not None:
+            await self._quota_mark.aclose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -457,13 +569,18 @@ class InsiteChatClient:
         chat: bool = False,
         before_send: Callable[[], Awaitable[None]] | None = None,
     ) -> Any:
+        if chat and self._circuit.quota_paused and not await self._quota_marked():
+            self._circuit.quota_try_now()  # `check --live` saw the key work: this call is the trial
         self._circuit.check(chat=chat)  # fail fast, before waiting in the limiter's queue
         deadline = self._clock.monotonic() + self._policy.deadline
         backoffs = 0
         while True:
             try:
-                return await self._attempt(method, path, payload, lane, chat=chat, before_send=before_send)
+                result = await self._attempt(method, path, payload, lane, chat=chat, before_send=before_send)
             except InsiteChatError as error:
+                if self._quota_news:
+                    self._quota_news = False
+                    await self._mark_quota(True)
                 delay = self._retry_delay(error, backoffs, chat=chat)
                 if delay is None or not self._circuit.closed:
                     raise
@@ -474,6 +591,32 @@ class InsiteChatClient:
                     backoffs += 1
                 logger.info("[%s] %s %s failed (%s); retrying in %.1fs", self._name, method, path, error, delay)
                 await self._clock.sleep(delay)
+                continue
+            if chat and self._circuit.record_chat_success():
+                await self._mark_quota(False)
+            return result
+
+    async def _quota_marked(self) -> bool:
+        """Whether the shared quota mark still stands; a mark that cannot be read stands."""
+        if self._quota_mark is None:
+            return True
+        try:
+            return await self._quota_mark.is_set()
+        except Exception as exc:
+            logger.warning("[%s] reading the quota pause mark failed: %s: %s", self._name, type(exc).__name__, exc)
+            return True
+
+    async def _mark_quota(self, paused: bool) -> None:
+        if self._quota_mark is None:
+            return
+        try:
+            if paused:
+                await self._quota_mark.set()
+            else:
+                await self._quota_mark.clear()
+        except Exception as exc:
+            # Only `check --live` reads it: the pause itself still ends with its trial call.
+            logger.warning("[%s] writing the quota pause mark failed: %s: %s", self._name, type(exc).__name__, exc)
 
     def _retry_delay(self, error: InsiteChatError, backoffs: int, *, chat: bool) -> float | None:
         """Seconds to wait before the next attempt, or None when this error must not be retried.
@@ -599,7 +742,8 @@ class InsiteChatClient:
         said = _json_detail(response)
         if isinstance(said, str) and said.strip() and _RATE_LIMIT_MARKER not in said.lower():
             self._circuit.trip_quota(detail)
-            return QuotaExhausted(f"InsiteChat monthly message quota exhausted: {detail}", status=429, detail=detail)
+            self._quota_news = True
+            return QuotaExhausted(detail, retry_in=self._policy.quota_cooldown)
         wait = self._retry_after(response)
         if self._limiter is not None:
             self._limiter.penalize(self._clock.monotonic() + wait)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -44,7 +45,7 @@ NOTICES = {
     "queued": "Lots of questions right now: you're number {position} in the queue. "
     "I'll answer in about {seconds} seconds.",
     "quota": "The chatbot has used up its monthly message allowance, so I can't answer right now. "
-    "An admin can raise the plan's limit in InsiteChat.",
+    "I'll check again in about {when}: ask me then. An admin can raise the plan's limit in InsiteChat.",
     "busy": "The chatbot is very busy right now and couldn't answer in time. Please ask again in a minute.",
     "unavailable": "The chatbot service isn't reachable right now. Please try again in a few minutes.",
     "misconfigured": "I'm not set up correctly to answer here yet. An admin can see why in the bridge's logs.",
@@ -362,7 +363,11 @@ class Relay:
         try:
             answer = await client.chat(job.chatbot, text, session_id, lane=lane, before_send=asking)
         except InsiteChatError as exc:
-            return _notice(self._failure_notice(job.chatbot, exc))
+            reply = _notice(self._failure_notice(job.chatbot, exc))
+            if isinstance(exc, QuotaExhausted):
+                # When the bot asks InsiteChat again: a raised plan works from then on.
+                return _Reply(reply.text.format(when=_in_minutes(exc.retry_in)), reply.kind, reply.outcome)
+            return reply
         if not adapter.render(answer):
             log.warning("chatbot %s returned an empty answer", job.chatbot)
             return _notice("empty")
@@ -442,6 +447,12 @@ class Relay:
                 await self._store.renew_jobs(list(unfinished), lease=0)
             except StoreError as exc:
                 log.warning("could not hand over %d unfinished job(s) at once (%s); their leases run out", len(unfinished), exc)
+
+
+def _in_minutes(seconds: float) -> str:
+    """ "a minute", "5 minutes": a wait as the user reads it, rounded up."""
+    minutes = max(1, math.ceil(seconds / 60))
+    return "a minute" if minutes == 1 else f"{minutes} minutes"
 
 
 def _notice(name: str, outcome: Outcome = Outcome.NOTICE) -> _Reply:

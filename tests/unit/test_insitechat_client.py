@@ -449,7 +449,7 @@ async def test_quota_is_never_retried_and_blocks_chat_until_the_cooldown(
 ) -> None:
     chat = api.post(CHAT).mock(side_effect=[fail(429, QUOTA["detail"]), reply("back")])
     listing = api.get("/v1/chatbots").mock(return_value=httpx.Response(200, json=[]))
-    client = make_client(policy=RetryPolicy(quota_cooldown=3600.0))
+    client = make_client(policy=RetryPolicy(quota_cooldown=600.0))
     with pytest.raises(QuotaExhausted) as caught:
         await client.chat(BOT, "hi", "s")
     assert "Monthly message limit reached." in str(caught.value)
@@ -460,9 +460,37 @@ async def test_quota_is_never_retried_and_blocks_chat_until_the_cooldown(
     assert chat.call_count == 1  # refused without a request
     assert await client.list_chatbots() == []  # the quota is about messages: reads still work
     assert listing.call_count == 1
-    clock.advance(3600.0)
-    assert client.circuit_state() == "closed"
+    clock.advance(600.0)
+    assert client.circuit_state() == "quota"  # until a trial call says otherwise
     assert await client.chat(BOT, "hi", "s") == "back"
+    assert client.circuit_state() == "closed"
+
+
+async def test_after_the_quota_pause_one_trial_call_goes_out_and_the_others_hear_quota(
+    api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
+) -> None:
+    release = asyncio.Event()
+
+    async def slow_reply(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return reply("back")
+
+    route = api.post(CHAT).mock(side_effect=[fail(429, QUOTA["detail"]), slow_reply, reply("next")])
+    client = make_client()
+    with pytest.raises(QuotaExhausted) as first:
+        await client.chat(BOT, "hi", "s")
+    assert first.value.retry_in == pytest.approx(300.0)  # what the notice tells the user
+    clock.advance(300.0)
+    trial = asyncio.create_task(client.chat(BOT, "first", "s1"))
+    await asyncio.sleep(0.01)  # the trial is on its way; no clock time passes
+    with pytest.raises(QuotaExhausted) as meanwhile:
+        await client.chat(BOT, "second", "s2")
+    assert meanwhile.value.retry_in == 0.0  # a trial is deciding right now
+    release.set()
+    assert await trial == "back"
+    assert client.circuit_state() == "closed"
+    assert await client.chat(BOT, "third", "s3") == "next"
+    assert route.call_count == 3  # the refused one never left
 
 
 # --- circuit breaker -------------------------------------------------------------------------

@@ -1,0 +1,172 @@
+"""InsiteChat's limits and outages as users live them: quota, the circuit, rate limits (issue 12, items 1-3)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from bridge import config
+from bridge.app import BridgeApp
+from bridge.clock import ManualClock
+from bridge.desk import AlertDesk
+from bridge.emulator import Account, Emulator, RecordedRequest
+from bridge.insitechat import InsiteChatClient
+from bridge.messages import Inbound
+from bridge.outbox import Outbox
+from bridge.relay import Outcome, Relay
+from bridge.store import SQLiteStore
+from tests.fakes.queue_adapter import QueueAdapter
+
+TINY_BOT = "22222222-3333-4444-8555-666666666666"
+TINY_KEY = "ic_tiny_plan_key_0123456789"
+
+
+def chat_calls(emulator: Emulator) -> list[RecordedRequest]:
+    return [r for r in emulator.requests if r.path.endswith("/chat")]
+
+
+def dm(text: str, n: int) -> Inbound:
+    return Inbound(
+        platform="slack", workspace="T1", channel=f"D{n}", message_id=str(n), author_id="U1", text=text, is_dm=True
+    )
+
+
+def tiny_plan(emulator: Emulator, quota: int | None) -> Account:
+    account = emulator.add_account("Tiny plan", monthly_quota=quota)
+    emulator.add_key(account, TINY_KEY)
+    emulator.add_chatbot(account, "Tiny", chatbot_id=TINY_BOT)
+    return account
+
+
+class Harness:
+    """A relay on the emulator with a queue adapter named "slack", on an injected clock."""
+
+    def __init__(self, emulator: Emulator, tmp_path: Path, clock: ManualClock, *, extra: str = "") -> None:
+        self.settings = config.loads(
+            f"""
+insitechat: {{base_url: "{emulator.base_url}", api_key: "${{KEY}}"}}
+state: {{sqlite: "{tmp_path / 'state.db'}"}}
+slack: {{bot_token: "${{KEY}}", app_token: "${{KEY}}"}}
+routes: [{{platform: slack, chatbot: {TINY_BOT}, reply: mention}}]
+{extra}
+""",
+            env={"KEY": TINY_KEY},
+        )
+        from bridge.app import build_clients
+
+        self.clock = clock
+        self.store = SQLiteStore(tmp_path / "state.db", clock=clock)
+        self.clients: dict[str, InsiteChatClient] = build_clients(self.settings, clock)
+        self.outbox = Outbox(self.store, AlertDesk(self.settings, self.store, clock), clock, jitter=lambda: 0.0)
+        self.relay = Relay(self.settings, self.store, self.clients, self.outbox, clock=clock, queue_notice_after=10)
+        self.adapter = QueueAdapter("slack")
+        self.relay.register(self.adapter)
+        self.outbox.register(self.adapter)
+
+    def last_text(self) -> str:
+        return "".join(self.adapter.sent[-1].parts)
+
+    async def close(self) -> None:
+        for client in self.clients.values():
+            await client.aclose()
+        await self.store.close()
+
+
+@pytest.fixture
+async def harness(emulator: Emulator, tmp_path: Path) -> AsyncIterator[Harness]:
+    h = Harness(emulator, tmp_path, ManualClock())
+    yield h
+    await h.close()
+
+
+# --- item 1: a quota 429 is asked again after a few minutes -------------------------------------
+
+
+async def test_a_quota_pause_asks_again_after_a_few_minutes_and_says_when(
+    emulator: Emulator, harness: Harness
+) -> None:
+    account = tiny_plan(emulator, quota=1)
+    h = harness
+    assert await h.relay.handle(dm("one", 1)) is Outcome.ANSWERED
+    assert await h.relay.handle(dm("two", 2)) is Outcome.NOTICE
+    assert "monthly message allowance" in h.last_text() and "in about 5 minutes" in h.last_text()
+    h.clock.advance(60.0)
+    assert await h.relay.handle(dm("three", 3)) is Outcome.NOTICE
+    assert "in about 4 minutes" in h.last_text()
+    assert len(chat_calls(emulator)) == 2  # refused here, without asking InsiteChat
+    h.clock.advance(240.0)
+    # The pause is over: one trial call. The plan is still spent, so another pause begins.
+    assert await h.relay.handle(dm("four", 4)) is Outcome.NOTICE
+    assert len(chat_calls(emulator)) == 3 and "in about 5 minutes" in h.last_text()
+    account.monthly_quota = None  # the admin raises the plan
+    h.clock.advance(300.0)
+    assert await h.relay.handle(dm("five", 5)) is Outcome.ANSWERED
+    assert len(chat_calls(emulator)) == 4
+    assert await h.relay.handle(dm("six", 6)) is Outcome.ANSWERED  # closed again: no more trials
+
+
+def console_bridge_config(emulator: Emulator, state: str) -> str:
+    return (
+        f"insitechat: {{base_url: '{emulator.base_url}', api_key: '${{INSITECHAT_API_KEY}}'}}\n"
+        f"{state}\n"
+        "server: {listen: '127.0.0.1:0'}\n"
+        "console: {enabled: true}\n"
+        f"routes: [{{platform: console, chatbot: {TINY_BOT}}}]\n"
+    )
+
+
+def console_message(text: str, n: int) -> Inbound:
+    return Inbound(
+        platform="console", workspace="", channel="console", message_id=str(n), author_id="you", text=text, is_dm=True
+    )
+
+
+async def run_check_live(cfg: Path) -> tuple[int, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "INSITECHAT_API_KEY": TINY_KEY}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "check", "--live", "--config", str(cfg), env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def check_live_ends_the_pause(emulator: Emulator, tmp_path: Path, state: str) -> None:
+    account = tiny_plan(emulator, quota=0)
+    text = console_bridge_config(emulator, state)
+    cfg = tmp_path / "bridge.yaml"
+    cfg.write_text(text)
+    settings = config.loads(text, env={"INSITECHAT_API_KEY": TINY_KEY, "REDIS_URL": os.environ.get("REDIS_URL", "")})
+    app = BridgeApp(settings, console_in=io.StringIO(""), console_out=io.StringIO())
+    await app.start()
+    try:
+        assert await app.relay.handle(console_message("one", 1)) is Outcome.NOTICE
+        account.monthly_quota = None  # the admin raises the plan, then checks the setup
+        assert await app.relay.handle(console_message("two", 2)) is Outcome.NOTICE
+        assert len(chat_calls(emulator)) == 1  # still paused here
+        code, out = await run_check_live(cfg)
+        assert code == 0, out
+        assert "quota" in out and "cleared" in out
+        assert await app.relay.handle(console_message("three", 3)) is Outcome.ANSWERED
+        assert len(chat_calls(emulator)) == 2
+    finally:
+        await app.stop()
+
+
+async def test_check_live_ends_a_quota_pause_at_once(emulator: Emulator, tmp_path: Path) -> None:
+    await check_live_ends_the_pause(emulator, tmp_path, f"state: {{sqlite: '{tmp_path / 'state.db'}'}}")
+
+
+async def test_check_live_ends_the_quota_pause_of_every_replica_on_redis(
+    emulator: Emulator, tmp_path: Path, redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    state = f"state: {{redis_url: '${{REDIS_URL}}', redis_prefix: '{redis_prefix}'}}"
+    await check_live_ends_the_pause(emulator, tmp_path, state)
