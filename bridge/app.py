@@ -353,9 +353,11 @@ class BridgeApp:
         parts: dict[str, str] = {}
         parts["state"] = "ok" if await self.store.ping() else "the state store does not answer"
         for name, client in self.clients.items():
+            # Degraded, not unready: chat gets a notice, and webhooks (a visitor asking for a
+            # human) must keep reaching this replica, so a load balancer must keep it.
             parts[f"insitechat:{name}"] = {
-                "open": "InsiteChat is failing: circuit open",
-                "quota": "InsiteChat monthly quota exhausted",
+                "open": "ok (degraded: InsiteChat is failing, circuit open; questions get a notice)",
+                "quota": "ok (degraded: monthly message quota exhausted; questions get a notice)",
             }.get(client.circuit_state(), "ok")
         for adapter in self.adapters:
             supervisor = self.supervisors.get(adapter.name)
@@ -368,10 +370,12 @@ class BridgeApp:
         return parts
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        """Ready: every part can do its job. The body says which part is not."""
+        """Ready: every part can do its job. The body says which part is not, and which is degraded."""
         parts = await self.readiness()
         ready = all(v == "ok" or v.startswith("ok (") for v in parts.values())
-        return web.json_response({"ready": ready, "parts": parts}, status=200 if ready else 503)
+        degraded = [name for name, v in parts.items() if v.startswith("ok (degraded")]
+        body = {"ready": ready, "degraded": degraded, "parts": parts}
+        return web.json_response(body, status=200 if ready else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         depth, oldest = await self.store.outbox_depth()
@@ -382,4 +386,7 @@ class BridgeApp:
         for name, client in self.clients.items():
             if client.limiter is not None:
                 metrics.LIMITER_QUEUE.labels(name).set(client.limiter.waiting)
+            now = client.circuit_state()
+            for state in metrics.CIRCUIT_STATES:
+                metrics.INSITECHAT_CIRCUIT.labels(name, state).set(1.0 if state == now else 0.0)
         return web.Response(body=metrics.render(), headers={"Content-Type": metrics.CONTENT_TYPE})

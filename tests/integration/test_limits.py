@@ -170,3 +170,62 @@ async def test_check_live_ends_the_quota_pause_of_every_replica_on_redis(
     monkeypatch.setenv("REDIS_URL", redis_url)
     state = f"state: {{redis_url: '${{REDIS_URL}}', redis_prefix: '{redis_prefix}'}}"
     await check_live_ends_the_pause(emulator, tmp_path, state)
+
+
+# --- item 2: quota and an open circuit are degraded, not unready ----------------------------------
+
+
+async def readyz_and_metrics(app: BridgeApp) -> tuple[int, dict[str, object], str]:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=app.server_url) as http:
+        ready = await http.get("/readyz")
+        metrics_text = (await http.get("/metrics")).text
+    return ready.status_code, ready.json(), metrics_text
+
+
+def circuit_gauge(metrics_text: str, state: str) -> float:
+    line = f'insitechat_bridge_insitechat_circuit{{key="default",state="{state}"}} '
+    [value] = [row[len(line):] for row in metrics_text.splitlines() if row.startswith(line)]
+    return float(value)
+
+
+@pytest.fixture
+async def console_app(emulator: Emulator, tmp_path: Path) -> AsyncIterator[BridgeApp]:
+    text = console_bridge_config(emulator, f"state: {{sqlite: '{tmp_path / 'state.db'}'}}")
+    app = BridgeApp(config.loads(text, env={"INSITECHAT_API_KEY": TINY_KEY}), console_in=io.StringIO(""))
+    await app.start()
+    yield app
+    await app.stop()
+
+
+async def test_readyz_stays_200_when_the_quota_is_spent_and_says_so_with_metrics(
+    emulator: Emulator, console_app: BridgeApp
+) -> None:
+    tiny_plan(emulator, quota=0)
+    status, body, metrics_text = await readyz_and_metrics(console_app)
+    assert (status, body["ready"], body["degraded"]) == (200, True, [])
+    assert circuit_gauge(metrics_text, "closed") == 1.0
+    # Chat gets a notice, but webhooks (escalation alerts) must keep reaching this replica.
+    assert await console_app.relay.handle(console_message("one", 1)) is Outcome.NOTICE
+    status, body, metrics_text = await readyz_and_metrics(console_app)
+    assert (status, body["ready"], body["degraded"]) == (200, True, ["insitechat:default"])
+    parts = body["parts"]
+    assert isinstance(parts, dict) and parts["insitechat:default"].startswith("ok (degraded: monthly")
+    assert (circuit_gauge(metrics_text, "quota"), circuit_gauge(metrics_text, "closed")) == (1.0, 0.0)
+
+
+async def test_readyz_stays_200_while_the_circuit_is_open_and_says_so_with_metrics(
+    emulator: Emulator, console_app: BridgeApp
+) -> None:
+    tiny_plan(emulator, quota=None)
+    emulator.inject(status=500, count=None, path_contains="/chat")
+    for n in range(10):  # one request per answer: a chat call is not re-sent after a 500
+        assert await console_app.relay.handle(console_message("hello?", n)) is Outcome.NOTICE
+        if console_app.clients["default"].circuit_state() == "open":
+            break
+    status, body, metrics_text = await readyz_and_metrics(console_app)
+    assert (status, body["ready"], body["degraded"]) == (200, True, ["insitechat:default"])
+    parts = body["parts"]
+    assert isinstance(parts, dict) and parts["insitechat:default"].startswith("ok (degraded: InsiteChat is failing")
+    assert (circuit_gauge(metrics_text, "open"), circuit_gauge(metrics_text, "closed")) == (1.0, 0.0)
