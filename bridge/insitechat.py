@@ -255,8 +255,18 @@ class RetryPolicy:
     circuit_cooldown: float = 30.0
 
 
+class _TrialInFlight(Unavailable):
+    """Half-open, and another call is the trial: wait for its verdict rather than refuse."""
+
+
 class _Circuit:
-    """Consecutive 5xx / network failures open it; after a cooldown one trial call may pass."""
+    """Consecutive 5xx / network failures open it; after a cooldown one trial call may pass.
+
+    Calls that come while it is open wait for that trial (`wait_turn`), when it can come before
+    their deadline, instead of being told "unreachable" by a service that is back. A failure of
+    a call sent before the circuit last opened or closed is stale: it neither extends nor
+    reopens it (a read timeout can come a minute after the request left).
+    """
 
     def __init__(self, clock: Clock, policy: RetryPolicy, name: str) -> None:
         self._clock = clock
@@ -266,6 +276,9 @@ class _Circuit:
         self._tripped = False
         self._open_until = float("-inf")
         self._trial_in_flight = False
+        self._changed_at = float("-inf")  # when it last opened or closed
+        self._openings = 0
+        self._trial_ended = asyncio.Event()
         self._quota = False  # chat paused after a quota 429, until a chat call succeeds
         self._quota_until = float("-inf")  # then one trial chat call may go out
         self._quota_trial = False
@@ -290,7 +303,34 @@ class _Circuit:
         if self._clock.monotonic() < self._open_until:
             raise Unavailable("circuit open")
         if self._trial_in_flight:
-            raise Unavailable("circuit open (a trial call is in flight)")
+            raise _TrialInFlight("circuit open (a trial call is in flight)")
+
+    async def wait_turn(self, deadline: float) -> None:
+        """While open, wait for the cooldown's end; while a trial is in flight, for its verdict.
+
+        Returns at once when the wait would outlast `deadline` (check() then refuses), and
+        raises Unavailable when the trial this call waited for failed.
+        """
+        openings = self._openings
+        while self._tripped:
+            if self._openings != openings:
+                raise Unavailable("circuit open (the trial call failed)")
+            now = self._clock.monotonic()
+            if now < self._open_until:
+                if self._open_until > deadline:
+                    return
+                await self._clock.sleep(self._open_until - now)
+            elif self._trial_in_flight:
+                if now >= deadline:
+                    return
+                await self._trial_ended.wait()  # the trial's own timeout bounds this
+            else:
+                return  # half-open: this call may be the trial
+
+    def _end_trial(self) -> None:
+        self._trial_in_flight = False
+        self._trial_ended.set()
+        self._trial_ended = asyncio.Event()
 
     def admit(self, *, chat: bool) -> bool:
         """check(), and claim the single trial call when half-open or after a quota pause; True if claimed."""
@@ -305,8 +345,9 @@ class _Circuit:
         return trial
 
     def release_trial(self) -> None:
-        # A trial that ended without a verdict (cancelled, a 5xx) must not block the circuit forever.
-        self._trial_in_flight = False
+        # A trial that ended without a verdict (cancelled, a 429) must not block the circuit forever.
+        if self._trial_in_flight:
+            self._end_trial()
         self._quota_trial = False
 
     @property
@@ -335,16 +376,21 @@ class _Circuit:
     def record_success(self) -> None:
         if self._tripped:
             logger.info("[%s] InsiteChat circuit closed: the service answers again", self._name)
+            self._changed_at = self._clock.monotonic()
         self._failures = 0
         self._tripped = False
-        self._trial_in_flight = False
+        self._end_trial()
 
-    def record_failure(self) -> None:
+    def record_failure(self, sent_at: float) -> None:
+        if sent_at < self._changed_at:
+            return  # sent before the circuit last opened or closed: says nothing about now
         self._failures += 1
         if self._trial_in_flight or self._failures >= self._policy.failure_threshold:
             self._tripped = True
-            self._trial_in_flight = False
-            self._open_until = self._clock.monotonic() + self._policy.circuit_cooldown
+            self._openings += 1
+            self._changed_at = self._clock.monotonic()
+            self._open_until = self._changed_at + self._policy.circuit_cooldown
+            self._end_trial()
             logger.warning(
                 "[%s] InsiteChat circuit open for %.0fs after %d consecutive failures",
                 self._name,
@@ -533,11 +579,13 @@ class InsiteChatClient:
         *,
         lane: str = "",
         before_send: Callable[[], Awaitable[None]] | None = None,
+        on_wait: Callable[[float], Awaitable[None]] | None = None,
     ) -> str:
         """Send one message in a session; returns the reply text (may contain Markdown).
 
         `before_send` is awaited each time the request is about to leave, after the wait in
         the limiter's queue: the relay records there that the call may have been received.
+        `on_wait(seconds)` is awaited before a rate limit is waited out (the relay's queued notice).
         """
         if len(message) > MAX_MESSAGE_CHARS:
             logger.debug(
@@ -551,6 +599,7 @@ class InsiteChatClient:
             lane=lane,
             chat=True,
             before_send=before_send,
+            on_wait=on_wait,
         )
         reply = data.get("response") if isinstance(data, dict) else None
         if not isinstance(reply, str):
@@ -568,15 +617,22 @@ class InsiteChatClient:
         lane: str = "",
         chat: bool = False,
         before_send: Callable[[], Awaitable[None]] | None = None,
+        on_wait: Callable[[float], Awaitable[None]] | None = None,
     ) -> Any:
         if chat and self._circuit.quota_paused and not await self._quota_marked():
             self._circuit.quota_try_now()  # `check --live` saw the key work: this call is the trial
-        self._circuit.check(chat=chat)  # fail fast, before waiting in the limiter's queue
         deadline = self._clock.monotonic() + self._policy.deadline
+        await self._circuit.wait_turn(deadline)  # a trial may be due within our deadline: no stale refusal
+        self._circuit.check(chat=chat)  # fail fast, before waiting in the limiter's queue
         backoffs = 0
         while True:
             try:
                 result = await self._attempt(method, path, payload, lane, chat=chat, before_send=before_send)
+            except _TrialInFlight:
+                # Another call became the trial while this one waited in the limiter's queue.
+                await self._circuit.wait_turn(deadline)
+                self._circuit.check(chat=chat)
+                continue
             except InsiteChatError as error:
                 if self._quota_news:
                     self._quota_news = False
@@ -590,6 +646,8 @@ class InsiteChatClient:
                 if not isinstance(error, RateLimited):
                     backoffs += 1
                 logger.info("[%s] %s %s failed (%s); retrying in %.1fs", self._name, method, path, error, delay)
+                if on_wait is not None and isinstance(error, RateLimited):
+                    await on_wait(delay)
                 await self._clock.sleep(delay)
                 continue
             if chat and self._circuit.record_chat_success():
@@ -694,11 +752,11 @@ class InsiteChatClient:
                     response = await self._http.request(method, self._base + path, json=payload)
                 except httpx.TransportError as exc:
                     metrics.INSITECHAT_RESPONSES.labels(endpoint, "network").inc()
-                    self._circuit.record_failure()
+                    self._circuit.record_failure(sent)
                     raise self._transport_error(exc) from exc
             metrics.INSITECHAT_SECONDS.labels(endpoint).observe(self._clock.monotonic() - sent)
             metrics.INSITECHAT_RESPONSES.labels(endpoint, str(response.status_code)).inc()
-            return self._handle(response)
+            return self._handle(response, sent)
         finally:
             if trial:
                 self._circuit.release_trial()
@@ -708,10 +766,10 @@ class InsiteChatClient:
         reason = f"{kind} ({type(exc).__name__}: {self._redact(str(exc)) or 'no details'})"
         return Unavailable(reason, request_sent=not isinstance(exc, _NEVER_SENT))
 
-    def _handle(self, response: httpx.Response) -> Any:
+    def _handle(self, response: httpx.Response, sent: float) -> Any:
         status = response.status_code
         if status >= 500:
-            self._circuit.record_failure()
+            self._circuit.record_failure(sent)
             detail = self._detail(response)
             raise ServerError(f"InsiteChat server error {status}: {detail}", status=status, detail=detail)
         # Anything below 500 proves the service is up, errors included.

@@ -352,7 +352,7 @@ class Relay:
         conversation = inbound.conversation
         session_id = conversation.session_id(await self._store.generation(conversation.key))
         text = inbound.text.strip()
-        await self._maybe_queue_notice(adapter, inbound, client, lane)
+        queue_noticed = await self._maybe_queue_notice(adapter, inbound, client, lane)
 
         async def asking() -> None:
             # Stored as the request leaves, not before the limiter's queue: a question that
@@ -360,8 +360,19 @@ class Relay:
             # after a restart even with after_restart: notice.
             await self._store.job_asked(job.id)
 
+        async def rate_limited(seconds: float) -> None:
+            # A 429 without Retry-After waits a minute: the user hears why, once, not only a reaction.
+            nonlocal queue_noticed
+            if queue_noticed or seconds < self._queue_notice_after:
+                return
+            queue_noticed = True
+            position = client.limiter.position(lane) + 1 if client.limiter is not None else 1
+            await self._post_queue_notice(adapter, inbound, position, seconds)
+
         try:
-            answer = await client.chat(job.chatbot, text, session_id, lane=lane, before_send=asking)
+            answer = await client.chat(
+                job.chatbot, text, session_id, lane=lane, before_send=asking, on_wait=rate_limited
+            )
         except InsiteChatError as exc:
             reply = _notice(self._failure_notice(job.chatbot, exc))
             if isinstance(exc, QuotaExhausted):
@@ -376,15 +387,21 @@ class Relay:
         offer_human = self._handovers.offered(conversation, job.chatbot, is_dm=inbound.is_dm)
         return _Reply(answer, ReplyKind.ANSWER, Outcome.ANSWERED, offer_human)
 
-    async def _maybe_queue_notice(self, adapter: Adapter, inbound: Inbound, client: InsiteChatClient, lane: str) -> None:
+    async def _maybe_queue_notice(
+        self, adapter: Adapter, inbound: Inbound, client: InsiteChatClient, lane: str
+    ) -> bool:
         """A courtesy while the answer waits in the queue: posted at once, not retried (the answer is)."""
         limiter = client.limiter
         if limiter is None:
-            return
+            return False
         wait = limiter.estimated_wait(lane)
         if wait < self._queue_notice_after:
-            return
-        text = NOTICES["queued"].format(position=limiter.position(lane) + 1, seconds=int(wait + 0.999))
+            return False
+        await self._post_queue_notice(adapter, inbound, limiter.position(lane) + 1, wait)
+        return True
+
+    async def _post_queue_notice(self, adapter: Adapter, inbound: Inbound, position: int, wait: float) -> None:
+        text = NOTICES["queued"].format(position=position, seconds=int(wait + 0.999))
         parts = adapter.render(text)
         outbound = Outbound(
             inbound.conversation,

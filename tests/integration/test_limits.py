@@ -229,3 +229,75 @@ async def test_readyz_stays_200_while_the_circuit_is_open_and_says_so_with_metri
     parts = body["parts"]
     assert isinstance(parts, dict) and parts["insitechat:default"].startswith("ok (degraded: InsiteChat is failing")
     assert (circuit_gauge(metrics_text, "open"), circuit_gauge(metrics_text, "closed")) == (1.0, 0.0)
+
+
+# --- item 3: after an outage or a rate limit ---------------------------------------------------
+
+
+async def test_after_an_outage_a_question_waits_for_the_trial_and_is_answered(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    tiny_plan(emulator, quota=None)
+    h = Harness(emulator, tmp_path, ManualClock(autojump=True))
+    try:
+        emulator.inject(status=500, count=5, path_contains="/chat")  # five failures open the circuit
+        for n in range(5):
+            assert await h.relay.handle(dm("anyone?", n)) is Outcome.NOTICE
+        assert h.clients["default"].circuit_state() == "open"
+        h.clock.advance(1.0)  # InsiteChat is back, a second later
+        started = h.clock.monotonic()
+        assert await h.relay.handle(dm("and now?", 9)) is Outcome.ANSWERED  # not "isn't reachable"
+        assert h.clock.monotonic() - started == pytest.approx(29.0)  # the trial left at the cooldown's end
+    finally:
+        await h.close()
+
+
+async def test_waiting_messages_after_a_retry_after_are_released_through_the_limiter(tmp_path: Path) -> None:
+    clock = ManualClock()
+    emulator = Emulator(clock=clock, rate_limit=5, retry_after_header=True)
+    tiny_plan(emulator, quota=None)
+    await emulator.start()
+    h = Harness(emulator, tmp_path, clock)
+    other = InsiteChatClient(emulator.base_url, TINY_KEY, clock=clock)  # another bridge on the same key
+    try:
+        for _ in range(5):  # it spends the upstream limit, a second apart
+            await other.list_chatbots()
+            clock.advance(1.0)
+        tasks = [asyncio.create_task(h.relay.handle(dm(f"question {n}", n))) for n in range(5)]
+        for _ in range(400):  # the injected clock moves; nothing sleeps for real
+            if all(t.done() for t in tasks):
+                break
+            clock.advance(0.5)
+            await asyncio.sleep(0.01)
+        assert [t.result() for t in tasks] == [Outcome.ANSWERED] * 5
+        refused = [r for r in chat_calls(emulator) if r.status == 429]
+        # The first five met the other bridge's minute; after the Retry-After none met it again.
+        assert len(refused) == 5, [(r.time, r.status) for r in chat_calls(emulator)]
+    finally:
+        await other.aclose()
+        await h.close()
+        await emulator.stop()
+
+
+async def test_a_rate_limit_wait_without_retry_after_posts_the_queued_notice(tmp_path: Path) -> None:
+    clock = ManualClock()
+    emulator = Emulator(clock=clock, rate_limit=1)  # no Retry-After: the bridge waits 60 s
+    tiny_plan(emulator, quota=None)
+    await emulator.start()
+    h = Harness(emulator, tmp_path, clock)
+    other = InsiteChatClient(emulator.base_url, TINY_KEY, clock=clock)
+    try:
+        await other.list_chatbots()  # the other bridge took this minute's only request
+        task = asyncio.create_task(h.relay.handle(dm("a question", 1)))
+        notice = await h.adapter.next_post()
+        assert "in the queue" in "".join(notice.parts) and "60 seconds" in "".join(notice.parts)
+        assert not task.done()
+        while not task.done():
+            clock.advance(5.0)
+            await asyncio.sleep(0.01)
+        assert task.result() is Outcome.ANSWERED
+        assert [post.kind.value for post in h.adapter.sent] == ["notice", "answer"]
+    finally:
+        await other.aclose()
+        await h.close()
+        await emulator.stop()

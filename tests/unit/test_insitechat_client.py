@@ -778,3 +778,67 @@ async def test_before_send_runs_after_the_limiter_queue_once_per_request_sent(
     api.post(CHAT).mock(side_effect=answer)
     assert await make_client(limiter=limiter).chat(BOT, "hi", "s", before_send=before_send) == "ok"
     assert events == ["send after 1 grant(s)", "request", "send after 2 grant(s)", "request"]
+
+
+# --- after an outage: no stale refusals (issue 12 item 3) ---------------------------------------
+
+
+async def test_a_call_while_the_circuit_is_open_waits_for_the_trial_instead_of_being_refused(
+    api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
+) -> None:
+    route = api.post(CHAT).mock(side_effect=[fail(500), reply("up")])
+    client = make_client(policy=RetryPolicy(failure_threshold=1, circuit_cooldown=30.0))
+    with pytest.raises(ServerError):
+        await client.chat(BOT, "hi", "s")
+    clock.advance(1.0)  # InsiteChat is back; the circuit does not know yet
+    assert await client.chat(BOT, "hi", "s") == "up"  # the trial, as soon as the cooldown allows
+    assert clock.monotonic() - START == pytest.approx(30.0)
+    assert route.call_count == 2
+
+
+async def test_calls_wait_for_the_trials_verdict_and_go_when_it_succeeds(
+    api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
+) -> None:
+    release = asyncio.Event()
+
+    async def slow_success(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return reply("trial")
+
+    route = api.post(CHAT).mock(side_effect=[fail(500), slow_success, reply("second")])
+    client = make_client(policy=RetryPolicy(failure_threshold=1, circuit_cooldown=30.0))
+    with pytest.raises(ServerError):
+        await client.chat(BOT, "hi", "s")
+    clock.advance(30.0)
+    trial = asyncio.create_task(client.chat(BOT, "first", "s1"))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(client.chat(BOT, "second", "s2"))
+    await asyncio.sleep(0.01)
+    assert not second.done()  # waits for the verdict, is not told "unreachable"
+    release.set()
+    assert (await trial, await second) == ("trial", "second")
+    assert route.call_count == 3
+
+
+async def test_a_late_failure_of_a_call_sent_before_the_outage_does_not_reopen_the_circuit(
+    api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
+) -> None:
+    release = asyncio.Event()
+
+    async def late_failure(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return fail(500)
+
+    api.post(CHAT).mock(side_effect=[late_failure, fail(500), reply("trial"), reply("after")])
+    client = make_client(policy=RetryPolicy(deadline=0.0, failure_threshold=1, circuit_cooldown=30.0))
+    old = asyncio.create_task(client.chat(BOT, "sent before the outage", "s0"))
+    await asyncio.sleep(0.01)
+    with pytest.raises(ServerError):
+        await client.chat(BOT, "hi", "s")  # opens the circuit
+    clock.advance(30.0)
+    assert await client.chat(BOT, "hi", "s") == "trial"  # closes it
+    release.set()
+    with pytest.raises(ServerError):
+        await old
+    assert client.circuit_state() == "closed"  # a stale failure: it says nothing about now
+    assert await client.chat(BOT, "hi", "s") == "after"
