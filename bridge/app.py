@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import TextIO
 
 from aiohttp import web
@@ -18,7 +20,7 @@ from bridge.clock import Clock, SystemClock
 from bridge.config import Settings
 from bridge.desk import AlertDesk
 from bridge.handover import HandOvers
-from bridge.insitechat import InsiteChatClient, RetryPolicy
+from bridge.insitechat import FileQuotaMark, InsiteChatClient, QuotaMark, RedisQuotaMark, RetryPolicy
 from bridge.leader import LEASE, RedisLease
 from bridge.limiter import SlidingWindowLimiter
 from bridge.outbox import ATTEMPT_LEASE, Outbox
@@ -56,10 +58,27 @@ class Leases:
         return cls(*(scale * getattr(defaults, f.name) for f in fields(cls)))
 
 
-def build_clients(settings: Settings, clock: Clock, *, redis_url: str | None = None) -> dict[str, InsiteChatClient]:
+def quota_mark(settings: Settings, api_key: str) -> QuotaMark:
+    """Where a quota pause of this key is marked, for `check --live` to end in every running bridge.
+
+    Beside the state: a key in its Redis (every replica), or a file next to the SQLite file.
+    Named by a hash of the key, never the key.
+    """
+    digest = hashlib.sha256(api_key.encode()).hexdigest()[:32]
+    state = settings.state
+    if state.redis_url:
+        return RedisQuotaMark(state.redis_url, f"{state.redis_prefix}quota-pause:{digest}")
+    sqlite = Path(state.sqlite)
+    return FileQuotaMark(sqlite.with_name(f"{sqlite.name}.quota-pause-{digest[:16]}"))
+
+
+def build_clients(
+    settings: Settings, clock: Clock, *, redis_url: str | None = None, quota_marks: bool = False
+) -> dict[str, InsiteChatClient]:
     """One client and one limiter per API key: the upstream limit is per key, whatever the chatbot.
 
-    With `redis_url` each key's window is kept in Redis, shared by every replica.
+    With `redis_url` each key's window is kept in Redis, shared by every replica. With
+    `quota_marks` a quota pause is marked beside the state, where `check --live` ends it.
     """
     ic = settings.insitechat
 
@@ -82,6 +101,7 @@ def build_clients(settings: Settings, clock: Clock, *, redis_url: str | None = N
             policy=RetryPolicy(deadline=ic.deadline),
             timeout=ic.timeout,
             name=name,
+            quota_mark=quota_mark(settings, key) if quota_marks else None,
         )
         for name, key in ic.all_keys.items()
     }
@@ -130,7 +150,7 @@ class BridgeApp:
             lock_lease=leases.conversation_lock,
         )
         # Several replicas share one Redis: its InsiteChat budget per key, and one Discord gateway.
-        self.clients = build_clients(settings, self.clock, redis_url=settings.state.redis_url)
+        self.clients = build_clients(settings, self.clock, redis_url=settings.state.redis_url, quota_marks=True)
         self.desk = AlertDesk(settings, self.store, self.clock)
         self.outbox = Outbox(self.store, self.desk, self.clock, attempt_lease=leases.delivery_attempt)
         self.desk.on_queued = self.outbox.wake
@@ -335,9 +355,11 @@ class BridgeApp:
         parts: dict[str, str] = {}
         parts["state"] = "ok" if await self.store.ping() else "the state store does not answer"
         for name, client in self.clients.items():
+            # Degraded, not unready: chat gets a notice, and webhooks (a visitor asking for a
+            # human) must keep reaching this replica, so a load balancer must keep it.
             parts[f"insitechat:{name}"] = {
-                "open": "InsiteChat is failing: circuit open",
-                "quota": "InsiteChat monthly quota exhausted",
+                "open": "ok (degraded: InsiteChat is failing, circuit open; questions get a notice)",
+                "quota": "ok (degraded: monthly message quota exhausted; questions get a notice)",
             }.get(client.circuit_state(), "ok")
         for adapter in self.adapters:
             supervisor = self.supervisors.get(adapter.name)
@@ -350,10 +372,12 @@ class BridgeApp:
         return parts
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        """Ready: every part can do its job. The body says which part is not."""
+        """Ready: every part can do its job. The body says which part is not, and which is degraded."""
         parts = await self.readiness()
         ready = all(v == "ok" or v.startswith("ok (") for v in parts.values())
-        return web.json_response({"ready": ready, "parts": parts}, status=200 if ready else 503)
+        degraded = [name for name, v in parts.items() if v.startswith("ok (degraded")]
+        body = {"ready": ready, "degraded": degraded, "parts": parts}
+        return web.json_response(body, status=200 if ready else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         depth, oldest = await self.store.outbox_depth()
@@ -364,4 +388,7 @@ class BridgeApp:
         for name, client in self.clients.items():
             if client.limiter is not None:
                 metrics.LIMITER_QUEUE.labels(name).set(client.limiter.waiting)
+            now = client.circuit_state()
+            for circuit in metrics.CIRCUIT_STATES:
+                metrics.INSITECHAT_CIRCUIT.labels(name, circuit).set(1.0 if circuit == now else 0.0)
         return web.Response(body=metrics.render(), headers={"Content-Type": metrics.CONTENT_TYPE})

@@ -310,6 +310,7 @@ async def _check_chatbots(settings: Settings) -> list[str]:
                 continue
             chatbots_of[name] = {bot.id: bot for bot in bots}
             print(f"ok    insitechat key {name!r}: {len(bots)} chatbot(s)")
+            await _end_quota_pause(settings, name)
             for bot in bots:
                 print(f"        {bot.id}  {bot.name}{'' if bot.is_active else '  (paused)'}")
         for i, route in enumerate(settings.routes):
@@ -325,6 +326,20 @@ async def _check_chatbots(settings: Settings) -> list[str]:
         for client in clients.values():
             await client.aclose()
     return problems
+
+
+async def _end_quota_pause(settings: Settings, name: str) -> None:
+    """The key works: a bridge that paused chat after a quota 429 asks InsiteChat again with its next message."""
+    from bridge.app import quota_mark
+
+    mark = quota_mark(settings, settings.insitechat.all_keys[name])
+    try:
+        if await mark.clear():
+            print(f"ok    insitechat key {name!r}: quota pause cleared; the bridge asks again with the next message")
+    except Exception as exc:
+        print(f"WARN  insitechat key {name!r}: could not clear the bridge's quota pause: {type(exc).__name__}: {exc}")
+    finally:
+        await mark.aclose()
 
 
 def _client_for(args: argparse.Namespace) -> tuple[Settings, dict[str, InsiteChatClient]]:

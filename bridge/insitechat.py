@@ -7,7 +7,7 @@ Errors (every one has ``.status``, the HTTP status or None; no text ever holds t
      ├─ NotFound               404: no such chatbot, or another account's
      ├─ BadRequest             400 / 422: malformed body (a list of {loc, msg, type} made readable)
      ├─ RateLimited            429 "API rate limit exceeded...": .retry_after seconds
-     ├─ QuotaExhausted         429 with any other detail: the monthly message quota
+     ├─ QuotaExhausted         429 with any other detail: the monthly message quota; .retry_in seconds
      ├─ ServerError            5xx (or a 2xx whose body is not what the API promises)
      └─ Unavailable            network error, timeout, open circuit, shared rate budget (Redis)
                                unreachable: .reason, .request_sent
@@ -42,7 +42,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Self, TypeVar
+from pathlib import Path
+from typing import Any, Protocol, Self, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -107,7 +108,14 @@ class RateLimited(InsiteChatError):
 
 
 class QuotaExhausted(InsiteChatError):
-    """429 for anything but the rate limit: the plan's monthly message quota is spent."""
+    """429 for anything but the rate limit: the plan's monthly message quota is spent.
+
+    `retry_in`: seconds until the client asks InsiteChat again (0 while a trial call is deciding).
+    """
+
+    def __init__(self, detail: str, *, retry_in: float) -> None:
+        super().__init__(f"InsiteChat monthly message quota exhausted: {detail}", status=429, detail=detail)
+        self.retry_in = retry_in
 
 
 class ServerError(InsiteChatError):
@@ -240,13 +248,25 @@ class RetryPolicy:
     base_backoff: float = 0.5  # jittered exponential backoff for connect errors / 5xx
     max_backoff: float = 15.0
     rate_limit_wait: float = 60.0  # when a 429 has no Retry-After
-    quota_cooldown: float = 3600.0  # chat stays blocked this long after QuotaExhausted
+    # After QuotaExhausted chat is refused here, without a request, this long; then one trial call
+    # asks again (a raised plan works within minutes, and a spent one costs one 429 per pause).
+    quota_cooldown: float = 300.0
     failure_threshold: int = 5  # consecutive failures that open the circuit
     circuit_cooldown: float = 30.0
 
 
+class _TrialInFlight(Unavailable):
+    """Half-open, and another call is the trial: wait for its verdict rather than refuse."""
+
+
 class _Circuit:
-    """Consecutive 5xx / network failures open it; after a cooldown one trial call may pass."""
+    """Consecutive 5xx / network failures open it; after a cooldown one trial call may pass.
+
+    Calls that come while it is open wait for that trial (`wait_turn`), when it can come before
+    their deadline, instead of being told "unreachable" by a service that is back. A failure of
+    a call sent before the circuit last opened or closed is stale: it neither extends nor
+    reopens it (a read timeout can come a minute after the request left).
+    """
 
     def __init__(self, clock: Clock, policy: RetryPolicy, name: str) -> None:
         self._clock = clock
@@ -256,42 +276,98 @@ class _Circuit:
         self._tripped = False
         self._open_until = float("-inf")
         self._trial_in_flight = False
-        self._quota_until = float("-inf")
+        self._changed_at = float("-inf")  # when it last opened or closed
+        self._openings = 0
+        self._trial_ended = asyncio.Event()
+        self._quota = False  # chat paused after a quota 429, until a chat call succeeds
+        self._quota_until = float("-inf")  # then one trial chat call may go out
+        self._quota_trial = False
         self._quota_detail = ""
 
     def state(self) -> str:
-        now = self._clock.monotonic()
         # Quota first: it outlives any outage and is what users need to hear about.
-        if now < self._quota_until:
+        if self._quota:
             return "quota"
+        now = self._clock.monotonic()
         if self._tripped:
             return "open" if now < self._open_until else "half-open"
         return "closed"
 
     def check(self, *, chat: bool) -> None:
         """Raise at once, without network, if this call may not go out now."""
-        if chat and self._clock.monotonic() < self._quota_until:
-            detail = self._quota_detail
-            raise QuotaExhausted(f"InsiteChat monthly message quota exhausted: {detail}", status=429, detail=detail)
+        if chat and self._quota and (self._quota_trial or self._clock.monotonic() < self._quota_until):
+            retry_in = 0.0 if self._quota_trial else self._quota_until - self._clock.monotonic()
+            raise QuotaExhausted(self._quota_detail, retry_in=retry_in)
         if not self._tripped:
             return
         if self._clock.monotonic() < self._open_until:
             raise Unavailable("circuit open")
         if self._trial_in_flight:
-            raise Unavailable("circuit open (a trial call is in flight)")
+            raise _TrialInFlight("circuit open (a trial call is in flight)")
+
+    async def wait_turn(self, deadline: float) -> None:
+        """While open, wait for the cooldown's end; while a trial is in flight, for its verdict.
+
+        Returns at once when the wait would outlast `deadline` (check() then refuses), and
+        raises Unavailable when the trial this call waited for failed.
+        """
+        openings = self._openings
+        while self._tripped:
+            if self._openings != openings:
+                raise Unavailable("circuit open (the trial call failed)")
+            now = self._clock.monotonic()
+            if now < self._open_until:
+                if self._open_until > deadline:
+                    return
+                await self._clock.sleep(self._open_until - now)
+            elif self._trial_in_flight:
+                if now >= deadline:
+                    return
+                await self._trial_ended.wait()  # the trial's own timeout bounds this
+            else:
+                return  # half-open: this call may be the trial
+
+    def _end_trial(self) -> None:
+        self._trial_in_flight = False
+        self._trial_ended.set()
+        self._trial_ended = asyncio.Event()
 
     def admit(self, *, chat: bool) -> bool:
-        """check(), and claim the single trial call when half-open; True if this call is that trial."""
+        """check(), and claim the single trial call when half-open or after a quota pause; True if claimed."""
         self.check(chat=chat)
-        if not self._tripped:
-            return False
-        self._trial_in_flight = True
-        logger.info("[%s] InsiteChat circuit half-open: sending one trial call", self._name)
-        return True
+        trial = False
+        if chat and self._quota:
+            self._quota_trial = trial = True
+            logger.info("[%s] InsiteChat quota pause over: one trial chat call asks again", self._name)
+        if self._tripped:
+            self._trial_in_flight = trial = True
+            logger.info("[%s] InsiteChat circuit half-open: sending one trial call", self._name)
+        return trial
 
     def release_trial(self) -> None:
-        # A trial that ended without a verdict (cancelled) must not block the circuit forever.
-        self._trial_in_flight = False
+        # A trial that ended without a verdict (cancelled, a 429) must not block the circuit forever.
+        if self._trial_in_flight:
+            self._end_trial()
+        self._quota_trial = False
+
+    @property
+    def quota_paused(self) -> bool:
+        """Chat is refused here after a quota 429 (the next trial is not due yet)."""
+        return self._quota and not self._quota_trial and self._clock.monotonic() < self._quota_until
+
+    def quota_try_now(self) -> None:
+        """Someone else saw that InsiteChat may take chat again (`check --live`): the next call is a trial."""
+        if self.quota_paused:
+            logger.info("[%s] InsiteChat quota pause ended from outside: the next message asks again", self._name)
+            self._quota_until = self._clock.monotonic()
+
+    def record_chat_success(self) -> bool:
+        """A chat call was answered: the quota is not spent (any more). True if that ends a pause."""
+        ended, self._quota = self._quota, False
+        self._quota_trial = False
+        if ended:
+            logger.info("[%s] InsiteChat takes chat again: the quota pause is over", self._name)
+        return ended
 
     @property
     def closed(self) -> bool:
@@ -300,16 +376,21 @@ class _Circuit:
     def record_success(self) -> None:
         if self._tripped:
             logger.info("[%s] InsiteChat circuit closed: the service answers again", self._name)
+            self._changed_at = self._clock.monotonic()
         self._failures = 0
         self._tripped = False
-        self._trial_in_flight = False
+        self._end_trial()
 
-    def record_failure(self) -> None:
+    def record_failure(self, sent_at: float) -> None:
+        if sent_at < self._changed_at:
+            return  # sent before the circuit last opened or closed: says nothing about now
         self._failures += 1
         if self._trial_in_flight or self._failures >= self._policy.failure_threshold:
             self._tripped = True
-            self._trial_in_flight = False
-            self._open_until = self._clock.monotonic() + self._policy.circuit_cooldown
+            self._openings += 1
+            self._changed_at = self._clock.monotonic()
+            self._open_until = self._changed_at + self._policy.circuit_cooldown
+            self._end_trial()
             logger.warning(
                 "[%s] InsiteChat circuit open for %.0fs after %d consecutive failures",
                 self._name,
@@ -318,14 +399,86 @@ class _Circuit:
             )
 
     def trip_quota(self, detail: str) -> None:
+        self._quota = True
+        self._quota_trial = False
         self._quota_until = self._clock.monotonic() + self._policy.quota_cooldown
         self._quota_detail = detail
         logger.error(
-            "[%s] InsiteChat monthly message quota exhausted (%s); chat paused for %.0fs",
+            "[%s] InsiteChat monthly message quota exhausted (%s); chat paused for %.0fs, then one trial call",
             self._name,
             detail,
             self._policy.quota_cooldown,
         )
+
+
+# --- the quota pause, where other processes see it -----------------------------------------
+
+
+class QuotaMark(Protocol):
+    """A quota pause written outside the process: `check --live` ends it for every process at once.
+
+    Each process keeps its own pause (it learns the quota from its own 429 and asks again on
+    its own); the mark only carries "the key works again, ask now" from `check --live` to them.
+    """
+
+    async def set(self) -> None:
+        """A process paused chat after a quota 429."""
+
+    async def is_set(self) -> bool:
+        """False once `check --live` cleared it (or the pause ended elsewhere)."""
+
+    async def clear(self) -> bool:
+        """End the pause for every process; True if there was one."""
+
+    async def aclose(self) -> None:
+        """Release what the mark holds."""
+
+
+class FileQuotaMark:
+    """The mark as a file beside the SQLite state (one bridge per file, `check --live` on the same host)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    async def set(self) -> None:
+        self.path.write_text("paused after a quota 429; `insitechat-bridge check --live` clears it\n")
+
+    async def is_set(self) -> bool:
+        return self.path.exists()
+
+    async def clear(self) -> bool:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        pass
+
+
+class RedisQuotaMark:
+    """The mark as a Redis key beside the shared state, seen by every replica."""
+
+    KEEP = 7 * 24 * 3600  # a mark nobody clears (a key no longer used) goes by itself
+
+    def __init__(self, url: str, key: str) -> None:
+        from redis.asyncio import Redis  # needed only with a Redis state
+
+        self.key = key
+        self._redis = Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+
+    async def set(self) -> None:
+        await self._redis.set(self.key, "1", ex=self.KEEP)
+
+    async def is_set(self) -> bool:
+        return bool(await self._redis.exists(self.key))
+
+    async def clear(self) -> bool:
+        return bool(await self._redis.delete(self.key))
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
 
 
 # --- client -------------------------------------------------------------------------------
@@ -346,6 +499,7 @@ class InsiteChatClient:
         transport: httpx.AsyncBaseTransport | None = None,
         random: Callable[[], float] | None = None,
         name: str = "default",
+        quota_mark: QuotaMark | None = None,
     ) -> None:
         if not api_key:
             raise ValueError("the InsiteChat API key is empty")
@@ -357,6 +511,8 @@ class InsiteChatClient:
         self._random = random or _random.random
         self._name = name
         self._circuit = _Circuit(self._clock, self._policy, name)
+        self._quota_mark = quota_mark
+        self._quota_news = False  # a quota 429 came in: the next _call step writes the mark
         self._http = httpx.AsyncClient(
             headers={
                 "Authorization": f"Bearer {api_key}",
@@ -389,6 +545,8 @@ class InsiteChatClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        if self._quota_mark is not None:
+            await self._quota_mark.aclose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -421,11 +579,13 @@ class InsiteChatClient:
         *,
         lane: str = "",
         before_send: Callable[[], Awaitable[None]] | None = None,
+        on_wait: Callable[[float], Awaitable[None]] | None = None,
     ) -> str:
         """Send one message in a session; returns the reply text (may contain Markdown).
 
         `before_send` is awaited each time the request is about to leave, after the wait in
         the limiter's queue: the relay records there that the call may have been received.
+        `on_wait(seconds)` is awaited before a rate limit is waited out (the relay's queued notice).
         """
         if len(message) > MAX_MESSAGE_CHARS:
             logger.debug(
@@ -439,6 +599,7 @@ class InsiteChatClient:
             lane=lane,
             chat=True,
             before_send=before_send,
+            on_wait=on_wait,
         )
         reply = data.get("response") if isinstance(data, dict) else None
         if not isinstance(reply, str):
@@ -456,14 +617,26 @@ class InsiteChatClient:
         lane: str = "",
         chat: bool = False,
         before_send: Callable[[], Awaitable[None]] | None = None,
+        on_wait: Callable[[float], Awaitable[None]] | None = None,
     ) -> Any:
-        self._circuit.check(chat=chat)  # fail fast, before waiting in the limiter's queue
+        if chat and self._circuit.quota_paused and not await self._quota_marked():
+            self._circuit.quota_try_now()  # `check --live` saw the key work: this call is the trial
         deadline = self._clock.monotonic() + self._policy.deadline
+        await self._circuit.wait_turn(deadline)  # a trial may be due within our deadline: no stale refusal
+        self._circuit.check(chat=chat)  # fail fast, before waiting in the limiter's queue
         backoffs = 0
         while True:
             try:
-                return await self._attempt(method, path, payload, lane, chat=chat, before_send=before_send)
+                result = await self._attempt(method, path, payload, lane, chat=chat, before_send=before_send)
+            except _TrialInFlight:
+                # Another call became the trial while this one waited in the limiter's queue.
+                await self._circuit.wait_turn(deadline)
+                self._circuit.check(chat=chat)
+                continue
             except InsiteChatError as error:
+                if self._quota_news:
+                    self._quota_news = False
+                    await self._mark_quota(True)
                 delay = self._retry_delay(error, backoffs, chat=chat)
                 if delay is None or not self._circuit.closed:
                     raise
@@ -473,7 +646,35 @@ class InsiteChatClient:
                 if not isinstance(error, RateLimited):
                     backoffs += 1
                 logger.info("[%s] %s %s failed (%s); retrying in %.1fs", self._name, method, path, error, delay)
+                if on_wait is not None and isinstance(error, RateLimited):
+                    await on_wait(delay)
                 await self._clock.sleep(delay)
+                continue
+            if chat and self._circuit.record_chat_success():
+                await self._mark_quota(False)
+            return result
+
+    async def _quota_marked(self) -> bool:
+        """Whether the shared quota mark still stands; a mark that cannot be read stands."""
+        if self._quota_mark is None:
+            return True
+        try:
+            return await self._quota_mark.is_set()
+        except Exception as exc:
+            logger.warning("[%s] reading the quota pause mark failed: %s: %s", self._name, type(exc).__name__, exc)
+            return True
+
+    async def _mark_quota(self, paused: bool) -> None:
+        if self._quota_mark is None:
+            return
+        try:
+            if paused:
+                await self._quota_mark.set()
+            else:
+                await self._quota_mark.clear()
+        except Exception as exc:
+            # Only `check --live` reads it: the pause itself still ends with its trial call.
+            logger.warning("[%s] writing the quota pause mark failed: %s: %s", self._name, type(exc).__name__, exc)
 
     def _retry_delay(self, error: InsiteChatError, backoffs: int, *, chat: bool) -> float | None:
         """Seconds to wait before the next attempt, or None when this error must not be retried.
@@ -552,11 +753,11 @@ class InsiteChatClient:
                     response = await self._http.request(method, self._base + path, json=payload)
                 except httpx.TransportError as exc:
                     metrics.INSITECHAT_RESPONSES.labels(endpoint, "network").inc()
-                    self._circuit.record_failure()
+                    self._circuit.record_failure(sent)
                     raise self._transport_error(exc) from exc
             metrics.INSITECHAT_SECONDS.labels(endpoint).observe(self._clock.monotonic() - sent)
             metrics.INSITECHAT_RESPONSES.labels(endpoint, str(response.status_code)).inc()
-            return self._handle(response)
+            return self._handle(response, sent)
         finally:
             if trial:
                 self._circuit.release_trial()
@@ -566,10 +767,10 @@ class InsiteChatClient:
         reason = f"{kind} ({type(exc).__name__}: {self._redact(str(exc)) or 'no details'})"
         return Unavailable(reason, request_sent=not isinstance(exc, _NEVER_SENT))
 
-    def _handle(self, response: httpx.Response) -> Any:
+    def _handle(self, response: httpx.Response, sent: float) -> Any:
         status = response.status_code
         if status >= 500:
-            self._circuit.record_failure()
+            self._circuit.record_failure(sent)
             detail = self._detail(response)
             raise ServerError(f"InsiteChat server error {status}: {detail}", status=status, detail=detail)
         # Anything below 500 proves the service is up, errors included.
@@ -600,7 +801,8 @@ class InsiteChatClient:
         said = _json_detail(response)
         if isinstance(said, str) and said.strip() and _RATE_LIMIT_MARKER not in said.lower():
             self._circuit.trip_quota(detail)
-            return QuotaExhausted(f"InsiteChat monthly message quota exhausted: {detail}", status=429, detail=detail)
+            self._quota_news = True
+            return QuotaExhausted(detail, retry_in=self._policy.quota_cooldown)
         wait = self._retry_after(response)
         if self._limiter is not None:
             self._limiter.penalize(self._clock.monotonic() + wait)

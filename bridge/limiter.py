@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random as _random
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Protocol
 
 from bridge.clock import Clock, SystemClock
@@ -137,6 +139,11 @@ class SlidingWindowLimiter:
 
     Held grants make the limit exact at the service, wherever between request and answer
     it counts; they cost throughput of about latency / window.
+
+    After a pause (`penalize`, an upstream 429: someone else spends the key too) the waiters
+    are not released all at once: until one window after the pause, grants are spaced by the
+    window's pace (window / max_calls), times 1 to 1.5 at random, so that they do not meet
+    the upstream limit again together (nor the waiters of other replicas).
     """
 
     def __init__(
@@ -146,6 +153,7 @@ class SlidingWindowLimiter:
         clock: Clock | None = None,
         *,
         shared: SharedWindow | None = None,
+        random: Callable[[], float] | None = None,
     ) -> None:
         if max_calls < 1:
             raise ValueError("max_calls must be at least 1")
@@ -162,6 +170,9 @@ class SlidingWindowLimiter:
         # Lanes in turn order; the first lane's first waiter is the head of the whole queue.
         self._lanes: OrderedDict[str, deque[_Waiter]] = OrderedDict()
         self._waiting = 0
+        self._random = random or _random.random
+        self._paced_until = float("-inf")  # after a pause, grants are spaced until then
+        self._next_paced = float("-inf")  # the earliest next grant while they are
 
     @property
     def max_calls(self) -> int:
@@ -192,8 +203,9 @@ class SlidingWindowLimiter:
             # Nobody may overtake a queue, even when a slot is free right now: the head may
             # simply not have run yet since it was woken.
             free_at = window.next_free_at()
-            if not self._lanes and free_at is not None and free_at <= self._clock.monotonic():
-                return window.take(hold)
+            now = self._clock.monotonic()
+            if not self._lanes and free_at is not None and free_at <= now and self._pace_wait() <= 0:
+                return self._paced(window.take(hold))
         waiter = _Waiter(lane)
         self._enqueue(waiter)
         try:
@@ -220,7 +232,8 @@ class SlidingWindowLimiter:
             self._shared.settle(grant)
 
     def penalize(self, until: float) -> None:
-        """Grant nothing before clock.monotonic() >= until (after an upstream 429)."""
+        """Grant nothing before clock.monotonic() >= until (after an upstream 429); then space the grants."""
+        self._paced_until = max(self._paced_until, until + self._window_seconds)
         if self._window is not None:
             self._window.penalize(until)
         elif self._shared is not None:
@@ -263,10 +276,10 @@ class SlidingWindowLimiter:
                     waiter.wakeup.clear()
                     await waiter.wakeup.wait()
                     continue
-                delay = free_at - self._clock.monotonic()
+                delay = max(free_at - self._clock.monotonic(), self._pace_wait())
                 if delay <= 0:
                     # No await between this check and the grant: a cancelled waiter never holds a slot.
-                    return self._served(window.take(hold))
+                    return self._served(self._paced(window.take(hold)))
                 await self._clock.sleep(delay)  # then look again: penalize() may have moved the goal
             else:
                 waiter.wakeup.clear()
@@ -275,15 +288,31 @@ class SlidingWindowLimiter:
     async def _wait_turn_shared(self, waiter: _Waiter, shared: SharedWindow, hold: bool) -> Grant:
         while True:
             if self._head() is waiter:
+                pace = self._pace_wait()
+                if pace > 0:
+                    await self._clock.sleep(pace)
+                    continue
                 # Only the head asks: the other replicas' heads are its only competitors. A head
                 # cancelled while asking gives back what the window may have granted (take's job).
                 answer = await shared.take(hold)
                 if isinstance(answer, Grant):
-                    return self._served(answer)
+                    return self._served(self._paced(answer))
                 await self._clock.sleep(answer)
             else:
                 waiter.wakeup.clear()
                 await waiter.wakeup.wait()
+
+    def _pace_wait(self) -> float:
+        """Seconds until the next grant may go while grants are spaced after a pause (0: now)."""
+        now = self._clock.monotonic()
+        return 0.0 if now >= self._paced_until else max(0.0, self._next_paced - now)
+
+    def _paced(self, grant: Grant) -> Grant:
+        now = self._clock.monotonic()
+        if now < self._paced_until:
+            pace = self._window_seconds / self._max_calls
+            self._next_paced = now + pace * (1.0 + 0.5 * self._random())
+        return grant
 
     def _head(self) -> _Waiter | None:
         for queue in self._lanes.values():

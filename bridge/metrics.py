@@ -28,6 +28,12 @@ LIMITER_WAIT = Histogram(
     "Time requests waited in the rate limiter.",
     buckets=(0.001, 0.01, 0.1, 1, 5, 15, 30, 60, 120),
 )
+INSITECHAT_CIRCUIT = Gauge(
+    "insitechat_bridge_insitechat_circuit",
+    "InsiteChat client state per API key: 1 for its state now (closed, half-open, open, quota), 0 for the others.",
+    ["key", "state"],
+)
+CIRCUIT_STATES = ("closed", "half-open", "open", "quota")
 LIMITER_QUEUE = Gauge("insitechat_bridge_limiter_queue_depth", "Requests waiting in the rate limiter.", ["key"])
 WEBHOOKS = Counter(
     "insitechat_bridge_webhooks_total",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -47,7 +48,7 @@ NOTICES = {
     "queued": "Lots of questions right now: you're number {position} in the queue. "
     "I'll answer in about {seconds} seconds.",
     "quota": "The chatbot has used up its monthly message allowance, so I can't answer right now. "
-    "An admin can raise the plan's limit in InsiteChat.",
+    "I'll check again in about {when}: ask me then. An admin can raise the plan's limit in InsiteChat.",
     "busy": "The chatbot is very busy right now and couldn't answer in time. Please ask again in a minute.",
     "unavailable": "The chatbot service isn't reachable right now. Please try again in a few minutes.",
     "misconfigured": "I'm not set up correctly to answer here yet. An admin can see why in the bridge's logs.",
@@ -373,7 +374,7 @@ class Relay:
         conversation = inbound.conversation
         session_id = conversation.session_id(await self._store.generation(conversation.key))
         text = inbound.text.strip()
-        await self._maybe_queue_notice(adapter, inbound, client, lane)
+        queue_noticed = await self._maybe_queue_notice(adapter, inbound, client, lane)
 
         async def asking() -> None:
             # Stored as the request leaves, not before the limiter's queue: a question that
@@ -381,10 +382,25 @@ class Relay:
             # after a restart even with after_restart: notice.
             await self._store.job_asked(job.id)
 
+        async def rate_limited(seconds: float) -> None:
+            # A 429 without Retry-After waits a minute: the user hears why, once, not only a reaction.
+            nonlocal queue_noticed
+            if queue_noticed or seconds < self._queue_notice_after:
+                return
+            queue_noticed = True
+            position = client.limiter.position(lane) + 1 if client.limiter is not None else 1
+            await self._post_queue_notice(adapter, inbound, position, seconds)
+
         try:
-            answer = await client.chat(job.chatbot, text, session_id, lane=lane, before_send=asking)
+            answer = await client.chat(
+                job.chatbot, text, session_id, lane=lane, before_send=asking, on_wait=rate_limited
+            )
         except InsiteChatError as exc:
-            return _notice(self._failure_notice(job.chatbot, exc))
+            reply = _notice(self._failure_notice(job.chatbot, exc))
+            if isinstance(exc, QuotaExhausted):
+                # When the bot asks InsiteChat again: a raised plan works from then on.
+                return _Reply(reply.text.format(when=_in_minutes(exc.retry_in)), reply.kind, reply.outcome)
+            return reply
         if not adapter.render(answer):
             log.warning("chatbot %s returned an empty answer", job.chatbot)
             return _notice("empty")
@@ -395,15 +411,19 @@ class Relay:
 
     async def _maybe_queue_notice(
         self, adapter: Adapter, inbound: Inbound, client: InsiteChatClient, lane: str
-    ) -> None:
+    ) -> bool:
         """A courtesy while the answer waits in the queue: posted at once, not retried (the answer is)."""
         limiter = client.limiter
         if limiter is None:
-            return
+            return False
         wait = limiter.estimated_wait(lane)
         if wait < self._queue_notice_after:
-            return
-        text = NOTICES["queued"].format(position=limiter.position(lane) + 1, seconds=int(wait + 0.999))
+            return False
+        await self._post_queue_notice(adapter, inbound, limiter.position(lane) + 1, wait)
+        return True
+
+    async def _post_queue_notice(self, adapter: Adapter, inbound: Inbound, position: int, wait: float) -> None:
+        text = NOTICES["queued"].format(position=position, seconds=int(wait + 0.999))
         parts = adapter.render(text)
         outbound = Outbound(
             inbound.conversation,
@@ -471,6 +491,12 @@ class Relay:
                 log.warning(
                     "could not hand over %d unfinished job(s) at once (%s); their leases run out", len(unfinished), exc
                 )
+
+
+def _in_minutes(seconds: float) -> str:
+    """ "a minute", "5 minutes": a wait as the user reads it, rounded up."""
+    minutes = max(1, math.ceil(seconds / 60))
+    return "a minute" if minutes == 1 else f"{minutes} minutes"
 
 
 def _notice(name: str, outcome: Outcome = Outcome.NOTICE) -> _Reply:

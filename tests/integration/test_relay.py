@@ -237,7 +237,7 @@ async def test_quota_exhausted_tells_the_user(
     assert await h.relay.handle(msg("one", channel="D1", is_dm=True)) is Outcome.ANSWERED
     with caplog.at_level(logging.ERROR):
         assert await h.relay.handle(msg("two", id="2", channel="D1", is_dm=True)) is Outcome.NOTICE
-    assert "".join(h.adapter.sent[-1].parts) == NOTICES["quota"]
+    assert "".join(h.adapter.sent[-1].parts) == NOTICES["quota"].format(when="5 minutes")
     # The operator's reason is the product here ("an admin can see why in the logs"): said once, as an error.
     reasons = [r for r in caplog.records if r.name == "bridge.relay" and "monthly quota exhausted" in r.getMessage()]
     assert [r.levelno for r in reasons] == [logging.ERROR]

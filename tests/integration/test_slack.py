@@ -471,7 +471,7 @@ async def test_insitechat_trouble_reaches_the_user_as_a_notice(
     await slack.wait_for(lambda: slack.posts, timeout=10)
     await settle(bridge)
     [post] = slack.posts
-    assert post["text"] == NOTICES[notice] and post["thread_ts"] == MENTION_TS
+    assert post["text"] == NOTICES[notice].format(when="5 minutes") and post["thread_ts"] == MENTION_TS
 
 
 # --- slash command ---------------------------------------------------------------------------------

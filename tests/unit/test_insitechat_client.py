@@ -453,7 +453,7 @@ async def test_quota_is_never_retried_and_blocks_chat_until_the_cooldown(
 ) -> None:
     chat = api.post(CHAT).mock(side_effect=[fail(429, QUOTA["detail"]), reply("back")])
     listing = api.get("/v1/chatbots").mock(return_value=httpx.Response(200, json=[]))
-    client = make_client(policy=RetryPolicy(quota_cooldown=3600.0))
+    client = make_client(policy=RetryPolicy(quota_cooldown=600.0))
     with pytest.raises(QuotaExhausted) as caught:
         await client.chat(BOT, "hi", "s")
     assert "Monthly message limit reached." in str(caught.value)
@@ -464,9 +464,37 @@ async def test_quota_is_never_retried_and_blocks_chat_until_the_cooldown(
     assert chat.call_count == 1  # refused without a request
     assert await client.list_chatbots() == []  # the quota is about messages: reads still work
     assert listing.call_count == 1
-    clock.advance(3600.0)
-    assert client.circuit_state() == "closed"
+    clock.advance(600.0)
+    assert client.circuit_state() == "quota"  # until a trial call says otherwise
     assert await client.chat(BOT, "hi", "s") == "back"
+    assert client.circuit_state() == "closed"
+
+
+async def test_after_the_quota_pause_one_trial_call_goes_out_and_the_others_hear_quota(
+    api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
+) -> None:
+    release = asyncio.Event()
+
+    async def slow_reply(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return reply("back")
+
+    route = api.post(CHAT).mock(side_effect=[fail(429, QUOTA["detail"]), slow_reply, reply("next")])
+    client = make_client()
+    with pytest.raises(QuotaExhausted) as first:
+        await client.chat(BOT, "hi", "s")
+    assert first.value.retry_in == pytest.approx(300.0)  # what the notice tells the user
+    clock.advance(300.0)
+    trial = asyncio.create_task(client.chat(BOT, "first", "s1"))
+    await asyncio.sleep(0.01)  # the trial is on its way; no clock time passes
+    with pytest.raises(QuotaExhausted) as meanwhile:
+        await client.chat(BOT, "second", "s2")
+    assert meanwhile.value.retry_in == 0.0  # a trial is deciding right now
+    release.set()
+    assert await trial == "back"
+    assert client.circuit_state() == "closed"
+    assert await client.chat(BOT, "third", "s3") == "next"
+    assert route.call_count == 3  # the refused one never left
 
 
 # --- circuit breaker -------------------------------------------------------------------------
@@ -754,3 +782,67 @@ async def test_before_send_runs_after_the_limiter_queue_once_per_request_sent(
     api.post(CHAT).mock(side_effect=answer)
     assert await make_client(limiter=limiter).chat(BOT, "hi", "s", before_send=before_send) == "ok"
     assert events == ["send after 1 grant(s)", "request", "send after 2 grant(s)", "request"]
+
+
+# --- after an outage: no stale refusals (issue 12 item 3) ---------------------------------------
+
+
+async def test_a_call_while_the_circuit_is_open_waits_for_the_trial_instead_of_being_refused(
+    api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
+) -> None:
+    route = api.post(CHAT).mock(side_effect=[fail(500), reply("up")])
+    client = make_client(policy=RetryPolicy(failure_threshold=1, circuit_cooldown=30.0))
+    with pytest.raises(ServerError):
+        await client.chat(BOT, "hi", "s")
+    clock.advance(1.0)  # InsiteChat is back; the circuit does not know yet
+    assert await client.chat(BOT, "hi", "s") == "up"  # the trial, as soon as the cooldown allows
+    assert clock.monotonic() - START == pytest.approx(30.0)
+    assert route.call_count == 2
+
+
+async def test_calls_wait_for_the_trials_verdict_and_go_when_it_succeeds(
+    api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
+) -> None:
+    release = asyncio.Event()
+
+    async def slow_success(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return reply("trial")
+
+    route = api.post(CHAT).mock(side_effect=[fail(500), slow_success, reply("second")])
+    client = make_client(policy=RetryPolicy(failure_threshold=1, circuit_cooldown=30.0))
+    with pytest.raises(ServerError):
+        await client.chat(BOT, "hi", "s")
+    clock.advance(30.0)
+    trial = asyncio.create_task(client.chat(BOT, "first", "s1"))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(client.chat(BOT, "second", "s2"))
+    await asyncio.sleep(0.01)
+    assert not second.done()  # waits for the verdict, is not told "unreachable"
+    release.set()
+    assert (await trial, await second) == ("trial", "second")
+    assert route.call_count == 3
+
+
+async def test_a_late_failure_of_a_call_sent_before_the_outage_does_not_reopen_the_circuit(
+    api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
+) -> None:
+    release = asyncio.Event()
+
+    async def late_failure(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return fail(500)
+
+    api.post(CHAT).mock(side_effect=[late_failure, fail(500), reply("trial"), reply("after")])
+    client = make_client(policy=RetryPolicy(deadline=0.0, failure_threshold=1, circuit_cooldown=30.0))
+    old = asyncio.create_task(client.chat(BOT, "sent before the outage", "s0"))
+    await asyncio.sleep(0.01)
+    with pytest.raises(ServerError):
+        await client.chat(BOT, "hi", "s")  # opens the circuit
+    clock.advance(30.0)
+    assert await client.chat(BOT, "hi", "s") == "trial"  # closes it
+    release.set()
+    with pytest.raises(ServerError):
+        await old
+    assert client.circuit_state() == "closed"  # a stale failure: it says nothing about now
+    assert await client.chat(BOT, "hi", "s") == "after"

@@ -418,3 +418,20 @@ async def test_a_held_slot_frees_one_window_after_its_answer() -> None:
     await settle()
     assert waiting.done()
     assert limiter.estimated_wait() == pytest.approx(10.0)
+
+
+async def test_after_a_pause_the_waiting_requests_are_released_one_by_one_with_jitter() -> None:
+    # An upstream 429 means someone else spends this key too: all at once at the pause's end,
+    # the waiters would meet the limit again. Spaced at the window's pace, with jitter, they do not.
+    clock = ManualClock(START, autojump=True)
+    jitter = iter([0.0, 1.0, 0.5, 0.25, 0.0])
+    limiter = SlidingWindowLimiter(60, 60.0, clock=clock, random=lambda: next(jitter))
+    limiter.penalize(START + 30.0)
+    rec = Recorder(limiter, clock)
+    tasks = [rec.start(name) for name in "abcde"]
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=10)
+    times = [rec.times[name] - START for name in "abcde"]
+    assert times == pytest.approx([30.0, 31.0, 32.5, 33.75, 34.875])  # pace 1 s x (1 + jitter / 2)
+    clock.advance(60.0)  # a window after the pause: bursts are allowed again
+    await asyncio.wait_for(asyncio.gather(*(rec.start(n) for n in "xyz")), timeout=10)
+    assert len({rec.times[n] for n in "xyz"}) == 1
