@@ -6,7 +6,7 @@ import re
 import time
 from collections.abc import Callable
 
-from bridge.alerts import ESCALATED, HUMAN_REQUESTED, LEAD, MESSAGE, STARTED, Alert, AlertState
+from bridge.alerts import ESCALATED, HUMAN_REQUESTED, LEAD, MESSAGE, STARTED, UNANSWERED, Alert, AlertState
 
 CLAIM, RESOLVE = "claim", "resolve"
 ACTION_PREFIX = "insitechat_alert"  # Slack action_id / Discord custom_id: "<prefix>:<action>:<alert id>"
@@ -17,6 +17,7 @@ _TITLES = {
     LEAD: ":card_index: New lead captured",
     STARTED: ":speech_balloon: New conversation on the website",
     MESSAGE: ":envelope: Visitor message",
+    UNANSWERED: ":grey_question: The chatbot had no answer: a gap in what it knows",
 }
 _DISCORD_EMOJI = {
     ":raising_hand:": "🙋",
@@ -24,6 +25,7 @@ _DISCORD_EMOJI = {
     ":speech_balloon:": "💬",
     ":envelope:": "✉️",
     ":test_tube:": "🧪",
+    ":grey_question:": "❔",
 }
 QUOTE_LIMIT = 1000  # the visitor's words shown on a card
 FIELD_LIMIT = 200  # one lead field
@@ -61,6 +63,8 @@ def facts(alert: Alert) -> list[tuple[str, str]]:
         if isinstance(custom, dict):
             for key, value in list(custom.items())[:10]:
                 lines.append((str(key)[:50], str(value)[:FIELD_LIMIT]))
+    if event.name == UNANSWERED:
+        lines.append(("Its answer", str(event.data.get("answer") or "")[:FIELD_LIMIT]))
     if event.session_id:
         lines.append(("Session", event.session_id[:100]))
     count = event.data.get("message_count")

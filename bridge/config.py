@@ -32,6 +32,8 @@ SECRET_PATHS: tuple[tuple[str, ...], ...] = (
 
 PLATFORMS = ("slack", "discord", "console")
 WEBHOOK_EVENTS = ("conversation.escalated", "lead.captured", "conversation.started", "message.received")
+# What alert rules may route: InsiteChat's webhook events, and the ones the bridge raises itself.
+ALERT_EVENTS = (*WEBHOOK_EVENTS, "answer.unanswered")
 DEFAULT_KEY = "default"
 
 
@@ -273,9 +275,9 @@ class AlertRule(_Model):
     @field_validator("events")
     @classmethod
     def _known_events(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = [e for e in value if e not in WEBHOOK_EVENTS]
+        unknown = [e for e in value if e not in ALERT_EVENTS]
         if unknown:
-            raise ValueError(f"unknown event {unknown[0]!r}; known: {', '.join(WEBHOOK_EVENTS)}")
+            raise ValueError(f"unknown event {unknown[0]!r}; known: {', '.join(ALERT_EVENTS)}")
         return value
 
     @field_validator("to")

@@ -13,6 +13,7 @@ from bridge.alerts import (
     HUMAN_REQUESTED,
     MESSAGE,
     STARTED,
+    UNANSWERED,
     Alert,
     AlertRecord,
     AlertState,
@@ -93,7 +94,7 @@ class AlertDesk:
         conversation = ""
         if event.from_bridge:
             conversation = await self._store.get(SESSION, event.session_id) or ""
-        elif event.name == HUMAN_REQUESTED:
+        elif event.name in (HUMAN_REQUESTED, UNANSWERED):
             conversation = str(event.data.get("conversation", ""))
         history = event.data.get("history", []) if event.name == HUMAN_REQUESTED else []
         record = AlertRecord(

@@ -9,6 +9,11 @@ MESSAGES = Counter(
     "Inbound chat messages by platform and how they ended (answered, notice, ignored, duplicate...).",
     ["platform", "outcome"],
 )
+ANSWERS = Counter(
+    "insitechat_bridge_answers_total",
+    "The chatbot's answers by chatbot and whether it knew one (answered) or gave its fallback message (unanswered).",
+    ["chatbot", "result"],
+)
 DEDUPE_HITS = Counter(
     "insitechat_bridge_dedupe_hits_total", "Deliveries recognised as duplicates.", ["source"]
 )

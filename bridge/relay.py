@@ -8,11 +8,14 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from bridge import metrics
 from bridge.clock import Clock, SystemClock
 from bridge.config import ReplyMode, RouteSettings, Settings
+from bridge.alerts import UNANSWERED, Event
 from bridge.desk import AlertDesk
+from bridge.gaps import FallbackMessages
 from bridge.handover import HandOvers
 from bridge.insitechat import (
     BadRequest,
@@ -52,6 +55,7 @@ NOTICES = {
     "busy": "The chatbot is very busy right now and couldn't answer in time. Please ask again in a minute.",
     "unavailable": "The chatbot service isn't reachable right now. Please try again in a few minutes.",
     "misconfigured": "I'm not set up correctly to answer here yet. An admin can see why in the bridge's logs.",
+    "gap": "I couldn't find that in what I know. Someone from the team can help: use the button below.",
     "empty": "The chatbot had no answer to that. Could you rephrase the question?",
     "withheld": "I can only read messages here that mention me. To go on, mention me, reply to one of my "
     "messages, or use my slash command.",
@@ -130,6 +134,7 @@ class Relay:
         self._clients = clients
         self._outbox = outbox
         self._clock = clock or SystemClock()
+        self._fallbacks = FallbackMessages(self._clock)
         self._queue_notice_after = queue_notice_after
         self._lease = lease
         self._adapters: dict[str, Adapter] = {}
@@ -407,7 +412,32 @@ class Relay:
         if self._desk is not None:
             await self._desk.remember_exchange(conversation, session_id, text, answer)
         offer_human = self._handovers.offered(conversation, job.chatbot, is_dm=inbound.is_dm)
+        if self._fallbacks.is_fallback(client, job.chatbot, answer):
+            metrics.ANSWERS.labels(job.chatbot, "unanswered").inc()
+            await self._knowledge_gap(job, inbound, session_id, answer)
+            if offer_human:
+                # The chatbot knows nothing here: the way to a person comes first, not last.
+                answer = f"{answer}\n\n{NOTICES['gap']}"
+        else:
+            metrics.ANSWERS.labels(job.chatbot, "answered").inc()
         return _Reply(answer, ReplyKind.ANSWER, Outcome.ANSWERED, offer_human)
+
+    async def _knowledge_gap(self, job: ChatJob, inbound: Inbound, session_id: str, answer: str) -> None:
+        """An answer.unanswered event for the alert rules that route it (the team that owns the sources)."""
+        if self._desk is None:
+            return
+        data = {
+            "session_id": session_id,
+            "conversation": inbound.conversation.key,
+            "job": job.id,
+            "message": inbound.text.strip(),
+            "answer": answer,
+        }
+        now = datetime.fromtimestamp(self._clock.time(), UTC)
+        try:
+            await self._desk.raise_event(Event(UNANSWERED, job.chatbot, now, data))
+        except StoreError as exc:  # the answer still goes out; only the gap's card is lost
+            log.warning("chatbot %s: the knowledge-gap alert for job %s was not stored: %s", job.chatbot, job.id, exc)
 
     async def _maybe_queue_notice(
         self, adapter: Adapter, inbound: Inbound, client: InsiteChatClient, lane: str
@@ -466,6 +496,7 @@ class Relay:
     async def drain(self, grace: float) -> None:
         """Stop starting jobs; give those in flight `grace` seconds. What is left stays a job for the next start."""
         self._accepting = False
+        await self._fallbacks.aclose()
         if self._keeper is not None:
             self._keeper.cancel()
             await asyncio.gather(self._keeper, return_exceptions=True)
