@@ -464,3 +464,21 @@ async def test_a_burst_larger_than_the_connection_pool_waits_for_connections_ins
     created = await asyncio.gather(*(store.create_job(job, lease=60) for job in jobs))
     assert all(created)
     assert (await store.job_counts())[JobState.ACCEPTED] == len(jobs)
+
+
+async def test_a_pool_size_from_the_url_is_kept_and_a_cancelled_waiter_gives_its_turn_on(
+    redis_url: str, redis_prefix: str, clock: ManualClock
+) -> None:
+    separator = "&" if "?" in redis_url else "?"
+    store = RedisStore(f"{redis_url}{separator}max_connections=2", prefix=redis_prefix, clock=clock)
+    try:
+        jobs = [new_job(clock, str(n)) for n in range(40)]
+        waiting = [asyncio.create_task(store.create_job(job, lease=60)) for job in jobs]
+        await asyncio.sleep(0)
+        waiting[-1].cancel()  # a caller gone while it waited for a connection: the others still get theirs
+        done = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 10)
+        assert all(result is True for result in done[:-1])
+        assert len(store._redis.connection_pool._in_use_connections) == 0  # type: ignore[attr-defined]
+        assert store._slots._value == 2  # every slot came back
+    finally:
+        await store.close()
