@@ -70,6 +70,9 @@ TTL_MARGIN = 3 * 3600.0
 # Shorter than the job lease (60 s): a job taken over from a dead replica finds its
 # conversation free by then. The holder renews every third of it.
 LOCK_POLL = 0.1  # a waiter tries again after about this long (jittered, so waiters do not march in step)
+# ... but first sooner: a holder on another replica is most often just posting its answer, and the
+# delivery frees the lock (outbox_done) a round trip later.
+LOCK_POLL_FIRST = 0.02
 TIMEOUT = 5.0  # connect and each command: a Redis that does not answer is a StoreError, not a hang
 MAX_CONNECTIONS = 200  # per replica; beyond it a command waits (up to TIMEOUT) for a free connection
 PRUNE_BATCH = 500  # ids per prune script, so one prune never blocks Redis for long
@@ -792,6 +795,7 @@ class RedisStore:
             if lock is not None and lock.released:
                 lock = None  # freed already (its lease ran out unrenewed): take it again
             token = f"{self.owner}:{uuid.uuid4().hex}"
+            poll = LOCK_POLL_FIRST
             while lock is None:
                 attempt = asyncio.ensure_future(self._run(self._take_lock, conversation, *self._lock_args(token)))
                 try:
@@ -804,7 +808,8 @@ class RedisStore:
                 if generation >= 0:
                     lock = _Lock(token, generation)
                     break
-                await self._clock.sleep(LOCK_POLL * (0.5 + random.random()))
+                await self._clock.sleep(poll * (0.5 + random.random()))
+                poll = min(poll * 2, LOCK_POLL)
                 lock = self._pretaken.pop(conversation, None)  # taken by a create_job meanwhile: ours
             self._held[conversation] = lock
             self._keep_locks()
