@@ -149,11 +149,14 @@ async def measure(answers: int, turns: int, pool: bool) -> tuple[dict[str, float
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.roundtrips", description=__doc__)
     parser.add_argument("--answers", type=int, default=100)
-    parser.add_argument("--turns", type=int, default=10, help="questions per conversation (the bench's closed loop: ~10)")
+    parser.add_argument(
+        "--turns", type=int, default=10, help="questions per conversation (the bench's closed loop: ~10)"
+    )
     args = parser.parse_args(argv)
     per_answer, done, wall = asyncio.run(measure(args.answers, args.turns, False))
     total = sum(per_answer.values())
-    print(f"{done} answers in {wall:.1f} s, {args.turns} per conversation; round trips per answer (background taken off):")
+    print(f"{done} answers in {wall:.1f} s, {args.turns} per conversation; "
+          "round trips per answer (background taken off):")
     print("| command or script | per answer |")
     print("|---|---:|")
     for name, value in per_answer.items():

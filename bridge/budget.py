@@ -290,7 +290,8 @@ class RedisWindow:
             await self._settle(keys=(self._window_key,), args=(self._settle_keep_ms, *settles))
         except (RedisError, OSError) as exc:
             logger.warning(
-                "shared rate budget: settling %d slot(s) failed (they count until their hold deadline plus a window): %s: %s",
+                "shared rate budget: settling %d slot(s) failed "
+                "(they count until their hold deadline plus a window): %s: %s",
                 len(settles) // 2, type(exc).__name__, exc,
             )
 

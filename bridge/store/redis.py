@@ -745,8 +745,8 @@ class RedisStore:
 
     async def follow(self, conversation: str, ttl: float = 30 * DAY) -> None:
         now = self._now()
-        known = self._followed.get(conversation)
-        if known is not None and known[1] is not None and now - known[1] < FOLLOW_REFRESH and known[0] - known[1] == ttl:
+        until, written = self._followed.get(conversation, (0.0, None))
+        if written is not None and now - written < FOLLOW_REFRESH and until - written == ttl:
             return  # this replica wrote it a moment ago: the stored expiry is at most FOLLOW_REFRESH short
         await self._do(self._redis.set(self._key("followed", conversation), _t(now + ttl), px=_ttl_ms(ttl)))
         self._remember_followed(conversation, now + ttl, now)
@@ -845,7 +845,8 @@ class RedisStore:
             self._keeper = None
 
     async def _keeping(self) -> None:
-        """Renew every lock this replica has, in one script each third of a lease; free pre-taken ones nobody entered."""
+        """Renew every lock this replica has, in one script each third of a lease; free pre-taken ones
+        that nobody entered."""
         while True:
             await self._clock.sleep(self._lock_lease / 3)
             stale = self._clock.monotonic() - self._lock_lease / 3
@@ -869,7 +870,8 @@ class RedisStore:
                 continue
             for (conversation, lock), ok in zip(locks, renewed):
                 if not int(ok) and not lock.released:
-                    # Held past its lease without a renewal (this process stalled): another replica may answer there now.
+                    # Held past its lease without a renewal (this process stalled): another replica
+                    # may answer there now.
                     lock.released = True
                     log.error("conversation %s: its lock was lost to another holder", conversation)
 
@@ -877,7 +879,9 @@ class RedisStore:
         try:
             await self._run(self._release_lock, conversation, lock.token)
         except StoreError as exc:
-            log.warning("conversation %s: its lock was not released (%s); it frees itself after its lease", conversation, exc)
+            log.warning(
+                "conversation %s: its lock was not released (%s); it frees itself after its lease", conversation, exc
+            )
 
     # --- records ----------------------------------------------------------------------------------
 

@@ -384,7 +384,9 @@ class SQLiteStore:
             with self._transaction():
                 item_id = self._insert_delivery(delivery, now)
                 if lease is not None:  # held for the caller's first attempt, as outbox_take would
-                    self._db.execute("UPDATE outbox SET started = 1, lease_until = ? WHERE id = ?", (now + lease, item_id))
+                    self._db.execute(
+                        "UPDATE outbox SET started = 1, lease_until = ? WHERE id = ?", (now + lease, item_id)
+                    )
                 self._db.execute(
                     "UPDATE jobs SET state = ?, reply = ?, reply_kind = ?, offer_human = ?, outbox_id = ? WHERE id = ?",
                     (JobState.ANSWERED.value, job.reply, job.reply_kind.value, int(job.offer_human), item_id, job.id),

@@ -473,7 +473,9 @@ async def test_append_keeps_the_last_elements_of_a_list(reopen: Open, clock: Man
     assert await store.get("history", "c1") == ["fresh"]
 
 
-async def test_append_keeps_every_value_exactly_and_merges_a_list_written_by_put(reopen: Open, clock: ManualClock) -> None:
+async def test_append_keeps_every_value_exactly_and_merges_a_list_written_by_put(
+    reopen: Open, clock: ManualClock
+) -> None:
     store = reopen()
     odd = [[], {}, {"n": 12345678901234567, "f": 0.1, "u": "caf\u00e9 \u2603 \"q\" /"}, None, True]
     await store.put("history", "c2", odd[:2])
