@@ -38,13 +38,8 @@ REDIS_TIMEOUT = 2.0
 # What aclose() waits at most for settles and penalties still on their way.
 CLOSE_WAIT = 2.0
 
-# Settles are written with this replica's next take (one round trip for both), or after this many
-# seconds when no take comes: a slot stays counted as held (the stricter way) until then.
-SETTLE_BATCH = 0.02
-
 # KEYS: the window (sorted set: grant id -> the moment the slot counts from), the penalty end.
-# ARGV: now, window, max_calls, grant id, score (now; for a held grant its hold deadline), key ttl ms,
-#       settle key ttl ms, then (answer moment, grant id) pairs: settles of this replica written first.
+# ARGV: now, window, max_calls, grant id, score (now; for a held grant its hold deadline), key ttl ms.
 # Returns {1, now} for a slot taken, or {0, the moment the next slot may free}.
 #
 # A score is when a slot stops "being taken": a settled slot counts for one window after its
@@ -55,10 +50,6 @@ TAKE = """
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local max_calls = tonumber(ARGV[3])
-if #ARGV > 7 then
-  for i = 8, #ARGV, 2 do redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1]) end
-  if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[7]) then redis.call('PEXPIRE', KEYS[1], ARGV[7]) end
-end
 -- A call retried after a lost reply must not take a second slot.
 if redis.call('ZSCORE', KEYS[1], ARGV[4]) then
   return {1, ARGV[1]}
@@ -92,13 +83,13 @@ end
 return {1, ARGV[1]}
 """
 
-# KEYS: the window. ARGV: key ttl ms, then (the answer's moment, grant id) pairs.
+# KEYS: the window. ARGV: the answer's moment, grant id, key ttl ms.
 # Also after the hold deadline (a request slower than the hold): the slot then counts from its
 # answer again, as the service may count it then.
 SETTLE = """
-for i = 2, #ARGV, 2 do redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1]) end
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
-  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
 return 1
 """
@@ -183,9 +174,6 @@ class RedisWindow:
         self._replica = secrets.token_hex(6)
         self._ids = itertools.count()
         self._pending: set[asyncio.Future[Any]] = set()
-        self._settles: list[float | str] = []  # (answer moment, grant id) pairs not written yet
-        self._settling: asyncio.Future[Any] | None = None  # writes them if no take comes first
-        self._closing = False
         # This replica's view, for estimates and for its own 429 before the write reached Redis.
         self._free_at = float("-inf")
         self._penalty_until = float("-inf")
@@ -235,11 +223,7 @@ class RedisWindow:
         grant_id = f"{self._replica}:{next(self._ids)}"
         score = now + self._hold if hold else now
         keep_ms = math.ceil((score - now + self._window) * 1000) + 1000
-        settles, self._settles = self._settles, []  # they ride along: one round trip for both
-        args = (now, self._window, self._max_calls, grant_id, score, keep_ms, self._settle_keep_ms, *settles)
-        call = self._track(self._take(keys=self.keys, args=args))
-        if settles:
-            call.add_done_callback(partial(self._settled_with_take, settles))
+        call = self._track(self._take(keys=self.keys, args=(now, self._window, self._max_calls, grant_id, score, keep_ms)))
         try:
             # Shielded: a cancelled head must not leave the script's answer unread (see below).
             reply = await asyncio.shield(call)
@@ -266,41 +250,11 @@ class RedisWindow:
             return
         grant.held = False
         grant.at = max(grant.at, self._clock.monotonic())
-        self._settles += [self._clock.time(), grant.id]
-        if self._settling is None:
-            self._settling = self._track(self._write_settles_soon())
-
-    @property
-    def _settle_keep_ms(self) -> int:
-        return math.ceil(self._window * 1000) + 1000
-
-    async def _write_settles_soon(self) -> None:
-        """The settles no take carried within SETTLE_BATCH (real time: it is about round trips, not the budget)."""
-        try:
-            await asyncio.sleep(SETTLE_BATCH)
-        finally:
-            self._settling = None
-        await self._write_settles()
-
-    async def _write_settles(self) -> None:
-        settles, self._settles = self._settles, []
-        if not settles:
-            return
-        try:
-            await self._settle(keys=(self._window_key,), args=(self._settle_keep_ms, *settles))
-        except (RedisError, OSError) as exc:
-            logger.warning(
-                "shared rate budget: settling %d slot(s) failed "
-                "(they count until their hold deadline plus a window): %s: %s",
-                len(settles) // 2, type(exc).__name__, exc,
-            )
-
-    def _settled_with_take(self, settles: list[float | str], call: asyncio.Future[Any]) -> None:
-        if call.cancelled() or call.exception() is not None:
-            # Not known to be written: again with the next take or write (a ZADD twice is the same).
-            self._settles[:0] = settles
-            if self._settling is None and not self._closing:
-                self._settling = self._track(self._write_settles_soon())
+        keep_ms = math.ceil(self._window * 1000) + 1000
+        self._background(
+            "settling a slot (it counts until its hold deadline plus a window)",
+            self._settle(keys=(self._window_key,), args=(self._clock.time(), grant.id, keep_ms)),
+        )
 
     def penalize(self, until: float) -> None:
         """No replica gets a slot before clock.monotonic() >= until (after an upstream 429)."""
@@ -325,17 +279,11 @@ class RedisWindow:
         return first + ahead * self._window / self._max_calls
 
     async def flush(self) -> None:
-        """Write what waits to be written, and wait until the calls on their way are done."""
-        await self._write_settles()
+        """Wait until the calls on their way are done."""
         while self._pending:
             await asyncio.wait(list(self._pending))
 
     async def aclose(self) -> None:
-        self._closing = True
-        try:
-            await asyncio.wait_for(self._write_settles(), CLOSE_WAIT)
-        except asyncio.TimeoutError:
-            pass  # a settle that does not make it counts until its hold deadline
         if self._pending:
             # A settle that does not make it counts until its hold deadline: late, not wrong.
             await asyncio.wait(list(self._pending), timeout=CLOSE_WAIT)

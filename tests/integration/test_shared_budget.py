@@ -24,7 +24,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from bridge.app import build_clients
-from bridge.budget import RedisWindow, SharedGrant, key_base
+from bridge.budget import RedisWindow, key_base
 from bridge.clock import ManualClock
 from bridge.emulator import SANDBOX_KEY, Emulator
 from bridge.insitechat import InsiteChatClient, Unavailable
@@ -427,27 +427,3 @@ async def test_two_bridges_wired_to_one_redis_share_the_key_budget(
                 await client.limiter.aclose()
         await redis.delete(f"{base}:window", f"{base}:penalty")
         await redis.aclose()
-
-
-async def test_a_settle_rides_along_with_the_next_take_or_is_written_soon_after(redis_url: str, prefix: str) -> None:
-    clock = SteppingClock(START)
-    one = Replica(redis_url, prefix, clock, 10, 60.0)
-    window_key, _ = one.shared.keys
-    raw = Redis.from_url(redis_url, decode_responses=True)
-    try:
-        held = await one.limiter.acquire(hold=True)
-        assert isinstance(held, SharedGrant)
-        clock.advance(5.0)
-        one.limiter.settle(held)  # answered at START + 5
-        await one.limiter.acquire()  # this take writes the settle too: one round trip for both
-        assert one.shared._settles == []
-        assert await raw.zscore(window_key, held.id) == pytest.approx(clock.time())
-        second = await one.limiter.acquire(hold=True)
-        assert isinstance(second, SharedGrant)
-        clock.advance(1.0)
-        one.limiter.settle(second)  # no take follows: written within SETTLE_BATCH, real time
-        await quiesce([one])
-        assert await raw.zscore(window_key, second.id) == pytest.approx(clock.time())
-    finally:
-        await raw.aclose()
-        await close([one])
