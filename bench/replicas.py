@@ -179,7 +179,10 @@ async def slice_(s: Setup, concurrency: int, sizes: Sizes) -> dict[str, Any]:
     s.h.mark_upstream(level.samples)
     s.samples.setdefault(concurrency, []).extend(level.samples)
     n = len(level.answered)
+    # This slice's own p50 (reported only; the row's p50 pools both slices' samples, as before).
+    over = [x.answered - x.sent - sizes.latency for x in level.answered]  # type: ignore[operator]
     return {
+        "p50_slice": percentile(over, 50) if over else float("nan"),
         "setup": s.name, "concurrent": concurrency, "answered": n, "lost": level.lost, "throughput": level.throughput,
         "cpu_per_answer": cpu / n if n else float("nan"), "replicas_cores": cpu / wall,
         "redis_cpu_per_answer": redis_cpu / n if n else float("nan"),
@@ -203,7 +206,7 @@ def summarize(s: Setup, concurrency: int, latency: float) -> dict[str, Any]:
         "refused": sum(1 for x in samples if x.acked is None),  # not acked: real Slack would send it again
         "doubled": sum(1 for x in samples if counts[x.token] > 1),
         "throughput": mean("throughput"), "throughput_slices": [r["throughput"] for r in rows],
-        "p50": percentile(over, 50), "p99": percentile(over, 99),
+        "p50": percentile(over, 50), "p99": percentile(over, 99), "p50_slices": [r["p50_slice"] for r in rows],
         "inbound_p50": percentile([x.upstream - x.sent for x in done if x.upstream is not None], 50),
         "cpu_per_answer": mean("cpu_per_answer"), "redis_cpu_per_answer": mean("redis_cpu_per_answer"),
         "redis_per_answer": mean("redis_per_answer"), "replicas_cores": mean("replicas_cores"),
@@ -253,7 +256,8 @@ async def throughput(sizes: Sizes, tmp: Path, counts: tuple[int, ...] = (1, 2, 3
                     row = await slice_(s, concurrency, sizes)
                     s.rows.setdefault(concurrency, []).append(row)
                     print(f"  round {r + 1} {s.name} @{concurrency}: {row['throughput']:.0f}/s, "
-                          f"{row['cpu_per_answer'] * 1000:.1f} ms CPU/answer, split {row['split']}, load {row['load1']:.2f}",
+                          f"{row['cpu_per_answer'] * 1000:.1f} ms CPU/answer, p50 {row['p50_slice'] * 1000:.1f} ms, "
+                          f"split {row['split']}, load {row['load1']:.2f}",
                           file=sys.stderr, flush=True)
                     await asyncio.sleep(1.0)  # late answers of this slice land before the next one starts
         await asyncio.sleep(2.0)

@@ -40,6 +40,10 @@ SESSION = "session"  # InsiteChat session id -> conversation key (for thread lin
 HISTORY = "history"  # conversation key -> the last exchanges, for "Talk to a human" cards
 HUMAN_ROUNDS = "human-rounds"  # conversation key -> how many times a human was asked for there
 ALERT_TTL = 30 * DAY
+# A session's thread is written again only this long after this desk last wrote it: the record
+# then lives at most this much less than ALERT_TTL, and a follow-up costs no round trip.
+SESSION_REFRESH = DAY
+SESSIONS_KNOWN = 10_000  # session -> thread writes remembered (the oldest forgotten first)
 HISTORY_TURNS = 4
 _CAS_TRIES = 20  # compare-and-set retries: only concurrent clicks on one card ever collide
 
@@ -65,6 +69,8 @@ class AlertDesk:
         # Called whenever deliveries were queued (the outbox worker's wake-up), so a click
         # on Claim updates the cards at once instead of at the next poll.
         self.on_queued: Callable[[], None] = lambda: None
+        # Session ids this desk wrote, and when (monotonic): a session id names one thread for good.
+        self._sessions_written: dict[str, float] = {}
 
     # --- events in -----------------------------------------------------------------------------
 
@@ -173,13 +179,17 @@ class AlertDesk:
 
     async def remember_exchange(self, conversation: Conversation, session_id: str, question: str, answer: str) -> None:
         """Keep what "Talk to a human" and thread links need: the session's thread, the last turns."""
-        await self._store.put(SESSION, session_id, conversation.key, ttl=ALERT_TTL)
-
-        def add_turn(history: Any) -> list[list[str]]:
-            return [*(history or []), ["User", question[:500]], ["Bot", answer[:500]]][-2 * HISTORY_TURNS :]
-
+        now = self._clock.monotonic()
+        written = self._sessions_written.get(session_id)
+        if written is None or now - written >= SESSION_REFRESH:
+            await self._store.put(SESSION, session_id, conversation.key, ttl=ALERT_TTL)
+            self._sessions_written.pop(session_id, None)
+            self._sessions_written[session_id] = now
+            if len(self._sessions_written) > SESSIONS_KNOWN:
+                del self._sessions_written[next(iter(self._sessions_written))]
         # The words are kept only as long as the questions and answers themselves.
-        await self._update(HISTORY, conversation.key, add_turn, self._keep_text)
+        turn = [["User", question[:500]], ["Bot", answer[:500]]]
+        await self._store.append(HISTORY, conversation.key, turn, keep=2 * HISTORY_TURNS, ttl=self._keep_text)
 
     async def _update(self, kind: str, key: str, change: Callable[[Any], T], ttl: float) -> T:
         """Read, change and write one record atomically (compare-and-set, retried on a collision)."""

@@ -74,6 +74,11 @@ class Outbox:
     def register(self, adapter: Adapter) -> None:
         self._adapters[adapter.name] = adapter
 
+    @property
+    def attempt_lease(self) -> float:
+        """How long one attempt holds an item (for a reply stored already held: job_answered's lease)."""
+        return self._attempt_lease
+
     def wake(self) -> None:
         """New work was stored: deliver now instead of at the next poll."""
         self._wake.set()
@@ -176,7 +181,7 @@ class Outbox:
             log.error("delivery to %s is waiting: %s is not configured", item.destination, platform)
             await self._store.outbox_retry(item.id, self._alert_backoff.cap, f"no {platform} connection", count=False)
             return DeliveryResult.RETRYING
-        taken = await self._store.outbox_take(item.id, lease=self._attempt_lease)
+        taken = item if item.held else await self._store.outbox_take(item.id, lease=self._attempt_lease)
         if taken is None:
             return DeliveryResult.SKIPPED
         try:

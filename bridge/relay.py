@@ -164,7 +164,9 @@ class Relay:
         assert decision.route is not None
         job = ChatJob.new(inbound, chatbot=decision.route.chatbot, now=self._clock.time())
         # Stored while stopping: not leased to this process, so another replica takes it at once.
-        if not await self._store.create_job(job, lease=self._lease if self._accepting else 0.0):
+        # The conversation's lock is taken in the same step (its worker starts at once), not while stopping.
+        lease = self._lease if self._accepting else 0.0
+        if not await self._store.create_job(job, lease=lease, lock=self._accepting):
             log.info("duplicate delivery of %s ignored", inbound.dedupe_key)
             metrics.DEDUPE_HITS.labels("chat").inc()
             return self._count(inbound, _done(Outcome.DUPLICATE))
@@ -346,7 +348,7 @@ class Relay:
     async def _deliver(self, job: ChatJob, reply: _Reply) -> Outcome:
         """Store the reply with its delivery, then try that delivery at once; the outbox retries it."""
         answered = job.answered(reply.text, reply.kind, offer_human=reply.offer_human)
-        item = await self._store.job_answered(answered)
+        item = await self._store.job_answered(answered, lease=self._outbox.attempt_lease)  # held for the attempt below
         result = await self._outbox.deliver_now(item, answered)
         if result is DeliveryResult.DELIVERED:
             return reply.outcome

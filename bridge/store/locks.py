@@ -32,6 +32,15 @@ class LocalLocks:
             if not entry.users:
                 del self._locks[key]
 
+    def users(self, key: str) -> int:
+        """How many hold or await `key` now."""
+        entry = self._locks.get(key)
+        return entry.users if entry is not None else 0
+
+    def __contains__(self, key: object) -> bool:
+        """Someone holds or awaits `key` now."""
+        return key in self._locks
+
     def __len__(self) -> int:
         """Keys held or awaited now."""
         return len(self._locks)

@@ -27,7 +27,11 @@ class ConversationState(Protocol):
     async def is_followed(self, conversation: str) -> bool: ...
 
     async def generation(self, conversation: str) -> int:
-        """The conversation's session generation; a reset increments it (fresh InsiteChat memory)."""
+        """The conversation's session generation; a reset increments it (fresh InsiteChat memory).
+
+        While this process holds the conversation's lock, a backend may answer from what it read
+        when it took the lock: bump a generation only while holding that lock (the relay does).
+        """
 
     async def bump_generation(self, conversation: str) -> int:
         """Atomically add one to the generation; returns the new value."""
@@ -45,6 +49,11 @@ class Records(Protocol):
 
     async def put_if(self, kind: str, key: str, value: Any, *, revision: int | None, ttl: float | None = None) -> bool:
         """Compare-and-set: store only if the revision is still `revision` (None: only if absent)."""
+
+    async def append(self, kind: str, key: str, values: Sequence[Any], *, keep: int, ttl: float | None = None) -> None:
+        """Atomically add `values` to the end of the list under (kind, key) (absent: an empty list), keep its
+        last `keep` elements, and store it for `ttl` seconds (None: for good): a new revision, as put.
+        ValueError when the record holds something else than a list."""
 
     async def delete(self, kind: str, key: str) -> None: ...
 
@@ -67,14 +76,24 @@ class EventIntake(Protocol):
 class ChatJobs(Protocol):
     """Accepted questions, from the claim to the stored reply. Leases say which process works on one."""
 
-    async def create_job(self, job: ChatJob, *, lease: float) -> bool:
-        """Store a new job, leased to this process; False when a job with its key exists (a duplicate)."""
+    async def create_job(self, job: ChatJob, *, lease: float, lock: bool = False) -> bool:
+        """Store a new job, leased to this process; False when a job with its key exists (a duplicate).
+
+        `lock=True`: in the same step, take the job's conversation lock for this process if it is
+        free, so that the worker's `conversation_lock` needs no second trip to a shared backend. A
+        lock so taken is freed with the job's delivery (`outbox_done`/`outbox_fail`) or when the
+        holder's block ends, whichever comes first; one that nobody enters frees itself within a lease.
+        """
 
     async def job_asked(self, job_id: str) -> None:
         """The InsiteChat call is about to go out (it may be received even if we never hear back)."""
 
-    async def job_answered(self, job: ChatJob) -> OutboxItem:
-        """Atomically store the reply and queue its delivery (to the job's conversation); returns the item."""
+    async def job_answered(self, job: ChatJob, *, lease: float | None = None) -> OutboxItem:
+        """Atomically store the reply and queue its delivery (to the job's conversation); returns the item.
+
+        With a `lease`, the item comes back already held for the caller's first attempt (`held`, as if
+        `outbox_take` had returned it), so no other worker can take it between the two steps.
+        """
 
     async def get_job(self, job_id: str) -> ChatJob | None: ...
 
@@ -104,7 +123,9 @@ class DeliveryQueue(Protocol):
         an earlier attempt began (then it may have posted before a crash: look first)."""
 
     async def outbox_done(self, item_id: int, reference: str) -> None:
-        """The platform accepted it; a chat reply's job is delivered with it."""
+        """The platform accepted it; a chat reply's job is delivered with it, and the conversation lock under
+        which that reply was stored (`job_answered`) or taken for the job (`create_job(lock=True)`) is freed
+        for other processes: the answer is out, the next one may start."""
 
     async def outbox_retry(self, item_id: int, delay: float, error: str, *, count: bool = True) -> None:
         """Try again after `delay` (and let go of it); `count=False` when the item itself was not attempted."""

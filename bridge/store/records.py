@@ -95,6 +95,7 @@ class OutboxItem:
     created_at: float
     next_attempt_at: float
     started: bool = False  # an earlier attempt began: it may have posted before a crash
+    held: bool = False  # the caller holds it for this attempt already (job_answered with a lease): no outbox_take
 
 
 @dataclass(frozen=True)

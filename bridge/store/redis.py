@@ -31,9 +31,10 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -69,9 +70,17 @@ TTL_MARGIN = 3 * 3600.0
 # Shorter than the job lease (60 s): a job taken over from a dead replica finds its
 # conversation free by then. The holder renews every third of it.
 LOCK_POLL = 0.1  # a waiter tries again after about this long (jittered, so waiters do not march in step)
+# ... but first sooner: a holder on another replica is most often just posting its answer, and the
+# delivery frees the lock (outbox_done) a round trip later.
+LOCK_POLL_FIRST = 0.02
 TIMEOUT = 5.0  # connect and each command: a Redis that does not answer is a StoreError, not a hang
 MAX_CONNECTIONS = 200  # per replica; beyond it a command waits (up to TIMEOUT) for a free connection
 PRUNE_BATCH = 500  # ids per prune script, so one prune never blocks Redis for long
+_CAS_TRIES = 20  # append's merge of a list written by put: retried while other writers collide
+# follow() writes a thread again only when this replica last wrote it longer ago than this: the
+# stored expiry (30 days) is then at most this much short, and a follow-up costs no round trip.
+FOLLOW_REFRESH = 3600.0
+FOLLOWED_KNOWN = 10_000  # followed threads remembered per replica (the oldest forgotten first)
 
 _STATES = tuple(state.value for state in JobState)
 _OPEN = tuple(state.value for state in JobState if state.open)
@@ -175,6 +184,7 @@ _LUA_RECORDS = """
 local function put_record(P, kind, key, value, expires, ttl_ms)
   local record = P .. 'record:' .. kind .. ':' .. key
   redis.call('HSET', record, 'value', value, 'expires', expires)
+  redis.call('HDEL', record, 'parts')  -- the element texts of a list kept by _APPEND_RECORD, now stale
   redis.call('HINCRBY', record, 'revision', 1)
   if ttl_ms == '' then redis.call('PERSIST', record) else redis.call('PEXPIRE', record, ttl_ms) end
 end
@@ -193,6 +203,32 @@ local current = ''
 if f[1] and (f[2] == '' or tonumber(f[2]) >= tonumber(ARGV[2])) then current = f[1] end
 if current ~= ARGV[8] then return 0 end
 put_record(ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+return 1
+"""
+
+_APPEND_RECORD = _LUA_RECORDS + """
+-- Add elements to the end of a list record and keep its last `keep`. The list's elements are kept
+-- as their JSON texts too ('parts'), so that Lua never re-encodes a value (cjson would round
+-- numbers and turn [] into {}). A live list without them (written by put) is merged in Python:
+-- mode 'append' returns -1 for it; mode 'absent' or a revision writes `texts` as the whole list
+-- if the record is still absent or at that revision (else 0).
+-- ARGV: prefix, now, kind, key, keep, expires, ttl_ms, mode, texts...
+local P, kind, key = ARGV[1], ARGV[3], ARGV[4]
+local record = P .. 'record:' .. kind .. ':' .. key
+local f = redis.call('HMGET', record, 'revision', 'expires', 'parts')
+local live = f[1] and (f[2] == '' or tonumber(f[2]) >= tonumber(ARGV[2]))
+local parts = {}
+if ARGV[8] == 'append' then
+  if live and not f[3] then return -1 end
+  if live then parts = cjson.decode(f[3]) end
+elseif ARGV[8] ~= (live and f[1] or 'absent') then
+  return 0
+end
+for i = 9, #ARGV do table.insert(parts, ARGV[i]) end
+local kept = {}
+for i = math.max(1, #parts - tonumber(ARGV[5]) + 1), #parts do table.insert(kept, parts[i]) end
+put_record(P, kind, key, '[' .. table.concat(kept, ',') .. ']', ARGV[6], ARGV[7])
+if #kept > 0 then redis.call('HSET', record, 'parts', cjson.encode(kept)) end
 return 1
 """
 
@@ -223,20 +259,39 @@ for i = first_delivery, #ARGV, 3 do add_item(P, ARGV[i], ARGV[i + 1], ARGV[i + 2
 return 1
 """
 
-_CREATE_JOB = _LUA_JOBS + """
--- A new job, leased to the caller, unless its platform message has a live job (a duplicate).
--- ARGV: prefix, kept_after, id, key, state, owner, lease_until, conversation, chatbot, inbound, created_at
+_LUA_LOCKS = """
+-- Take a conversation's lock when free (or its holder stopped renewing); returns the generation, or -1.
+-- `job` ('' for none) names the job it is taken for: that job's delivery frees it.
+local function take_lock(P, conversation, now, token, lock_until, ttl_ms, job)
+  local lock = P .. 'lock:' .. conversation
+  local held = redis.call('HGET', lock, 'until')
+  if held and tonumber(held) >= tonumber(now) then return -1 end
+  redis.call('DEL', lock)
+  redis.call('HSET', lock, 'token', token, 'until', lock_until)
+  if job ~= '' then redis.call('HSET', lock, 'job', job) end
+  redis.call('PEXPIRE', lock, ttl_ms)
+  return tonumber(redis.call('GET', P .. 'generation:' .. conversation) or '0')
+end
+"""
+
+_CREATE_JOB = _LUA_JOBS + _LUA_LOCKS + """
+-- A new job, leased to the caller, unless its platform message has a live job (a duplicate); with a
+-- lock token, also the conversation's lock for that job when it is free.
+-- ARGV: prefix, kept_after, id, key, state, owner, lease_until, conversation, chatbot, inbound, created_at,
+--       now, lock token ('' : no lock), lock until, lock ttl_ms
+-- Returns {created (1/0), the generation if the lock was taken else -1}.
 local P, id, key, state = ARGV[1], ARGV[3], ARGV[4], ARGV[5]
 local existing = redis.call('GET', P .. 'job-key:' .. key)
-if existing == id then return 1 end  -- this very job, sent again after its reply was lost
-if existing and live_job(P, existing, tonumber(ARGV[2])) then return 0 end
+if existing == id then return {1, -1} end  -- this very job, sent again after its reply was lost
+if existing and live_job(P, existing, tonumber(ARGV[2])) then return {0, -1} end
 redis.call('HSET', P .. 'job:' .. id, 'id', id, 'key', key, 'state', state, 'owner', ARGV[6],
   'lease_until', ARGV[7], 'conversation', ARGV[8], 'chatbot', ARGV[9], 'inbound', ARGV[10],
   'created_at', ARGV[11], 'asks', 0, 'reply_kind', 'answer', 'offer_human', 0)
 redis.call('SET', P .. 'job-key:' .. key, id)
 redis.call('SADD', P .. 'jobs:' .. state, id)
 if state == 'accepted' or state == 'asked' then redis.call('ZADD', P .. 'jobs:leases', ARGV[7], id) end
-return 1
+if ARGV[13] == '' then return {1, -1} end
+return {1, take_lock(P, ARGV[8], ARGV[12], ARGV[13], ARGV[14], ARGV[15], id)}
 """
 
 _MARK_JOB_ASKED = _LUA_JOBS + """
@@ -250,13 +305,21 @@ return 1
 """
 
 _ANSWER_JOB = _LUA_JOBS + _LUA_ITEMS + """
--- Store the reply and queue its delivery in one step; returns the item's id.
--- ARGV: prefix, now, kept_after, job id, item key, destination, payload, reply, reply_kind, offer_human
+-- Store the reply and queue its delivery in one step; returns the item's id. With a lease_until
+-- ('' for none) the item is held for the caller's first attempt, as _TAKE_ITEM would hold it. With
+-- the token of the caller's lock on the conversation (the destination), that lock is now this job's:
+-- its delivery frees it.
+-- ARGV: prefix, now, kept_after, job id, item key, destination, payload, reply, reply_kind, offer_human,
+--       lease_until, lock token
 local P, job_id = ARGV[1], ARGV[4]
 if live_item(P, ARGV[5], tonumber(ARGV[3])) then
   return redis.error_reply('delivery ' .. ARGV[5] .. ' is already queued')
 end
 local id = add_item(P, ARGV[5], ARGV[6], ARGV[7], ARGV[2], job_id)
+if ARGV[11] ~= '' then redis.call('HSET', P .. 'item:' .. id, 'started', 1, 'lease_until', ARGV[11]) end
+if ARGV[12] ~= '' and redis.call('HGET', P .. 'lock:' .. ARGV[6], 'token') == ARGV[12] then
+  redis.call('HSET', P .. 'lock:' .. ARGV[6], 'job', job_id)
+end
 local state = redis.call('HGET', P .. 'job:' .. job_id, 'state')
 if state then
   move_job(P, job_id, state, 'answered')
@@ -334,8 +397,10 @@ return before
 """
 
 _DELIVER_ITEM = _LUA_JOBS + _LUA_ITEMS + """
--- The platform took it (or refused it for good): the item ends, and its chat job with it.
+-- The platform took it (or refused it for good): the item ends, and its chat job with it, and
+-- the conversation lock taken for that job (create_job with a lock) is freed: its answer is out.
 -- ARGV: prefix, now, ttl_ms, id, outcome ('delivered' or 'failed'), reference or error
+-- Returns 0 (no such item, or it ended before), 1, or {conversation, job} when it freed that lock.
 local P, id = ARGV[1], ARGV[4]
 local f = redis.call('HMGET', P .. 'item:' .. id, 'key', 'job', 'ended_at')
 if not f[1] or f[3] then return 0 end
@@ -345,7 +410,13 @@ else
   redis.call('HSET', P .. 'item:' .. id, 'failed_at', ARGV[2], 'last_error', ARGV[6])
 end
 end_item(P, id, ARGV[2], ARGV[3])
-if f[2] then finish_job(P, f[2], ARGV[5], ARGV[2], ARGV[3]) end
+if not f[2] then return 1 end
+finish_job(P, f[2], ARGV[5], ARGV[2], ARGV[3])
+local conversation = redis.call('HGET', P .. 'job:' .. f[2], 'conversation')
+if conversation and redis.call('HGET', P .. 'lock:' .. conversation, 'job') == f[2] then
+  redis.call('DEL', P .. 'lock:' .. conversation)
+  return {conversation, f[2]}
+end
 return 1
 """
 
@@ -405,25 +476,28 @@ for _, id in ipairs(ids) do forget_item(ARGV[1], id) end
 return #ids
 """
 
-_TAKE_LOCK = """
+_TAKE_LOCK = _LUA_LOCKS + """
 -- SET NX PX with the lease on the caller's clock: taken when free, or when its holder stopped renewing.
+-- Returns the conversation's generation (read under the lock: the holder needs it next), or -1.
 -- ARGV: prefix, conversation, now, token, until, ttl_ms
-local lock = ARGV[1] .. 'lock:' .. ARGV[2]
-local held = redis.call('HGET', lock, 'until')
-if held and tonumber(held) >= tonumber(ARGV[3]) then return 0 end
-redis.call('HSET', lock, 'token', ARGV[4], 'until', ARGV[5])
-redis.call('PEXPIRE', lock, ARGV[6])
-return 1
+return take_lock(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], '')
 """
 
-_RENEW_LOCK = """
--- Extend the lease, only for the holder that still has the lock.
--- ARGV: prefix, conversation, token, until, ttl_ms
-local lock = ARGV[1] .. 'lock:' .. ARGV[2]
-if redis.call('HGET', lock, 'token') ~= ARGV[3] then return 0 end
-redis.call('HSET', lock, 'until', ARGV[4])
-redis.call('PEXPIRE', lock, ARGV[5])
-return 1
+_RENEW_LOCKS = """
+-- Extend the leases of this replica's locks, each only for the holder that still has it.
+-- ARGV: prefix, until, ttl_ms, (conversation, token)...; returns 1 or 0 per lock.
+local renewed = {}
+for i = 4, #ARGV, 2 do
+  local lock = ARGV[1] .. 'lock:' .. ARGV[i]
+  if redis.call('HGET', lock, 'token') == ARGV[i + 1] then
+    redis.call('HSET', lock, 'until', ARGV[2])
+    redis.call('PEXPIRE', lock, ARGV[3])
+    table.insert(renewed, 1)
+  else
+    table.insert(renewed, 0)
+  end
+end
+return renewed
 """
 
 _RELEASE_LOCK = """
@@ -433,6 +507,17 @@ local lock = ARGV[1] .. 'lock:' .. ARGV[2]
 if redis.call('HGET', lock, 'token') == ARGV[3] then return redis.call('DEL', lock) end
 return 0
 """
+
+
+@dataclass
+class _Lock:
+    """A conversation lock this replica has in Redis: pre-taken by create_job, or held by a conversation_lock block."""
+
+    token: str
+    generation: int  # read when it was taken; only its holder bumps it (protocol), which keeps it current
+    job: str = ""  # the job create_job took it for: that job's delivery frees it in Redis
+    taken_at: float = 0.0  # monotonic, for a pre-taken lock that nobody entered
+    released: bool = False  # gone from Redis (its job's delivery freed it, or it was lost): nothing to renew or free
 
 
 def _t(seconds: float) -> str:
@@ -478,16 +563,24 @@ class RedisStore:
         self.owner = uuid.uuid4().hex
         self._closed = False
         self._local = LocalLocks()  # one waiter per conversation per replica polls Redis, in arrival order
-        self._renewals: set[asyncio.Task[None]] = set()
+        # Conversation locks this replica has in Redis: taken by create_job(lock=True) and not yet
+        # entered, and held by a conversation_lock block. One task renews them all in one script.
+        self._pretaken: dict[str, _Lock] = {}
+        self._held: dict[str, _Lock] = {}
+        self._keeper: asyncio.Task[None] | None = None
+        # Followed threads this replica wrote or saw: conversation -> (followed until, written at or None).
+        # Nothing unfollows a thread before it expires, so a known answer needs no round trip.
+        self._followed: dict[str, tuple[float, float | None]] = {}
         self._inflight: set[asyncio.Future[Any]] = set()
         try:
-            # A blocking pool: under a burst (500 questions at once) a command waits for a free
-            # connection instead of failing with "Too many connections" (redis-py's default pool
-            # raises at once), which refused events and failed jobs in the replica benchmark.
-            pool = BlockingConnectionPool.from_url(
+            # Under a burst (500 questions at once) a command waits for a free connection instead
+            # of failing with "Too many connections" (redis-py's pool raises at once), which refused
+            # events and failed jobs in the replica benchmark. The wait is a semaphore in _do, not
+            # redis-py's BlockingConnectionPool: that one pays a condition and a timeout on every
+            # command (about 8% of the store's client CPU), the semaphore only when it is full.
+            pool = ConnectionPool.from_url(
                 url,
                 max_connections=MAX_CONNECTIONS,
-                timeout=timeout,
                 decode_responses=True,
                 socket_timeout=timeout,
                 socket_connect_timeout=timeout,
@@ -496,11 +589,15 @@ class RedisStore:
                 retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             )
             self._redis: Redis = Redis.from_pool(pool)  # owns the pool: aclose() closes it
+            # The URL may set its own max_connections: never more commands at once than it allows.
+            self._slots = asyncio.Semaphore(pool.max_connections)
+            self._slot_wait = timeout
         except (ValueError, RedisError) as exc:
             raise StoreError(f"cannot use the Redis URL {self._where}: {self._redact(str(exc))}") from None
         script = self._redis.register_script
         self._put_record = script(_PUT_RECORD)
         self._compare_and_set_record = script(_COMPARE_AND_SET_RECORD)
+        self._append_record = script(_APPEND_RECORD)
         self._accept_event = script(_ACCEPT_EVENT)
         self._create_job = script(_CREATE_JOB)
         self._mark_job_asked = script(_MARK_JOB_ASKED)
@@ -517,7 +614,7 @@ class RedisStore:
         self._forget_jobs = script(_FORGET_JOBS)
         self._forget_items = script(_FORGET_ITEMS)
         self._take_lock = script(_TAKE_LOCK)
-        self._renew_lock = script(_RENEW_LOCK)
+        self._renew_locks = script(_RENEW_LOCKS)
         self._release_lock = script(_RELEASE_LOCK)
 
     # --- running commands -----------------------------------------------------------------------
@@ -534,6 +631,15 @@ class RedisStore:
             if asyncio.iscoroutine(command):
                 command.close()
             raise StoreError(f"the Redis store at {self._where} is closed")
+        if self._slots.locked():  # every connection busy: wait for one, as a blocking pool would
+            try:
+                await self._wait_for_slot()
+            except BaseException:
+                if asyncio.iscoroutine(command):
+                    command.close()
+                raise
+        else:
+            await self._slots.acquire()  # free: returns at once
         running = asyncio.ensure_future(command)
         self._inflight.add(running)
         running.add_done_callback(self._settled)
@@ -542,7 +648,20 @@ class RedisStore:
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis at {self._where}: {self._redact(str(exc)) or type(exc).__name__}") from None
 
+    async def _wait_for_slot(self) -> None:
+        acquiring = asyncio.ensure_future(self._slots.acquire())
+        try:
+            done, _ = await asyncio.wait({acquiring}, timeout=self._slot_wait)
+        except BaseException:
+            if not acquiring.cancel() and not acquiring.cancelled() and acquiring.exception() is None:
+                self._slots.release()  # it came just as we were cancelled: nobody will use it
+            raise
+        if not done:
+            acquiring.cancel()  # a cancelled acquire hands a slot it was given on to the next waiter
+            raise StoreError(f"redis at {self._where}: no free connection within {self._slot_wait:g} s")
+
     def _settled(self, running: asyncio.Future[Any]) -> None:
+        self._slots.release()
         self._inflight.discard(running)
         if not running.cancelled():
             running.exception()  # retrieved: a caller that was cancelled never will
@@ -604,10 +723,17 @@ class RedisStore:
     async def close(self) -> None:
         if self._closed:
             return
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
+        # Pre-taken locks nobody will enter now: free them rather than block their conversations for a lease.
+        for conversation, lock in list(self._pretaken.items()):
+            try:
+                await self._run(self._release_lock, conversation, lock.token)
+            except StoreError:
+                pass  # it frees itself after its lease
+        self._pretaken.clear()
         self._closed = True
-        for task in list(self._renewals):
-            task.cancel()
-        await asyncio.gather(*self._renewals, return_exceptions=True)
         if self._inflight:  # commands whose callers were cancelled: let them finish first
             await asyncio.wait(list(self._inflight), timeout=TIMEOUT)
         try:
@@ -618,72 +744,144 @@ class RedisStore:
     # --- conversation state ---------------------------------------------------------------------
 
     async def follow(self, conversation: str, ttl: float = 30 * DAY) -> None:
-        await self._do(self._redis.set(self._key("followed", conversation), _t(self._now() + ttl), px=_ttl_ms(ttl)))
+        now = self._now()
+        until, written = self._followed.get(conversation, (0.0, None))
+        if written is not None and now - written < FOLLOW_REFRESH and until - written == ttl:
+            return  # this replica wrote it a moment ago: the stored expiry is at most FOLLOW_REFRESH short
+        await self._do(self._redis.set(self._key("followed", conversation), _t(now + ttl), px=_ttl_ms(ttl)))
+        self._remember_followed(conversation, now + ttl, now)
 
     async def is_followed(self, conversation: str) -> bool:
+        now = self._now()
+        known = self._followed.get(conversation)
+        if known is not None and known[0] >= now:
+            return True
         until = await self._do(self._redis.get(self._key("followed", conversation)))
-        return until is not None and float(until) >= self._now()
+        if until is None or float(until) < now:
+            return False
+        self._remember_followed(conversation, float(until), None)
+        return True
+
+    def _remember_followed(self, conversation: str, until: float, written: float | None) -> None:
+        self._followed.pop(conversation, None)  # to the end: the oldest entry goes first when full
+        self._followed[conversation] = (until, written)
+        if len(self._followed) > FOLLOWED_KNOWN:
+            del self._followed[next(iter(self._followed))]
 
     async def generation(self, conversation: str) -> int:
+        lock = self._held.get(conversation)
+        if lock is not None and not lock.released:
+            return lock.generation  # read when the lock was taken; only a holder bumps it
         value = await self._do(self._redis.get(self._key("generation", conversation)))
         return int(value) if value is not None else 0
 
     async def bump_generation(self, conversation: str) -> int:
-        return int(await self._do(self._redis.incr(self._key("generation", conversation))))
+        value = int(await self._do(self._redis.incr(self._key("generation", conversation))))
+        lock = self._held.get(conversation)
+        if lock is not None:
+            lock.generation = value
+        return value
+
+    def _lock_args(self, token: str) -> tuple[str, str, str, int]:
+        now = self._now()
+        return _t(now), token, _t(now + self._lock_lease), _ttl_ms(self._lock_lease)
 
     @asynccontextmanager
     async def conversation_lock(self, conversation: str) -> AsyncIterator[None]:
         """Held across replicas: a lock in Redis under a lease, renewed while held, released by its holder only."""
         async with self._local.hold(conversation):
+            # A lock create_job took for this conversation is this replica's: whoever enters next uses it.
+            lock = self._pretaken.pop(conversation, None)
+            if lock is not None and lock.released:
+                lock = None  # freed already (its lease ran out unrenewed): take it again
             token = f"{self.owner}:{uuid.uuid4().hex}"
-            while True:
-                now = self._now()
-                lease = (_t(now), token, _t(now + self._lock_lease), _ttl_ms(self._lock_lease))
-                attempt = asyncio.ensure_future(self._run(self._take_lock, conversation, *lease))
+            poll = LOCK_POLL_FIRST
+            while lock is None:
+                attempt = asyncio.ensure_future(self._run(self._take_lock, conversation, *self._lock_args(token)))
                 try:
-                    if await asyncio.shield(attempt):
-                        break
+                    generation = int(await asyncio.shield(attempt))
                 except asyncio.CancelledError:
                     # The take goes on without us and may succeed: then free it, or it blocks
                     # the conversation for a whole lease.
                     attempt.add_done_callback(lambda done: self._release_if_taken(done, conversation, token))
                     raise
-                await self._clock.sleep(LOCK_POLL * (0.5 + random.random()))
-            renewing = asyncio.get_running_loop().create_task(
-                self._keep_lock(conversation, token), name=f"lock:{conversation}"
-            )
-            self._renewals.add(renewing)
-            renewing.add_done_callback(self._renewals.discard)
+                if generation >= 0:
+                    lock = _Lock(token, generation)
+                    break
+                await self._clock.sleep(poll * (0.5 + random.random()))
+                poll = min(poll * 2, LOCK_POLL)
+                lock = self._pretaken.pop(conversation, None)  # taken by a create_job meanwhile: ours
+            self._held[conversation] = lock
+            self._keep_locks()
             try:
                 yield
             finally:
-                renewing.cancel()
-                await asyncio.gather(renewing, return_exceptions=True)
-                try:
-                    await self._run(self._release_lock, conversation, token)
-                except StoreError as exc:
-                    log.warning("conversation %s: its lock was not released (%s); it frees itself after its lease", conversation, exc)
+                if self._held.get(conversation) is lock:
+                    del self._held[conversation]
+                self._stop_keeper_when_idle()
+                if not lock.released:
+                    try:
+                        await self._run(self._release_lock, conversation, lock.token)
+                    except StoreError as exc:
+                        log.warning(
+                            "conversation %s: its lock was not released (%s); it frees itself after its lease",
+                            conversation, exc,
+                        )
 
     def _release_if_taken(self, attempt: asyncio.Future[Any], conversation: str, token: str) -> None:
-        if attempt.cancelled() or attempt.exception() is not None or not attempt.result() or self._closed:
+        if attempt.cancelled() or attempt.exception() is not None or int(attempt.result()) < 0 or self._closed:
             return
         release = asyncio.ensure_future(self._run(self._release_lock, conversation, token))
         release.add_done_callback(lambda done: done.cancelled() or done.exception())
 
-    async def _keep_lock(self, conversation: str, token: str) -> None:
+    def _keep_locks(self) -> None:
+        if self._keeper is None and not self._closed:
+            self._keeper = asyncio.get_running_loop().create_task(self._keeping(), name="conversation-locks")
+
+    def _stop_keeper_when_idle(self) -> None:
+        # Nothing to renew: no task left sleeping on the clock (tests count the sleepers).
+        if self._keeper is not None and not self._held and not self._pretaken:
+            self._keeper.cancel()
+            self._keeper = None
+
+    async def _keeping(self) -> None:
+        """Renew every lock this replica has, in one script each third of a lease; free pre-taken ones
+        that nobody entered."""
         while True:
             await self._clock.sleep(self._lock_lease / 3)
+            stale = self._clock.monotonic() - self._lock_lease / 3
+            for conversation, lock in list(self._pretaken.items()):
+                if lock.taken_at < stale and conversation not in self._local:
+                    del self._pretaken[conversation]  # its job never came to answer (a bug, a shutdown)
+                    await self._free(conversation, lock)
+            if not self._held and not self._pretaken:
+                self._keeper = None
+                return
+            locks = [(c, lock) for c, lock in (*self._held.items(), *self._pretaken.items()) if not lock.released]
+            if not locks:
+                continue
+            args = [part for conversation, lock in locks for part in (conversation, lock.token)]
             try:
                 renewed = await self._run(
-                    self._renew_lock, conversation, token, _t(self._now() + self._lock_lease), _ttl_ms(self._lock_lease)
+                    self._renew_locks, _t(self._now() + self._lock_lease), _ttl_ms(self._lock_lease), *args
                 )
             except StoreError as exc:
-                log.warning("conversation %s: renewing its lock failed: %s; trying again", conversation, exc)
+                log.warning("renewing %d conversation lock(s) failed: %s; trying again", len(locks), exc)
                 continue
-            if not renewed:
-                # Held past its lease without a renewal (this process stalled): another replica may answer there now.
-                log.error("conversation %s: its lock was lost to another holder", conversation)
-                return
+            for (conversation, lock), ok in zip(locks, renewed):
+                if not int(ok) and not lock.released:
+                    # Held past its lease without a renewal (this process stalled): another replica
+                    # may answer there now.
+                    lock.released = True
+                    log.error("conversation %s: its lock was lost to another holder", conversation)
+
+    async def _free(self, conversation: str, lock: _Lock) -> None:
+        try:
+            await self._run(self._release_lock, conversation, lock.token)
+        except StoreError as exc:
+            log.warning(
+                "conversation %s: its lock was not released (%s); it frees itself after its lease", conversation, exc
+            )
 
     # --- records ----------------------------------------------------------------------------------
 
@@ -719,6 +917,26 @@ class RedisStore:
         expected = "" if revision is None else str(revision)
         return bool(await self._run(self._compare_and_set_record, _t(now), kind_, key_, *rest, expected))
 
+    async def append(self, kind: str, key: str, values: Sequence[Any], *, keep: int, ttl: float | None = None) -> None:
+        if keep < 1:
+            raise ValueError("keep at least one element")
+        now = self._now()
+        kind_, key_, _, *expiry = self._record_args(NewRecord(kind, key, None, ttl), now)
+        texts = [json.dumps(value) for value in values]
+        for _ in range(_CAS_TRIES):
+            if await self._run(self._append_record, _t(now), kind_, key_, keep, *expiry, "append", *texts) == 1:
+                return
+            # A list written by put: merged here once, then its element texts are kept.
+            found = await self.get_versioned(kind, key)
+            current = found.value if found is not None else []
+            if not isinstance(current, list):
+                raise ValueError(f"{kind} {key} holds no list")
+            merged = [json.dumps(value) for value in [*current, *values][-keep:]]
+            mode = str(found.revision) if found is not None else "absent"
+            if await self._run(self._append_record, _t(now), kind_, key_, keep, *expiry, mode, *merged) == 1:
+                return
+        raise StoreError(f"{kind} {key} kept changing under concurrent updates")
+
     async def delete(self, kind: str, key: str) -> None:
         await self._do(self._redis.delete(self._record_key(kind, key)))
 
@@ -744,26 +962,54 @@ class RedisStore:
 
     # --- chat jobs ------------------------------------------------------------------------------
 
-    async def create_job(self, job: ChatJob, *, lease: float) -> bool:
+    async def create_job(self, job: ChatJob, *, lease: float, lock: bool = False) -> bool:
         if job.inbound is None:
             raise ValueError("a new job carries its question")
+        conversation = job.conversation
+        token = f"{self.owner}:{uuid.uuid4().hex}" if lock and self._may_pretake(conversation) else ""
         now = self._now()
-        return bool(await self._run(
+        created, generation = await self._run(
             self._create_job, _t(now - DELIVERED_KEPT), job.id, job.key, job.state.value, self.owner,
-            _t(now + lease), job.conversation, job.chatbot, json.dumps(inbound_to_json(job.inbound)), _t(job.created_at),
-        ))
+            _t(now + lease), conversation, job.chatbot, json.dumps(inbound_to_json(job.inbound)), _t(job.created_at),
+            *(self._lock_args(token) if token else ("", "", "", 0)),
+        )
+        if int(generation) >= 0:
+            if conversation in self._pretaken:  # another create_job took it first (it cannot: Redis said free)
+                await self._free(conversation, _Lock(token, int(generation)))
+            else:
+                self._pretaken[conversation] = _Lock(token, int(generation), job.id, self._clock.monotonic())
+                self._keep_locks()
+        return bool(int(created))
 
     async def job_asked(self, job_id: str) -> None:
         await self._run(self._mark_job_asked, job_id)
 
-    async def job_answered(self, job: ChatJob) -> OutboxItem:
+    def _may_pretake(self, conversation: str) -> bool:
+        """Nobody here waits for the conversation, so the new job's worker is the next to enter it; a holder
+        whose job's delivery freed the lock already is finishing up (its working signal) and counts as gone."""
+        if conversation in self._pretaken:
+            return False
+        if conversation not in self._local:
+            return True
+        holder = self._held.get(conversation)
+        return self._local.users(conversation) == 1 and holder is not None and holder.released
+
+    async def job_answered(self, job: ChatJob, *, lease: float | None = None) -> OutboxItem:
         now = self._now()
         delivery = NewDelivery(job.delivery_key, job.conversation, {"kind": "chat", "job": job.id})
+        # Answered under this replica's lock on its conversation: the reply's delivery frees that lock.
+        holder = self._held.get(job.conversation)
+        token = holder.token if holder is not None and not holder.released else ""
         item_id = await self._run(
             self._answer_job, _t(now), _t(now - DELIVERED_KEPT), job.id, delivery.key, delivery.destination,
             json.dumps(delivery.payload), job.reply, job.reply_kind.value, int(job.offer_human),
+            _t(now + lease) if lease is not None else "", token,
         )
-        return OutboxItem(int(item_id), delivery.key, delivery.destination, delivery.payload, 0, now, now)
+        if holder is not None and token:
+            holder.job = job.id
+        return OutboxItem(
+            int(item_id), delivery.key, delivery.destination, delivery.payload, 0, now, now, held=lease is not None
+        )
 
     async def get_job(self, job_id: str) -> ChatJob | None:
         fields = await self._do(self._redis.hgetall(self._key("job", job_id)))
@@ -835,14 +1081,22 @@ class RedisStore:
         return _item(_fields(before)) if before else None
 
     async def outbox_done(self, item_id: int, reference: str) -> None:
-        await self._run(self._deliver_item, _t(self._now()), _ttl_ms(DELIVERED_KEPT), item_id, "delivered", reference)
+        await self._end_item(item_id, "delivered", reference)
+
+    async def _end_item(self, item_id: int, outcome: str, text: str) -> None:
+        ended = await self._run(self._deliver_item, _t(self._now()), _ttl_ms(DELIVERED_KEPT), item_id, outcome, text)
+        if isinstance(ended, list):  # it freed the lock taken for its job: its holder has nothing to free
+            conversation, job_id = ended
+            for lock in (self._held.get(conversation), self._pretaken.get(conversation)):
+                if lock is not None and lock.job == job_id:
+                    lock.released = True
 
     async def outbox_retry(self, item_id: int, delay: float, error: str, *, count: bool = True) -> None:
         now = self._now()
         await self._run(self._retry_item, _t(now), _t(now + delay), int(count), error[:500], item_id)
 
     async def outbox_fail(self, item_id: int, error: str) -> None:
-        await self._run(self._deliver_item, _t(self._now()), _ttl_ms(DELIVERED_KEPT), item_id, "failed", error[:500])
+        await self._end_item(item_id, "failed", error[:500])
 
     async def outbox_hasten(self, platform: str) -> int:
         return int(await self._run(self._hasten_items, _t(self._now()), platform + ":"))

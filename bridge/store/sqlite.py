@@ -289,6 +289,23 @@ class SQLiteStore:
 
         return await self._run(compare_and_set)
 
+    async def append(self, kind: str, key: str, values: Sequence[Any], *, keep: int, ttl: float | None = None) -> None:
+        if keep < 1:
+            raise ValueError("keep at least one element")
+
+        def append_all() -> None:
+            with self._transaction():
+                row = self._db.execute(
+                    "SELECT value FROM records WHERE kind = ? AND key = ? AND (expires_at IS NULL OR expires_at >= ?)",
+                    (kind, key, self._now()),
+                ).fetchone()
+                current = json.loads(row[0]) if row else []
+                if not isinstance(current, list):
+                    raise ValueError(f"{kind} {key} holds no list")
+                self._put(NewRecord(kind, key, [*current, *values][-keep:], ttl))
+
+        await self._run(append_all)
+
     async def delete(self, kind: str, key: str) -> None:
         await self._run(lambda: self._db.execute("DELETE FROM records WHERE kind = ? AND key = ?", (kind, key)))
 
@@ -336,7 +353,8 @@ class SQLiteStore:
 
     # --- chat jobs ------------------------------------------------------------------------------
 
-    async def create_job(self, job: ChatJob, *, lease: float) -> bool:
+    async def create_job(self, job: ChatJob, *, lease: float, lock: bool = False) -> bool:
+        # `lock` changes nothing here: a conversation's lock is in this process (an asyncio lock), free to take.
         if job.inbound is None:
             raise ValueError("a new job carries its question")
         inbound = json.dumps(inbound_to_json(job.inbound))
@@ -359,17 +377,23 @@ class SQLiteStore:
             "UPDATE jobs SET state = ?, asks = asks + 1 WHERE id = ?", (JobState.ASKED.value, job_id)
         ))
 
-    async def job_answered(self, job: ChatJob) -> OutboxItem:
+    async def job_answered(self, job: ChatJob, *, lease: float | None = None) -> OutboxItem:
         def answer() -> OutboxItem:
             now = self._now()
             delivery = NewDelivery(job.delivery_key, job.conversation, {"kind": "chat", "job": job.id})
             with self._transaction():
                 item_id = self._insert_delivery(delivery, now)
+                if lease is not None:  # held for the caller's first attempt, as outbox_take would
+                    self._db.execute(
+                        "UPDATE outbox SET started = 1, lease_until = ? WHERE id = ?", (now + lease, item_id)
+                    )
                 self._db.execute(
                     "UPDATE jobs SET state = ?, reply = ?, reply_kind = ?, offer_human = ?, outbox_id = ? WHERE id = ?",
                     (JobState.ANSWERED.value, job.reply, job.reply_kind.value, int(job.offer_human), item_id, job.id),
                 )
-            return OutboxItem(item_id, delivery.key, delivery.destination, delivery.payload, 0, now, now)
+            return OutboxItem(
+                item_id, delivery.key, delivery.destination, delivery.payload, 0, now, now, held=lease is not None
+            )
 
         return await self._run(answer)
 

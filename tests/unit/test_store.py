@@ -426,3 +426,96 @@ async def test_a_lock_held_too_long_is_a_store_error_not_a_hang(tmp_path: Path) 
     with pytest.raises(StoreError, match="locked"):
         await store.follow("slack:T:C:1")
     other.execute("ROLLBACK")
+
+
+# --- fewer round trips: a reply stored held, a lock taken with the job, lists appended in place -----
+
+
+async def test_a_reply_stored_with_a_lease_is_held_for_its_first_attempt(reopen: Open, clock: ManualClock) -> None:
+    store = reopen()
+    job = new_job(clock)
+    await store.create_job(job, lease=60)
+    item = await store.job_answered(job.answered("It is 30 days.", ReplyKind.ANSWER), lease=120)
+    assert item.held and not item.started and item.attempts == 0  # as outbox_take would have returned it
+    assert await store.outbox_take(item.id, lease=60) is None  # no other worker gets it meanwhile
+    assert await store.outbox_due() == []
+    clock.advance(121)  # the attempt died: it is due again, and the next one looks first
+    [left] = await store.outbox_due()
+    assert left.id == item.id and left.started and not left.held
+    again = await store.outbox_take(item.id, lease=60)
+    assert again is not None and again.started
+    await store.outbox_done(item.id, "1700000000.000100")
+    assert (await store.get_job(job.id)).state is JobState.DELIVERED  # type: ignore[union-attr]
+
+
+async def test_a_reply_stored_without_a_lease_is_free_to_take(reopen: Open, clock: ManualClock) -> None:
+    store = reopen()
+    job = new_job(clock)
+    await store.create_job(job, lease=60)
+    item = await store.job_answered(job.answered("hi", ReplyKind.ANSWER))
+    assert not item.held
+    assert await store.outbox_take(item.id, lease=60) is not None
+
+
+async def test_a_job_created_with_its_lock_is_answered_under_it(reopen: Open, clock: ManualClock) -> None:
+    clock.autojump = True  # a waiter for a shared lock polls on the clock
+    store = reopen()
+    job = new_job(clock)
+    assert await store.create_job(job, lease=60, lock=True)
+    assert not await store.create_job(new_job(clock), lease=60, lock=True)  # a duplicate takes nothing
+    async with asyncio.timeout(5):
+        async with store.conversation_lock(job.conversation):
+            assert await store.generation(job.conversation) == 0
+            assert await store.bump_generation(job.conversation) == 1
+            assert await store.generation(job.conversation) == 1  # the holder's own bump is seen
+            item = await store.job_answered(job.answered("hi", ReplyKind.ANSWER), lease=120)
+            await store.outbox_done(item.id, "ts")
+        async with store.conversation_lock(job.conversation):  # free again, for the next answer
+            assert await store.generation(job.conversation) == 1
+    other = reopen()
+    async with asyncio.timeout(5):
+        async with other.conversation_lock(job.conversation):
+            pass
+
+
+async def test_append_keeps_the_last_elements_of_a_list(reopen: Open, clock: ManualClock) -> None:
+    store = reopen()
+    await store.append("history", "c1", [["User", "q1"], ["Bot", "a1"]], keep=3, ttl=100)
+    assert await store.get("history", "c1") == [["User", "q1"], ["Bot", "a1"]]
+    first = await store.get_versioned("history", "c1")
+    await store.append("history", "c1", [["User", "q2"], ["Bot", "a2"]], keep=3, ttl=100)
+    after = await store.get_versioned("history", "c1")
+    assert after is not None and first is not None and after.revision > first.revision  # a new revision, as put
+    assert after.value == [["Bot", "a1"], ["User", "q2"], ["Bot", "a2"]]
+    assert await reopen().get("history", "c1") == after.value
+    clock.advance(101)
+    assert await store.get("history", "c1") is None  # expired with its ttl
+    await store.append("history", "c1", ["fresh"], keep=3, ttl=100)  # expired counts as absent
+    assert await store.get("history", "c1") == ["fresh"]
+
+
+async def test_append_keeps_every_value_exactly_and_merges_a_list_written_by_put(
+    reopen: Open, clock: ManualClock
+) -> None:
+    store = reopen()
+    odd = [[], {}, {"n": 12345678901234567, "f": 0.1, "u": "caf\u00e9 \u2603 \"q\" /"}, None, True]
+    await store.put("history", "c2", odd[:2])
+    await store.append("history", "c2", odd[2:], keep=10)
+    assert await store.get("history", "c2") == odd
+    await store.append("history", "c2", [[]], keep=2)
+    assert await store.get("history", "c2") == [True, []]
+    await store.put("history", "c2", ["replaced"])  # put replaces the whole list, appended to afterwards
+    await store.append("history", "c2", ["next"], keep=5)
+    assert await store.get("history", "c2") == ["replaced", "next"]
+    await store.put("history", "c3", {"not": "a list"})
+    with pytest.raises(ValueError):
+        await store.append("history", "c3", ["x"], keep=5)
+
+
+async def test_appends_from_every_process_all_land(reopen: Open, clock: ManualClock) -> None:
+    first = reopen()
+    second = first if first.exclusive else reopen()
+    await asyncio.gather(*(
+        (first, second)[n % 2].append("history", "c4", [n], keep=100, ttl=100) for n in range(20)
+    ))
+    assert sorted(await first.get("history", "c4")) == list(range(20))

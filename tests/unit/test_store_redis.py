@@ -187,6 +187,91 @@ async def test_a_held_lock_is_renewed_past_its_lease(replica: Replica, clock: Ma
     await asyncio.wait_for(contender, 5)
 
 
+async def _enters(store: RedisStore, conversation: str) -> None:
+    async with store.conversation_lock(conversation):
+        pass
+
+
+async def test_a_lock_taken_with_its_job_keeps_other_replicas_out_until_the_reply_is_delivered(
+    replica: Replica, clock: ManualClock, raw: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    holder, other = replica(), replica()
+    job = new_job(clock)
+    assert await holder.create_job(job, lease=60, lock=True)
+    inside, leave = asyncio.Event(), asyncio.Event()
+
+    async def hold_it() -> None:
+        async with other.conversation_lock(job.conversation):
+            inside.set()
+            await leave.wait()
+
+    contender = asyncio.create_task(hold_it())
+    await asyncio.sleep(0.05)
+    assert not inside.is_set()  # taken with the job, before its worker even started
+    async with holder.conversation_lock(job.conversation):
+        item = await holder.job_answered(job.answered("hi", ReplyKind.ANSWER), lease=120)
+        clock.advance(1)  # the contender's next poll: still held
+        await asyncio.sleep(0.05)
+        assert not inside.is_set()
+        await holder.outbox_done(item.id, "ts")  # the answer is out: the next may start elsewhere
+        clock.advance(1)
+        await asyncio.wait_for(inside.wait(), 5)
+    # The holder's block ended after another replica took the lock: it freed nothing of theirs.
+    assert str(await raw.hget(f"{redis_prefix}lock:{job.conversation}", "token")).startswith(other.owner)
+    leave.set()
+    await asyncio.wait_for(contender, 5)
+
+
+async def test_a_lock_taken_by_its_worker_is_freed_by_the_delivery_of_the_reply_stored_under_it(
+    replica: Replica, clock: ManualClock, raw: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    holder, other = replica(), replica()
+    job = new_job(clock)
+    await holder.create_job(job, lease=60)
+    async with holder.conversation_lock(job.conversation):
+        item = await holder.job_answered(job.answered("hi", ReplyKind.ANSWER))
+        assert await raw.exists(f"{redis_prefix}lock:{job.conversation}")
+        await holder.outbox_done(item.id, "ts")
+        assert not await raw.exists(f"{redis_prefix}lock:{job.conversation}")
+        await asyncio.wait_for(_enters(other, job.conversation), 5)
+
+
+async def test_a_lock_taken_with_a_job_nobody_answers_frees_itself(
+    replica: Replica, clock: ManualClock, raw: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    holder, other = replica(), replica()
+    job = new_job(clock)
+    await holder.create_job(job, lease=60, lock=True)
+    lock = f"{redis_prefix}lock:{job.conversation}"
+    assert await raw.exists(lock)
+    for _ in range(2):  # the renewer's second look finds it still not entered
+        clock.advance(LOCK_LEASE / 3 + 0.1)
+        await asyncio.sleep(0.05)
+    assert not await raw.exists(lock)
+    await asyncio.wait_for(_enters(other, job.conversation), 5)
+    # And one left at shutdown is freed by close().
+    second = new_job(clock, "100.2")
+    await other.create_job(second, lease=60, lock=True)
+    assert await raw.exists(f"{redis_prefix}lock:{second.conversation}")
+    await other.close()
+    assert not await raw.exists(f"{redis_prefix}lock:{second.conversation}")
+
+
+async def test_follow_ups_and_generations_under_a_lock_need_no_round_trip(replica: Replica, clock: ManualClock) -> None:
+    store, other = replica(), replica()
+    job = new_job(clock)
+    await store.create_job(job, lease=60, lock=True)
+    await store.follow(job.conversation)
+    async with store.conversation_lock(job.conversation):
+        await store._redis.aclose()  # nothing below may need Redis
+        store._redis = None  # type: ignore[assignment]
+        assert await store.generation(job.conversation) == 0
+        await store.follow(job.conversation)
+        assert await store.is_followed(job.conversation)
+        store._redis = other._redis  # for the release
+    assert await other.is_followed(job.conversation)
+
+
 async def test_a_replica_killed_mid_work_hands_its_job_item_and_lock_over_after_their_leases(
     redis_url: str, redis_prefix: str
 ) -> None:
@@ -392,3 +477,21 @@ async def test_a_burst_larger_than_the_connection_pool_waits_for_connections_ins
     created = await asyncio.gather(*(store.create_job(job, lease=60) for job in jobs))
     assert all(created)
     assert (await store.job_counts())[JobState.ACCEPTED] == len(jobs)
+
+
+async def test_a_pool_size_from_the_url_is_kept_and_a_cancelled_waiter_gives_its_turn_on(
+    redis_url: str, redis_prefix: str, clock: ManualClock
+) -> None:
+    separator = "&" if "?" in redis_url else "?"
+    store = RedisStore(f"{redis_url}{separator}max_connections=2", prefix=redis_prefix, clock=clock)
+    try:
+        jobs = [new_job(clock, str(n)) for n in range(40)]
+        waiting = [asyncio.create_task(store.create_job(job, lease=60)) for job in jobs]
+        await asyncio.sleep(0)
+        waiting[-1].cancel()  # a caller gone while it waited for a connection: the others still get theirs
+        done = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 10)
+        assert all(result is True for result in done[:-1])
+        assert len(store._redis.connection_pool._in_use_connections) == 0  # type: ignore[attr-defined]
+        assert store._slots._value == 2  # every slot came back
+    finally:
+        await store.close()
