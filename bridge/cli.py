@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from bridge import __version__, config
 from bridge.app import GRACE
 from bridge.config import ConfigError, Settings
+from bridge.emulator import SANDBOX_WEBHOOK_SECRET
 
 if TYPE_CHECKING:
     from bridge.app import BridgeApp
@@ -108,6 +109,18 @@ def _parser() -> argparse.ArgumentParser:
     emulator = command("emulator", "Serve a local InsiteChat-compatible API for development and tests.", _cmd_emulator)
     emulator.add_argument("--host", default="127.0.0.1")
     emulator.add_argument("--port", type=int, default=8765)
+    emulator.add_argument(
+        "--webhook-url",
+        default=None,
+        help="where the chatbot's webhooks go, e.g. http://127.0.0.1:8080/webhooks/insitechat/CHATBOT "
+        "(without it /visitor, /lead and /send-test fire nothing)",
+    )
+    emulator.add_argument(
+        "--webhook-secret",
+        default=SANDBOX_WEBHOOK_SECRET,
+        help=f"the secret the webhooks are signed with (the bridge's chatbots[].webhook_secret; "
+        f"default {SANDBOX_WEBHOOK_SECRET})",
+    )
     return parser
 
 
@@ -423,7 +436,9 @@ async def _cmd_emulator(args: argparse.Namespace) -> int:
     from bridge.emulator import serve_forever
 
     _setup_logs(args, None)
-    serving = asyncio.ensure_future(serve_forever(args.host, args.port))
+    serving = asyncio.ensure_future(
+        serve_forever(args.host, args.port, webhook_url=args.webhook_url, webhook_secret=args.webhook_secret)
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, serving.cancel)

@@ -242,3 +242,65 @@ async def test_check_live_warns_about_a_redis_that_keeps_nothing_and_fails_on_on
     code, out, err = await _cli("check", "--live", "--config", str(cfg), env={**env, "REDIS_URL": "redis://:hunter2@127.0.0.1:1/0"})
     assert code == 1 and "FAIL  state.redis_url:" in out
     assert "hunter2" not in out + err and "Traceback" not in err
+
+
+# --- the emulator command's webhooks (issue 12 item 22) --------------------------------------
+
+
+async def test_emulator_command_sends_its_webhooks_to_the_given_url(tmp_path: Path) -> None:
+    import hashlib
+    import hmac
+    import json
+    import socket
+
+    from aiohttp import web
+
+    received: list[tuple[str, bytes]] = []
+
+    async def take(request: web.Request) -> web.Response:
+        received.append((request.headers.get("X-InsiteChat-Signature", ""), await request.read()))
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/webhooks/insitechat/{chatbot}", take)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    hook_url = f"http://127.0.0.1:{runner.addresses[0][1]}/webhooks/insitechat/{SANDBOX_CHATBOT_ID}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "emulator", "--port", str(port),
+        "--webhook-url", hook_url, "--webhook-secret", "whsec-from-the-cli", env=ENV,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        banner = b""
+        while b"visitor:" not in banner:
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)  # type: ignore[union-attr]
+            assert line, (banner + await proc.stderr.read()).decode()  # type: ignore[union-attr]
+            banner += line
+        assert f"webhooks -> {hook_url}" in banner.decode()
+        emu = f"http://127.0.0.1:{port}/emulator/chatbots/{SANDBOX_CHATBOT_ID}"
+        async with httpx.AsyncClient() as http:
+            r = await http.post(f"{emu}/visitor", json={"message": "I need a human", "session_id": "web-1"})
+            assert r.status_code == 200
+            for _ in range(300):
+                if any(json.loads(body)["event"] == "conversation.escalated" for _, body in received):
+                    break
+                await asyncio.sleep(0.02)
+            test = await http.post(f"{emu}/send-test")
+        assert test.json()["delivered"] is True
+        events = [json.loads(body)["event"] for _, body in received]
+        assert events == ["conversation.started", "message.received", "conversation.escalated", "webhook.test"]
+        for signature, body in received:
+            assert signature == "sha256=" + hmac.new(b"whsec-from-the-cli", body, hashlib.sha256).hexdigest()
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await runner.cleanup()
