@@ -16,6 +16,7 @@ HELP = [
     "Type a question to ask the Sandbox Bot; 'reset' starts over; Ctrl-D quits.",
     "Play a website visitor: /visitor <message>  (say 'human' to escalate)   /lead <name> <email>",
     "Alerts print here; /claim and /resolve act on the newest one.",
+    "On a terminal: arrow keys edit the line, up and down recall earlier lines.",
 ]
 
 

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -304,3 +305,117 @@ async def test_emulator_command_sends_its_webhooks_to_the_given_url(tmp_path: Pa
         if proc.returncode is None:
             proc.kill()
         await runner.cleanup()
+
+
+# --- the sandbox console (issue 12 item 23) --------------------------------------------------
+
+
+class Terminal:
+    """The sandbox on a pseudo-terminal, as a person at a keyboard sees it."""
+
+    def __init__(self, tmp: Path) -> None:
+        import pty
+
+        master, slave = pty.openpty()
+        self.fd = master
+        self.raw = b""
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "run"], stdin=slave, stdout=slave, stderr=slave,
+            env={**ENV, "TMPDIR": str(tmp)}, start_new_session=True,
+        )
+        os.close(slave)
+
+    def type(self, keys: str) -> None:
+        os.write(self.fd, keys.encode())
+
+    def wait_for(self, condition: Callable[[list[str]], bool], timeout: float = 20) -> list[str]:
+        """Read until condition(screen lines) holds; fail at the deadline with what was shown."""
+        import select
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not condition(screen(self.raw)):
+            if time.monotonic() > deadline:
+                raise AssertionError("not shown in time:\n" + "\n".join(screen(self.raw)))
+            ready, _, _ = select.select([self.fd], [], [], 0.05)
+            if ready:
+                try:
+                    self.raw += os.read(self.fd, 65536)
+                except OSError:  # the other end closed: nothing more will come
+                    pass
+        return screen(self.raw)
+
+    def close(self) -> int:
+        self.type("\x04")  # Ctrl-D on an empty line ends the sandbox
+        try:
+            self.wait_for(lambda _: self.proc.poll() is not None, timeout=30)
+            return self.proc.returncode
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            os.close(self.fd)
+
+
+def screen(raw: bytes) -> list[str]:
+    """The lines a terminal shows for this output: carriage returns, erase-line and cursor moves applied."""
+    import re
+
+    lines: list[str] = []
+    line: list[str] = []
+    col = 0
+    for token in re.findall(r"\x1b\[\d*[A-Za-z]|.", raw.decode("utf-8", "replace"), flags=re.DOTALL):
+        if token == "\n":
+            lines.append("".join(line).rstrip())
+            line, col = [], 0
+        elif token == "\r":
+            col = 0
+        elif token == "\b":
+            col = max(col - 1, 0)
+        elif token.startswith("\x1b["):
+            count = int(token[2:-1] or 1)
+            if token.endswith("K"):
+                del line[col:]
+            elif token.endswith("D"):
+                col = max(col - count, 0)
+            elif token.endswith("C"):
+                col += count
+        elif token >= " ":
+            line += [" "] * (col - len(line) + 1) if col >= len(line) else []
+            line[col] = token
+            col += 1
+    return [*lines, "".join(line).rstrip()]
+
+
+def test_terminal_prompt_comes_back_after_a_late_card(tmp_path: Path) -> None:
+    term = Terminal(tmp_path)
+    try:
+        term.wait_for(lambda s: s[-1] == "you>")
+        term.type("/visitor I need a human\r")
+        term.wait_for(lambda s: any("the visitor sees" in line for line in s) and s[-1] == "you>")
+        term.type("/claim\r")
+        # The card's update is printed by the outbox after the prompt is back: the prompt follows it.
+        shown = term.wait_for(lambda s: any("Claimed by you" in line for line in s) and s[-1] == "you>", timeout=10)
+        assert not any(line.startswith("you> alert") for line in shown), shown
+    finally:
+        assert term.close() == 0
+
+
+def test_terminal_edits_the_line_and_recalls_history_without_sending_escape_codes(tmp_path: Path) -> None:
+    term = Terminal(tmp_path)
+    try:
+        term.wait_for(lambda s: s[-1] == "you>")
+        term.type("helo\x1b[Dl\x1b[C!\r")  # left arrow, the missing l, right arrow, then the end
+        term.wait_for(lambda s: any('you asked "hello!"' in line for line in s) and s[-1] == "you>")
+        term.type("\x1b[A\x7f?\r")  # up: the last line again; backspace edits it
+        shown = term.wait_for(lambda s: any('you asked "hello?"' in line for line in s) and s[-1] == "you>")
+        assert "you> hello?" in shown  # the edited line is what the terminal showed
+        assert not any("[A" in line or "[D" in line or "\ufffd" in line for line in shown), shown
+    finally:
+        assert term.close() == 0
+
+
+def test_piped_input_never_sends_escape_codes_to_the_chatbot() -> None:
+    result = run_cli("run", stdin="\x1b[Ahel\x1b[Dlo\x1bOB\x07\n")
+    assert result.returncode == 0, result.stderr
+    [answer] = [line for line in result.stdout.splitlines() if line.startswith("bot> ")]
+    assert 'you asked "hello"' in answer and "\x1b" not in answer, answer
