@@ -28,6 +28,7 @@ CHANNEL = "console"
 # Escape sequences (arrow keys, function keys, colours) and other control characters: never part
 # of a question. A terminal's keys are read by LineEditor; this cleans piped input.
 _CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[O][@-~]?|\x1b.?|[\x00-\x08\x0b-\x1f\x7f]")
+_COMMAND = re.compile(r"/[A-Za-z][\w-]*")  # "/claim", "/lead"; "/etc/hosts ..." is a question
 _CLEAR_LINE = "\r\x1b[K"
 
 # A sandbox command: gets the rest of the line, returns lines to print.
@@ -122,22 +123,45 @@ class ConsoleAdapter:
         self._stdout.write(text)
         self._stdout.flush()
 
+    @property
+    def command_names(self) -> list[str]:
+        """The /commands this console knows, in the order /help would list them."""
+        return [*self._commands, *(["/claim", "/resolve"] if self._desk is not None else [])]
+
     async def _run_command(self, text: str) -> bool:
-        """Handle a /command line; False when it is not one of ours (then it is a question)."""
+        """Handle a /command line; False when the line is not a command (then it is a question)."""
         name, _, rest = text.partition(" ")
+        if not _COMMAND.fullmatch(name):
+            return False  # "/etc/hosts is what?" is a question
         if name in ("/claim", "/resolve") and self._desk is not None:
-            if not self._alerts:
-                self._print("sandbox", ["no alert to act on yet"])
-                return True
-            alert = await self._desk.act(self._alerts[-1], name[1:], self._user)
-            if alert is None:
-                self._print("sandbox", ["that alert has expired"])
+            self._print("sandbox", await self._act(self._desk, name[1:]))
             return True
         command = self._commands.get(name)
         if command is None:
-            return False
+            known = ", ".join(self.command_names) or "none here"
+            self._print("sandbox", [f"unknown command {name}; the commands are: {known} (anything else is a question)"])
+            return True
         self._print("sandbox", await command(rest.strip()))
         return True
+
+    async def _act(self, desk: AlertDesk, action: str) -> list[str]:
+        """Claim or resolve the newest alert; what to say when that changed nothing."""
+        if not self._alerts:
+            return ["no alert to act on yet"]
+        alert_id = self._alerts[-1]
+        before = await desk.load(alert_id)
+        alert = await desk.act(alert_id, action, self._user)
+        if alert is None:
+            return ["that alert has expired"]
+        if before is None or alert.version != before.version:
+            return []  # the card's update says it
+        if alert.state is AlertState.RESOLVED:
+            who = "you" if alert.resolved_by == self._user else alert.resolved_by
+            return [f"alert {alert_id[:8]} is already resolved by {who}: nothing to {action}"]
+        if alert.state is AlertState.CLAIMED:
+            who = "you" if alert.claimed_by == self._user else alert.claimed_by
+            return [f"alert {alert_id[:8]} is already claimed by {who}"]
+        return [f"alert {alert_id[:8]} cannot be {action}ed"]  # a lead or a notice: no buttons
 
     async def _read_loop(self) -> None:
         interactive = _is_tty(self._stdin)

@@ -88,6 +88,8 @@ class Sandbox:
         return [f"the visitor sees: {answer}"]
 
     async def _lead(self, text: str) -> list[str]:
+        if not text:
+            return ["usage: /lead <name> <email>  (either may be left out, not both)"]
         name, _, email = text.rpartition(" ") if "@" in text else (text, "", "")
         await self.emulator.capture_lead(SANDBOX_CHATBOT_ID, name=name.strip(), email=email.strip())
         await self.emulator.wait_for_webhooks()

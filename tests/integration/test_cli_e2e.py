@@ -419,3 +419,31 @@ def test_piped_input_never_sends_escape_codes_to_the_chatbot() -> None:
     assert result.returncode == 0, result.stderr
     [answer] = [line for line in result.stdout.splitlines() if line.startswith("bot> ")]
     assert 'you asked "hello"' in answer and "\x1b" not in answer, answer
+
+
+def test_claim_on_a_resolved_alert_says_so() -> None:
+    result = run_cli("run", stdin="/visitor I need a human\n/resolve\n/claim\n/resolve\n")
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stdout.splitlines() if line.startswith("sandbox> ")]
+    assert sum("already resolved by you" in line for line in said) == 2, said
+
+
+def test_an_unknown_command_lists_the_known_ones_and_asks_nothing() -> None:
+    result = run_cli("run", stdin="/frobnicate now\n/etc/hosts is a file?\n")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    [unknown] = [line for line in lines if "/frobnicate" in line]
+    assert unknown.startswith("sandbox> unknown command /frobnicate")
+    for known in ("/visitor", "/lead", "/claim", "/resolve", "/help"):
+        assert known in unknown
+    # A path is a question, not a command.
+    assert [line for line in lines if line.startswith("bot> ")] == [
+        line for line in lines if line.startswith("bot> ") and "/etc/hosts" in line
+    ] != []
+
+
+def test_lead_without_an_argument_shows_the_usage_and_raises_nothing() -> None:
+    result = run_cli("run", stdin="/lead\n/lead   \n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("sandbox> usage: /lead <name> <email>") == 2
+    assert "alert>" not in result.stdout
