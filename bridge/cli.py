@@ -162,13 +162,13 @@ async def _run_sandbox(args: argparse.Namespace) -> int:
     from bridge.sandbox import Sandbox
 
     sandbox = Sandbox(grace=args.grace)
-    app = await sandbox.prepare()
-    print(sandbox.banner(), flush=True)
-    # The sandbox keeps the terminal for the chat: only warnings and errors are logged.
-    args.log_level = args.log_level or "WARNING"
-    _setup_logs(args, app.settings)
     try:
-        return await _run_until_signal(app, on_started=sandbox.connect_webhooks)
+        app = await sandbox.prepare()
+        # The sandbox keeps the terminal for the chat: only warnings and errors are logged.
+        args.log_level = args.log_level or "WARNING"
+        _setup_logs(args, app.settings)
+        # The banner comes once the web server listens, so that it can say where.
+        return await _run_until_signal(app, on_started=sandbox.started)
     finally:
         await sandbox.close()
 

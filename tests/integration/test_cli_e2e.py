@@ -447,3 +447,49 @@ def test_lead_without_an_argument_shows_the_usage_and_raises_nothing() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("sandbox> usage: /lead <name> <email>") == 2
     assert "alert>" not in result.stdout
+
+
+async def test_banner_shows_the_web_server_which_answers(tmp_path: Path) -> None:
+    import re
+
+    read_fd, write_fd = os.pipe()  # stdin stays open while the web server is tried
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "run", env={**ENV, "TMPDIR": str(tmp_path)}, stdin=read_fd,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    os.close(read_fd)
+    try:
+        banner = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()  # type: ignore[union-attr]
+        found = re.search(r"web server at (http://127\.0\.0\.1:\d+)", banner)
+        assert found, banner
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{found.group(1)}/healthz")).status_code == 200
+    finally:
+        os.close(write_fd)  # end of input ends the sandbox
+        await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0
+
+
+def test_the_sandbox_leaves_no_state_directory_behind(tmp_path: Path) -> None:
+    result = run_cli("run", stdin="hello\n", env={**ENV, "TMPDIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert "insitechat-sandbox-" in result.stdout.splitlines()[0]  # it did use one, under TMPDIR
+    assert list(tmp_path.glob("insitechat-sandbox-*")) == []
+
+
+async def test_the_sandbox_leaves_no_state_directory_behind_after_sigterm(tmp_path: Path) -> None:
+    read_fd, write_fd = os.pipe()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "run", env={**ENV, "TMPDIR": str(tmp_path)}, stdin=read_fd,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    os.close(read_fd)
+    try:
+        await asyncio.wait_for(proc.stdout.readline(), 30)  # type: ignore[union-attr]
+        assert list(tmp_path.glob("insitechat-sandbox-*")) != []
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        os.close(write_fd)
+    assert proc.returncode == 0
+    assert list(tmp_path.glob("insitechat-sandbox-*")) == []
