@@ -493,3 +493,25 @@ async def test_the_sandbox_leaves_no_state_directory_behind_after_sigterm(tmp_pa
         os.close(write_fd)
     assert proc.returncode == 0
     assert list(tmp_path.glob("insitechat-sandbox-*")) == []
+
+
+async def test_the_chat_user_asking_for_a_human_is_not_called_a_website_visitor(tmp_path: Path) -> None:
+    read_fd, write_fd = os.pipe()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "run", env={**ENV, "TMPDIR": str(tmp_path)}, stdin=read_fd,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    os.close(read_fd)
+    shown: list[str] = []
+    try:
+        os.write(write_fd, b"I need a human\n")
+        while not any(line.startswith("alert>   (type /claim") for line in shown):  # the whole card
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)  # type: ignore[union-attr]
+            assert line, shown
+            shown.append(line.decode().rstrip("\n"))
+    finally:
+        os.close(write_fd)
+        await asyncio.wait_for(proc.communicate(), 30)
+    [title] = [line for line in shown if line.startswith("alert> 🙋")]
+    assert title.startswith("alert> 🙋 Someone asked for a human in chat"), shown
+    assert not any("visitor" in line for line in shown if line.startswith("alert>")), shown
