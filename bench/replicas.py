@@ -70,7 +70,7 @@ class RedisServer:
             try:
                 await self.client.ping()
                 return
-            except Exception:  # noqa: BLE001 - not up yet
+            except Exception:
                 await asyncio.sleep(0.05)
         raise RuntimeError("redis-server did not answer")
 
@@ -100,7 +100,9 @@ class Setup:
     samples: dict[int, list[Sample]] = field(default_factory=dict)
 
 
-def config(folder: Path, emulator_url: str, *, redis_url: bool, prefix: str, platform: str, slack_api: str = "") -> tuple[Path, int]:
+def config(
+    folder: Path, emulator_url: str, *, redis_url: bool, prefix: str, platform: str, slack_api: str = ""
+) -> tuple[Path, int]:
     port = free_port()
     lines = [
         "insitechat:",
@@ -111,14 +113,23 @@ def config(folder: Path, emulator_url: str, *, redis_url: bool, prefix: str, pla
         "chatbots:",
         f'  - {{id: {BOT}, name: Bench Bot, webhook_secret: "${{BENCH_WEBHOOK_SECRET}}"}}',
         "state:",
-        *(['  redis_url: "${BENCH_REDIS_URL}"', f'  redis_prefix: "{prefix}"'] if redis_url else [f'  sqlite: "{folder / "state.db"}"']),
+        *(
+            ['  redis_url: "${BENCH_REDIS_URL}"', f'  redis_prefix: "{prefix}"']
+            if redis_url
+            else [f'  sqlite: "{folder / "state.db"}"']
+        ),
         f'server: {{listen: "127.0.0.1:{port}"}}',
         "logging: {level: INFO}",
         "routes:",
         f"  - {{platform: {platform}, chatbot: {BOT}, reply: mention}}",
     ]
     if platform == "slack":
-        lines += ["slack:", "  bot_token: ${BENCH_SLACK_BOT_TOKEN}", "  app_token: ${BENCH_SLACK_APP_TOKEN}", f"  api_url: {slack_api}"]
+        lines += [
+            "slack:",
+            "  bot_token: ${BENCH_SLACK_BOT_TOKEN}",
+            "  app_token: ${BENCH_SLACK_APP_TOKEN}",
+            f"  api_url: {slack_api}",
+        ]
     else:
         lines += ["discord:", "  token: ${BENCH_DISCORD_TOKEN}", "  message_content_intent: true"]
     path = folder / "config.yaml"
@@ -127,8 +138,13 @@ def config(folder: Path, emulator_url: str, *, redis_url: bool, prefix: str, pla
 
 
 def replica(folder: Path, name: str, cfg: Path, port: int, env: dict[str, str] | None = None) -> Child:
-    return Child(name, ["-m", "bench.bridge_proc", "run", "--config", str(cfg), "--grace", "2"], port,
-                 folder / f"{name}.log", {"BENCH_SLACK_APP_TOKEN": APP_TOKEN, **(env or {})})
+    return Child(
+        name,
+        ["-m", "bench.bridge_proc", "run", "--config", str(cfg), "--grace", "2"],
+        port,
+        folder / f"{name}.log",
+        {"BENCH_SLACK_APP_TOKEN": APP_TOKEN, **(env or {})},
+    )
 
 
 class SocketSender(SlackSender):
@@ -165,13 +181,14 @@ async def slice_(s: Setup, concurrency: int, sizes: Sizes) -> dict[str, Any]:
     redis_pid = s.redis.proc.pid if s.redis else None
     commands0 = await s.redis.commands() if s.redis else 0
     each0 = [cpu_seconds(p) for p in pids]
-    t0, cpu0, redis0, busy0 = time.monotonic(), sum(each0), cpu_seconds(redis_pid) if redis_pid else 0.0, machine_busy_seconds()
+    t0, busy0 = time.monotonic(), machine_busy_seconds()
+    redis0 = cpu_seconds(redis_pid) if redis_pid else 0.0
     own0 = cpu_seconds()
     level: Level = await closed_loop(
         SocketSender(s.h, ""), concurrency=concurrency, duration=sizes.duration, latency=sizes.latency, pid=None
     )
     wall = time.monotonic() - t0
-    each = [cpu_seconds(p) - c for p, c in zip(pids, each0)]
+    each = [cpu_seconds(p) - c for p, c in zip(pids, each0, strict=True)]
     cpu = sum(each)
     redis_cpu = (cpu_seconds(redis_pid) - redis0) if redis_pid else 0.0
     commands = (await s.redis.commands() - commands0 - 1) if s.redis else 0  # the first INFO counts itself
@@ -183,12 +200,18 @@ async def slice_(s: Setup, concurrency: int, sizes: Sizes) -> dict[str, Any]:
     over = [x.answered - x.sent - sizes.latency for x in level.answered]  # type: ignore[operator]
     return {
         "p50_slice": percentile(over, 50) if over else float("nan"),
-        "setup": s.name, "concurrent": concurrency, "answered": n, "lost": level.lost, "throughput": level.throughput,
-        "cpu_per_answer": cpu / n if n else float("nan"), "replicas_cores": cpu / wall,
+        "setup": s.name,
+        "concurrent": concurrency,
+        "answered": n,
+        "lost": level.lost,
+        "throughput": level.throughput,
+        "cpu_per_answer": cpu / n if n else float("nan"),
+        "replicas_cores": cpu / wall,
         "redis_cpu_per_answer": redis_cpu / n if n else float("nan"),
         "redis_per_answer": commands / n if n and s.redis else float("nan"),
         "split": [round(c / cpu, 2) for c in each] if cpu else [],  # each replica's share: the spread works
-        "harness_cores": own / wall, "other_cores": max(0.0, busy - cpu - redis_cpu - own) / wall,
+        "harness_cores": own / wall,
+        "other_cores": max(0.0, busy - cpu - redis_cpu - own) / wall,
         "load1": os.getloadavg()[0],
     }
 
@@ -201,21 +224,32 @@ def summarize(s: Setup, concurrency: int, latency: float) -> dict[str, Any]:
     counts = answers_per_token(s.slack)
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     return {
-        "setup": s.name, "concurrent": concurrency, "questions": len(samples),
+        "setup": s.name,
+        "concurrent": concurrency,
+        "questions": len(samples),
         "unanswered": sum(1 for x in samples if counts[x.token] == 0),
         "refused": sum(1 for x in samples if x.acked is None),  # not acked: real Slack would send it again
         "doubled": sum(1 for x in samples if counts[x.token] > 1),
-        "throughput": mean("throughput"), "throughput_slices": [r["throughput"] for r in rows],
-        "p50": percentile(over, 50), "p99": percentile(over, 99), "p50_slices": [r["p50_slice"] for r in rows],
+        "throughput": mean("throughput"),
+        "throughput_slices": [r["throughput"] for r in rows],
+        "p50": percentile(over, 50),
+        "p99": percentile(over, 99),
+        "p50_slices": [r["p50_slice"] for r in rows],
         "inbound_p50": percentile([x.upstream - x.sent for x in done if x.upstream is not None], 50),
-        "cpu_per_answer": mean("cpu_per_answer"), "redis_cpu_per_answer": mean("redis_cpu_per_answer"),
-        "redis_per_answer": mean("redis_per_answer"), "replicas_cores": mean("replicas_cores"),
-        "harness_cores": mean("harness_cores"), "other_cores": mean("other_cores"),
-        "load1": [round(r["load1"], 2) for r in rows], "split": [r["split"] for r in rows],
+        "cpu_per_answer": mean("cpu_per_answer"),
+        "redis_cpu_per_answer": mean("redis_cpu_per_answer"),
+        "redis_per_answer": mean("redis_per_answer"),
+        "replicas_cores": mean("replicas_cores"),
+        "harness_cores": mean("harness_cores"),
+        "other_cores": mean("other_cores"),
+        "load1": [round(r["load1"], 2) for r in rows],
+        "split": [r["split"] for r in rows],
     }
 
 
-async def throughput(sizes: Sizes, tmp: Path, counts: tuple[int, ...] = (1, 2, 3), profile: str = "", pool: int = 0) -> list[dict[str, Any]]:
+async def throughput(
+    sizes: Sizes, tmp: Path, counts: tuple[int, ...] = (1, 2, 3), profile: str = "", pool: int = 0
+) -> list[dict[str, Any]]:
     emulator = GatedEmulator.sandbox(latency=sizes.latency, rate_limit=10**9, rate_window=60.0, retry_after_header=True)
     await emulator.start()
     setups: list[Setup] = []
@@ -229,8 +263,14 @@ async def throughput(sizes: Sizes, tmp: Path, counts: tuple[int, ...] = (1, 2, 3
                 await server.ready()
             folder = tmp / name.replace(" ", "-")
             folder.mkdir()
-            cfg, _ = config(folder, emulator.base_url, redis_url=server is not None,
-                            prefix=f"bench-{uuid.uuid4().hex[:8]}:", platform="slack", slack_api=slack.api_url)
+            cfg, _ = config(
+                folder,
+                emulator.base_url,
+                redis_url=server is not None,
+                prefix=f"bench-{uuid.uuid4().hex[:8]}:",
+                platform="slack",
+                slack_api=slack.api_url,
+            )
             replicas = []
             for i in range(n):
                 # One config, one port each: the listen port is the only thing replicas may not share.
@@ -240,7 +280,9 @@ async def throughput(sizes: Sizes, tmp: Path, counts: tuple[int, ...] = (1, 2, 3
                 own.write_text(re.sub(r'listen: "127.0.0.1:\d+"', f'listen: "127.0.0.1:{port}"', text))
                 # redis-py reads pool options from the URL's query: ?max_connections=N overrides its default (100).
                 env = {"BENCH_REDIS_URL": server.url + (f"?max_connections={pool}" if pool else "")} if server else {}
-                if profile and i == 0:  # cProfile of the first replica of each set-up (slows it: no numbers from such a run)
+                if (
+                    profile and i == 0
+                ):  # cProfile of the first replica of each set-up (slows it: no numbers from such a run)
                     env["BENCH_PROFILE"] = f"{profile}.{folder.name}"
                 replicas.append(replica(folder, f"r{i}", own, port, env))
             setups.append(Setup(name, slack, replicas, server, Harness(folder, emulator, slack, None)))
@@ -252,17 +294,23 @@ async def throughput(sizes: Sizes, tmp: Path, counts: tuple[int, ...] = (1, 2, 3
         for r in range(sizes.rounds):
             for concurrency in sizes.levels:
                 # Rotate the order each round: no set-up always runs first (or after the heaviest).
-                for s in setups[r % len(setups):] + setups[: r % len(setups)]:
+                for s in setups[r % len(setups) :] + setups[: r % len(setups)]:
                     row = await slice_(s, concurrency, sizes)
                     s.rows.setdefault(concurrency, []).append(row)
-                    print(f"  round {r + 1} {s.name} @{concurrency}: {row['throughput']:.0f}/s, "
-                          f"{row['cpu_per_answer'] * 1000:.1f} ms CPU/answer, p50 {row['p50_slice'] * 1000:.1f} ms, "
-                          f"split {row['split']}, load {row['load1']:.2f}",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"  round {r + 1} {s.name} @{concurrency}: {row['throughput']:.0f}/s, "
+                        f"{row['cpu_per_answer'] * 1000:.1f} ms CPU/answer, p50 {row['p50_slice'] * 1000:.1f} ms, "
+                        f"split {row['split']}, load {row['load1']:.2f}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     await asyncio.sleep(1.0)  # late answers of this slice land before the next one starts
         await asyncio.sleep(2.0)
-        out = [summarize(s, c, sizes.latency) | {"errors": sum(x.log_count(" ERROR ") for x in s.replicas)}
-               for c in sizes.levels for s in setups]
+        out = [
+            summarize(s, c, sizes.latency) | {"errors": sum(x.log_count(" ERROR ") for x in s.replicas)}
+            for c in sizes.levels
+            for s in setups
+        ]
         for s in setups:  # which commands, over the whole run (warm-up included): calls per answer
             if s.redis:
                 stats = await s.redis.client.info("commandstats")
@@ -346,13 +394,21 @@ async def failover(tmp: Path, latency: float) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]], fo: dict[str, Any] | None, sizes: Sizes) -> str:
     out = [
-        (f"Slack Socket Mode, upstream latency {sizes.latency * 1000:.0f} ms, limiter out of the way; {sizes.rounds} "
-         f"interleaved slices of {sizes.duration:g} s per row. CPU = the replicas' user+system CPU (/proc) / answers; "
-         "Redis CPU and commands are the run's own redis-server. Cores = CPU seconds per wall second."),
+        (
+            f"Slack Socket Mode, upstream latency {sizes.latency * 1000:.0f} ms, limiter out of the way; "
+            f"{sizes.rounds} "
+            f"interleaved slices of {sizes.duration:g} s per row. "
+            "CPU = the replicas' user+system CPU (/proc) / answers; "
+            "Redis CPU and commands are the run's own redis-server. Cores = CPU seconds per wall second."
+        ),
         "",
-        ("| set-up | concurrent | questions (unanswered, of which not acked / doubled) | answers/s (per slice) | overhead p50 / p99 ms "
-         "| CPU ms/answer (ratio to SQLite) | Redis CPU ms/answer | Redis cmds/answer | cores replicas / harness / other "
-         "| load 1 min | bar |"),
+        (
+            "| set-up | concurrent | questions (unanswered, of which not acked / doubled) | answers/s (per slice) "
+            "| overhead p50 / p99 ms "
+            "| CPU ms/answer (ratio to SQLite) | Redis CPU ms/answer | Redis cmds/answer "
+            "| cores replicas / harness / other "
+            "| load 1 min | bar |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     base = {r["concurrent"]: r for r in rows if r["setup"].startswith("sqlite")}
@@ -374,7 +430,8 @@ def table(rows: list[dict[str, Any]], fo: dict[str, Any] | None, sizes: Sizes) -
         redis_cpu = f"{r['redis_cpu_per_answer'] * 1000:.2f}" if r["setup"].startswith("redis") else "-"
         cmds = f"{r['redis_per_answer']:.1f}" if r["setup"].startswith("redis") else "-"
         out.append(
-            f"| {r['setup']} | {r['concurrent']} | {r['questions']} ({r['unanswered']}, {r['refused']} / {r['doubled']}) "
+            f"| {r['setup']} | {r['concurrent']} "
+            f"| {r['questions']} ({r['unanswered']}, {r['refused']} / {r['doubled']}) "
             f"| {r['throughput']:.0f} ({slices}) | {ms(r['p50'])} / {ms(r['p99'])} "
             f"| {r['cpu_per_answer'] * 1000:.2f} ({ratio:.2f}x) | {redis_cpu} | {cmds} "
             f"| {r['replicas_cores']:.2f} / {r['harness_cores']:.2f} / {r['other_cores']:.2f} "
@@ -384,23 +441,31 @@ def table(rows: list[dict[str, Any]], fo: dict[str, Any] | None, sizes: Sizes) -
         ok = fo["failover_s"] < BARS["failover_s"]
         out += [
             "",
-            "| Discord failover (2 replicas on Redis, SIGKILL the gateway leader) | seconds | questions sent after the kill (answered) | load 1 min | bar |",
+            "| Discord failover (2 replicas on Redis, SIGKILL the gateway leader) | seconds "
+            "| questions sent after the kill (answered) | load 1 min | bar |",
             "|---|---:|---:|---:|---|",
-            (f"| kill -> next answer posted | {fo['failover_s']:.1f} | {fo['sent_after_kill']} ({fo['answered_after_kill']}) "
-             f"| {fo['load1']:.2f} | {'pass' if ok else '**MISS**'} (< {BARS['failover_s']:.0f} s) |"),
+            (
+                f"| kill -> next answer posted | {fo['failover_s']:.1f} "
+                f"| {fo['sent_after_kill']} ({fo['answered_after_kill']}) "
+                f"| {fo['load1']:.2f} | {'pass' if ok else '**MISS**'} (< {BARS['failover_s']:.0f} s) |"
+            ),
         ]
     return "\n".join(out)
 
 
-async def run(sizes: Sizes, parts: list[str], counts: tuple[int, ...], profile: str = "", pool: int = 0) -> tuple[str, dict[str, Any]]:
+async def run(
+    sizes: Sizes, parts: list[str], counts: tuple[int, ...], profile: str = "", pool: int = 0
+) -> tuple[str, dict[str, Any]]:
     results: dict[str, Any] = {"machine": machine_facts(), "sizes": sizes.__dict__, "pool": pool or "redis-py default"}
     with tempfile.TemporaryDirectory(prefix="insitechat-replicas-") as tmp:
         rows = await throughput(sizes, Path(tmp), counts, profile, pool) if "throughput" in parts else []
         fo = await failover(Path(tmp), sizes.latency) if "failover" in parts else None
     results.update(rows=rows, failover=fo)
     m = results["machine"]
-    head = (f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}; "
-            f"load average at the end {', '.join(f'{x:.2f}' for x in os.getloadavg())}.")
+    head = (
+        f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}; "
+        f"load average at the end {', '.join(f'{x:.2f}' for x in os.getloadavg())}."
+    )
     return head + "\n\n" + (table(rows, fo, sizes) if rows else json.dumps(fo)), results
 
 
@@ -410,9 +475,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="throughput,failover", help="comma-separated: throughput, failover")
     parser.add_argument("--replicas", default="1,2,3", help="replica counts on Redis (SQLite always runs 1)")
     parser.add_argument("--json", metavar="FILE", help="also write every number to FILE")
-    parser.add_argument("--profile", metavar="PREFIX", default="", help="cProfile each set-up's first replica to PREFIX.<set-up>")
-    parser.add_argument("--pool", type=int, default=0, help="the replicas' redis-py pool size (max_connections in the URL); 0: as shipped")
-    parser.add_argument("--answer-timeout", type=float, default=30.0, help="seconds after which an answer counts as lost")
+    parser.add_argument(
+        "--profile", metavar="PREFIX", default="", help="cProfile each set-up's first replica to PREFIX.<set-up>"
+    )
+    parser.add_argument(
+        "--pool",
+        type=int,
+        default=0,
+        help="the replicas' redis-py pool size (max_connections in the URL); 0: as shipped",
+    )
+    parser.add_argument(
+        "--answer-timeout", type=float, default=30.0, help="seconds after which an answer counts as lost"
+    )
     args = parser.parse_args(argv)
     # Shorter than the harness's 120 s: a slice that loses answers should not stall the interleaving.
     bench_harness.ANSWER_TIMEOUT = args.answer_timeout

@@ -223,7 +223,8 @@ class RedisWindow:
         grant_id = f"{self._replica}:{next(self._ids)}"
         score = now + self._hold if hold else now
         keep_ms = math.ceil((score - now + self._window) * 1000) + 1000
-        call = self._track(self._take(keys=self.keys, args=(now, self._window, self._max_calls, grant_id, score, keep_ms)))
+        args = (now, self._window, self._max_calls, grant_id, score, keep_ms)
+        call = self._track(self._take(keys=self.keys, args=args))
         try:
             # Shielded: a cancelled head must not leave the script's answer unread (see below).
             reply = await asyncio.shield(call)
@@ -313,4 +314,6 @@ class RedisWindow:
         if future.cancelled() or future.exception() is not None:
             return  # nothing was granted, or nobody knows: the hold deadline covers it
         if int(future.result()[0]):
-            self._background("giving back an unused slot (it counts as taken)", self._redis.zrem(self._window_key, grant_id))
+            self._background(
+                "giving back an unused slot (it counts as taken)", self._redis.zrem(self._window_key, grant_id)
+            )

@@ -34,7 +34,12 @@ FIELD_LIMIT = 200  # one lead field
 def title(alert: Alert) -> str:
     if alert.event.is_test:
         return ":test_tube: Test alert from InsiteChat: routing works"
-    return _TITLES.get(alert.event.name, f":bell: InsiteChat event {alert.event.name}")
+    name = alert.event.name
+    if name == ESCALATED and alert.event.from_bridge:
+        # InsiteChat escalated one of the bridge's own sessions: someone in a chat thread (or the
+        # sandbox console) asked the bot for a human, not a website visitor.
+        name = HUMAN_REQUESTED
+    return _TITLES.get(name, f":bell: InsiteChat event {name}")
 
 
 def action_id(action: str, alert_id: str) -> str:

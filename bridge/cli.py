@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from bridge import __version__, config
 from bridge.app import GRACE
 from bridge.config import ConfigError, Settings
+from bridge.emulator import SANDBOX_WEBHOOK_SECRET
 
 if TYPE_CHECKING:
     from bridge.app import BridgeApp
@@ -122,6 +123,18 @@ def _parser() -> argparse.ArgumentParser:
     emulator = command("emulator", "Serve a local InsiteChat-compatible API for development and tests.", _cmd_emulator)
     emulator.add_argument("--host", default="127.0.0.1")
     emulator.add_argument("--port", type=int, default=8765)
+    emulator.add_argument(
+        "--webhook-url",
+        default=None,
+        help="where the chatbot's webhooks go, e.g. http://127.0.0.1:8080/webhooks/insitechat/CHATBOT "
+        "(without it /visitor, /lead and /send-test fire nothing)",
+    )
+    emulator.add_argument(
+        "--webhook-secret",
+        default=SANDBOX_WEBHOOK_SECRET,
+        help=f"the secret the webhooks are signed with (the bridge's chatbots[].webhook_secret; "
+        f"default {SANDBOX_WEBHOOK_SECRET})",
+    )
     return parser
 
 
@@ -190,13 +203,13 @@ async def _run_sandbox(args: argparse.Namespace) -> int:
     from bridge.sandbox import Sandbox
 
     sandbox = Sandbox(grace=args.grace)
-    app = await sandbox.prepare()
-    print(sandbox.banner(), flush=True)
-    # The sandbox keeps the terminal for the chat: only warnings and errors are logged.
-    args.log_level = args.log_level or "WARNING"
-    _setup_logs(args, app.settings)
     try:
-        return await _run_until_signal(app, on_started=sandbox.connect_webhooks)
+        app = await sandbox.prepare()
+        # The sandbox keeps the terminal for the chat: only warnings and errors are logged.
+        args.log_level = args.log_level or "WARNING"
+        _setup_logs(args, app.settings)
+        # The banner comes once the web server listens, so that it can say where.
+        return await _run_until_signal(app, on_started=sandbox.started)
     finally:
         await sandbox.close()
 
@@ -509,7 +522,9 @@ async def _cmd_emulator(args: argparse.Namespace) -> int:
     from bridge.emulator import serve_forever
 
     _setup_logs(args, None)
-    serving = asyncio.ensure_future(serve_forever(args.host, args.port))
+    serving = asyncio.ensure_future(
+        serve_forever(args.host, args.port, webhook_url=args.webhook_url, webhook_secret=args.webhook_secret)
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, serving.cancel)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import TextIO
@@ -16,6 +18,7 @@ HELP = [
     "Type a question to ask the Sandbox Bot; 'reset' starts over; Ctrl-D quits.",
     "Play a website visitor: /visitor <message>  (say 'human' to escalate)   /lead <name> <email>",
     "Alerts print here; /claim and /resolve act on the newest one.",
+    "On a terminal: arrow keys edit the line, up and down recall earlier lines.",
 ]
 
 
@@ -62,13 +65,27 @@ class Sandbox:
             console_out=self._stdout,
             console_commands=commands,
         )
+        if self.app.console is not None:
+            self.app.console.input_ready.clear()  # until started() printed the banner
         return self.app
 
     def banner(self) -> str:
+        assert self.app is not None
+        server = f"web server at {self.app.server_url} (webhooks, /healthz), " if self.app.server_url else ""
         return (
-            f"insitechat-bridge sandbox: local InsiteChat emulator at {self.emulator.base_url}, console chat "
-            f"and alerts, state in {self.state_dir}. /help lists the commands; Ctrl-D quits."
+            f"insitechat-bridge sandbox: local InsiteChat emulator at {self.emulator.base_url}, {server}console chat "
+            f"and alerts, state in {self.state_dir} (removed on exit). /help lists the commands; Ctrl-D quits."
         )
+
+    def started(self) -> None:
+        """The bridge listens: webhooks go there, the banner says where, then the console takes input."""
+        assert self.app is not None
+        self.connect_webhooks()
+        out = self._stdout or sys.stdout
+        out.write(self.banner() + "\n")
+        out.flush()
+        if self.app.console is not None:
+            self.app.console.input_ready.set()
 
     def connect_webhooks(self) -> None:
         """Once the bridge listens, the emulated chatbot sends its webhooks there, signed."""
@@ -77,7 +94,11 @@ class Sandbox:
         bot.webhook_url = f"{self.app.server_url}/webhooks/insitechat/{SANDBOX_CHATBOT_ID}"
 
     async def close(self) -> None:
-        await self.emulator.stop()
+        """Stop the emulator and remove the state directory (the bridge has closed its store by now)."""
+        try:
+            await self.emulator.stop()
+        finally:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
     async def _visitor(self, text: str) -> list[str]:
         if not text:
@@ -87,6 +108,8 @@ class Sandbox:
         return [f"the visitor sees: {answer}"]
 
     async def _lead(self, text: str) -> list[str]:
+        if not text:
+            return ["usage: /lead <name> <email>  (either may be left out, not both)"]
         name, _, email = text.rpartition(" ") if "@" in text else (text, "", "")
         await self.emulator.capture_lead(SANDBOX_CHATBOT_ID, name=name.strip(), email=email.strip())
         await self.emulator.wait_for_webhooks()

@@ -141,7 +141,7 @@ class DeliveryQueue(Protocol):
 
 
 class ConversationLocks(Protocol):
-    """One answer at a time per conversation, across every process on the store (InsiteChat keeps one history per session)."""
+    """One answer at a time per conversation, across every process on the store (InsiteChat keeps one history)."""
 
     def conversation_lock(self, conversation: str) -> AbstractAsyncContextManager[None]:
         """Held while answering in `conversation`; waits while another holder has it."""

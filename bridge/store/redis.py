@@ -24,6 +24,7 @@ once when it is back; a sorted set by due time does all three with one ZADD.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -323,7 +324,8 @@ end
 local state = redis.call('HGET', P .. 'job:' .. job_id, 'state')
 if state then
   move_job(P, job_id, state, 'answered')
-  redis.call('HSET', P .. 'job:' .. job_id, 'reply', ARGV[8], 'reply_kind', ARGV[9], 'offer_human', ARGV[10], 'outbox_id', id)
+  redis.call('HSET', P .. 'job:' .. job_id, 'reply', ARGV[8], 'reply_kind', ARGV[9], 'offer_human', ARGV[10],
+             'outbox_id', id)
 end
 return id
 """
@@ -706,7 +708,7 @@ class RedisStore:
             try:
                 return await self._redis.config_get("appendonly"), await self._redis.config_get("save")
             except ResponseError:
-                # Managed Redis often refuses or renames CONFIG (NOPERM, unknown command): say nothing rather than guess.
+                # Managed Redis often refuses or renames CONFIG (NOPERM, unknown command): say nothing, not a guess.
                 return None
 
         config = await self._do(read_config())
@@ -728,10 +730,8 @@ class RedisStore:
             await asyncio.gather(self._keeper, return_exceptions=True)
         # Pre-taken locks nobody will enter now: free them rather than block their conversations for a lease.
         for conversation, lock in list(self._pretaken.items()):
-            try:
+            with contextlib.suppress(StoreError):  # else it frees itself after its lease
                 await self._run(self._release_lock, conversation, lock.token)
-            except StoreError:
-                pass  # it frees itself after its lease
         self._pretaken.clear()
         self._closed = True
         if self._inflight:  # commands whose callers were cancelled: let them finish first
@@ -868,7 +868,7 @@ class RedisStore:
             except StoreError as exc:
                 log.warning("renewing %d conversation lock(s) failed: %s; trying again", len(locks), exc)
                 continue
-            for (conversation, lock), ok in zip(locks, renewed):
+            for (conversation, lock), ok in zip(locks, renewed, strict=False):  # one answer per lock
                 if not int(ok) and not lock.released:
                     # Held past its lease without a renewal (this process stalled): another replica
                     # may answer there now.
@@ -1037,7 +1037,7 @@ class RedisStore:
                 return await pipe.execute()
 
         counts = await self._do(count())
-        return {JobState(state): int(count) for state, count in zip(_STATES, counts) if count}
+        return {JobState(state): int(count) for state, count in zip(_STATES, counts, strict=False) if count}
 
     def _job(self, fields: Mapping[str, str]) -> ChatJob | None:
         """A job as its hash holds it; past its windows (as if pruned) it is gone, or its texts are."""
@@ -1124,7 +1124,7 @@ def _text(value: bytes | str) -> str:
 
 def _fields(flat: Sequence[str]) -> dict[str, str]:
     """HGETALL as a script returns it (name, value, name, value...) as a mapping."""
-    return dict(zip(flat[::2], flat[1::2]))
+    return dict(zip(flat[::2], flat[1::2], strict=False))  # an odd tail (never sent) is dropped, as before
 
 
 def _item(fields: Mapping[str, str]) -> OutboxItem:

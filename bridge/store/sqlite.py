@@ -221,7 +221,8 @@ class SQLiteStore:
 
     async def follow(self, conversation: str, ttl: float = 30 * DAY) -> None:
         await self._run(lambda: self._db.execute(
-            "INSERT OR REPLACE INTO followed (conversation, expires_at) VALUES (?, ?)", (conversation, self._now() + ttl)
+            "INSERT OR REPLACE INTO followed (conversation, expires_at) VALUES (?, ?)",
+            (conversation, self._now() + ttl),
         ))
 
     async def is_followed(self, conversation: str) -> bool:
@@ -256,7 +257,8 @@ class SQLiteStore:
 
     async def get_versioned(self, kind: str, key: str) -> Versioned | None:
         row = await self._run(lambda: self._db.execute(
-            "SELECT value, revision FROM records WHERE kind = ? AND key = ? AND (expires_at IS NULL OR expires_at >= ?)",
+            "SELECT value, revision FROM records"
+            " WHERE kind = ? AND key = ? AND (expires_at IS NULL OR expires_at >= ?)",
             (kind, key, self._now()),
         ).fetchone())
         return Versioned(json.loads(row[0]), int(row[1])) if row else None
@@ -278,7 +280,8 @@ class SQLiteStore:
             now = self._now()
             with self._transaction():
                 row = self._db.execute(
-                    "SELECT revision FROM records WHERE kind = ? AND key = ? AND (expires_at IS NULL OR expires_at >= ?)",
+                    "SELECT revision FROM records"
+                    " WHERE kind = ? AND key = ? AND (expires_at IS NULL OR expires_at >= ?)",
                     (kind, key, now),
                 ).fetchone()
                 current = int(row[0]) if row else None

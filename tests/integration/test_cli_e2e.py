@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -339,3 +341,273 @@ def test_a_state_file_that_cannot_be_opened_is_one_line_with_its_path(tmp_path: 
     assert result.returncode == 1 and "Traceback" not in result.stderr
     [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert str(junk) in line and "not a database" in line
+
+
+# --- the emulator command's webhooks (issue 12 item 22) --------------------------------------
+
+
+async def test_emulator_command_sends_its_webhooks_to_the_given_url(tmp_path: Path) -> None:
+    import hashlib
+    import hmac
+    import json
+    import socket
+
+    from aiohttp import web
+
+    received: list[tuple[str, bytes]] = []
+
+    async def take(request: web.Request) -> web.Response:
+        received.append((request.headers.get("X-InsiteChat-Signature", ""), await request.read()))
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/webhooks/insitechat/{chatbot}", take)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    hook_url = f"http://127.0.0.1:{runner.addresses[0][1]}/webhooks/insitechat/{SANDBOX_CHATBOT_ID}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "emulator", "--port", str(port),
+        "--webhook-url", hook_url, "--webhook-secret", "whsec-from-the-cli", env=ENV,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        banner = b""
+        while b"visitor:" not in banner:
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)  # type: ignore[union-attr]
+            assert line, (banner + await proc.stderr.read()).decode()  # type: ignore[union-attr]
+            banner += line
+        assert f"webhooks -> {hook_url}" in banner.decode()
+        emu = f"http://127.0.0.1:{port}/emulator/chatbots/{SANDBOX_CHATBOT_ID}"
+        async with httpx.AsyncClient() as http:
+            r = await http.post(f"{emu}/visitor", json={"message": "I need a human", "session_id": "web-1"})
+            assert r.status_code == 200
+            for _ in range(300):
+                if any(json.loads(body)["event"] == "conversation.escalated" for _, body in received):
+                    break
+                await asyncio.sleep(0.02)
+            test = await http.post(f"{emu}/send-test")
+        assert test.json()["delivered"] is True
+        events = [json.loads(body)["event"] for _, body in received]
+        assert events == ["conversation.started", "message.received", "conversation.escalated", "webhook.test"]
+        for signature, body in received:
+            assert signature == "sha256=" + hmac.new(b"whsec-from-the-cli", body, hashlib.sha256).hexdigest()
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await runner.cleanup()
+
+
+# --- the sandbox console (issue 12 item 23) --------------------------------------------------
+
+
+class Terminal:
+    """The sandbox on a pseudo-terminal, as a person at a keyboard sees it."""
+
+    def __init__(self, tmp: Path) -> None:
+        import pty
+
+        master, slave = pty.openpty()
+        self.fd = master
+        self.raw = b""
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "run"], stdin=slave, stdout=slave, stderr=slave,
+            env={**ENV, "TMPDIR": str(tmp)}, start_new_session=True,
+        )
+        os.close(slave)
+
+    def type(self, keys: str) -> None:
+        os.write(self.fd, keys.encode())
+
+    def wait_for(self, condition: Callable[[list[str]], bool], timeout: float = 20) -> list[str]:
+        """Read until condition(screen lines) holds; fail at the deadline with what was shown."""
+        import select
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not condition(screen(self.raw)):
+            if time.monotonic() > deadline:
+                raise AssertionError("not shown in time:\n" + "\n".join(screen(self.raw)))
+            ready, _, _ = select.select([self.fd], [], [], 0.05)
+            if ready:
+                with contextlib.suppress(OSError):  # the other end closed: nothing more will come
+                    self.raw += os.read(self.fd, 65536)
+        return screen(self.raw)
+
+    def close(self) -> int:
+        self.type("\x04")  # Ctrl-D on an empty line ends the sandbox
+        try:
+            self.wait_for(lambda _: self.proc.poll() is not None, timeout=30)
+            return self.proc.returncode
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            os.close(self.fd)
+
+
+def screen(raw: bytes) -> list[str]:
+    """The lines a terminal shows for this output: carriage returns, erase-line and cursor moves applied."""
+    import re
+
+    lines: list[str] = []
+    line: list[str] = []
+    col = 0
+    for token in re.findall(r"\x1b\[\d*[A-Za-z]|.", raw.decode("utf-8", "replace"), flags=re.DOTALL):
+        if token == "\n":
+            lines.append("".join(line).rstrip())
+            line, col = [], 0
+        elif token == "\r":
+            col = 0
+        elif token == "\b":
+            col = max(col - 1, 0)
+        elif token.startswith("\x1b["):
+            count = int(token[2:-1] or 1)
+            if token.endswith("K"):
+                del line[col:]
+            elif token.endswith("D"):
+                col = max(col - count, 0)
+            elif token.endswith("C"):
+                col += count
+        elif token >= " ":
+            line += [" "] * (col - len(line) + 1) if col >= len(line) else []
+            line[col] = token
+            col += 1
+    return [*lines, "".join(line).rstrip()]
+
+
+def test_terminal_prompt_comes_back_after_a_late_card(tmp_path: Path) -> None:
+    term = Terminal(tmp_path)
+    try:
+        term.wait_for(lambda s: s[-1] == "you>")
+        term.type("/visitor I need a human\r")
+        term.wait_for(lambda s: any("the visitor sees" in line for line in s) and s[-1] == "you>")
+        term.type("/claim\r")
+        # The card's update is printed by the outbox after the prompt is back: the prompt follows it.
+        shown = term.wait_for(lambda s: any("Claimed by you" in line for line in s) and s[-1] == "you>", timeout=10)
+        assert not any(line.startswith("you> alert") for line in shown), shown
+    finally:
+        assert term.close() == 0
+
+
+def test_terminal_edits_the_line_and_recalls_history_without_sending_escape_codes(tmp_path: Path) -> None:
+    term = Terminal(tmp_path)
+    try:
+        term.wait_for(lambda s: s[-1] == "you>")
+        term.type("helo\x1b[Dl\x1b[C!\r")  # left arrow, the missing l, right arrow, then the end
+        term.wait_for(lambda s: any('you asked "hello!"' in line for line in s) and s[-1] == "you>")
+        term.type("\x1b[A\x7f?\r")  # up: the last line again; backspace edits it
+        shown = term.wait_for(lambda s: any('you asked "hello?"' in line for line in s) and s[-1] == "you>")
+        assert "you> hello?" in shown  # the edited line is what the terminal showed
+        assert not any("[A" in line or "[D" in line or "\ufffd" in line for line in shown), shown
+    finally:
+        assert term.close() == 0
+
+
+def test_piped_input_never_sends_escape_codes_to_the_chatbot() -> None:
+    result = run_cli("run", stdin="\x1b[Ahel\x1b[Dlo\x1bOB\x07\n")
+    assert result.returncode == 0, result.stderr
+    [answer] = [line for line in result.stdout.splitlines() if line.startswith("bot> ")]
+    assert 'you asked "hello"' in answer and "\x1b" not in answer, answer
+
+
+def test_claim_on_a_resolved_alert_says_so() -> None:
+    result = run_cli("run", stdin="/visitor I need a human\n/resolve\n/claim\n/resolve\n")
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stdout.splitlines() if line.startswith("sandbox> ")]
+    assert sum("already resolved by you" in line for line in said) == 2, said
+
+
+def test_an_unknown_command_lists_the_known_ones_and_asks_nothing() -> None:
+    result = run_cli("run", stdin="/frobnicate now\n/etc/hosts is a file?\n")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    [unknown] = [line for line in lines if "/frobnicate" in line]
+    assert unknown.startswith("sandbox> unknown command /frobnicate")
+    for known in ("/visitor", "/lead", "/claim", "/resolve", "/help"):
+        assert known in unknown
+    # A path is a question, not a command.
+    assert [line for line in lines if line.startswith("bot> ")] == [
+        line for line in lines if line.startswith("bot> ") and "/etc/hosts" in line
+    ] != []
+
+
+def test_lead_without_an_argument_shows_the_usage_and_raises_nothing() -> None:
+    result = run_cli("run", stdin="/lead\n/lead   \n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("sandbox> usage: /lead <name> <email>") == 2
+    assert "alert>" not in result.stdout
+
+
+async def test_banner_shows_the_web_server_which_answers(tmp_path: Path) -> None:
+    import re
+
+    read_fd, write_fd = os.pipe()  # stdin stays open while the web server is tried
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "run", env={**ENV, "TMPDIR": str(tmp_path)}, stdin=read_fd,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    os.close(read_fd)
+    try:
+        banner = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()  # type: ignore[union-attr]
+        found = re.search(r"web server at (http://127\.0\.0\.1:\d+)", banner)
+        assert found, banner
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{found.group(1)}/healthz")).status_code == 200
+    finally:
+        os.close(write_fd)  # end of input ends the sandbox
+        await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0
+
+
+def test_the_sandbox_leaves_no_state_directory_behind(tmp_path: Path) -> None:
+    result = run_cli("run", stdin="hello\n", env={**ENV, "TMPDIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert "insitechat-sandbox-" in result.stdout.splitlines()[0]  # it did use one, under TMPDIR
+    assert list(tmp_path.glob("insitechat-sandbox-*")) == []
+
+
+async def test_the_sandbox_leaves_no_state_directory_behind_after_sigterm(tmp_path: Path) -> None:
+    read_fd, write_fd = os.pipe()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "run", env={**ENV, "TMPDIR": str(tmp_path)}, stdin=read_fd,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    os.close(read_fd)
+    try:
+        await asyncio.wait_for(proc.stdout.readline(), 30)  # type: ignore[union-attr]
+        assert list(tmp_path.glob("insitechat-sandbox-*")) != []
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        os.close(write_fd)
+    assert proc.returncode == 0
+    assert list(tmp_path.glob("insitechat-sandbox-*")) == []
+
+
+async def test_the_chat_user_asking_for_a_human_is_not_called_a_website_visitor(tmp_path: Path) -> None:
+    read_fd, write_fd = os.pipe()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "run", env={**ENV, "TMPDIR": str(tmp_path)}, stdin=read_fd,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    os.close(read_fd)
+    shown: list[str] = []
+    try:
+        os.write(write_fd, b"I need a human\n")
+        while not any(line.startswith("alert>   (type /claim") for line in shown):  # the whole card
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)  # type: ignore[union-attr]
+            assert line, shown
+            shown.append(line.decode().rstrip("\n"))
+    finally:
+        os.close(write_fd)
+        await asyncio.wait_for(proc.communicate(), 30)
+    [title] = [line for line in shown if line.startswith("alert> 🙋")]
+    assert title.startswith("alert> 🙋 Someone asked for a human in chat"), shown
+    assert not any("visitor" in line for line in shown if line.startswith("alert>")), shown

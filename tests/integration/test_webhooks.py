@@ -348,6 +348,8 @@ async def test_events_about_the_bridges_own_sessions_do_not_echo(tmp_path: Path)
     await b.outbox.deliver_due()
     [escalation] = b.slack.posted  # only the escalation, and it links to the Slack thread
     assert "https://slack.example/C1/100.1" in json.dumps(escalation.card["blocks"])
+    # Someone in the Slack thread asked, not a website visitor.
+    assert "asked for a human in chat" in escalation.card["text"] and "visitor" not in escalation.card["text"]
     await b.close()
 
 
