@@ -495,3 +495,23 @@ async def test_a_pool_size_from_the_url_is_kept_and_a_cancelled_waiter_gives_its
         assert store._slots._value == 2  # every slot came back
     finally:
         await store.close()
+
+
+async def test_a_redis_that_refuses_writes_is_not_ready(redis_url: str, redis_prefix: str) -> None:
+    """Readiness is a write: a read-only user (as a read-only replica or a full Redis) must not look ready."""
+    admin = redis.asyncio.Redis.from_url(redis_url)
+    user = f"icb-readonly-{uuid.uuid4().hex[:8]}"
+    await admin.acl_setuser(user, enabled=True, passwords=["+readonly-pw"], keys=["*"], commands=["+@read", "+ping"])
+    host_port = redis_url.split("://", 1)[1]
+    store = RedisStore(f"redis://{user}:readonly-pw@{host_port}", prefix=redis_prefix)
+    try:
+        assert await store.ping() is False
+    finally:
+        await store.close()
+        await admin.acl_deluser(user)
+        await admin.aclose()
+    writable = RedisStore(redis_url, prefix=redis_prefix)
+    try:
+        assert await writable.ping() is True
+    finally:
+        await writable.close()
