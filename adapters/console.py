@@ -444,8 +444,9 @@ def console_card(alert: Alert, mentions: tuple[str, ...] = ()) -> dict[str, Any]
 async def _lines(stream: TextIO) -> AsyncIterator[str]:
     """Lines of a stream without blocking the loop and without a thread."""
     mode = os.fstat(stream.fileno()).st_mode if _has_fileno(stream) else 0
-    if not mode or stat.S_ISREG(mode):
-        # Regular files (and in-memory streams) never block: read them directly.
+    if not mode or stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not _is_tty(stream)):
+        # Regular files, in-memory streams and devices such as /dev/null (a service's stdin) never
+        # block, and epoll cannot watch them: read them directly.
         for line in stream:
             yield line
             await asyncio.sleep(0)

@@ -611,3 +611,21 @@ async def test_the_chat_user_asking_for_a_human_is_not_called_a_website_visitor(
     [title] = [line for line in shown if line.startswith("alert> 🙋")]
     assert title.startswith("alert> 🙋 Someone asked for a human in chat"), shown
     assert not any("visitor" in line for line in shown if line.startswith("alert>")), shown
+
+
+def test_run_with_stdin_on_dev_null_ends_cleanly(tmp_path: Path) -> None:
+    """A service manager's stdin is /dev/null: the console reads its end at once, no traceback."""
+    cfg = tmp_path / "bridge.yaml"
+    cfg.write_text(
+        "insitechat: {api_key: '${INSITECHAT_API_KEY}'}\n"
+        "console: {enabled: true}\n"
+        f"state: {{sqlite: '{tmp_path / 'state.db'}'}}\n"
+        "server: {listen: '127.0.0.1:0'}\n"
+        f"routes: [{{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}]\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "run", "--config", str(cfg)], stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=60, env={**ENV, "INSITECHAT_API_KEY": SANDBOX_KEY},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
