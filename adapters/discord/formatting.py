@@ -11,11 +11,17 @@ DISCORD_LIMIT = 2000  # Discord rejects longer content (400, code 50035)
 # Discord pings on "@everyone"/"@here" and on <@id>, <@!id> (user) and <@&id> (role).
 # No word boundary after: "@here_now" and "_@here_" must not even look like a ping; an address before stays.
 _DISCORD_CROWD = re.compile(r"(?<![A-Za-z0-9])@(?=everyone|here)", re.IGNORECASE)  # mail@here.com stays
-_DISCORD_MENTION = re.compile(r"<@(?=[!&]?\d)")
+_DISCORD_MENTION = re.compile(r"<@(?=[!&]?\d)")  # what is left: one cut short, e.g. "<@123" at a part's end
+# A whole user or role mention reads as what it is: the id means nothing to a reader, and the
+# chatbot's text (its sources) cannot know who it would be in this server.
+_DISCORD_USER = re.compile(r"<@!?\d+>")
+_DISCORD_ROLE = re.compile(r"<@&\d+>")
 
 
 def neutralise_discord(text: str) -> str:
-    """Makes @everyone, @here and raw <@id>/<@!id>/<@&id> in text inert (defence in depth)."""
+    """Makes @everyone, @here and raw <@id>/<@!id>/<@&id> in text inert (defence in depth): "@user", "@role"."""
+    text = _DISCORD_USER.sub("@" + ZWSP + "user", text)
+    text = _DISCORD_ROLE.sub("@" + ZWSP + "role", text)
     text = _DISCORD_MENTION.sub("<@" + ZWSP, text)
     return _DISCORD_CROWD.sub("@" + ZWSP, text)
 

@@ -231,9 +231,10 @@ NEUTRALISE_SLACK_CASES = [
 ]
 
 NEUTRALISE_DISCORD_CASES = [
-    ("<@123>", f"<@{ZWSP}123>"),
-    ("<@!123>", f"<@{ZWSP}!123>"),
-    ("<@&123>", f"<@{ZWSP}&123>"),
+    ("<@123>", f"@{ZWSP}user"),  # an id means nothing to a reader: not a literal "<@!123>"
+    ("<@!123>", f"@{ZWSP}user"),
+    ("<@&123>", f"@{ZWSP}role"),
+    ("cut short: <@123", f"cut short: <@{ZWSP}123"),
     ("@everyone @here", f"@{ZWSP}everyone @{ZWSP}here"),
     ("<#123> <:emoji:456>", "<#123> <:emoji:456>"),  # channel links and emoji never ping
 ]
