@@ -574,9 +574,12 @@ async def test_no_assistant_status_without_the_scope(start_bridge, slack: FakeSl
 
 @pytest.mark.parametrize("code", ["restricted_action", "restricted_action_read_only_channel", "is_archived"])
 async def test_an_answer_slack_refuses_for_good_is_explained_to_the_asker(
-    start_bridge, slack: FakeSlack, emulator: Emulator, outcomes: Outcomes, code: str
+    start_bridge, slack: FakeSlack, emulator: Emulator, outcomes: Outcomes, code: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Never silent: an announcement channel refuses the answer, and the asker is told why, privately."""
+    """Never silent: an announcement channel refuses the answer, and the asker is told why, privately.
+
+    And the operator reads one clear line, not tracebacks (the log line is the product there).
+    """
     bridge = await start_bridge()
     slack.fail("chat.postMessage", error=code, count=None)
     assert (await bridge.post_event(payload("app_mention")))[0] == 200
@@ -586,6 +589,9 @@ async def test_an_answer_slack_refuses_for_good_is_explained_to_the_asker(
     await outcomes.wait_for(MENTION_TS, Outcome.FAILED)
     assert (await bridge.app.store.job_counts()).get(JobState.FAILED) == 1
     assert len(slack.calls_to("chat.postMessage")) == 1  # not retried
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING and not r.name.startswith("slack_")]
+    assert [r.exc_info for r in loud] == [None] * len(loud)
+    assert len([r for r in loud if code in r.getMessage()]) == 1
 
 
 async def test_when_even_the_ephemeral_note_is_refused_nothing_breaks(
