@@ -61,11 +61,6 @@ class FallbackMessages:
         known = self._known.get(chatbot)
         return known is not None and bool(known.fallback) and normalised(answer) == known.fallback
 
-    async def wait_fetched(self) -> None:
-        """Until the fetches under way are back (tests, and the relay before it counts on them)."""
-        while self._fetching:
-            await asyncio.gather(*self._fetching.values(), return_exceptions=True)
-
     async def aclose(self) -> None:
         for task in list(self._fetching.values()):
             task.cancel()

@@ -135,6 +135,8 @@ class Relay:
         self._outbox = outbox
         self._clock = clock or SystemClock()
         self._fallbacks = FallbackMessages(self._clock)
+        # Only these chatbots' fallback messages are read: each read spends a request of the key's budget.
+        self._gap_chatbots = frozenset(rule.chatbot for rule in settings.alerts if UNANSWERED in rule.events)
         self._queue_notice_after = queue_notice_after
         self._lease = lease
         self._adapters: dict[str, Adapter] = {}
@@ -414,7 +416,7 @@ class Relay:
         if self._desk is not None:
             await self._desk.remember_exchange(conversation, session_id, text, answer)
         offer_human = self._handovers.offered(conversation, job.chatbot, is_dm=inbound.is_dm)
-        if self._watches_gaps(job.chatbot) and self._fallbacks.is_fallback(client, job.chatbot, answer):
+        if job.chatbot in self._gap_chatbots and self._fallbacks.is_fallback(client, job.chatbot, answer):
             metrics.ANSWERS.labels(job.chatbot, "unanswered").inc()
             await self._knowledge_gap(job, inbound, session_id, answer)
             if offer_human:
@@ -423,11 +425,6 @@ class Relay:
         else:
             metrics.ANSWERS.labels(job.chatbot, "answered").inc()
         return _Reply(answer, ReplyKind.ANSWER, Outcome.ANSWERED, offer_human)
-
-    def _watches_gaps(self, chatbot: str) -> bool:
-        """Whether an alert rule routes this chatbot's answer.unanswered: only then is its fallback message read
-        (each read spends a request of the key's budget)."""
-        return any(rule.chatbot == chatbot and UNANSWERED in rule.events for rule in self._settings.alerts)
 
     async def _knowledge_gap(self, job: ChatJob, inbound: Inbound, session_id: str, answer: str) -> None:
         """An answer.unanswered event for the alert rules that route it (the team that owns the sources)."""

@@ -16,7 +16,7 @@ from adapters.discord.places import Memory, Origin, place_of_channel
 from adapters.discord.setup import PERMISSION_NAMES
 from adapters.discord.translate import Place, PlaceKind
 from bridge.clock import Clock
-from bridge.messages import Inbound, Outbound, OutboundKind
+from bridge.messages import Conversation, Inbound, Outbound, OutboundKind
 from bridge.ports import PermanentSendError
 
 if TYPE_CHECKING:
@@ -112,17 +112,22 @@ class DiscordPoster:
         if origin is None:
             return ""
         place = origin.place
-        if (
-            place.kind is PlaceKind.TEXT
-            and inbound.conversation.thread == inbound.message_id
-            and self._threads_for(origin.guild_id, place.channel_id)
-        ):
+        if self._gets_own_thread(origin, inbound.conversation, inbound.message_id):
             try:
                 return await self._ensure_thread(origin, inbound.message_id) or place.channel_id
             except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
                 # Not fatal: posting the answer tries again, and the typing shows in the channel meanwhile.
                 log.info("discord: could not open the thread for %s yet: %s", inbound.message_id, exc)
         return place.channel_id
+
+    def _gets_own_thread(self, origin: Origin, conversation: Conversation, message_id: str) -> bool:
+        """Whether the answer to `message_id` goes in a thread opened on it: a channel message, threads on there."""
+        return (
+            origin.place.kind is PlaceKind.TEXT
+            and bool(message_id)
+            and conversation.thread == message_id
+            and self._threads_for(conversation.workspace, conversation.channel)
+        )
 
     async def _origin_of(self, outbound: Outbound) -> Origin:
         origin = self._memory.origins.get(outbound.reply_to) if outbound.reply_to else None
@@ -183,12 +188,7 @@ class DiscordPoster:
         answering = outbound.reply_to or conversation.thread
         reference: discord.MessageReference | None = None
         thread_id: str | None = None
-        if (
-            origin.place.kind is PlaceKind.TEXT
-            and outbound.reply_to
-            and conversation.thread == outbound.reply_to
-            and self._threads_for(conversation.workspace, conversation.channel)
-        ):
+        if self._gets_own_thread(origin, conversation, outbound.reply_to):
             # None when no thread can be made here: the answer becomes a reply to the question,
             # and a reply to it continues the conversation (thread = question id) through the memory of roots.
             thread_id = await self._ensure_thread(origin, outbound.reply_to)
