@@ -112,15 +112,23 @@ async def test_chatbots_sources_and_check_against_the_emulator(emulator: Emulato
     assert code == 1 and "ic_wrong_key_here" not in out + err
 
 
-def console_config(tmp_path: Path, emulator: Emulator) -> Path:
-    """A console-only bridge on the emulator, with its state in tmp_path."""
+def console_config(
+    tmp_path: Path,
+    emulator: Emulator | None = None,
+    *,
+    state: Path | None = None,
+    listen: str = "127.0.0.1:0",
+    extra: str = "",
+) -> Path:
+    """A console-only bridge (on the emulator, if given), with its state in tmp_path and any free port."""
     cfg = tmp_path / "bridge.yaml"
+    base_url = f"base_url: '{emulator.base_url}', " if emulator is not None else ""
     cfg.write_text(
-        f"insitechat: {{base_url: '{emulator.base_url}', api_key: '${{INSITECHAT_API_KEY}}'}}\n"
-        f"state: {{sqlite: '{tmp_path / 'state.db'}'}}\n"
-        "server: {listen: '127.0.0.1:0'}\n"
+        f"insitechat: {{{base_url}api_key: '${{INSITECHAT_API_KEY}}'}}\n"
+        f"state: {{sqlite: '{state or tmp_path / 'state.db'}'}}\n"
+        f"server: {{listen: '{listen}'}}\n"
         "console: {enabled: true}\n"
-        f"routes: [{{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}]\n"
+        f"routes: [{{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}]\n" + extra
     )
     return cfg
 
@@ -260,14 +268,11 @@ async def test_check_live_warns_about_a_redis_that_keeps_nothing_and_fails_on_on
 
 
 async def test_check_and_run_say_loudly_that_webhook_signatures_are_off(tmp_path: Path) -> None:
-    cfg = tmp_path / "bridge.yaml"
-    cfg.write_text(
-        "insitechat: {api_key: '${INSITECHAT_API_KEY}'}\n"
-        "console: {enabled: true}\n"
-        "webhooks: {verify_signatures: false}\n"
+    cfg = console_config(
+        tmp_path,
+        extra="webhooks: {verify_signatures: false}\n"
         f"chatbots: [{{id: {SANDBOX_CHATBOT_ID}, webhook_secret: '${{WH}}'}}]\n"
-        f"routes: [{{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}]\n"
-        f"alerts: [{{chatbot: {SANDBOX_CHATBOT_ID}, to: ['console:alerts']}}]\n"
+        f"alerts: [{{chatbot: {SANDBOX_CHATBOT_ID}, to: ['console:alerts']}}]\n",
     )
     env = {**ENV, "INSITECHAT_API_KEY": SANDBOX_KEY, "WH": "a-webhook-secret"}
     code, out, err = await _cli("check", "--config", str(cfg), env=env)
@@ -281,15 +286,7 @@ async def test_check_and_run_say_loudly_that_webhook_signatures_are_off(tmp_path
 
 
 def test_run_logs_one_start_line_with_what_runs(tmp_path: Path) -> None:
-    cfg = tmp_path / "bridge.yaml"
-    cfg.write_text(
-        "insitechat: {api_key: '${INSITECHAT_API_KEY}'}\n"
-        "console: {enabled: true}\n"
-        f"state: {{sqlite: '{tmp_path / 'state.db'}'}}\n"
-        "server: {listen: '127.0.0.1:0'}\n"
-        "logging: {format: json}\n"
-        f"routes: [{{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}]\n"
-    )
+    cfg = console_config(tmp_path, extra="logging: {format: json}\n")
     env = {**ENV, "INSITECHAT_API_KEY": SANDBOX_KEY, "INSITECHAT_BASE_URL": "http://127.0.0.1:9"}
     result = run_cli("run", "--config", str(cfg), stdin="", env=env)
     lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
@@ -305,14 +302,7 @@ async def test_health_asks_the_bridge_on_its_configured_port(emulator: Emulator,
     from tests.conftest import free_port
 
     port = free_port()
-    cfg = tmp_path / "bridge.yaml"
-    cfg.write_text(
-        f"insitechat: {{base_url: '{emulator.base_url}', api_key: '${{INSITECHAT_API_KEY}}'}}\n"
-        "console: {enabled: true}\n"
-        f"state: {{sqlite: '{tmp_path / 'state.db'}'}}\n"
-        f"server: {{listen: '127.0.0.1:{port}'}}\n"
-        f"routes: [{{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}]\n"
-    )
+    cfg = console_config(tmp_path, emulator, listen=f"127.0.0.1:{port}")
     settings = config.load(cfg, env={"INSITECHAT_API_KEY": SANDBOX_KEY})
     app = BridgeApp(settings, console_in=io.StringIO(""), console_out=io.StringIO())
     await app.start()
@@ -329,14 +319,7 @@ async def test_health_asks_the_bridge_on_its_configured_port(emulator: Emulator,
 def test_a_state_file_that_cannot_be_opened_is_one_line_with_its_path(tmp_path: Path) -> None:
     junk = tmp_path / "state.db"
     junk.write_bytes(b"this is not an SQLite database, it is a text file that happens to be here" * 4)
-    cfg = tmp_path / "bridge.yaml"
-    cfg.write_text(
-        "insitechat: {api_key: '${INSITECHAT_API_KEY}'}\n"
-        "console: {enabled: true}\n"
-        f"state: {{sqlite: '{junk}'}}\n"
-        "server: {listen: '127.0.0.1:0'}\n"
-        f"routes: [{{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}]\n"
-    )
+    cfg = console_config(tmp_path, state=junk)
     result = run_cli("run", "--config", str(cfg), stdin="", env={**ENV, "INSITECHAT_API_KEY": SANDBOX_KEY})
     assert result.returncode == 1 and "Traceback" not in result.stderr
     [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -615,14 +598,7 @@ async def test_the_chat_user_asking_for_a_human_is_not_called_a_website_visitor(
 
 def test_run_with_stdin_on_dev_null_ends_cleanly(tmp_path: Path) -> None:
     """A service manager's stdin is /dev/null: the console reads its end at once, no traceback."""
-    cfg = tmp_path / "bridge.yaml"
-    cfg.write_text(
-        "insitechat: {api_key: '${INSITECHAT_API_KEY}'}\n"
-        "console: {enabled: true}\n"
-        f"state: {{sqlite: '{tmp_path / 'state.db'}'}}\n"
-        "server: {listen: '127.0.0.1:0'}\n"
-        f"routes: [{{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}]\n"
-    )
+    cfg = console_config(tmp_path)
     result = subprocess.run(
         [sys.executable, "-m", "bridge", "run", "--config", str(cfg)], stdin=subprocess.DEVNULL,
         capture_output=True, text=True, timeout=60, env={**ENV, "INSITECHAT_API_KEY": SANDBOX_KEY},
