@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -52,6 +53,28 @@ async def raw(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
 def own_server() -> bool:
     """The session's own redis-server (its config may be changed), not one named by REDIS_URL."""
     return not os.environ.get("REDIS_URL")
+
+
+@contextlib.asynccontextmanager
+async def store_as_user(
+    redis_url: str, raw: redis.asyncio.Redis, commands: list[str], prefix: str = "icb:"
+) -> AsyncIterator[RedisStore]:
+    """A RedisStore connected as a user of its own allowed only `commands` (as a managed or read-only Redis).
+
+    It changes the server's users: only on the test session's own redis-server.
+    """
+    if not own_server():
+        pytest.skip("changes the server's users; runs on the test session's own redis-server")
+    user = f"icbtest-{uuid.uuid4().hex[:8]}"
+    await raw.acl_setuser(
+        user, enabled=True, passwords=["+pw-of-the-bridge"], keys="*", channels="*", commands=commands
+    )
+    store = RedisStore(redis_url.replace("redis://", f"redis://{user}:pw-of-the-bridge@"), prefix=prefix)
+    try:
+        yield store
+    finally:
+        await store.close()
+        await raw.acl_deluser(user)
 
 
 def new_job(clock: Clock, message_id: str = "100.1") -> ChatJob:
@@ -454,19 +477,9 @@ async def test_a_redis_that_keeps_nothing_on_disk_is_warned_about(replica: Repli
 
 
 async def test_no_persistence_warning_when_config_is_not_allowed(redis_url: str, raw: redis.asyncio.Redis) -> None:
-    if not own_server():
-        pytest.skip("changes the server's users; runs on the test session's own redis-server")
-    user = f"icbtest-{uuid.uuid4().hex[:8]}"
-    await raw.acl_setuser(
-        user, enabled=True, passwords=["+pw-of-the-bridge"], keys="*", channels="*", commands=["+@all", "-config"]
-    )
-    store = RedisStore(redis_url.replace("redis://", f"redis://{user}:pw-of-the-bridge@"))
-    try:
-        assert await store.ping()  # as a managed Redis: everything but CONFIG
+    async with store_as_user(redis_url, raw, ["+@all", "-config"]) as store:  # as a managed Redis
+        assert await store.ping()
         assert await store.persistence_warning() is None
-    finally:
-        await store.close()
-        await raw.acl_deluser(user)
 
 
 async def test_a_burst_larger_than_the_connection_pool_waits_for_connections_instead_of_failing(
@@ -497,19 +510,12 @@ async def test_a_pool_size_from_the_url_is_kept_and_a_cancelled_waiter_gives_its
         await store.close()
 
 
-async def test_a_redis_that_refuses_writes_is_not_ready(redis_url: str, redis_prefix: str) -> None:
+async def test_a_redis_that_refuses_writes_is_not_ready(
+    redis_url: str, redis_prefix: str, raw: redis.asyncio.Redis
+) -> None:
     """Readiness is a write: a read-only user (as a read-only replica or a full Redis) must not look ready."""
-    admin = redis.asyncio.Redis.from_url(redis_url)
-    user = f"icb-readonly-{uuid.uuid4().hex[:8]}"
-    await admin.acl_setuser(user, enabled=True, passwords=["+readonly-pw"], keys=["*"], commands=["+@read", "+ping"])
-    host_port = redis_url.split("://", 1)[1]
-    store = RedisStore(f"redis://{user}:readonly-pw@{host_port}", prefix=redis_prefix)
-    try:
+    async with store_as_user(redis_url, raw, ["+@read", "+ping"], prefix=redis_prefix) as store:
         assert await store.ping() is False
-    finally:
-        await store.close()
-        await admin.acl_deluser(user)
-        await admin.aclose()
     writable = RedisStore(redis_url, prefix=redis_prefix)
     try:
         assert await writable.ping() is True
