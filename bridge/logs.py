@@ -12,6 +12,13 @@ from typing import TextIO
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
+def as_warning_line(record: logging.LogRecord, message: str, args: tuple[object, ...]) -> None:
+    """Rewrite a library's ERROR-with-traceback record, in a logging.Filter, into one WARNING line."""
+    record.msg, record.args = message, args
+    record.exc_info = record.exc_text = None
+    record.levelno, record.levelname = logging.WARNING, "WARNING"
+
+
 class RedactingFilter(logging.Filter):
     """Replaces secret values in the final message text: defence in depth, not the first line."""
 

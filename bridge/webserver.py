@@ -10,6 +10,8 @@ from collections.abc import Callable
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from bridge.logs import as_warning_line
+
 BODY_TIMEOUT = 10.0  # seconds a request body may take to arrive in full (a slow-loris body holds a connection)
 QUIET_WINDOW = 60.0  # at most one line per this many seconds about malformed requests; the rest are counted
 
@@ -62,11 +64,12 @@ class QuietMalformedRequests(logging.Filter):
             return False
         skipped, self._skipped, self._next = self._skipped, 0, now + QUIET_WINDOW
         reason = error.message if isinstance(error.message, str) and error.message else type(error).__name__
-        record.msg = "web: refused a malformed request from %s (%d %s)%s"
-        record.args = (*(record.args or ("?",)), error.code, reason.splitlines()[0][:120],
-                       f"; {skipped} more in the last {QUIET_WINDOW:.0f} s" if skipped else "")
-        record.exc_info = record.exc_text = None
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        as_warning_line(
+            record,
+            "web: refused a malformed request from %s (%d %s)%s",
+            (*(record.args or ("?",)), error.code, reason.splitlines()[0][:120],
+             f"; {skipped} more in the last {QUIET_WINDOW:.0f} s" if skipped else ""),
+        )
         return True
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import discord
 
+from bridge.logs import as_warning_line
 from bridge.config import ReplyMode, RouteSettings, Settings
 from bridge.ports import PlatformRefused
 
@@ -32,10 +33,11 @@ class OneLineReconnects(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.msg == "Attempting a reconnect in %.2fs" and record.exc_info:
             error = record.exc_info[1]
-            record.msg = "discord: the gateway connection dropped (%s); reconnecting in %.2f s"
-            record.args = (f"{type(error).__name__}: {error}" if error else "?", *(record.args or ()))
-            record.exc_info = record.exc_text = None
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            as_warning_line(
+                record,
+                "discord: the gateway connection dropped (%s); reconnecting in %.2f s",
+                (f"{type(error).__name__}: {error}" if error else "?", *(record.args or ())),
+            )
         return True
 
 
