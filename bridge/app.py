@@ -19,6 +19,7 @@ from bridge.backoff import Backoff
 from bridge.clock import Clock, SystemClock
 from bridge.config import Settings
 from bridge.desk import AlertDesk
+from bridge.facts import FactLog
 from bridge.handover import HandOvers
 from bridge.insitechat import FileQuotaMark, InsiteChatClient, QuotaMark, RedisQuotaMark, RetryPolicy
 from bridge.leader import LEASE, RedisLease
@@ -151,13 +152,15 @@ class BridgeApp:
         )
         # Several replicas share one Redis: its InsiteChat budget per key, and one Discord gateway.
         self.clients = build_clients(settings, self.clock, redis_url=settings.state.redis_url, quota_marks=True)
-        self.desk = AlertDesk(settings, self.store, self.clock)
+        # What the report counts (answers, votes, alerts), written a second at a time.
+        self.facts = FactLog(self.store, self.clock)
+        self.desk = AlertDesk(settings, self.store, self.clock, facts=self.facts)
         self.outbox = Outbox(self.store, self.desk, self.clock, attempt_lease=leases.delivery_attempt)
         self.desk.on_queued = self.outbox.wake
         self.handovers = HandOvers(settings, self.desk)
         self.relay = Relay(
             settings, self.store, self.clients, self.outbox,
-            clock=self.clock, desk=self.desk, handovers=self.handovers, lease=leases.job,
+            clock=self.clock, desk=self.desk, handovers=self.handovers, lease=leases.job, facts=self.facts,
         )
         self.grace = grace
         # Several replicas: only the holder of this lease connects Discord's gateway (all post).
@@ -336,6 +339,7 @@ class BridgeApp:
             await client.aclose()
             if client.limiter is not None:
                 await client.limiter.aclose()  # a shared budget writes its last settles
+        await self.facts.aclose()
         await self.store.close()
         self.stopped.set()
 

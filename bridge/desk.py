@@ -26,8 +26,9 @@ from bridge.alerts import (
 from bridge.cards import CLAIM
 from bridge.clock import Clock
 from bridge.config import Settings
+from bridge.facts import FactLog
 from bridge.messages import Conversation
-from bridge.store import DAY, NewDelivery, NewRecord, Store, StoreError
+from bridge.store import DAY, FactKind, NewDelivery, NewRecord, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,11 @@ class AlertRound:
 class AlertDesk:
     """Owns alert state. The webhook receiver, the buttons and the relay all go through it."""
 
-    def __init__(self, settings: Settings, store: Store, clock: Clock) -> None:
+    def __init__(self, settings: Settings, store: Store, clock: Clock, *, facts: FactLog | None = None) -> None:
         self._settings = settings
         self._store = store
         self._clock = clock
+        self._facts = facts
         self._keep_text = settings.state.keep_text_hours * 3600
         # Called whenever deliveries were queued (the outbox worker's wake-up), so a click
         # on Claim updates the cards at once instead of at the next poll.
@@ -115,6 +117,8 @@ class AlertDesk:
         ]
         if not await self._store.accept(keys, deliveries, records=records):
             return None
+        if self._facts is not None:
+            self._facts.note(FactKind.ALERT_RAISED, alert_id, chatbot=event.chatbot_id, value=event.name)
         log.info(
             "alert %s (%s, round %d) queued for %d destination(s)", alert_id, event.name, number, len(destinations)
         )
@@ -233,6 +237,10 @@ class AlertDesk:
         record, written = changed
         if not written:
             return self._alert(record)
+        if self._facts is not None:
+            kind = FactKind.ALERT_RESOLVED if record.state is AlertState.RESOLVED else FactKind.ALERT_CLAIMED
+            event = parse_envelope(record.envelope)
+            self._facts.note(kind, alert_id, chatbot=event.chatbot_id if event else "", actor=who)
         for address in record.posts:
             await self._queue_update(record, address)
         if record.state is AlertState.RESOLVED and record.conversation:

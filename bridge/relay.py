@@ -15,6 +15,7 @@ from bridge.clock import Clock, SystemClock
 from bridge.config import ReplyMode, RouteSettings, Settings
 from bridge.alerts import UNANSWERED, Event
 from bridge.desk import AlertDesk
+from bridge.facts import FactLog
 from bridge.gaps import FallbackMessages
 from bridge.handover import HandOvers
 from bridge.insitechat import (
@@ -30,7 +31,7 @@ from bridge.insitechat import (
 from bridge.messages import Inbound, Outbound, OutboundKind
 from bridge.outbox import DeliveryResult, Outbox
 from bridge.ports import Adapter
-from bridge.store import ChatJob, JobState, ReplyKind, Store, StoreError
+from bridge.store import ChatJob, FactKind, JobState, ReplyKind, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +127,11 @@ class Relay:
         queue_notice_after: float = 10.0,
         lease: float = JOB_LEASE,
         on_outcome: Callable[[Inbound, Outcome], None] | None = None,
+        facts: FactLog | None = None,
     ) -> None:
         self._settings = settings
         self._desk = desk
+        self._facts = facts
         self._handovers = handovers or HandOvers(settings, desk)
         self._store = store
         self._clients = clients
@@ -418,13 +421,20 @@ class Relay:
         offer_human = self._handovers.offered(conversation, job.chatbot, is_dm=inbound.is_dm)
         if job.chatbot in self._gap_chatbots and self._fallbacks.is_fallback(client, job.chatbot, answer):
             metrics.ANSWERS.labels(job.chatbot, "unanswered").inc()
+            self._note_answer(FactKind.UNANSWERED, job, inbound)
             await self._knowledge_gap(job, inbound, session_id, answer)
             if offer_human:
                 # The chatbot knows nothing here: the way to a person comes first, not last.
                 answer = f"{answer}\n\n{NOTICES['gap']}"
         else:
             metrics.ANSWERS.labels(job.chatbot, "answered").inc()
+            self._note_answer(FactKind.ANSWERED, job, inbound)
         return _Reply(answer, ReplyKind.ANSWER, Outcome.ANSWERED, offer_human)
+
+    def _note_answer(self, kind: FactKind, job: ChatJob, inbound: Inbound) -> None:
+        if self._facts is not None:
+            route = self._settings.route_name(inbound.platform, inbound.workspace, inbound.channel, inbound.is_dm)
+            self._facts.note(kind, job.id, chatbot=job.chatbot, route=route)
 
     async def _knowledge_gap(self, job: ChatJob, inbound: Inbound, session_id: str, answer: str) -> None:
         """An answer.unanswered event for the alert rules that route it (the team that owns the sources)."""

@@ -11,14 +11,18 @@ from bridge.store.protocols import (
     ConversationState,
     DeliveryQueue,
     EventIntake,
+    Facts,
     Records,
     Store,
     StoreError,
 )
 from bridge.store.records import (
     DAY,
+    FACTS_KEPT,
     LOCK_LEASE,
     ChatJob,
+    Fact,
+    FactKind,
     JobState,
     NewDelivery,
     NewRecord,
@@ -30,6 +34,7 @@ from bridge.store.sqlite import SQLiteStore
 
 __all__ = [
     "DAY",
+    "FACTS_KEPT",
     "LOCK_LEASE",
     "ChatJob",
     "ChatJobs",
@@ -37,6 +42,9 @@ __all__ = [
     "ConversationState",
     "DeliveryQueue",
     "EventIntake",
+    "Fact",
+    "FactKind",
+    "Facts",
     "JobState",
     "NewDelivery",
     "NewRecord",

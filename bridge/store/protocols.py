@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-from bridge.store.records import DAY, ChatJob, JobState, NewDelivery, NewRecord, OutboxItem, Versioned
+from bridge.store.records import DAY, ChatJob, Fact, JobState, NewDelivery, NewRecord, OutboxItem, Versioned
 
 
 class StoreError(Exception):
@@ -147,7 +147,17 @@ class ConversationLocks(Protocol):
         """Held while answering in `conversation`; waits while another holder has it."""
 
 
-class Store(ConversationState, Records, EventIntake, ChatJobs, DeliveryQueue, ConversationLocks, Protocol):
+class Facts(Protocol):
+    """What happened, kept for the report (answers, votes, alerts) for FACTS_KEPT."""
+
+    async def note_facts(self, facts: Sequence[Fact]) -> None:
+        """Keep these facts: one per identity, the first noted unless the fact `replaces` (a changed vote)."""
+
+    async def facts_since(self, since: float) -> list[Fact]:
+        """Every kept fact at or after the epoch time `since`, oldest first."""
+
+
+class Store(ConversationState, Records, EventIntake, ChatJobs, DeliveryQueue, ConversationLocks, Facts, Protocol):
     """Every concern in one backend."""
 
     owner: str  # this process: the holder of its leases

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 import uuid
 from dataclasses import dataclass, replace
 from typing import Any
@@ -123,3 +124,48 @@ class NewRecord:
     key: str
     value: Any
     ttl: float | None = None
+
+
+FACTS_KEPT = 35 * DAY  # what the report can look back on: a month, and the week before it
+
+
+class FactKind(str, enum.Enum):
+    """What happened, for the report. `subject` names the answer (its job id) or the alert."""
+
+    ANSWERED = "answered"  # the chatbot answered (subject: the job)
+    UNANSWERED = "unanswered"  # it answered with its fallback message: a knowledge gap
+    VOTE = "vote"  # 👍 / 👎 on an answer (actor: the voter; value: "up" or "down"); the last vote counts
+    FLAGGED = "flagged"  # an answer became an answer.flagged alert
+    ALERT_RAISED = "alert_raised"  # an alert was stored for delivery (value: its event name)
+    ALERT_CLAIMED = "alert_claimed"  # the first claim (actor: who)
+    ALERT_RESOLVED = "alert_resolved"  # (actor: who)
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One thing the report counts. Noted once per identity; a vote replaces the person's earlier one."""
+
+    kind: FactKind
+    subject: str
+    at: float  # epoch seconds
+    chatbot: str = ""
+    route: str = ""
+    actor: str = ""
+    value: str = ""
+
+    @property
+    def identity(self) -> str:
+        return f"{self.kind.value}|{self.subject}|{self.actor}"
+
+    @property
+    def replaces(self) -> bool:
+        """A later fact with this identity replaces the stored one (a changed vote); otherwise the first stays."""
+        return self.kind is FactKind.VOTE
+
+    def to_json(self) -> str:
+        return json.dumps([self.kind.value, self.subject, self.at, self.chatbot, self.route, self.actor, self.value])
+
+    @classmethod
+    def from_json(cls, text: str) -> Fact:
+        kind, subject, at, chatbot, route, actor, value = json.loads(text)
+        return cls(FactKind(kind), subject, float(at), chatbot, route, actor, value)

@@ -47,8 +47,10 @@ from bridge.store.locks import LocalLocks
 from bridge.store.protocols import StoreError
 from bridge.store.records import (
     DAY,
+    FACTS_KEPT,
     LOCK_LEASE,
     ChatJob,
+    Fact,
     JobState,
     NewDelivery,
     NewRecord,
@@ -77,6 +79,7 @@ LOCK_POLL_FIRST = 0.02
 TIMEOUT = 5.0  # connect and each command: a Redis that does not answer is a StoreError, not a hang
 MAX_CONNECTIONS = 200  # per replica; beyond it a command waits (up to TIMEOUT) for a free connection
 PRUNE_BATCH = 500  # ids per prune script, so one prune never blocks Redis for long
+FACTS_PAGE = 2000  # facts read per script by the report
 _CAS_TRIES = 20  # append's merge of a list written by put: retried while other writers collide
 # follow() writes a thread again only when this replica last wrote it longer ago than this: the
 # stored expiry (30 days) is then at most this much short, and a follow-up costs no round trip.
@@ -510,6 +513,38 @@ if redis.call('HGET', lock, 'token') == ARGV[3] then return redis.call('DEL', lo
 return 0
 """
 
+_NOTE_FACTS = """
+-- Keep facts for the report: the first of each identity, or the last where it replaces (a vote).
+-- ARGV: prefix, then (identity, at, fact, replaces '1'/'0')...
+local P = ARGV[1]
+for i = 2, #ARGV, 4 do
+  if ARGV[i + 3] == '1' or redis.call('HEXISTS', P .. 'facts', ARGV[i]) == 0 then
+    redis.call('HSET', P .. 'facts', ARGV[i], ARGV[i + 2])
+    redis.call('ZADD', P .. 'facts:at', ARGV[i + 1], ARGV[i])
+  end
+end
+return 1
+"""
+
+_FACTS_SINCE = """
+-- One page of the facts at or after a time, oldest first. ARGV: prefix, since, offset, count
+local P = ARGV[1]
+local ids = redis.call('ZRANGEBYSCORE', P .. 'facts:at', ARGV[2], '+inf', 'LIMIT', ARGV[3], ARGV[4])
+if #ids == 0 then return {} end
+return redis.call('HMGET', P .. 'facts', unpack(ids))
+"""
+
+_FORGET_FACTS = """
+-- Forget facts older than the cutoff. ARGV: prefix, cutoff, batch
+local P = ARGV[1]
+local ids = redis.call('ZRANGEBYSCORE', P .. 'facts:at', '-inf', '(' .. ARGV[2], 'LIMIT', 0, ARGV[3])
+if #ids > 0 then
+  redis.call('HDEL', P .. 'facts', unpack(ids))
+  redis.call('ZREM', P .. 'facts:at', unpack(ids))
+end
+return #ids
+"""
+
 
 @dataclass
 class _Lock:
@@ -618,6 +653,9 @@ class RedisStore:
         self._take_lock = script(_TAKE_LOCK)
         self._renew_locks = script(_RENEW_LOCKS)
         self._release_lock = script(_RELEASE_LOCK)
+        self._note_facts = script(_NOTE_FACTS)
+        self._facts_since = script(_FACTS_SINCE)
+        self._forget_facts = script(_FORGET_FACTS)
 
     # --- running commands -----------------------------------------------------------------------
 
@@ -689,6 +727,7 @@ class RedisStore:
             (self._drop_texts, now - self._keep_text),
             (self._forget_jobs, now - DELIVERED_KEPT),
             (self._forget_items, now - DELIVERED_KEPT),
+            (self._forget_facts, now - FACTS_KEPT),
         ):
             while await self._run(script, _t(cutoff), PRUNE_BATCH) == PRUNE_BATCH:
                 pass
@@ -1110,6 +1149,27 @@ class RedisStore:
 
         count, oldest = await self._do(depth())
         return int(count), (self._now() - float(oldest[0][1])) if oldest else None
+
+
+    # --- facts for the report -------------------------------------------------------------------
+
+    async def note_facts(self, facts: Sequence[Fact]) -> None:
+        if not facts:
+            return
+        args: list[str | int] = []
+        for fact in facts:
+            args += [fact.identity, _t(fact.at), fact.to_json(), int(fact.replaces)]
+        await self._run(self._note_facts, *args)
+
+    async def facts_since(self, since: float) -> list[Fact]:
+        found: list[Fact] = []
+        offset = 0
+        while True:  # in pages, so that one script never holds Redis for long
+            page = await self._run(self._facts_since, _t(since), offset, FACTS_PAGE)
+            found += [Fact.from_json(_text(text)) for text in page if text is not None]
+            offset += len(page)
+            if len(page) < FACTS_PAGE:
+                return found
 
 
 def _password_of(url: str) -> str:

@@ -17,7 +17,9 @@ from bridge.store.locks import LocalLocks
 from bridge.store.protocols import StoreError
 from bridge.store.records import (
     DAY,
+    FACTS_KEPT,
     ChatJob,
+    Fact,
     JobState,
     NewDelivery,
     NewRecord,
@@ -95,6 +97,12 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (delivered_at, next_attempt_at);
+CREATE TABLE IF NOT EXISTS facts (
+    identity TEXT PRIMARY KEY,
+    at REAL NOT NULL,
+    fact TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS facts_at ON facts (at);
 """
 
 _OPEN_STATES = (JobState.ACCEPTED.value, JobState.ASKED.value)
@@ -202,6 +210,7 @@ class SQLiteStore:
                 (now - self._keep_text,),
             )
             self._db.execute("DELETE FROM jobs WHERE finished_at < ?", (now - DELIVERED_KEPT,))
+            self._db.execute("DELETE FROM facts WHERE at < ?", (now - FACTS_KEPT,))
 
     async def ping(self) -> bool:
         """A write, not a read: a full disk or a read-only file makes the store unready."""
@@ -544,6 +553,26 @@ class SQLiteStore:
         ).fetchone())
         return int(count), (self._now() - oldest) if oldest is not None else None
 
+    # --- facts for the report -------------------------------------------------------------------
+
+    async def note_facts(self, facts: Sequence[Fact]) -> None:
+        def note_all() -> None:
+            with self._transaction():
+                for fact in facts:
+                    verb = "INSERT OR REPLACE" if fact.replaces else "INSERT OR IGNORE"
+                    self._db.execute(
+                        f"{verb} INTO facts (identity, at, fact) VALUES (?, ?, ?)",
+                        (fact.identity, fact.at, fact.to_json()),
+                    )
+
+        if facts:
+            await self._run(note_all)
+
+    async def facts_since(self, since: float) -> list[Fact]:
+        rows = await self._run(lambda: self._db.execute(
+            "SELECT fact FROM facts WHERE at >= ? ORDER BY at, identity", (since,)
+        ).fetchall())
+        return [Fact.from_json(row[0]) for row in rows]
 
 def _job(row: tuple[Any, ...]) -> ChatJob:
     (job_id, key, conversation, chatbot, state, inbound, reply, reply_kind, offer_human, asks, created) = row

@@ -18,7 +18,20 @@ import pytest
 
 from bridge.clock import Clock, ManualClock
 from bridge.messages import Inbound
-from bridge.store import DAY, ChatJob, JobState, NewDelivery, NewRecord, ReplyKind, SQLiteStore, Store, StoreError
+from bridge.store import (
+    DAY,
+    FACTS_KEPT,
+    ChatJob,
+    Fact,
+    FactKind,
+    JobState,
+    NewDelivery,
+    NewRecord,
+    ReplyKind,
+    SQLiteStore,
+    Store,
+    StoreError,
+)
 from bridge.store.redis import LOCK_LEASE, RedisStore
 
 
@@ -519,3 +532,41 @@ async def test_appends_from_every_process_all_land(reopen: Open, clock: ManualCl
         (first, second)[n % 2].append("history", "c4", [n], keep=100, ttl=100) for n in range(20)
     ))
     assert sorted(await first.get("history", "c4")) == list(range(20))
+
+
+async def test_facts_are_kept_once_and_a_vote_is_the_voters_last(reopen: Open, clock: ManualClock) -> None:
+    store = reopen()
+    start = clock.time()
+    answered = Fact(FactKind.ANSWERED, "job-1", start, chatbot="bot-1", route="support")
+    await store.note_facts([answered, Fact(FactKind.VOTE, "job-1", start + 1, "bot-1", actor="U1", value="up")])
+    # Noted again (a retried flush): still one; the same voter changes their mind: one vote, the last.
+    await store.note_facts([
+        Fact(FactKind.ANSWERED, "job-1", start + 2, chatbot="bot-1", route="other"),
+        Fact(FactKind.VOTE, "job-1", start + 3, "bot-1", actor="U1", value="down"),
+        Fact(FactKind.VOTE, "job-1", start + 4, "bot-1", actor="U2", value="up"),
+    ])
+    await store.note_facts([])
+    facts = await (store if store.exclusive else reopen()).facts_since(start)
+    assert facts == [
+        answered,
+        Fact(FactKind.VOTE, "job-1", start + 3, "bot-1", actor="U1", value="down"),
+        Fact(FactKind.VOTE, "job-1", start + 4, "bot-1", actor="U2", value="up"),
+    ]
+    assert [f.at for f in await store.facts_since(start + 3.5)] == [start + 4]
+
+
+async def test_facts_are_read_in_order_past_a_page_and_forgotten_after_their_window(
+    reopen: Open, clock: ManualClock
+) -> None:
+    store = reopen()
+    start = clock.time()
+    many = [Fact(FactKind.ALERT_RAISED, f"alert-{n}", start + n / 1000, value="lead.captured") for n in range(2500)]
+    await store.note_facts(many[1000:])
+    await store.note_facts(many[:1000])
+    assert await store.facts_since(start) == many
+    clock.advance(FACTS_KEPT - 5)
+    fresh = Fact(FactKind.ALERT_RESOLVED, "alert-1", clock.time(), actor="U9")
+    await store.note_facts([fresh])
+    clock.advance(10)
+    await store.prune()
+    assert await store.facts_since(0) == [fresh]
