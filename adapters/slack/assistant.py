@@ -73,7 +73,7 @@ class Shown(enum.Enum):
     REACTION = "reaction"
 
 
-@dataclass
+@dataclass(eq=False)  # each answer's own: compared (and hashed) by identity
 class StatusWatch:
     """One answer's status: whether the bridge has posted in its thread since (Slack then cleared it)."""
 
