@@ -170,16 +170,15 @@ class SlackAssistant:
         Only threads whose `assistant_thread_started` reached this process are named: a later
         question, or one after a restart, can never rename a thread.
         """
-        if not inbound.is_dm or not inbound.in_thread or not self._untitled.take((inbound.channel, inbound.thread)):
-            return
+        if not inbound.is_dm or not inbound.in_thread or inbound.author_is_bot or inbound.author_is_self:
+            return  # the echo of the bot's own greeting is not the first question
         title = thread_title(inbound.text)
-        if title:
-            await quietly(
-                "assistant.threads.setTitle",
-                self._client.assistant_threads_setTitle(
-                    channel_id=inbound.channel, thread_ts=inbound.thread, title=title
-                ),
-            )
+        if not title or not self._untitled.take((inbound.channel, inbound.thread)):
+            return
+        await quietly(
+            "assistant.threads.setTitle",
+            self._client.assistant_threads_setTitle(channel_id=inbound.channel, thread_ts=inbound.thread, title=title),
+        )
 
     # --- the status as the working signal ------------------------------------------------------
 

@@ -196,6 +196,23 @@ async def test_a_question_shows_the_status_before_asking_then_the_answer_clears_
     assert reaction_calls(slack) == [] and slack.statuses == {}
 
 
+async def test_the_echo_of_the_greeting_does_not_name_the_thread(
+    start_bridge, slack: FakeSlack, outcomes: Outcomes
+) -> None:
+    """Slack sends the bot's own greeting back as a message.im in the thread, before any question."""
+    bridge = await start_bridge()
+    thread = now_ts(-5)
+    await bridge.post_event(slack.assistant_thread(DM, thread))
+    await slack.wait_for(lambda: (DM, thread) in slack.suggested)
+    echo = payload("message_from_self", channel=DM, channel_type="im", thread_ts=thread, ts=now_ts(-4))
+    assert (await bridge.post_event(echo))[0] == 200
+    question = question_in(thread, "How do I reset my password?")
+    await bridge.post_event(question)
+    await outcomes.wait_for(question["event"]["ts"], Outcome.ANSWERED)
+    await settle(bridge)
+    assert slack.titles == {(DM, thread): "How do I reset my password?"}
+
+
 async def test_a_thread_opened_before_this_run_is_answered_but_never_renamed(
     start_bridge, slack: FakeSlack, outcomes: Outcomes
 ) -> None:
