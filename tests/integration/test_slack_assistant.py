@@ -16,7 +16,7 @@ from bridge.app import BridgeApp
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
 from bridge.relay import Outcome
 from tests.fakes.outcomes import Outcomes
-from tests.fakes.slack_api import ALL_SCOPES, BOT_TOKEN, SIGNING_SECRET, FakeSlack, payload
+from tests.fakes.slack_api import ALL_SCOPES, APP_TOKEN, BOT_TOKEN, SIGNING_SECRET, FakeSlack, payload
 from tests.integration.test_slack import Bridge, chat_calls, settle
 
 DM = "D0ALICE"
@@ -37,7 +37,13 @@ DM_ROUTE = f"  - {{platform: slack, channel: dm, chatbot: {SANDBOX_CHATBOT_ID}}}
 
 
 def assistant_settings(
-    emulator: Emulator, slack: FakeSlack, state: Path, *, assistant: str = ASSISTANT, dm_route: str = DM_ROUTE
+    emulator: Emulator,
+    slack: FakeSlack,
+    state: Path,
+    *,
+    assistant: str = ASSISTANT,
+    dm_route: str = DM_ROUTE,
+    mode: str = "http",
 ) -> config.Settings:
     prompts = "\n".join(f"      - {{title: {p['title']}, message: \"{p['message']}\"}}" for p in PROMPTS)
     return config.loads(
@@ -54,7 +60,8 @@ server: {{listen: "127.0.0.1:0"}}
 slack:
   bot_token: ${{SLACK_BOT_TOKEN}}
   signing_secret: ${{SLACK_SIGNING_SECRET}}
-  mode: http
+  app_token: ${{SLACK_APP_TOKEN}}
+  mode: {mode}
   api_url: {slack.api_url}
 {assistant}
 routes:
@@ -62,7 +69,12 @@ routes:
   - {{platform: slack, channel: C0OTHER, chatbot: {SANDBOX_CHATBOT_ID}, reply: mention}}
 {dm_route}
 """,
-        env={"IC_KEY": SANDBOX_KEY, "SLACK_BOT_TOKEN": BOT_TOKEN, "SLACK_SIGNING_SECRET": SIGNING_SECRET},
+        env={
+            "IC_KEY": SANDBOX_KEY,
+            "SLACK_BOT_TOKEN": BOT_TOKEN,
+            "SLACK_APP_TOKEN": APP_TOKEN,
+            "SLACK_SIGNING_SECRET": SIGNING_SECRET,
+        },
     )
 
 
@@ -136,6 +148,22 @@ async def test_a_new_assistant_thread_is_greeted_with_the_dm_chatbots_prompts(st
     assert slack.calls_to("assistant.threads.setStatus") == [] and slack.titles == {}
 
 
+async def test_over_socket_mode_the_thread_is_greeted_and_its_question_answered_in_it(
+    start_bridge, slack: FakeSlack, outcomes: Outcomes
+) -> None:
+    await start_bridge(mode="socket")
+    thread = now_ts(-5)
+    opened = await slack.send_envelope(slack.assistant_thread(DM, thread))
+    await asyncio.wait_for(opened.acked.wait(), 5)
+    await slack.wait_for(lambda: (DM, thread) in slack.suggested)
+    question = question_in(thread)
+    await slack.send_envelope(question)
+    await outcomes.wait_for(question["event"]["ts"], Outcome.ANSWERED)
+    assert [p.get("thread_ts") for p in slack.posts] == [thread, thread]  # the greeting, the answer
+    assert len(slack.calls_to("assistant.threads.setStatus")) == 1
+    await slack.wait_for(lambda: slack.titles)
+
+
 async def test_without_a_dm_route_where_it_opens_the_thread_says_so_and_offers_nothing(
     start_bridge, slack: FakeSlack, emulator: Emulator
 ) -> None:
@@ -181,6 +209,7 @@ async def test_a_question_shows_the_status_before_asking_then_the_answer_clears_
     [answer] = [p for p in slack.posts if "refund" in str(p["text"]).lower()]
     assert (answer["channel"], answer["thread_ts"]) == (DM, thread)
     assert slack.statuses == {}  # Slack cleared it when the answer was posted: no second call needed
+    await slack.wait_for(lambda: slack.titles)
     assert slack.titles == {(DM, thread): "What is the refund policy for annual plans?"}
     assert reaction_calls(slack) == []
 
@@ -210,6 +239,7 @@ async def test_the_echo_of_the_greeting_does_not_name_the_thread(
     await bridge.post_event(question)
     await outcomes.wait_for(question["event"]["ts"], Outcome.ANSWERED)
     await settle(bridge)
+    await slack.wait_for(lambda: slack.titles)
     assert slack.titles == {(DM, thread): "How do I reset my password?"}
 
 
