@@ -146,7 +146,11 @@ class SlackAssistant:
             return
         workspace = str(body.get("team_id") or (thread.get("context") or {}).get("team_id") or "")
         prompts = self._prompts_for(workspace, channel) if self._prompts_for is not None else ()
-        text = "\n".join(to_slack(self._settings.greeting)) if prompts is not None else NOT_SERVED
+        if prompts is None:
+            text = NOT_SERVED
+        else:
+            text = "\n".join(to_slack(self._settings.greeting))
+            self._untitled.add((channel, ts))  # before the greeting: a quick first question still names it
         await quietly(
             "chat.postMessage (assistant greeting)",
             self._client.chat_postMessage(channel=channel, thread_ts=ts, text=text, unfurl_links=False),
@@ -161,8 +165,6 @@ class SlackAssistant:
                     prompts=[{"title": p.title, "message": p.message} for p in prompts],
                 ),
             )
-        if prompts is not None:
-            self._untitled.add((channel, ts))
 
     async def name_thread(self, inbound: Inbound) -> None:
         """Title an assistant thread opened here after its first question; at most once per thread.
