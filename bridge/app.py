@@ -192,6 +192,7 @@ class BridgeApp:
                 SlackAdapter(
                     settings.slack, self.relay.accept, web=self.web, clock=self.clock,
                     serves=self.relay.serves, handovers=self.handovers, desk=self.desk,
+                    prompts=settings.assistant_prompts,
                 )
             )
         if settings.discord is not None:

@@ -35,6 +35,9 @@ WEBHOOK_EVENTS = ("conversation.escalated", "lead.captured", "conversation.start
 # What alert rules may route: InsiteChat's webhook events, and the ones the bridge raises itself.
 ALERT_EVENTS = (*WEBHOOK_EVENTS, "answer.unanswered")
 DEFAULT_KEY = "default"
+# Slack's limits for the assistant view (assistant.threads.setSuggestedPrompts / setStatus).
+SUGGESTED_PROMPTS_MAX = 4
+SLACK_LOADING_MESSAGES_MAX = 10
 
 
 class ConfigError(Exception):
@@ -92,11 +95,29 @@ class InsiteChatSettings(_Model):
         return merged
 
 
+class SuggestedPrompt(_Model):
+    """One suggested prompt of the Slack assistant view: the button's title and the message it sends."""
+
+    title: str = Field(min_length=1)
+    message: str = Field(min_length=1)
+
+
 class ChatbotSettings(_Model):
     id: str
     name: str = ""
     key: str = DEFAULT_KEY
     webhook_secret: str | None = None
+    # Offered when someone opens the Slack assistant view (slack.assistant) and this chatbot answers DMs.
+    suggested_prompts: tuple[SuggestedPrompt, ...] = ()
+
+    @field_validator("suggested_prompts")
+    @classmethod
+    def _at_most_four(cls, value: tuple[SuggestedPrompt, ...]) -> tuple[SuggestedPrompt, ...]:
+        if len(value) > SUGGESTED_PROMPTS_MAX:
+            raise ValueError(
+                f"at most {SUGGESTED_PROMPTS_MAX} suggested prompts (Slack shows no more); {len(value)} given"
+            )
+        return value
 
     @field_validator("webhook_secret")
     @classmethod
@@ -162,6 +183,30 @@ class ServerSettings(_Model):
         return int(self.listen.rpartition(":")[2])
 
 
+class SlackAssistantSettings(_Model):
+    """Slack's AI-app surface (the split-view assistant); off unless this section is given."""
+
+    enabled: bool = True  # an `assistant:` section means on; `assistant: false` or `enabled: false` is off
+    greeting: str = Field(default="Hi! Ask me anything, or pick one of the suggestions below.", min_length=1)
+    prompts_title: str = "Try asking"  # above the suggested prompts
+    description: str = Field(default="Your InsiteChat chatbot, answering from your knowledge base.", min_length=1)
+    status: str = Field(default="is thinking…", min_length=1)  # Slack shows "<app name> is thinking…"
+    loading_messages: tuple[str, ...] = ()  # Slack rotates through them while the status shows
+    # The status instead of the reaction in channel threads too (Slack allows it with chat:write).
+    channel_status: bool = True
+
+    @field_validator("loading_messages")
+    @classmethod
+    def _loading_messages(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(value) > SLACK_LOADING_MESSAGES_MAX:
+            raise ValueError(
+                f"at most {SLACK_LOADING_MESSAGES_MAX} loading messages (Slack's limit); {len(value)} given"
+            )
+        if any(not item.strip() for item in value):
+            raise ValueError("every loading message needs some text")
+        return value
+
+
 class SlackSettings(_Model):
     bot_token: str
     app_token: str | None = None
@@ -170,6 +215,15 @@ class SlackSettings(_Model):
     api_url: str = "https://slack.com/api/"
     command: str = "/ask"
     reaction: str = "eyes"
+    assistant: SlackAssistantSettings = SlackAssistantSettings(enabled=False)
+
+    @field_validator("assistant", mode="before")
+    @classmethod
+    def _assistant_switch(cls, value: object) -> object:
+        # `assistant: true` / `assistant: false` as a short form of `enabled:`.
+        if isinstance(value, bool):
+            return {"enabled": value}
+        return value
 
     @field_validator("command")
     @classmethod
@@ -345,6 +399,11 @@ class Settings(_Model):
                 yield f"routes[{i}].platform: {route.platform} is routed but has no {route.platform} section"
             if self.chatbot_key(route.chatbot) not in keys:
                 yield f"routes[{i}].chatbot: no insitechat key for it; add it under chatbots with a key"
+        if self.slack is not None and self.slack.assistant.enabled and not self._routes_slack_dms():
+            yield (
+                "slack.assistant: the assistant view is a DM with the bot, but no route answers Slack DMs; "
+                'add a route with channel: dm (or "*"), or turn the assistant off'
+            )
         for i, rule in enumerate(self.alerts):
             rule_bot = self.chatbot_settings(rule.chatbot)
             if self.webhooks.verify_signatures and not (rule_bot and rule_bot.webhook_secret):
@@ -356,6 +415,23 @@ class Settings(_Model):
                 platform = dest.split(":", 1)[0]
                 if self._platform(platform) is None:
                     yield f"alerts[{i}].to[{j}]: {platform} has no section configured"
+
+    def _routes_slack_dms(self) -> bool:
+        return any(
+            r.platform in ("slack", "*") and r.channel in ("dm", "*") and r.reply is not ReplyMode.OFF
+            for r in self.routes
+        )
+
+    def assistant_prompts(self, workspace: str, channel: str) -> tuple[SuggestedPrompt, ...] | None:
+        """The suggested prompts for a Slack assistant thread in the DM `channel`; None when no route answers there.
+
+        The assistant view is a DM with the bot, so the DM route's chatbot answers in it.
+        """
+        route = self.route_for("slack", workspace, channel, True)
+        if route is None or route.reply is ReplyMode.OFF:
+            return None
+        bot = self.chatbot_settings(route.chatbot)
+        return bot.suggested_prompts if bot is not None else ()
 
     def _platform(self, name: str) -> object | None:
         return {"slack": self.slack, "discord": self.discord, "console": self.console}.get(name)

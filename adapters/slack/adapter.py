@@ -23,17 +23,18 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.signature import SignatureVerifier
 
 from adapters.slack.alerts import SECTION_LIMIT, alert_key, alert_metadata, human_blocks
+from adapters.slack.assistant import PromptsFor, Shown, SlackAssistant, StatusWatch, settled
 from adapters.slack.delivery import SlackPostRefused, part_mark, part_metadata, quietly, refusal_notice, send_error
 from adapters.slack.interactions import BotUser, Serves, SlackInteractions
 from adapters.slack.setup import (
     EVENTS_PATH,
     NETWORK_ERRORS,
     REFUSED_CODES,
-    REQUIRED_SCOPES,
     SlackError,
     SlackRefused,
     error_code,
     make_client,
+    required_scopes,
     token_scopes,
 )
 from adapters.slack.translate import PLATFORM, BotIdentity, event_to_inbound
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 30.0  # Socket Mode: the SDK retries a failed connect forever; we give up and say so
 SIGNAL_GRACE = 2.0  # seconds stop() gives pending reaction removals
+STATUS_FIRST = 2.0  # seconds working() waits for the assistant status before the question is asked
 SOCKET_PING_INTERVAL = 10.0  # Socket Mode ping every this many seconds (Bolt's default)
 SILENT_AFTER = 2  # pings: a socket silent for longer is not ready, even if it looks connected
 FIND_PAGES = 5  # conversations.history/replies pages searched for an earlier post after a crash
@@ -96,9 +98,11 @@ class SlackAdapter:
         serves: Serves | None = None,
         handovers: HandOvers | None = None,
         desk: AlertDesk | None = None,
+        prompts: PromptsFor | None = None,
     ) -> None:
         """`web`: the bridge's web app (HTTP mode adds /slack/events to it); `serves`, `handovers`
-        and `desk` are the core's answers for the slash command and the buttons."""
+        and `desk` are the core's answers for the slash command and the buttons; `prompts` the
+        suggested prompts of the assistant view (Settings.assistant_prompts)."""
         self._slack = config
         self._on_message = on_message
         self._clock = clock or SystemClock()
@@ -129,6 +133,10 @@ class SlackAdapter:
             handovers=handovers,
             desk=desk,
         ).register(self.app)
+        self._assistant = SlackAssistant(self.client, config, prompts)
+        if self._assistant.enabled:
+            self._assistant.register(self.app)
+        self._started_at = 0.0  # wall-clock start: older questions may carry a dead run's reaction
         # Tests shorten it; readiness allows SILENT_AFTER intervals without a pong or frame.
         self.ping_interval = SOCKET_PING_INTERVAL
         self.scopes: frozenset[str] = frozenset()
@@ -178,7 +186,7 @@ class SlackAdapter:
         )
         self._bot.name = str(auth.get("user") or "")
         self.scopes = token_scopes(auth.headers) or frozenset()
-        missing = sorted(set(REQUIRED_SCOPES) - self.scopes) if self.scopes else []
+        missing = sorted(set(required_scopes(self._slack)) - self.scopes) if self.scopes else []
         if missing:
             log.warning("the Slack bot token lacks scope(s) %s; `check` explains what each is for", ", ".join(missing))
         self._seed_authorization(auth)
@@ -189,6 +197,7 @@ class SlackAdapter:
                 await self._close_session()
                 raise
         self._running = True
+        self._started_at = self._clock.time()
         log.info(
             "slack connected: team=%s bot_user=%s transport=%s", me.team_id, me.user_id, self._slack.transport
         )
@@ -402,6 +411,8 @@ class SlackAdapter:
         except StoreError as exc:
             log.error("slack: %s not stored, so not acknowledged (Slack retries it): %s", inbound.dedupe_key, exc)
             return BoltResponse(status=503, body="state store unavailable")
+        if self._assistant.enabled and inbound.is_dm and inbound.in_thread:
+            self._spawn(self._assistant.name_thread(inbound))  # a courtesy, after the job is safe
         return BoltResponse(status=200, body="")
 
     def _submit(self, inbound: Inbound) -> None:
@@ -463,6 +474,8 @@ class SlackAdapter:
                     exc,
                 ) from None
             posted[number] = str(response.get("ts") or "")
+            if thread:
+                self._assistant.posted(conversation.channel, thread)  # Slack cleared the status there
         return [posted[number] for number in range(1, len(parts) + 1)]
 
     async def _find_parts(self, channel: str, thread: str, delivery: Delivery, count: int) -> dict[int, str]:
@@ -514,22 +527,74 @@ class SlackAdapter:
 
     @asynccontextmanager
     async def working(self, inbound: Inbound) -> AsyncIterator[None]:
-        """A reaction on the user's post (and assistant status in DMs) while the answer is prepared.
+        """The assistant status ("is thinking…") where slack.assistant allows it, else a reaction on the post.
 
-        Both run in the background: a rate-limited reactions.add must never delay the answer.
+        The status is one call: Slack clears it when the answer is posted in its thread. The
+        reaction is two (add, remove) and runs in the background: a rate-limited
+        reactions.add must never delay the answer. See SlackAssistant.status_place for where.
         """
+        place = self._assistant.status_place(inbound)
+        if place is not None:
+            async with self._status_working(inbound, place):
+                yield
+            return
         shown = self._spawn(self._show_working(inbound))
         try:
             yield
         finally:
             self._spawn(self._clear_working(inbound, shown))
 
+    @asynccontextmanager
+    async def _status_working(self, inbound: Inbound, place: tuple[str, str]) -> AsyncIterator[None]:
+        watch = self._assistant.watch(place)
+        shown: asyncio.Task[Shown] | None = None
+        on_time = False
+        try:
+            shown = self._spawn(self._assistant.show(inbound, place))
+            # Up before the question is asked: a status landing after the answer would stay (for
+            # up to two minutes), as Slack clears it only when the answer is posted.
+            done, _ = await asyncio.wait({shown}, timeout=STATUS_FIRST)
+            on_time = bool(done)
+            yield
+        finally:
+            if shown is None:
+                self._assistant.unwatch(watch)
+            else:
+                self._spawn(self._clear_status(inbound, watch, shown, on_time=on_time))
+
+    async def _clear_status(
+        self, inbound: Inbound, watch: StatusWatch, shown: asyncio.Task[Shown], *, on_time: bool
+    ) -> None:
+        try:
+            signal = await settled(shown)
+            if signal is Shown.REACTION:
+                await self._remove_reaction(inbound)
+            elif signal is Shown.STATUS:
+                if not watch.replied or not on_time:
+                    await self._assistant.clear(watch.place)
+                if self._asked_before_start(inbound):
+                    await self._remove_reaction(inbound)  # a run that died may have left its reaction
+        finally:
+            self._assistant.unwatch(watch)
+
+    def _asked_before_start(self, inbound: Inbound) -> bool:
+        try:
+            return float(inbound.message_id) < self._started_at
+        except ValueError:
+            return False  # not a message ts ("cmd-..."): nothing to react to
+
+    async def _remove_reaction(self, inbound: Inbound) -> None:
+        remove = self.client.reactions_remove(
+            channel=inbound.channel, timestamp=inbound.message_id, name=self._slack.reaction
+        )
+        await quietly("reactions.remove", remove, harmless=("no_reaction", "message_not_found"))
+
     async def _show_working(self, inbound: Inbound) -> None:
         add = self.client.reactions_add(
             channel=inbound.channel, timestamp=inbound.message_id, name=self._slack.reaction
         )
         await quietly("reactions.add", add, harmless=("already_reacted",))
-        if inbound.is_dm and "assistant:write" in self.scopes:
+        if self._legacy_dm_status(inbound):
             await quietly(
                 "assistant.threads.setStatus",
                 self.client.assistant_threads_setStatus(
@@ -543,13 +608,17 @@ class SlackAdapter:
             channel=inbound.channel, timestamp=inbound.message_id, name=self._slack.reaction
         )
         await quietly("reactions.remove", remove, harmless=("no_reaction", "message_not_found"))
-        if inbound.is_dm and "assistant:write" in self.scopes:
+        if self._legacy_dm_status(inbound):
             await quietly(
                 "assistant.threads.setStatus",
                 self.client.assistant_threads_setStatus(
                     channel_id=inbound.channel, thread_ts=inbound.thread or inbound.message_id, status=""
                 ),
             )
+
+    def _legacy_dm_status(self, inbound: Inbound) -> bool:
+        # With slack.assistant off, a DM also shows the status (set and cleared) when the token allows it.
+        return inbound.is_dm and "assistant:write" in self.scopes and not self._assistant.enabled
 
     def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coroutine)

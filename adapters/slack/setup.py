@@ -19,7 +19,7 @@ from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bridge.config import Settings
+from bridge.config import Settings, SlackSettings
 from bridge.ports import PlatformRefused
 
 RATE_LIMIT_RETRIES = 3  # 429s waited out per Web API call before it counts as failed
@@ -49,6 +49,17 @@ CHECK_SCOPES: dict[str, str] = {
     "groups:read": "check membership of private channels",
 }
 BOT_EVENTS = ("app_mention", "message.channels", "message.groups", "message.im")
+# slack.assistant: the assistant view's scope and event. Its questions arrive as message.im;
+# assistant_thread_context_changed is not asked for, as the bridge has no use for it.
+ASSISTANT_SCOPES: dict[str, str] = {
+    "assistant:write": "greet and suggest prompts in the assistant view, and name its threads",
+}
+ASSISTANT_EVENTS = ("assistant_thread_started",)
+
+
+def required_scopes(slack: SlackSettings) -> dict[str, str]:
+    """The bot scopes the adapter uses with this config, each with what it is for."""
+    return {**REQUIRED_SCOPES, **(ASSISTANT_SCOPES if slack.assistant.enabled else {})}
 
 
 class SlackError(Exception):
@@ -83,6 +94,8 @@ def manifest(settings: Settings, request_url: str = "") -> dict[str, Any]:
     The DM "Messages" tab is enabled so people can write to the bot directly.
     No chat:write.public: the bot must be a member of its alert channels anyway, to find
     its cards there after a crash (conversations.history), and `check` says when it is not.
+    With `slack.assistant` on, also the assistant view (`features.assistant_view` with the
+    configured description), the assistant:write scope and the assistant_thread_started event.
     """
     slack = settings.slack
     if slack is None:
@@ -97,11 +110,24 @@ def manifest(settings: Settings, request_url: str = "") -> dict[str, Any]:
     }
     if not socket:
         command["url"] = events_url
-    events: dict[str, Any] = {"bot_events": list(BOT_EVENTS)}
+    assistant = slack.assistant.enabled
+    events: dict[str, Any] = {"bot_events": [*BOT_EVENTS, *(ASSISTANT_EVENTS if assistant else ())]}
     interactivity: dict[str, Any] = {"is_enabled": True}
     if not socket:
         events["request_url"] = events_url
         interactivity["request_url"] = events_url  # Bolt serves events, commands and clicks on one path
+    features: dict[str, Any] = {
+        "app_home": {
+            "home_tab_enabled": False,
+            "messages_tab_enabled": True,
+            "messages_tab_read_only_enabled": False,
+        },
+        "bot_user": {"display_name": "InsiteChat", "always_online": True},
+        "slash_commands": [command],
+    }
+    if assistant:
+        # Suggested prompts are set per thread (per chatbot), not here.
+        features["assistant_view"] = {"assistant_description": slack.assistant.description}
     return {
         "_metadata": {"major_version": 1, "minor_version": 1},
         "display_information": {
@@ -109,16 +135,8 @@ def manifest(settings: Settings, request_url: str = "") -> dict[str, Any]:
             "description": "Your InsiteChat chatbot, answering in Slack threads and DMs.",
             "background_color": "#2c2d30",
         },
-        "features": {
-            "app_home": {
-                "home_tab_enabled": False,
-                "messages_tab_enabled": True,
-                "messages_tab_read_only_enabled": False,
-            },
-            "bot_user": {"display_name": "InsiteChat", "always_online": True},
-            "slash_commands": [command],
-        },
-        "oauth_config": {"scopes": {"bot": sorted({*REQUIRED_SCOPES, *CHECK_SCOPES})}},
+        "features": features,
+        "oauth_config": {"scopes": {"bot": sorted({*required_scopes(slack), *CHECK_SCOPES})}},
         "settings": {
             "event_subscriptions": events,
             "interactivity": interactivity,
@@ -221,7 +239,7 @@ async def check(settings: Settings) -> list[str]:
     team, bot_name = str(auth.get("team_id") or ""), str(auth.get("user") or "the bot")
     scopes = token_scopes(auth.headers)
     if scopes is not None:
-        for needed in (REQUIRED_SCOPES, CHECK_SCOPES):
+        for needed in (required_scopes(slack), CHECK_SCOPES):
             missing = [s for s in needed if s not in scopes]
             if missing:
                 purposes = "; ".join(f"{s}: {needed[s]}" for s in missing)

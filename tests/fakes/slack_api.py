@@ -149,6 +149,10 @@ class FakeSlack:
         # Reactions the bot has on messages now: (channel, ts) -> names (reactions.add / remove).
         self.reactions: dict[tuple[str, str], set[str]] = {}
         self.hangs: list[SlackHang] = []
+        # The assistant surface: (channel, thread_ts) -> what the bot set there.
+        self.statuses: dict[tuple[str, str], str] = {}  # shown now; Slack clears it when the bot replies there
+        self.titles: dict[tuple[str, str], str] = {}
+        self.suggested: dict[tuple[str, str], dict[str, Any]] = {}  # {"title", "prompts"}
         self.silent = False  # the socket neither answers pings nor greets new connections
         self.history_page = 100  # messages per conversations.history/replies page at most
         self.sockets: list[web.WebSocketResponse] = []  # open Socket Mode connections
@@ -245,6 +249,16 @@ class FakeSlack:
         """Send every held answer now, and hold no more."""
         self.hangs.clear()
         self._release.set()
+
+    def assistant_thread(self, channel: str = "D0ALICE", thread_ts: str = "1700000500.000500") -> dict[str, Any]:
+        """A person opens the assistant view: the thread's root (Slack's own post) and the event Slack sends."""
+        self.messages.setdefault(channel, []).append(
+            {"type": "message", "subtype": "assistant_app_thread", "user": "U0ALICE", "text": "New chat",
+             "ts": thread_ts, "thread_ts": thread_ts}
+        )
+        body = payload("assistant_thread_started")
+        body["event"]["assistant_thread"].update(channel_id=channel, thread_ts=thread_ts)
+        return body
 
     def reactions_on(self, channel: str, ts: str) -> set[str]:
         """The bot's reactions on a message right now."""
@@ -467,6 +481,7 @@ class FakeSlack:
         thread = str(args.get("thread_ts") or "")
         if thread:
             message["thread_ts"] = thread
+            self.statuses.pop((channel, thread), None)  # Slack clears the status when the app replies
             if _truthy(args.get("reply_broadcast")):
                 message["subtype"] = "thread_broadcast"
         self.messages.setdefault(channel, []).append(message)
@@ -551,7 +566,57 @@ class FakeSlack:
         names.discard(name)
         return {"ok": True}, {}
 
+    def _scope_refusal(self, *allowed: str) -> dict[str, Any] | None:
+        """Slack's answer to a token with none of the `allowed` scopes, or None when it has one."""
+        granted = {s.strip() for s in self.scopes.split(",")}
+        if granted & set(allowed):
+            return None
+        return {"ok": False, "error": "missing_scope", "needed": ",".join(allowed), "provided": self.scopes}
+
+    def _assistant_place(self, args: dict[str, Any]) -> tuple[tuple[str, str], dict[str, Any] | None]:
+        channel, thread = str(args.get("channel_id") or ""), str(args.get("thread_ts") or "")
+        if not channel:
+            return (channel, thread), {"ok": False, "error": "channel_not_found"}
+        if not thread:
+            return (channel, thread), {"ok": False, "error": "invalid_thread_ts"}
+        return (channel, thread), None
+
     def _m_assistant_threads_setStatus(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        # Either scope, for now (Slack's changelog of 2026-03-05): chat:write lets channel apps show it too.
+        refusal = self._scope_refusal("chat:write", "assistant:write")
+        place, problem = self._assistant_place(args)
+        if refusal or problem:
+            return refusal or problem or {}, {}
+        messages = _json_arg(args.get("loading_messages")) or []
+        if len(messages) > 10:
+            return {"ok": False, "error": "invalid_arguments"}, {}
+        status = str(args.get("status") or "")
+        if status:
+            self.statuses[place] = status
+        else:
+            self.statuses.pop(place, None)  # an empty status clears it
+        return {"ok": True}, {}
+
+    def _m_assistant_threads_setSuggestedPrompts(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        refusal = self._scope_refusal("assistant:write")
+        place, problem = self._assistant_place(args)
+        if refusal or problem:
+            return refusal or problem or {}, {}
+        prompts = _json_arg(args.get("prompts")) or []
+        if not prompts or len(prompts) > 4 or any(not p.get("title") or not p.get("message") for p in prompts):
+            return {"ok": False, "error": "invalid_arguments"}, {}
+        self.suggested[place] = {"title": args.get("title"), "prompts": prompts}
+        return {"ok": True}, {}
+
+    def _m_assistant_threads_setTitle(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        refusal = self._scope_refusal("assistant:write")
+        place, problem = self._assistant_place(args)
+        if refusal or problem:
+            return refusal or problem or {}, {}
+        title = str(args.get("title") or "")
+        if not title:
+            return {"ok": False, "error": "invalid_arguments"}, {}
+        self.titles[place] = title
         return {"ok": True}, {}
 
     def _m_conversations_info(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:

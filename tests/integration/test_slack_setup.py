@@ -35,6 +35,7 @@ def settings_for(
     app_token: str = APP_TOKEN,
     routes: str = "",
     alerts: str = "",
+    assistant: str = "false",
 ) -> config.Settings:
     return config.loads(
         f"""
@@ -47,6 +48,7 @@ slack:
   signing_secret: ${{SECRET}}
   mode: {mode}
   api_url: {api_url}
+  assistant: {assistant}
 routes:
   - {{platform: slack, channel: dm, chatbot: {SANDBOX_CHATBOT_ID}}}
 {routes}
@@ -129,6 +131,14 @@ async def test_check_lists_missing_scopes(fake: FakeSlack) -> None:
     assert lines[0].startswith("slack.bot_token: missing scope(s) im:history, reactions:write (")
     assert "reactions:write: show the 'working' reaction" in lines[0]
     assert lines[1].startswith("slack.bot_token: missing scope(s) groups:read (")
+
+
+async def test_check_asks_for_the_assistant_scope_only_with_the_assistant_on(fake: FakeSlack) -> None:
+    assert await slack_adapter.check(settings_for(fake.api_url)) == []  # ALL_SCOPES lacks assistant:write
+    [line] = await slack_adapter.check(settings_for(fake.api_url, assistant="true"))
+    assert line.startswith("slack.bot_token: missing scope(s) assistant:write (assistant:write: greet and suggest")
+    fake.scopes = ALL_SCOPES + ",assistant:write"
+    assert await slack_adapter.check(settings_for(fake.api_url, assistant="true")) == []
 
 
 @pytest.mark.parametrize(

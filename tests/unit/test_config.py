@@ -237,3 +237,63 @@ def test_state_on_redis_takes_the_url_from_the_environment_only() -> None:
     assert wrong == ["state.redis_url: must be a redis://, rediss:// or unix:// URL"]
     both = problems_of(BASE + "state:\n  sqlite: ./s.db\n  redis_url: '${REDIS_URL}'\n", env={**ENV, "REDIS_URL": url})
     assert both == ["state: set sqlite or redis_url, not both"]
+
+
+# --- slack.assistant and suggested prompts -------------------------------------------------------
+
+ASSISTANT_BASE = f"""
+insitechat:
+  api_key: ${{IC_KEY}}
+chatbots:
+  - id: {BOT}
+    suggested_prompts: PROMPTS
+slack:
+  bot_token: ${{SLACK_BOT}}
+  app_token: ${{SLACK_APP}}
+  assistant: ASSISTANT
+routes:
+  - {{platform: slack, channel: dm, chatbot: {BOT}}}
+"""
+
+
+def assistant_config(prompts: str = "[]", assistant: str = "true") -> str:
+    return ASSISTANT_BASE.replace("PROMPTS", prompts).replace("ASSISTANT", assistant)
+
+
+def test_assistant_defaults_and_prompts_of_the_dm_route() -> None:
+    settings = config.loads(assistant_config("[{title: Refunds, message: \"What is your refund policy?\"}]"), env=ENV)
+    assert settings.slack is not None and settings.slack.assistant.enabled
+    assert settings.slack.assistant.status == "is thinking…" and settings.slack.assistant.channel_status
+    [prompt] = settings.assistant_prompts("T1", "D1") or ()
+    assert (prompt.title, prompt.message) == ("Refunds", "What is your refund policy?")
+    off = config.loads(BASE, env=ENV)
+    assert off.slack is not None and not off.slack.assistant.enabled
+    assert off.assistant_prompts("T1", "D1") is None  # no route answers DMs there
+
+
+@pytest.mark.parametrize(
+    ("prompts", "assistant", "expected"),
+    [
+        ("[" + ", ".join(["{title: t, message: m}"] * 5) + "]", "true",
+         "chatbots[0].suggested_prompts: at most 4 suggested prompts (Slack shows no more); 5 given"),
+        ("[{title: t}]", "true", "chatbots[0].suggested_prompts[0].message: required but missing"),
+        ("[{title: '', message: m}]", "true", "chatbots[0].suggested_prompts[0].title: String should have at least"),
+        ("[]", "{loading_messages: [a, '  ']}", "slack.assistant.loading_messages: every loading message needs"),
+        ("[]", "{loading_messages: [" + ", ".join("abcdefghijk") + "]}",
+         "slack.assistant.loading_messages: at most 10 loading messages"),
+        ("[]", "{greting: hi}", "slack.assistant.greting: unknown option (a typo?)"),
+        ("[]", "{status: ''}", "slack.assistant.status: String should have at least 1 character"),
+    ],
+)
+def test_bad_assistant_config_names_its_path(prompts: str, assistant: str, expected: str) -> None:
+    problems = problems_of(assistant_config(prompts, assistant))
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_the_assistant_needs_a_route_that_answers_slack_dms() -> None:
+    text = assistant_config().replace("channel: dm", "channel: C1")
+    assert problems_of(text) == [
+        "slack.assistant: the assistant view is a DM with the bot, but no route answers Slack DMs; "
+        'add a route with channel: dm (or "*"), or turn the assistant off'
+    ]
+    assert config.loads(text.replace("assistant: true", "assistant: false"), env=ENV)

@@ -111,3 +111,42 @@ def test_an_http_manifest_without_a_request_url_says_what_to_replace(
     path.write_text(settings_text("socket"))  # Socket Mode needs no URL: nothing to say
     assert cli.main(["slack-manifest", "--config", str(path)]) == 0
     assert capsys.readouterr().err == ""
+
+
+# --- slack.assistant -----------------------------------------------------------------------------
+
+
+def assistant_settings(assistant: str, transport: str = "socket") -> config.Settings:
+    text = settings_text(transport).replace('  command: "/ask"\n', f'  command: "/ask"\n  assistant: {assistant}\n')
+    return config.loads(text + f"  - {{platform: slack, channel: dm, chatbot: {CHATBOT_ID}}}\n", env=ENV)
+
+
+@pytest.mark.parametrize("transport", ["socket", "http"])
+def test_the_assistant_adds_its_view_scope_and_event(transport: str) -> None:
+    data = manifest(assistant_settings('{description: "Answers about Acme"}', transport))
+    assert data["features"]["assistant_view"] == {"assistant_description": "Answers about Acme"}
+    assert "assistant:write" in data["oauth_config"]["scopes"]["bot"]
+    events = data["settings"]["event_subscriptions"]["bot_events"]
+    assert "assistant_thread_started" in events and "message.im" in events  # its questions are DMs
+    assert "assistant_thread_context_changed" not in events  # the bridge has no use for it
+    # The rest is the manifest without the assistant.
+    plain = manifest(settings_for(transport))
+    assert set(events) - set(plain["settings"]["event_subscriptions"]["bot_events"]) == {"assistant_thread_started"}
+    assert set(data["oauth_config"]["scopes"]["bot"]) - set(plain["oauth_config"]["scopes"]["bot"]) == {
+        "assistant:write"
+    }
+    assert {k: v for k, v in data["features"].items() if k != "assistant_view"} == plain["features"]
+
+
+@pytest.mark.parametrize("assistant", ["false", "{enabled: false}"])
+def test_with_the_assistant_off_the_manifest_is_todays(assistant: str) -> None:
+    data = manifest(assistant_settings(assistant))
+    assert "assistant_view" not in data["features"]
+    assert "assistant:write" not in data["oauth_config"]["scopes"]["bot"]
+    assert sorted(data["settings"]["event_subscriptions"]["bot_events"]) == sorted(BOT_EVENTS)
+    assert data == manifest(settings_for("socket"))
+
+
+def test_assistant_true_is_the_short_form() -> None:
+    data = manifest(assistant_settings("true"))
+    assert data["features"]["assistant_view"]["assistant_description"]
