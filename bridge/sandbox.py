@@ -11,13 +11,16 @@ from typing import TextIO
 from bridge import config
 from bridge.app import GRACE, BridgeApp
 from bridge.config import Settings
-from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, SANDBOX_WEBHOOK_SECRET, Emulator
+from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_GAP_TOPIC, SANDBOX_KEY, SANDBOX_WEBHOOK_SECRET, Emulator
 
 VISITOR_SESSION = "website-visitor-1"
 HELP = [
     "Type a question to ask the Sandbox Bot; 'reset' starts over; Ctrl-D quits.",
     "Play a website visitor: /visitor <message>  (say 'human' to escalate)   /lead <name> <email>",
     "Alerts print here; /claim and /resolve act on the newest one.",
+    "Rate the last answer: /up, or /down [reason] (a 👎 raises an answer.flagged alert).",
+    f"The bot knows nothing about the {SANDBOX_GAP_TOPIC}: ask about it (after a first question, while the bridge "
+    "reads its fallback message) to see a knowledge-gap alert.",
     "On a terminal: arrow keys edit the line, up and down recall earlier lines.",
 ]
 
@@ -37,7 +40,9 @@ chatbots:
 routes:
   - {{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}
 alerts:
-  - {{chatbot: {SANDBOX_CHATBOT_ID}, events: [conversation.escalated, lead.captured], to: ["console:alerts"]}}
+  - chatbot: {SANDBOX_CHATBOT_ID}
+    events: [conversation.escalated, lead.captured, answer.unanswered, answer.flagged]
+    to: ["console:alerts"]
 """,
         source="<sandbox>",
         env={"SANDBOX_KEY": SANDBOX_KEY, "SANDBOX_SECRET": SANDBOX_WEBHOOK_SECRET},

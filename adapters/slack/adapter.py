@@ -22,7 +22,8 @@ from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError
 from slack_sdk.signature import SignatureVerifier
 
-from adapters.slack.alerts import SECTION_LIMIT, alert_key, alert_metadata, human_blocks
+from adapters.slack.alerts import SECTION_LIMIT, alert_key, alert_metadata
+from adapters.slack.feedback import answer_blocks
 from adapters.slack.delivery import SlackPostRefused, part_mark, part_metadata, quietly, refusal_notice, send_error
 from adapters.slack.interactions import BotUser, Serves, SlackInteractions
 from adapters.slack.setup import (
@@ -46,6 +47,7 @@ from bridge.alerts import Alert
 from bridge.formatting import split_text
 from bridge.messages import Conversation, Delivery, Inbound, Outbound
 from bridge.handover import HandOvers
+from bridge.feedback import Feedback
 from bridge.ports import PermanentSendError
 from bridge.store import StoreError
 from bridge.webserver import BodyTooLarge, read_body
@@ -96,9 +98,10 @@ class SlackAdapter:
         serves: Serves | None = None,
         handovers: HandOvers | None = None,
         desk: AlertDesk | None = None,
+        feedback: Feedback | None = None,
     ) -> None:
-        """`web`: the bridge's web app (HTTP mode adds /slack/events to it); `serves`, `handovers`
-        and `desk` are the core's answers for the slash command and the buttons."""
+        """`web`: the bridge's web app (HTTP mode adds /slack/events to it); `serves`, `handovers`,
+        `desk` and `feedback` are the core's answers for the slash command and the buttons."""
         self._slack = config
         self._on_message = on_message
         self._clock = clock or SystemClock()
@@ -128,6 +131,7 @@ class SlackAdapter:
             serves=serves,
             handovers=handovers,
             desk=desk,
+            feedback=feedback,
         ).register(self.app)
         # Tests shorten it; readiness allows SILENT_AFTER intervals without a pong or frame.
         self.ping_interval = SOCKET_PING_INTERVAL
@@ -420,7 +424,8 @@ class SlackAdapter:
     async def send(self, outbound: Outbound) -> list[str]:
         """chat.postMessage for each part in order, in the conversation's thread; returns the ts list.
 
-        With `human_chatbot`, the last part carries the "Talk to a human" button. Notices the
+        With `human_chatbot`, the last part carries the "Talk to a human" button, with `feedback_job`
+        👍 / 👎 (adapters/slack/feedback.py). Notices the
         outbox sends (no `reply_to`) go to the conversation's thread, or the DM itself.
 
         With a `delivery`, each part carries (key, part, parts) in its message metadata; with
@@ -432,7 +437,8 @@ class SlackAdapter:
         thread = conversation.thread or outbound.question_thread
         parts = list(outbound.parts)
         chatbot = outbound.human_chatbot if parts else ""
-        if chatbot and len(parts[-1]) > SECTION_LIMIT:
+        feedback = outbound.feedback_job if parts else ""  # 👍 / 👎 under the last part
+        if (chatbot or feedback) and len(parts[-1]) > SECTION_LIMIT:
             # A section holds less than a plain message: the last part is split once more.
             parts[-1:] = split_text(parts[-1], SECTION_LIMIT)
         delivery = outbound.delivery
@@ -443,8 +449,11 @@ class SlackAdapter:
             if number in posted:
                 continue
             extra: dict[str, Any] = {}
-            if chatbot and number == len(parts):
-                extra["blocks"] = human_blocks(part, conversation, chatbot)  # `text` stays the fallback
+            if (chatbot or feedback) and number == len(parts):
+                # `text` stays the fallback
+                extra["blocks"] = answer_blocks(
+                    part, conversation, chatbot=chatbot, feedback_job=feedback, style=self._slack.feedback_style
+                )
             if delivery is not None:
                 extra["metadata"] = part_metadata(delivery.key, number, len(parts))
             try:
