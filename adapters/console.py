@@ -19,7 +19,7 @@ from typing import Any, TextIO
 from bridge.alerts import Alert, AlertState
 from bridge.cards import QUOTE_LIMIT, cut, facts, plain_title, state_line
 from bridge.desk import AlertDesk
-from bridge.feedback import Feedback, Vote
+from bridge.feedback import Feedback, Vote, VoteResult, thanks_for
 from bridge.formatting import neutralise_plain, to_plain
 from bridge.messages import Conversation, Inbound, Outbound, OutboundKind
 
@@ -164,6 +164,8 @@ class ConsoleAdapter:
             return ["no answer to rate yet: ask a question first"]
         if vote is Vote.DOWN and reason.strip():
             outcome = await feedback.reason(self._last_answer, self._user, reason, platform="console", who=self._user)
+            if outcome.result not in (VoteResult.STALE, VoteResult.FAILED):
+                return [thanks_for(reason)]
         else:
             outcome = await feedback.vote(self._last_answer, self._user, vote, platform="console", who=self._user)
         return [outcome.text]

@@ -60,6 +60,7 @@ def settings_for(
     feedback: bool = True,
 ) -> config.Settings:
     transport = "signing_secret: ${SLACK_SIGNING_SECRET}" if mode == "http" else "app_token: ${SLACK_APP_TOKEN}"
+    buttons_on = (str(human_button).lower(), str(feedback).lower())
     return config.loads(
         f"""
 insitechat: {{base_url: "{emulator.base_url}", api_key: "${{IC_KEY}}"}}
@@ -73,7 +74,7 @@ slack:
 chatbots:
   - {{id: {BOT}, name: Sandbox Bot, webhook_secret: "${{HOOK_SECRET}}"}}
 routes:
-  - {{platform: slack, chatbot: {BOT}, reply: mention, human_button: {str(human_button).lower()}, feedback: {str(feedback).lower()}}}
+  - {{platform: slack, chatbot: {BOT}, reply: mention, human_button: {buttons_on[0]}, feedback: {buttons_on[1]}}}
 alerts:
   - chatbot: {BOT}
     events: [conversation.started, message.received, conversation.escalated]
