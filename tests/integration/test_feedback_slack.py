@@ -172,11 +172,20 @@ async def test_votes_on_slack_one_per_person_changeable_and_a_down_vote_flags_th
                                      message=card))
     await slack.wait_for(lambda: "Claimed by <@U0CAROL>" in json.dumps(slack.message(ALERTS, card["ts"])["blocks"]))
 
+    # Resolved: the answer stays flagged once; a later 👎 raises no new card.
+    await bridge.click(block_actions(f"insitechat_alert:resolve:{alert_id}", value=alert_id, user="U0CAROL",
+                                     message=card))
+    await slack.wait_for(lambda: "Resolved by <@U0CAROL>" in json.dumps(slack.message(ALERTS, card["ts"])["blocks"]))
+    await bridge.click(feedback_click(values["down"], user="U0ERIN", message=answer))
+    await until(lambda: metric("votes", "down") == downs + 3)
+    await until(lambda: outbox_idle(bridge))
+    assert len(cards(slack)) == 1
+
     # The report's facts: each person's last vote, and one flag.
     await bridge.app.facts.flush()
     facts = [f for f in await bridge.app.store.facts_since(0) if f.subject == job]
     votes = {f.actor: f.value for f in facts if f.kind is FactKind.VOTE}
-    assert votes == {"U0ALICE": "down", "U0BOB": "down"}
+    assert votes == {"U0ALICE": "down", "U0BOB": "down", "U0ERIN": "down"}
     assert all(f.route == ROUTE and f.chatbot == BOT for f in facts)
     assert len([f for f in facts if f.kind is FactKind.FLAGGED]) == 1
 
