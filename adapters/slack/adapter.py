@@ -23,7 +23,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.signature import SignatureVerifier
 
 from adapters.slack.alerts import SECTION_LIMIT, alert_key, alert_metadata
-from adapters.slack.feedback import answer_blocks
+from adapters.slack.feedback import PLAIN_BUTTONS, answer_blocks
 from adapters.slack.delivery import SlackPostRefused, part_mark, part_metadata, quietly, refusal_notice, send_error
 from adapters.slack.interactions import BotUser, Serves, SlackInteractions
 from adapters.slack.setup import (
@@ -122,6 +122,8 @@ class SlackAdapter:
         self._verifier = SignatureVerifier(config.signing_secret) if self._http and config.signing_secret else None
         self.app.use(self._accept_before_ack)
         self._bot = BotUser()
+        # slack.feedback_style, until Slack refuses its feedback block once (invalid_blocks): plain buttons then.
+        self._feedback_style: str = config.feedback_style
         SlackInteractions(
             self.client,
             config,
@@ -452,19 +454,12 @@ class SlackAdapter:
             if (chatbot or feedback) and number == len(parts):
                 # `text` stays the fallback
                 extra["blocks"] = answer_blocks(
-                    part, conversation, chatbot=chatbot, feedback_job=feedback, style=self._slack.feedback_style
+                    part, conversation, chatbot=chatbot, feedback_job=feedback, style=self._feedback_style
                 )
             if delivery is not None:
                 extra["metadata"] = part_metadata(delivery.key, number, len(parts))
             try:
-                response = await self.client.chat_postMessage(
-                    channel=conversation.channel,
-                    text=part,  # already Slack mrkdwn, escaped and split by the relay
-                    thread_ts=thread or None,
-                    unfurl_links=False,
-                    unfurl_media=False,
-                    **extra,
-                )
+                response = await self._post_part(conversation, part, thread, extra, chatbot=chatbot, feedback=feedback)
             except (SlackApiError, *NETWORK_ERRORS) as exc:
                 raise send_error(
                     f"chat.postMessage to {conversation.channel} failed on part {number} of "
@@ -473,6 +468,32 @@ class SlackAdapter:
                 ) from None
             posted[number] = str(response.get("ts") or "")
         return [posted[number] for number in range(1, len(parts) + 1)]
+
+    async def _post_part(
+        self, conversation: Conversation, part: str, thread: str, extra: dict[str, Any], *, chatbot: str, feedback: str
+    ) -> Any:
+        """chat.postMessage of one part; where Slack refuses its own feedback block, once more with plain buttons."""
+
+        async def post() -> Any:
+            return await self.client.chat_postMessage(
+                channel=conversation.channel,
+                text=part,  # already Slack mrkdwn, escaped and split by the relay
+                thread_ts=thread or None,
+                unfurl_links=False,
+                unfurl_media=False,
+                **extra,
+            )
+
+        try:
+            return await post()
+        except SlackApiError as exc:
+            if not (feedback and self._feedback_style != PLAIN_BUTTONS and error_code(exc) == "invalid_blocks"):
+                raise
+        # Plain 👍 / 👎 buttons from now on: the answer must not be lost for the sake of its buttons.
+        log.warning("slack refused the feedback_buttons block (invalid_blocks); using plain buttons from now on")
+        self._feedback_style = PLAIN_BUTTONS
+        extra["blocks"] = answer_blocks(part, conversation, chatbot=chatbot, feedback_job=feedback, style=PLAIN_BUTTONS)
+        return await post()
 
     async def _find_parts(self, channel: str, thread: str, delivery: Delivery, count: int) -> dict[int, str]:
         """The parts of `delivery` already in Slack: part number -> ts. Raises when Slack cannot be asked."""

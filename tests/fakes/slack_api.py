@@ -195,6 +195,7 @@ class FakeSlack:
         self.messages: dict[str, list[dict[str, Any]]] = {}
         self.ephemeral: list[dict[str, Any]] = []  # chat.postEphemeral arguments
         self.views: list[dict[str, Any]] = []  # modals opened with views.open: {"trigger_id", "view"}
+        self.refused_blocks: set[str] = set()  # block types chat.postMessage answers invalid_blocks for
         # Reactions the bot has on messages now: (channel, ts) -> names (reactions.add / remove).
         self.reactions: dict[tuple[str, str], set[str]] = {}
         self.hangs: list[SlackHang] = []
@@ -499,6 +500,9 @@ class FakeSlack:
         channel = str(args.get("channel") or "")
         if self.channels.get(channel, {}).get("is_member") is False:
             return {"ok": False, "error": "not_in_channel"}, {}
+        sent_blocks = _json_arg(args.get("blocks")) or []
+        if any(isinstance(b, dict) and b.get("type") in self.refused_blocks for b in sent_blocks):
+            return {"ok": False, "error": "invalid_blocks"}, {}
         ts = self._new_ts()
         message: dict[str, Any] = {
             "type": "message",

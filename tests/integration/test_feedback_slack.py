@@ -230,3 +230,19 @@ async def test_a_forged_or_stale_vote_changes_nothing(start_bridge: StartBridge,
                                       response_url=slack.response_url("stale")))
     [told] = await slack.wait_for(lambda: [r for r in slack.responses if r["name"] == "stale"])
     assert "too old" in told["text"] and metric("votes", "up") == ups
+
+
+async def test_where_slack_refuses_its_feedback_block_the_answer_comes_with_plain_buttons(
+    start_bridge: StartBridge, slack: FakeSlack
+) -> None:
+    slack.refused_blocks = {"context_actions"}
+    bridge = await start_bridge()
+    answer = await answered(bridge, slack)
+    assert [b["type"] for b in answer["blocks"] if b.get("block_id") == "insitechat_feedback"] == ["actions"]
+    assert set(feedback_values(answer)) == {"up", "down"}
+    refused = [c for c in slack.calls_to("chat.postMessage") if not c.ok]
+    assert [c.result["error"] for c in refused] == ["invalid_blocks"]
+    # Remembered: the next answer goes with plain buttons at once.
+    await bridge.event(payload("message_thread_followup"))
+    await slack.wait_for(lambda: len(slack.messages["C0GENERAL"]) == 2)
+    assert len([c for c in slack.calls_to("chat.postMessage") if not c.ok]) == 1
