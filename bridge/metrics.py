@@ -27,7 +27,7 @@ VOTE_CHANGES = Counter(
 )
 FLAGGED = Counter(
     "insitechat_bridge_answers_flagged_total",
-    "Answers whose first 👎 raised an answer.flagged alert, by chatbot and route.",
+    "Answers that got their first 👎 (one answer.flagged alert each, where a rule routes it), by chatbot and route.",
     ["chatbot", "route"],
 )
 DEDUPE_HITS = Counter(

@@ -112,6 +112,7 @@ def reason_modal(target: ReasonTarget) -> dict[str, Any]:
         "title": {"type": "plain_text", "text": REASON_TITLE},
         "submit": {"type": "plain_text", "text": "Send"},
         "close": {"type": "plain_text", "text": "Skip"},
+        "notify_on_close": True,  # a skipped reason still gets its thanks (view_closed)
         "blocks": [
             {
                 "type": "input",

@@ -110,6 +110,7 @@ class SlackInteractions:
         app.action(HUMAN_ACTION)(self._on_human_button)
         app.action(re.compile("^" + re.escape(FEEDBACK_ACTION) + "(:|$)"))(self._on_vote)
         app.view(REASON_CALLBACK)(self._on_reason)
+        app.view_closed(REASON_CALLBACK)(self._on_reason_skipped)
 
     async def _on_command(
         self, ack: Callable[..., Awaitable[None]], command: dict[str, Any], respond: Callable[..., Awaitable[Any]]
@@ -290,6 +291,17 @@ class SlackInteractions:
         if target.channel:
             click = Click(user, target.channel, "", target.thread, "", [])
             await self._tell(click, None, said)
+
+    async def _on_reason_skipped(
+        self, ack: Callable[..., Awaitable[None]], body: dict[str, Any], view: dict[str, Any]
+    ) -> None:
+        """The 👎 modal closed without a reason: the 👎 stands (recorded at the click); the voter is thanked for it."""
+        await ack()
+        parsed = parse_reason(view)
+        user = str((body.get("user") or {}).get("id") or "")
+        if parsed is not None and user and parsed[0].channel:
+            target = parsed[0]
+            await self._tell(Click(user, target.channel, "", target.thread, "", []), None, thanks_for(""))
 
     async def _tell(self, click: Click, respond: Callable[..., Awaitable[Any]] | None, text: str) -> None:
         """A message only the clicking user sees: through the response URL, else chat.postEphemeral."""

@@ -119,6 +119,15 @@ def view_submission(
     }
 
 
+def view_closed(view: dict[str, Any], *, user: str = "U0ALICE") -> dict[str, Any]:
+    """A view_closed payload: the person closed a modal opened with notify_on_close (its Cancel button, or x)."""
+    body = view_submission(view, user=user)
+    body["type"] = "view_closed"
+    body["is_cleared"] = False
+    del body["trigger_id"], body["response_urls"]
+    return body
+
+
 def interaction_form(body: dict[str, Any]) -> bytes:
     """How Slack POSTs an interaction over HTTP: a form with one `payload` field holding JSON."""
     return urlencode({"payload": json.dumps(body)}).encode()

@@ -24,6 +24,7 @@ from tests.fakes.slack_api import (
     block_actions,
     feedback_click,
     payload,
+    view_closed,
     view_submission,
 )
 from tests.integration.test_slack_alerts import Bridge, alert_id_of, cards, until
@@ -178,6 +179,10 @@ async def test_votes_on_slack_one_per_person_changeable_and_a_down_vote_flags_th
     await slack.wait_for(lambda: "Resolved by <@U0CAROL>" in json.dumps(slack.message(ALERTS, card["ts"])["blocks"]))
     await bridge.click(feedback_click(values["down"], user="U0ERIN", message=answer))
     await until(lambda: metric("votes", "down") == downs + 3)
+    await slack.wait_for(lambda: len(slack.views) == 3)
+    await bridge.click(view_closed(slack.views[2]["view"], user="U0ERIN"))  # Erin skips the reason
+    [skipped] = await slack.wait_for(lambda: [e for e in slack.ephemeral if e["user"] == "U0ERIN"])
+    assert skipped["text"] == TEXTS[(VoteResult.RECORDED, Vote.DOWN)]
     await until(lambda: outbox_idle(bridge))
     assert len(cards(slack)) == 1
 
