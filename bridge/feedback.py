@@ -140,9 +140,8 @@ class Feedback:
         route = self._route(job)
         previous = before.vote if before is not None else None
         # Also on a repeated 👎: a card the first click could not store is raised now (the desk dedupes).
-        # Before the vote is counted: a counted 👎 has its card stored.
-        if vote is Vote.DOWN and not await self._flag(job, voter, who or voter, route):
-            return VoteOutcome(VoteResult.FAILED, vote, previous)
+        # Before the vote is counted, so that a counted 👎 has its card stored.
+        flagged = vote is not Vote.DOWN or await self._flag(job, voter, who or voter, route)
         if previous is not vote:
             metrics.VOTES.labels(job.chatbot, route, vote.value).inc()
             if previous is not None:
@@ -152,6 +151,8 @@ class Feedback:
                 self._facts.note(FactKind.VOTE, job.id, chatbot=job.chatbot, route=route, actor=voter, value=vote.value)
             was = f", was {previous.value}" if previous is not None else ""
             log.info("vote %s on %s (%s) by %s%s", vote.value, job.id, job.chatbot, voter, was)
+        if not flagged:
+            return VoteOutcome(VoteResult.FAILED, vote, previous)  # the vote stands; clicking again raises the card
         result = VoteResult.UNCHANGED if previous is vote else VoteResult.RECORDED
         return VoteOutcome(result, vote, previous)
 
