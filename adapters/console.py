@@ -19,6 +19,7 @@ from typing import Any, TextIO
 from bridge.alerts import Alert, AlertState
 from bridge.cards import QUOTE_LIMIT, cut, facts, plain_title, state_line
 from bridge.desk import AlertDesk
+from bridge.feedback import Feedback, Vote, VoteResult, thanks_for
 from bridge.formatting import neutralise_plain, to_plain
 from bridge.messages import Conversation, Inbound, Outbound, OutboundKind
 
@@ -39,7 +40,8 @@ class ConsoleAdapter:
     """Reads questions from a stream (stdin) and prints the answers; end of input ends it.
 
     Alerts routed to `console:<name>` are printed too; `/claim` and `/resolve` play the
-    buttons, and `commands` adds the sandbox's own (`/visitor`, `/lead`...).
+    buttons, `/up` and `/down [reason]` the 👍 / 👎 under the last answer, and `commands` adds the
+    sandbox's own (`/visitor`, `/lead`...).
     """
 
     name = "console"
@@ -53,9 +55,12 @@ class ConsoleAdapter:
         user: str = "you",
         desk: AlertDesk | None = None,
         commands: Mapping[str, ConsoleCommand] | None = None,
+        feedback: Feedback | None = None,
     ) -> None:
         self._on_message = on_message
         self._desk = desk
+        self._feedback = feedback
+        self._last_answer = ""  # the job id of the newest answer that offers 👍 / 👎: what /up and /down rate
         self._commands = dict(commands or {})
         self._alerts: list[str] = []  # printed alerts with buttons, newest last: /claim takes the newest
         self._stdin = stdin or sys.stdin
@@ -86,6 +91,8 @@ class ConsoleAdapter:
     async def send(self, outbound: Outbound) -> list[str]:
         prefix = "bot" if outbound.kind is OutboundKind.ANSWER else "bot (notice)"
         self._print(prefix, list(outbound.parts))
+        if outbound.feedback_job:
+            self._last_answer = outbound.feedback_job
         return [next(self._ids) for _ in outbound.parts]
 
     @asynccontextmanager
@@ -126,7 +133,11 @@ class ConsoleAdapter:
     @property
     def command_names(self) -> list[str]:
         """The /commands this console knows, in the order /help would list them."""
-        return [*self._commands, *(["/claim", "/resolve"] if self._desk is not None else [])]
+        return [
+            *self._commands,
+            *(["/claim", "/resolve"] if self._desk is not None else []),
+            *(["/up", "/down"] if self._feedback is not None else []),
+        ]
 
     async def _run_command(self, text: str) -> bool:
         """Handle a /command line; False when the line is not a command (then it is a question)."""
@@ -136,6 +147,9 @@ class ConsoleAdapter:
         if name in ("/claim", "/resolve") and self._desk is not None:
             self._print("sandbox", await self._act(self._desk, name[1:]))
             return True
+        if name in ("/up", "/down") and self._feedback is not None:
+            self._print("sandbox", await self._vote(self._feedback, Vote.UP if name == "/up" else Vote.DOWN, rest))
+            return True
         command = self._commands.get(name)
         if command is None:
             known = ", ".join(self.command_names) or "none here"
@@ -143,6 +157,18 @@ class ConsoleAdapter:
             return True
         self._print("sandbox", await command(rest.strip()))
         return True
+
+    async def _vote(self, feedback: Feedback, vote: Vote, reason: str) -> list[str]:
+        """👍 / 👎 on the last answer; a 👎 may carry a reason (the modal of the other platforms)."""
+        if not self._last_answer:
+            return ["no answer to rate yet: ask a question first"]
+        if vote is Vote.DOWN and reason.strip():
+            outcome = await feedback.reason(self._last_answer, self._user, reason, platform="console", who=self._user)
+            if outcome.result not in (VoteResult.STALE, VoteResult.FAILED):
+                return [thanks_for(reason)]
+        else:
+            outcome = await feedback.vote(self._last_answer, self._user, vote, platform="console", who=self._user)
+        return [outcome.text]
 
     async def _act(self, desk: AlertDesk, action: str) -> list[str]:
         """Claim or resolve the newest alert; what to say when that changed nothing."""

@@ -21,6 +21,7 @@ STARTED = "conversation.started"
 MESSAGE = "message.received"
 HUMAN_REQUESTED = "bridge.human_requested"  # raised by the "Talk to a human" button, not by InsiteChat
 UNANSWERED = "answer.unanswered"  # raised by the bridge: the chatbot answered with its fallback message
+FLAGGED = "answer.flagged"  # raised by the bridge: someone voted 👎 on an answer
 KNOWN_EVENTS = frozenset({ESCALATED, LEAD, STARTED, MESSAGE})
 
 _TEXT_FIELDS = ("message", "content", "text", "visitor_message", "last_message")
@@ -78,8 +79,8 @@ class Event:
         who = self.conversation_id or self.session_id
         if self.name in (ESCALATED, HUMAN_REQUESTED) and who:
             return f"{self.name}:{self.chatbot_id}:{who}"
-        if self.name == UNANSWERED and _text(self.data.get("job")):
-            return f"{UNANSWERED}:{self.chatbot_id}:{_text(self.data.get('job'))}"  # one card per question
+        if self.name in (UNANSWERED, FLAGGED) and _text(self.data.get("job")):
+            return f"{self.name}:{self.chatbot_id}:{_text(self.data.get('job'))}"  # one card per question / answer
         if self.name == LEAD and _text(self.data.get("lead_id")):
             return f"{LEAD}:{self.chatbot_id}:{_text(self.data.get('lead_id'))}"
         stamp = self.timestamp.isoformat() if self.timestamp else ""
@@ -180,7 +181,7 @@ class Alert:
 
     @property
     def can_be_claimed(self) -> bool:
-        return self.event.name in (ESCALATED, HUMAN_REQUESTED, UNANSWERED)
+        return self.event.name in (ESCALATED, HUMAN_REQUESTED, UNANSWERED, FLAGGED)
 
 
 @dataclass

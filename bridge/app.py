@@ -20,6 +20,7 @@ from bridge.clock import Clock, SystemClock
 from bridge.config import Settings
 from bridge.desk import AlertDesk
 from bridge.facts import FactLog
+from bridge.feedback import Feedback
 from bridge.handover import HandOvers
 from bridge.insitechat import FileQuotaMark, InsiteChatClient, QuotaMark, RedisQuotaMark, RetryPolicy
 from bridge.leader import LEASE, RedisLease
@@ -155,7 +156,12 @@ class BridgeApp:
         # What the report counts (answers, votes, alerts), written a second at a time.
         self.facts = FactLog(self.store, self.clock)
         self.desk = AlertDesk(settings, self.store, self.clock, facts=self.facts)
-        self.outbox = Outbox(self.store, self.desk, self.clock, attempt_lease=leases.delivery_attempt)
+        # 👍 / 👎 under answers: votes, and a 👎 as an answer.flagged alert.
+        self.feedback = Feedback(settings, self.store, self.clock, desk=self.desk, facts=self.facts)
+        self.outbox = Outbox(
+            self.store, self.desk, self.clock, attempt_lease=leases.delivery_attempt,
+            offers_feedback=self.feedback.offered,
+        )
         self.desk.on_queued = self.outbox.wake
         self.handovers = HandOvers(settings, self.desk)
         self.relay = Relay(
@@ -177,7 +183,8 @@ class BridgeApp:
             # The console awaits each answer (one line after another); submit() keeps the
             # answer visible to drain() so a shutdown lets it finish.
             self.console = ConsoleAdapter(
-                self.relay.submit, stdin=console_in, stdout=console_out, desk=self.desk, commands=console_commands
+                self.relay.submit, stdin=console_in, stdout=console_out, desk=self.desk, commands=console_commands,
+                feedback=self.feedback,
             )
             self.adapters.append(self.console)
         self.web = web.Application()
@@ -191,7 +198,7 @@ class BridgeApp:
             self.adapters.append(
                 SlackAdapter(
                     settings.slack, self.relay.accept, web=self.web, clock=self.clock,
-                    serves=self.relay.serves, handovers=self.handovers, desk=self.desk,
+                    serves=self.relay.serves, handovers=self.handovers, desk=self.desk, feedback=self.feedback,
                     prompts=settings.assistant_prompts,
                 )
             )
@@ -203,6 +210,7 @@ class BridgeApp:
                     settings.discord, self.relay.accept, clock=self.clock,
                     threads_for=settings.discord_threads, handovers=self.handovers, desk=self.desk,
                     leadership=gateway_lease, needs_message_content=settings.answers_everything("discord"),
+                    feedback=self.feedback,
                 )
             )
         WebhookReceiver(settings, self.desk, self.clock).add_routes(self.web)

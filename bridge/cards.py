@@ -6,7 +6,7 @@ import re
 import time
 from collections.abc import Callable
 
-from bridge.alerts import ESCALATED, HUMAN_REQUESTED, LEAD, MESSAGE, STARTED, UNANSWERED, Alert, AlertState
+from bridge.alerts import FLAGGED, ESCALATED, HUMAN_REQUESTED, LEAD, MESSAGE, STARTED, UNANSWERED, Alert, AlertState
 
 CLAIM, RESOLVE = "claim", "resolve"
 ACTION_PREFIX = "insitechat_alert"  # Slack action_id / Discord custom_id: "<prefix>:<action>:<alert id>"
@@ -18,6 +18,7 @@ _TITLES = {
     STARTED: ":speech_balloon: New conversation on the website",
     MESSAGE: ":envelope: Visitor message",
     UNANSWERED: ":grey_question: The chatbot had no answer: a gap in what it knows",
+    FLAGGED: ":thumbsdown: An answer was flagged as not helpful",
 }
 _DISCORD_EMOJI = {
     ":raising_hand:": "🙋",
@@ -26,9 +27,14 @@ _DISCORD_EMOJI = {
     ":envelope:": "✉️",
     ":test_tube:": "🧪",
     ":grey_question:": "❔",
+    ":thumbsdown:": "👎",
 }
 QUOTE_LIMIT = 1000  # the visitor's words shown on a card
 FIELD_LIMIT = 200  # one lead field
+FLAGGED_ANSWER_LIMIT = 500  # a flagged answer, shortened
+REASONS_SHOWN = 5  # the latest reasons given with 👎 on one card
+# A flagged answer's texts live as long as the question's (state.keep_text_hours); the card says so after.
+TEXT_GONE = "(no longer kept: the bridge keeps message texts for state.keep_text_hours)"
 
 
 def title(alert: Alert) -> str:
@@ -70,6 +76,8 @@ def facts(alert: Alert) -> list[tuple[str, str]]:
                 lines.append((str(key)[:50], str(value)[:FIELD_LIMIT]))
     if event.name == UNANSWERED:
         lines.append(("Its answer", str(event.data.get("answer") or "")[:FIELD_LIMIT]))
+    if event.name == FLAGGED:
+        lines += _flagged_facts(alert)
     if event.session_id:
         lines.append(("Session", event.session_id[:100]))
     count = event.data.get("message_count")
@@ -77,6 +85,23 @@ def facts(alert: Alert) -> list[tuple[str, str]]:
         lines.append(("Messages so far", str(count)))
     if event.timestamp is not None:
         lines.append(("Time", event.timestamp.strftime("%Y-%m-%d %H:%M:%S UTC")))
+    return lines
+
+
+def _flagged_facts(alert: Alert) -> list[tuple[str, str]]:
+    """What a flagged answer's card adds: the answer, who flagged it, the reasons given (newest last)."""
+    data = alert.event.data
+    lines: list[tuple[str, str]] = []
+    if not alert.event.visitor_text:
+        lines.append(("Question", TEXT_GONE))
+    answer = str(data.get("answer") or "").strip()
+    lines.append(("Its answer", cut(answer, FLAGGED_ANSWER_LIMIT) if answer else TEXT_GONE))
+    lines.append(("Flagged by", str(data.get("flagged_by") or "someone")[:FIELD_LIMIT]))
+    reasons = [r for r in data.get("reasons") or [] if isinstance(r, list) and len(r) == 2]
+    for who, reason in reasons[-REASONS_SHOWN:]:
+        lines.append(("Reason", cut(f"{who}: {reason}", FIELD_LIMIT * 2)))
+    if not reasons:
+        lines.append(("Reason", "none given (yet)"))
     return lines
 
 

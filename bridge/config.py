@@ -33,7 +33,7 @@ SECRET_PATHS: tuple[tuple[str, ...], ...] = (
 PLATFORMS = ("slack", "discord", "console")
 WEBHOOK_EVENTS = ("conversation.escalated", "lead.captured", "conversation.started", "message.received")
 # What alert rules may route: InsiteChat's webhook events, and the ones the bridge raises itself.
-ALERT_EVENTS = (*WEBHOOK_EVENTS, "answer.unanswered")
+ALERT_EVENTS = (*WEBHOOK_EVENTS, "answer.unanswered", "answer.flagged")
 DEFAULT_KEY = "default"
 # Slack's limits for the assistant view (assistant.threads.setSuggestedPrompts / setStatus).
 SUGGESTED_PROMPTS_MAX = 4
@@ -225,6 +225,10 @@ class SlackSettings(_Model):
             return {"enabled": value}
         return value
 
+    # How 👍 / 👎 look under answers: Slack's own feedback buttons (a context_actions block), or
+    # plain buttons for clients and surfaces that do not show that block. Both vote the same way.
+    feedback_style: Literal["feedback_buttons", "buttons"] = "feedback_buttons"
+
     @field_validator("command")
     @classmethod
     def _slash(cls, value: str) -> str:
@@ -284,6 +288,7 @@ class RouteSettings(_Model):
     reply: ReplyMode = ReplyMode.MENTION
     threads: bool | None = None  # Discord: answer in a new thread (default from discord.threads)
     human_button: bool = True  # a "Talk to a human" button under answers (when escalations are routed)
+    feedback: bool = True  # 👍 / 👎 under answers: votes counted in /metrics, a 👎 raises answer.flagged
 
     @field_validator("reply", mode="before")
     @classmethod

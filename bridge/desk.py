@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from bridge.alerts import (
     ESCALATED,
+    FLAGGED,
     HUMAN_REQUESTED,
     MESSAGE,
     STARTED,
@@ -46,6 +47,7 @@ ALERT_TTL = 30 * DAY
 SESSION_REFRESH = DAY
 SESSIONS_KNOWN = 10_000  # session -> thread writes remembered (the oldest forgotten first)
 HISTORY_TURNS = 4
+REASONS_KEPT = 20  # reasons a flagged answer's alert keeps (the card shows the latest few)
 _CAS_TRIES = 20  # compare-and-set retries: only concurrent clicks on one card ever collide
 
 RESUMED_NOTICE = "A teammate marked this resolved, so I'm back: ask me anything."
@@ -89,20 +91,24 @@ class AlertDesk:
             # The bridge's own chats would echo back as "visitor" activity.
             log.debug("suppressed %s about the bridge's own session", event.name)
             return ""
-        number = await self._round_of(event.semantic_key)
+        # A flagged answer has one card for good (as long as alerts are kept), however many 👎 it gets
+        # and whether or not its card was resolved: the answer itself does not change.
+        once = event.name == FLAGGED
+        number = 1 if once else await self._round_of(event.semantic_key)
         # The same event within a day of its round is a duplicate; the body key catches
         # InsiteChat's own retries of one delivery.
         keys = [f"event:{event.semantic_key}#{number}"] + ([body_key(raw)] if raw else [])
+        dedupe_ttl = ALERT_TTL if once else DAY
         destinations = destinations_for(self._settings, event)
         if not destinations:
-            fresh = await self._store.accept(keys, [])
+            fresh = await self._store.accept(keys, [], ttl=dedupe_ttl)
             log.info("%s for chatbot %s: no alert rule takes it", event.name, event.chatbot_id)
             return "" if fresh else None
         alert_id = uuid.uuid4().hex[:20]
         conversation = ""
         if event.from_bridge:
             conversation = await self._store.get(SESSION, event.session_id) or ""
-        elif event.name in (HUMAN_REQUESTED, UNANSWERED):
+        elif event.name in (HUMAN_REQUESTED, UNANSWERED, FLAGGED):
             conversation = str(event.data.get("conversation", ""))
         history = event.data.get("history", []) if event.name == HUMAN_REQUESTED else []
         record = AlertRecord(
@@ -115,7 +121,7 @@ class AlertDesk:
             NewRecord(ALERT, alert_id, record.to_json(), ALERT_TTL),
             NewRecord(ROUND, event.semantic_key, asdict(AlertRound(number, alert_id)), ALERT_TTL),
         ]
-        if not await self._store.accept(keys, deliveries, records=records):
+        if not await self._store.accept(keys, deliveries, records=records, ttl=dedupe_ttl):
             return None
         if self._facts is not None:
             self._facts.note(FactKind.ALERT_RAISED, alert_id, chatbot=event.chatbot_id, value=event.name)
@@ -124,6 +130,39 @@ class AlertDesk:
         )
         self.on_queued()
         return alert_id
+
+    async def raise_flagged(self, event: Event) -> str | None:
+        """An answer.flagged event (bridge/feedback.py): the new alert's id; "" when no rule takes it, None when
+        the answer was flagged before (its card stands)."""
+        return await self._raise(event, b"")
+
+    async def current_alert(self, semantic_key: str) -> str | None:
+        """The id of the alert an event with this key raised last (its current round), if any."""
+        stored = await self._store.get(ROUND, semantic_key)
+        return AlertRound(**stored).alert_id if stored is not None else None
+
+    async def add_reason(self, alert_id: str, who: str, reason: str) -> bool:
+        """Add a 👎's reason to a flagged answer's card; every posted copy is updated through the outbox.
+
+        A card still on its way shows it too: record_post sees the newer version and queues the update.
+        False when there is no such alert (expired).
+        """
+
+        def append(record: AlertRecord) -> bool:
+            data = record.envelope.setdefault("data", {})
+            reasons = [r for r in data.get("reasons") or [] if r != [who, reason]]
+            data["reasons"] = [*reasons, [who, reason]][-REASONS_KEPT:]
+            record.version += 1
+            return True
+
+        changed = await self._change_alert(alert_id, append)
+        if changed is None:
+            return False
+        record = changed[0]
+        for address in record.posts:
+            await self._queue_update(record, address)
+        self.on_queued()
+        return True
 
     async def _round_of(self, semantic_key: str) -> int:
         """The round an event with this key belongs to: the current one, or the next once that was resolved."""

@@ -53,6 +53,7 @@ NOT_FOUND_DETAIL = "Not Found"
 SANDBOX_KEY = "ic_sandbox_key"
 SANDBOX_CHATBOT_ID = "5a0db0c5-ba5e-4b07-8000-000000000001"
 SANDBOX_WEBHOOK_SECRET = "sandbox-webhook-secret"
+SANDBOX_GAP_TOPIC = "moon"  # the sandbox chatbot knows nothing about it: questions on it get the fallback message
 
 _KEY_RE = re.compile(r"ic_[A-Za-z0-9_-]+")
 _ESCALATION_RE = re.compile(r"\b(human|agent|person|representative)s?\b", re.IGNORECASE)
@@ -408,7 +409,10 @@ class Emulator:
         webhook_secret: str = SANDBOX_WEBHOOK_SECRET,
         **kw: Any,
     ) -> Emulator:
-        """One account, key SANDBOX_KEY, one chatbot "Sandbox Bot" with id SANDBOX_CHATBOT_ID."""
+        """One account, key SANDBOX_KEY, one chatbot "Sandbox Bot" with id SANDBOX_CHATBOT_ID.
+
+        It answers questions about SANDBOX_GAP_TOPIC with its fallback message: a knowledge gap to show.
+        """
         emulator = cls(**kw)
         account = emulator.add_account("Sandbox")
         emulator.add_key(account, SANDBOX_KEY)
@@ -423,6 +427,8 @@ class Emulator:
             webhook_url=webhook_url,
             webhook_secret=webhook_secret,
         )
+        bot = emulator.chatbots[SANDBOX_CHATBOT_ID]
+        emulator.script_reply(SANDBOX_CHATBOT_ID, SANDBOX_GAP_TOPIC, bot.fallback_message)
         return emulator
 
     def script_reply(self, chatbot_id: str | None, question_substring: str, reply: str) -> None:

@@ -55,6 +55,13 @@ class FallbackMessages:
             self._fetching[chatbot] = task
             task.add_done_callback(lambda _: self._fetching.pop(chatbot, None))
 
+    async def read(self, client: InsiteChatClient, chatbot: str) -> None:
+        """refresh(), and wait until the fetch is back (the sandbox, before its first question)."""
+        self.refresh(client, chatbot)
+        fetching = self._fetching.get(chatbot)
+        if fetching is not None:
+            await asyncio.wait({fetching})  # its failure is logged by _fetch; our own cancellation propagates
+
     def is_fallback(self, client: InsiteChatClient, chatbot: str, answer: str) -> bool:
         """Whether `answer` is the chatbot's fallback message (the whole answer, not a near miss)."""
         self.refresh(client, chatbot)

@@ -128,5 +128,6 @@ class Outbound:
     # (a Slack DM is one conversation, but a question asked in a DM thread is answered there).
     question_thread: str = ""
     human_chatbot: str = ""  # show a "Talk to a human" button for this chatbot under the last part
+    feedback_job: str = ""  # show 👍 / 👎 for this answer (its chat job's id) under the last part
     delivery: Delivery | None = None  # set by the outbox: mark the parts, look before re-posting
     metadata: dict[str, str] = field(default_factory=dict, compare=False, hash=False)

@@ -14,6 +14,22 @@ ANSWERS = Counter(
     "The chatbot's answers by chatbot and whether it knew one (answered) or gave its fallback message (unanswered).",
     ["chatbot", "result"],
 )
+VOTES = Counter(
+    "insitechat_bridge_feedback_votes_total",
+    "Votes on answers by chatbot, route (routes[N]) and vote (up, down). A changed vote counts its new vote here and "
+    "the one taken back in insitechat_bridge_feedback_vote_changes_total: the votes standing are this minus that.",
+    ["chatbot", "route", "vote"],
+)
+VOTE_CHANGES = Counter(
+    "insitechat_bridge_feedback_vote_changes_total",
+    "Votes taken back because the voter changed their mind, by the vote taken back (up, down).",
+    ["chatbot", "route", "vote"],
+)
+FLAGGED = Counter(
+    "insitechat_bridge_answers_flagged_total",
+    "Answers that got their first 👎 (one answer.flagged alert each, where a rule routes it), by chatbot and route.",
+    ["chatbot", "route"],
+)
 DEDUPE_HITS = Counter(
     "insitechat_bridge_dedupe_hits_total", "Deliveries recognised as duplicates.", ["source"]
 )

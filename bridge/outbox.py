@@ -15,7 +15,7 @@ from bridge.alerts import ESCALATED, HUMAN_REQUESTED, LEAD, Alert
 from bridge.backoff import Backoff
 from bridge.clock import Clock
 from bridge.desk import AlertDesk
-from bridge.messages import Conversation, Delivery, Outbound, OutboundKind
+from bridge.messages import Conversation, Delivery, Inbound, Outbound, OutboundKind
 from bridge.ports import Adapter, AlertPoster, PermanentSendError, TellsRefusal
 from bridge.store import ChatJob, OutboxItem, ReplyKind, Store, StoreError
 
@@ -56,7 +56,9 @@ class Outbox:
         alert_backoff: Backoff = ALERT_BACKOFF,
         jitter: Callable[[], float] = random.random,
         attempt_lease: float = ATTEMPT_LEASE,
+        offers_feedback: Callable[[Inbound], bool] | None = None,
     ) -> None:
+        """`offers_feedback(question)`: whether its answer carries 👍 / 👎 (bridge/feedback.py decides)."""
         self._store = store
         self._desk = desk
         self._clock = clock
@@ -66,6 +68,7 @@ class Outbox:
         self._alert_backoff = alert_backoff
         self._jitter = jitter
         self._attempt_lease = attempt_lease
+        self._offers_feedback = offers_feedback or (lambda inbound: False)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # One pass at a time: a pass pushes later items of a failing destination back.
@@ -248,6 +251,7 @@ class Outbox:
             reply_to=inbound.message_id,
             question_thread=inbound.thread if inbound.in_thread else "",
             human_chatbot=job.chatbot if job.offer_human else "",
+            feedback_job=job.id if job.reply_kind is ReplyKind.ANSWER and self._offers_feedback(inbound) else "",
             delivery=Delivery(job.delivery_key, look_first=item.started or item.attempts > 0, since=job.created_at),
         )
         if inline:

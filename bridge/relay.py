@@ -247,6 +247,14 @@ class Relay:
             except StoreError as exc:
                 log.error("chat jobs: %s; trying again", exc)
 
+    async def read_fallbacks(self) -> None:
+        """Read now the fallback messages of the chatbots whose gaps are routed, rather than after a first answer.
+
+        The sandbox does, so that its first question can already be a knowledge gap.
+        """
+        for chatbot in sorted(self._gap_chatbots):
+            await self._fallbacks.read(self._clients[self._settings.chatbot_key(chatbot)], chatbot)
+
     def serves(self, platform: str, workspace: str, channel: str, is_dm: bool) -> bool:
         """Whether the bot answers anything in this place: a route exists and is not off.
 

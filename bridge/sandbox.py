@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import shutil
 import sys
 import tempfile
@@ -11,13 +13,18 @@ from typing import TextIO
 from bridge import config
 from bridge.app import GRACE, BridgeApp
 from bridge.config import Settings
-from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, SANDBOX_WEBHOOK_SECRET, Emulator
+from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_GAP_TOPIC, SANDBOX_KEY, SANDBOX_WEBHOOK_SECRET, Emulator
+
+log = logging.getLogger(__name__)
 
 VISITOR_SESSION = "website-visitor-1"
 HELP = [
     "Type a question to ask the Sandbox Bot; 'reset' starts over; Ctrl-D quits.",
     "Play a website visitor: /visitor <message>  (say 'human' to escalate)   /lead <name> <email>",
     "Alerts print here; /claim and /resolve act on the newest one.",
+    "Rate the last answer: /up, or /down [reason] (a 👎 raises an answer.flagged alert).",
+    f"The bot knows nothing about the {SANDBOX_GAP_TOPIC}: ask about it to see its fallback message and a "
+    "knowledge-gap alert.",
     "On a terminal: arrow keys edit the line, up and down recall earlier lines.",
 ]
 
@@ -37,7 +44,9 @@ chatbots:
 routes:
   - {{platform: console, chatbot: {SANDBOX_CHATBOT_ID}}}
 alerts:
-  - {{chatbot: {SANDBOX_CHATBOT_ID}, events: [conversation.escalated, lead.captured], to: ["console:alerts"]}}
+  - chatbot: {SANDBOX_CHATBOT_ID}
+    events: [conversation.escalated, lead.captured, answer.unanswered, answer.flagged]
+    to: ["console:alerts"]
 """,
         source="<sandbox>",
         env={"SANDBOX_KEY": SANDBOX_KEY, "SANDBOX_SECRET": SANDBOX_WEBHOOK_SECRET},
@@ -54,6 +63,7 @@ class Sandbox:
         self._stdin = stdin
         self._stdout = stdout
         self.app: BridgeApp | None = None
+        self._opening: asyncio.Task[None] | None = None  # opens the console's input (started())
 
     async def prepare(self) -> BridgeApp:
         base_url = await self.emulator.start("127.0.0.1", 0)
@@ -85,7 +95,17 @@ class Sandbox:
         out.write(self.banner() + "\n")
         out.flush()
         if self.app.console is not None:
-            self.app.console.input_ready.set()
+            self._opening = asyncio.get_running_loop().create_task(self._open_input(self.app), name="sandbox-input")
+
+    async def _open_input(self, app: BridgeApp) -> None:
+        """The console takes questions once the chatbot's fallback message is known: the first can be a gap."""
+        try:
+            await app.relay.read_fallbacks()
+        except Exception:
+            log.exception("reading the sandbox chatbot's fallback message failed; gaps show from a later answer")
+        finally:
+            if app.console is not None:
+                app.console.input_ready.set()
 
     def connect_webhooks(self) -> None:
         """Once the bridge listens, the emulated chatbot sends its webhooks there, signed."""

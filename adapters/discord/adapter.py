@@ -33,6 +33,7 @@ from bridge.alerts import Alert
 from bridge.clock import Clock, SystemClock
 from bridge.config import DiscordSettings
 from bridge.desk import AlertDesk
+from bridge.feedback import Feedback
 from bridge.handover import HandOvers
 from bridge.messages import Conversation, Inbound, Outbound
 from bridge.ports import GatewayLease, PermanentSendError
@@ -66,6 +67,8 @@ class _Client(discord.Client):
         # Slash commands go through the command tree; button clicks come here.
         if interaction.type is discord.InteractionType.component:
             await self.adapter.interactions.on_component(interaction)
+        elif interaction.type is discord.InteractionType.modal_submit:
+            await self.adapter.interactions.on_modal_submit(interaction)
 
     async def on_socket_raw_receive(self, msg: str) -> None:
         # The raw payload is what the pure translation reads (and what tests record); a
@@ -127,6 +130,7 @@ class DiscordAdapter:
         desk: AlertDesk | None = None,
         leadership: GatewayLease | None = None,
         needs_message_content: bool = False,
+        feedback: Feedback | None = None,
     ) -> None:
         """`threads_for(guild, channel)`: answer a channel message in a new thread (default: discord.threads);
         `handovers` and `desk`: the core's answers to button clicks; `needs_message_content`: some route
@@ -150,7 +154,8 @@ class DiscordAdapter:
             threads_for=threads_for or (lambda guild, channel: config.threads),
         )
         self.interactions = DiscordInteractions(
-            config, memory, self.poster, self._submit, clock=self._clock, handovers=handovers, desk=desk
+            config, memory, self.poster, self._submit, clock=self._clock, handovers=handovers, desk=desk,
+            feedback=feedback,
         )
         self._cards = AlertCards(self._require_client)
         # discord.py's keep-alive stamps heartbeats with perf_counter; tests may replace it.

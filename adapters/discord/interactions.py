@@ -1,4 +1,4 @@
-"""Discord interactions: the /ask and /reset slash commands, and button clicks (Claim / Resolve, "Talk to a human")."""
+"""Discord interactions: the /ask and /reset slash commands, buttons (Claim / Resolve, "Talk to a human", 👍 / 👎)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import discord
 from discord import app_commands
 
 from adapters.discord.alerts import ALERT_EXPIRED, ALERT_FAILED, parse_human_id
+from adapters.discord.feedback import parse_reason, parse_vote_id, reason_modal, without_human_button
 from adapters.discord.places import Memory, place_of_channel
 from adapters.discord.posting import INTERACTION_LIFETIME, NO_MENTIONS, DiscordPoster
 from adapters.discord.setup import DiscordStartError
@@ -24,6 +25,7 @@ from bridge.cards import parse_action_id
 from bridge.clock import Clock
 from bridge.config import DiscordSettings
 from bridge.desk import AlertDesk
+from bridge.feedback import Feedback, Vote, VoteResult, thanks_for
 from bridge.handover import HandOver, HandOverResult, HandOvers
 from bridge.messages import Conversation, Inbound, Outbound, OutboundKind
 
@@ -52,8 +54,10 @@ class DiscordInteractions:
         clock: Clock,
         handovers: HandOvers | None = None,
         desk: AlertDesk | None = None,
+        feedback: Feedback | None = None,
     ) -> None:
         self._config = config
+        self._feedback = feedback
         self._memory = memory
         self._poster = poster
         self._submit = submit
@@ -135,6 +139,10 @@ class DiscordInteractions:
         custom_id = str(data.get("custom_id", ""))
         action = parse_action_id(custom_id)
         chatbot_id = parse_human_id(custom_id)
+        vote = parse_vote_id(custom_id)
+        if vote is not None:
+            await self._on_vote(interaction, *vote)
+            return
         if action is None and chatbot_id is None:
             return  # not ours
         try:
@@ -184,8 +192,8 @@ class DiscordInteractions:
             await self._tell(interaction, text)
             return
         try:
-            # The button has done its job: take it off the answer so it is not pressed again.
-            await interaction.edit_original_response(view=None)
+            # The button has done its job: take it off the answer so it is not pressed again (👍 / 👎 stay).
+            await interaction.edit_original_response(view=without_human_button(interaction.message))
         except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
             log.info("discord: could not remove the talk-to-a-human button: %s", exc)
         try:
@@ -193,6 +201,49 @@ class DiscordInteractions:
         except (discord.HTTPException, aiohttp.ClientError, OSError, RuntimeError) as exc:
             log.warning("discord: the talk-to-a-human confirmation in %s failed: %s", conversation.key, exc)
             await self._tell(interaction, text)
+
+    # --- 👍 / 👎 ------------------------------------------------------------------------------------
+
+    async def _on_vote(self, interaction: discord.Interaction, vote: Vote, job_id: str) -> None:
+        """👍 / 👎 under an answer: the core records the vote (a 👎 raises the flagged card); the voter is thanked.
+
+        A 👎 answers the click with the reason modal (a modal must be the first response); a 👍
+        is acknowledged first and thanked with a reply only the voter sees.
+        """
+        modal_open = False
+        try:
+            if vote is Vote.DOWN:
+                await interaction.response.send_modal(reason_modal(job_id))
+                modal_open = True
+            else:
+                await interaction.response.defer()
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            log.warning("discord: could not answer a vote click in time: %s", exc)
+        if self._feedback is None:
+            return
+        outcome = await self._feedback.vote(
+            job_id, str(interaction.user.id), vote, platform="discord", who=interaction.user.display_name
+        )
+        if not modal_open:
+            await self._tell(interaction, outcome.text)
+        elif outcome.result in (VoteResult.STALE, VoteResult.FAILED):
+            log.warning("discord: a 👎 on %s came to %s; the modal is open, so the voter is not told", job_id,
+                        outcome.result.value)
+
+    async def on_modal_submit(self, interaction: discord.Interaction) -> None:
+        """The 👎 modal submitted (its field is optional): the reason joins the vote and the answer's card."""
+        parsed = parse_reason(interaction.data or {})
+        if parsed is None or self._feedback is None:
+            return  # not ours
+        job_id, text = parsed
+        outcome = await self._feedback.reason(
+            job_id, str(interaction.user.id), text, platform="discord", who=interaction.user.display_name
+        )
+        said = outcome.text if outcome.result in (VoteResult.STALE, VoteResult.FAILED) else thanks_for(text)
+        try:
+            await interaction.response.send_message(said, ephemeral=True, allowed_mentions=NO_MENTIONS)
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            log.info("discord: could not thank for a reason: %s", exc)
 
     def _conversation_of_click(self, interaction: discord.Interaction) -> Conversation:
         place = place_of_channel(interaction.channel)

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import discord
 
-from adapters.discord.alerts import delivery_nonce, human_view
+from adapters.discord.alerts import delivery_nonce
+from adapters.discord.feedback import answer_view
 from adapters.discord.places import Memory, Origin, place_of_channel
 from adapters.discord.setup import PERMISSION_NAMES
 from adapters.discord.translate import Place, PlaceKind
@@ -262,11 +263,11 @@ class DiscordPoster:
                      len(found), len(outbound.parts), delivery.key)
         return found
 
-    def _answer_view(self, outbound: Outbound) -> discord.ui.View | None:
-        """The "Talk to a human" button for the last part of an answer, when the relay offers it."""
-        if not outbound.human_chatbot or outbound.kind is not OutboundKind.ANSWER:
+    def _answer_view(self, outbound: Outbound, *, human: bool = True) -> discord.ui.View | None:
+        """The buttons for the last part of an answer: "Talk to a human" when the relay offers it, 👍 / 👎."""
+        if outbound.kind is not OutboundKind.ANSWER:
             return None
-        return human_view(outbound.human_chatbot)
+        return answer_view(outbound.human_chatbot if human else "", outbound.feedback_job)
 
     async def _ensure_thread(self, origin: Origin, message_id: str) -> str | None:
         """The thread on the user's message, created on first use (its id is the message id).
@@ -318,7 +319,7 @@ class DiscordPoster:
     async def _send_followups(self, interaction: discord.Interaction, outbound: Outbound) -> list[str]:
         # Outside a thread a slash command's conversation is keyed by the interaction, which no
         # link can point at: the team would not find it, so no hand-over button there.
-        last_view = self._answer_view(outbound) if isinstance(interaction.channel, discord.Thread) else None
+        last_view = self._answer_view(outbound, human=isinstance(interaction.channel, discord.Thread))
         ids: list[str] = []
         for index, part in enumerate(outbound.parts):
             extra: dict[str, Any] = {}

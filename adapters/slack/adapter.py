@@ -22,8 +22,9 @@ from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError
 from slack_sdk.signature import SignatureVerifier
 
-from adapters.slack.alerts import SECTION_LIMIT, alert_key, alert_metadata, human_blocks
+from adapters.slack.alerts import SECTION_LIMIT, alert_key, alert_metadata
 from adapters.slack.assistant import PromptsFor, Shown, SlackAssistant, StatusWatch, settled
+from adapters.slack.feedback import PLAIN_BUTTONS, answer_blocks
 from adapters.slack.delivery import SlackPostRefused, part_mark, part_metadata, quietly, refusal_notice, send_error
 from adapters.slack.interactions import BotUser, Serves, SlackInteractions
 from adapters.slack.setup import (
@@ -47,6 +48,7 @@ from bridge.alerts import Alert
 from bridge.formatting import split_text
 from bridge.messages import Conversation, Delivery, Inbound, Outbound
 from bridge.handover import HandOvers
+from bridge.feedback import Feedback
 from bridge.ports import PermanentSendError
 from bridge.store import StoreError
 from bridge.webserver import BodyTooLarge, read_body
@@ -98,11 +100,12 @@ class SlackAdapter:
         serves: Serves | None = None,
         handovers: HandOvers | None = None,
         desk: AlertDesk | None = None,
+        feedback: Feedback | None = None,
         prompts: PromptsFor | None = None,
     ) -> None:
-        """`web`: the bridge's web app (HTTP mode adds /slack/events to it); `serves`, `handovers`
-        and `desk` are the core's answers for the slash command and the buttons; `prompts` the
-        suggested prompts of the assistant view (Settings.assistant_prompts)."""
+        """`web`: the bridge's web app (HTTP mode adds /slack/events to it); `serves`, `handovers`,
+        `desk` and `feedback` are the core's answers for the slash command and the buttons; `prompts`
+        the suggested prompts of the assistant view (Settings.assistant_prompts)."""
         self._slack = config
         self._on_message = on_message
         self._clock = clock or SystemClock()
@@ -123,6 +126,8 @@ class SlackAdapter:
         self._verifier = SignatureVerifier(config.signing_secret) if self._http and config.signing_secret else None
         self.app.use(self._accept_before_ack)
         self._bot = BotUser()
+        # slack.feedback_style, until Slack refuses its feedback block once (invalid_blocks): plain buttons then.
+        self._feedback_style: str = config.feedback_style
         SlackInteractions(
             self.client,
             config,
@@ -132,6 +137,7 @@ class SlackAdapter:
             serves=serves,
             handovers=handovers,
             desk=desk,
+            feedback=feedback,
         ).register(self.app)
         self._assistant = SlackAssistant(self.client, config, prompts)
         if self._assistant.enabled:
@@ -431,7 +437,8 @@ class SlackAdapter:
     async def send(self, outbound: Outbound) -> list[str]:
         """chat.postMessage for each part in order, in the conversation's thread; returns the ts list.
 
-        With `human_chatbot`, the last part carries the "Talk to a human" button. Notices the
+        With `human_chatbot`, the last part carries the "Talk to a human" button, with `feedback_job`
+        👍 / 👎 (adapters/slack/feedback.py). Notices the
         outbox sends (no `reply_to`) go to the conversation's thread, or the DM itself.
 
         With a `delivery`, each part carries (key, part, parts) in its message metadata; with
@@ -443,7 +450,8 @@ class SlackAdapter:
         thread = conversation.thread or outbound.question_thread
         parts = list(outbound.parts)
         chatbot = outbound.human_chatbot if parts else ""
-        if chatbot and len(parts[-1]) > SECTION_LIMIT:
+        feedback = outbound.feedback_job if parts else ""  # 👍 / 👎 under the last part
+        if (chatbot or feedback) and len(parts[-1]) > SECTION_LIMIT:
             # A section holds less than a plain message: the last part is split once more.
             parts[-1:] = split_text(parts[-1], SECTION_LIMIT)
         delivery = outbound.delivery
@@ -454,19 +462,15 @@ class SlackAdapter:
             if number in posted:
                 continue
             extra: dict[str, Any] = {}
-            if chatbot and number == len(parts):
-                extra["blocks"] = human_blocks(part, conversation, chatbot)  # `text` stays the fallback
+            if (chatbot or feedback) and number == len(parts):
+                # `text` stays the fallback
+                extra["blocks"] = answer_blocks(
+                    part, conversation, chatbot=chatbot, feedback_job=feedback, style=self._feedback_style
+                )
             if delivery is not None:
                 extra["metadata"] = part_metadata(delivery.key, number, len(parts))
             try:
-                response = await self.client.chat_postMessage(
-                    channel=conversation.channel,
-                    text=part,  # already Slack mrkdwn, escaped and split by the relay
-                    thread_ts=thread or None,
-                    unfurl_links=False,
-                    unfurl_media=False,
-                    **extra,
-                )
+                response = await self._post_part(conversation, part, thread, extra, chatbot=chatbot, feedback=feedback)
             except (SlackApiError, *NETWORK_ERRORS) as exc:
                 raise send_error(
                     f"chat.postMessage to {conversation.channel} failed on part {number} of "
@@ -477,6 +481,32 @@ class SlackAdapter:
             if thread:
                 self._assistant.posted(conversation.channel, thread)  # Slack cleared the status there
         return [posted[number] for number in range(1, len(parts) + 1)]
+
+    async def _post_part(
+        self, conversation: Conversation, part: str, thread: str, extra: dict[str, Any], *, chatbot: str, feedback: str
+    ) -> Any:
+        """chat.postMessage of one part; where Slack refuses its own feedback block, once more with plain buttons."""
+
+        async def post() -> Any:
+            return await self.client.chat_postMessage(
+                channel=conversation.channel,
+                text=part,  # already Slack mrkdwn, escaped and split by the relay
+                thread_ts=thread or None,
+                unfurl_links=False,
+                unfurl_media=False,
+                **extra,
+            )
+
+        try:
+            return await post()
+        except SlackApiError as exc:
+            if not (feedback and self._feedback_style != PLAIN_BUTTONS and error_code(exc) == "invalid_blocks"):
+                raise
+        # Plain 👍 / 👎 buttons from now on: the answer must not be lost for the sake of its buttons.
+        log.warning("slack refused the feedback_buttons block (invalid_blocks); using plain buttons from now on")
+        self._feedback_style = PLAIN_BUTTONS
+        extra["blocks"] = answer_blocks(part, conversation, chatbot=chatbot, feedback_job=feedback, style=PLAIN_BUTTONS)
+        return await post()
 
     async def _find_parts(self, channel: str, thread: str, delivery: Delivery, count: int) -> dict[int, str]:
         """The parts of `delivery` already in Slack: part number -> ts. Raises when Slack cannot be asked."""

@@ -1,4 +1,4 @@
-"""Slack interactions: the slash command, and button clicks (alert Claim / Resolve, "Talk to a human")."""
+"""Slack interactions: the slash command, and button clicks (alert Claim / Resolve, "Talk to a human", 👍 / 👎)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,14 @@ from adapters.slack.alerts import (
     without_human_button,
 )
 from adapters.slack.delivery import quietly
+from adapters.slack.feedback import (
+    FEEDBACK_ACTION,
+    REASON_CALLBACK,
+    ReasonTarget,
+    parse_reason,
+    parse_vote_value,
+    reason_modal,
+)
 from adapters.slack.setup import NETWORK_ERRORS, error_code
 from adapters.slack.translate import (
     PLATFORM,
@@ -37,6 +45,7 @@ from bridge.cards import ACTION_PREFIX, parse_action_id
 from bridge.clock import Clock
 from bridge.config import SlackSettings
 from bridge.desk import AlertDesk
+from bridge.feedback import STALE_TEXT, Feedback, Vote, VoteResult, thanks_for
 from bridge.handover import HandOver, HandOverResult, HandOvers
 from bridge.messages import Inbound
 
@@ -82,8 +91,10 @@ class SlackInteractions:
         serves: Serves | None = None,
         handovers: HandOvers | None = None,
         desk: AlertDesk | None = None,
+        feedback: Feedback | None = None,
     ) -> None:
         self._client = client
+        self._feedback = feedback
         self._slack = config
         self._bot = bot
         self._submit = submit
@@ -97,6 +108,9 @@ class SlackInteractions:
         app.command(self._slack.command)(self._on_command)
         app.action(re.compile("^" + re.escape(ACTION_PREFIX) + ":"))(self._on_alert_button)
         app.action(HUMAN_ACTION)(self._on_human_button)
+        app.action(re.compile("^" + re.escape(FEEDBACK_ACTION) + "(:|$)"))(self._on_vote)
+        app.view(REASON_CALLBACK)(self._on_reason)
+        app.view_closed(REASON_CALLBACK)(self._on_reason_skipped)
 
     async def _on_command(
         self, ack: Callable[..., Awaitable[None]], command: dict[str, Any], respond: Callable[..., Awaitable[Any]]
@@ -223,12 +237,86 @@ class SlackInteractions:
                 ),
             )
 
+    # --- 👍 / 👎 ------------------------------------------------------------------------------------
+
+    async def _on_vote(
+        self,
+        ack: Callable[..., Awaitable[None]],
+        body: dict[str, Any],
+        action: dict[str, Any],
+        respond: Callable[..., Awaitable[Any]],
+    ) -> None:
+        """👍 / 👎 under an answer: the core records the vote (a 👎 raises the flagged card); the voter is thanked.
+
+        A 👎 opens the reason modal first: its trigger_id is good for 3 seconds only.
+        """
+        await ack()
+        click = click_of(body)
+        parsed = parse_vote_value(str(action.get("value") or ""))
+        if not click.user:
+            return
+        if parsed is None or self._feedback is None:
+            await self._tell(click, respond, STALE_TEXT)
+            return
+        vote, job_id = parsed
+        modal_open = False
+        if vote is Vote.DOWN:
+            modal_open = await self._open_reason_modal(body, ReasonTarget(job_id, click.channel, click.thread_ts))
+        outcome = await self._feedback.vote(job_id, click.user, vote, platform=PLATFORM, who=_name_of(body))
+        if vote is Vote.UP or not modal_open or outcome.result in (VoteResult.STALE, VoteResult.FAILED):
+            # The modal is the 👎's visible answer; without one (or on a failure) the voter reads it here.
+            await self._tell(click, respond, outcome.text)
+
+    async def _open_reason_modal(self, body: dict[str, Any], target: ReasonTarget) -> bool:
+        trigger = str(body.get("trigger_id") or "")
+        if not trigger:
+            return False
+        try:
+            await self._client.views_open(trigger_id=trigger, view=reason_modal(target))
+        except (SlackApiError, *NETWORK_ERRORS) as exc:
+            log.warning("opening the reason modal for a 👎 failed: %s", error_code(exc))
+            return False
+        return True
+
+    async def _on_reason(self, ack: Callable[..., Awaitable[None]], body: dict[str, Any], view: dict[str, Any]) -> None:
+        """The 👎 modal submitted (its field is optional): the reason joins the vote and the answer's card."""
+        await ack()  # closes the modal
+        parsed = parse_reason(view)
+        user = str((body.get("user") or {}).get("id") or "")
+        if parsed is None or not user or self._feedback is None:
+            return
+        target, text = parsed
+        outcome = await self._feedback.reason(target.job_id, user, text, platform=PLATFORM, who=_name_of(body))
+        said = outcome.text if outcome.result in (VoteResult.STALE, VoteResult.FAILED) else thanks_for(text)
+        if target.channel:
+            click = Click(user, target.channel, "", target.thread, "", [])
+            await self._tell(click, None, said)
+
+    async def _on_reason_skipped(
+        self, ack: Callable[..., Awaitable[None]], body: dict[str, Any], view: dict[str, Any]
+    ) -> None:
+        """The 👎 modal closed without a reason: the 👎 stands (recorded at the click); the voter is thanked for it."""
+        await ack()
+        parsed = parse_reason(view)
+        user = str((body.get("user") or {}).get("id") or "")
+        if parsed is not None and user and parsed[0].channel:
+            target = parsed[0]
+            await self._tell(Click(user, target.channel, "", target.thread, "", []), None, thanks_for(""))
+
     async def _tell(self, click: Click, respond: Callable[..., Awaitable[Any]] | None, text: str) -> None:
         """A message only the clicking user sees: through the response URL, else chat.postEphemeral."""
         try:
             if respond is not None and getattr(respond, "response_url", None):
                 await respond(text=text, response_type="ephemeral", replace_original=False)
             else:
-                await self._client.chat_postEphemeral(channel=click.channel, user=click.user, text=text)
+                await self._client.chat_postEphemeral(
+                    channel=click.channel, user=click.user, text=text, thread_ts=click.thread_ts or None
+                )
         except Exception as exc:  # the click is recorded (or not) already; this is a courtesy
             log.warning("telling %s about a button click failed: %s", click.user, error_code(exc))
+
+
+def _name_of(body: dict[str, Any]) -> str:
+    """How a card names the person who clicked: their Slack name, never a mention (a post would ping them)."""
+    user = body.get("user") or {}
+    return str(user.get("username") or user.get("name") or user.get("id") or "")

@@ -205,6 +205,7 @@ class FakeDiscord:
         self.channels: dict[int, dict[str, Any]] = {}
         self.threads: dict[int, dict[str, Any]] = {}
         self.interaction_callbacks: list[dict[str, Any]] = []
+        self.callbacks_of: dict[str, list[dict[str, Any]]] = {}  # interaction id -> its callbacks (type 9: a modal)
         self._interaction_channels: dict[int, int] = {}
         self.base_url = ""
         self._last_id = 0
@@ -514,6 +515,39 @@ class FakeDiscord:
             }
         else:
             data |= {"user": USERS[user], "context": 1, "authorizing_integration_owners": {"1": str(user)}}
+        self._interaction_channels[interaction_id] = channel_id
+        self.interactions[interaction_id] = data
+        await self.dispatch("INTERACTION_CREATE", data)
+        return data
+
+    async def submit_modal(
+        self, opened_by: dict[str, Any], values: dict[str, str], *, user: int = ALICE
+    ) -> dict[str, Any]:
+        """A member submits the modal the bot answered the click `opened_by` with (INTERACTION_CREATE type 5).
+
+        `values`: text input custom_id -> what was typed. Returns the payload.
+        """
+        [modal] = [body["data"] for body in self.callbacks_of.get(opened_by["id"], []) if body.get("type") == 9]
+        channel_id = self._interaction_channels[int(opened_by["id"])]
+        interaction_id = self._next_id()
+        rows = [
+            {"type": 1, "components": [
+                {"type": 4, "custom_id": item["custom_id"], "value": values.get(item["custom_id"], "")}
+                for item in row["components"]
+            ]}
+            for row in modal["components"]
+        ]
+        data = {
+            key: value for key, value in opened_by.items()
+            if key not in ("id", "token", "type", "data", "message", "member", "user")
+        } | {
+            "id": str(interaction_id), "type": 5, "token": f"itoken-{interaction_id}",
+            "data": {"custom_id": modal["custom_id"], "components": rows},
+        }
+        if "member" in opened_by:
+            data["member"] = {**opened_by["member"], "user": USERS[user]}
+        else:
+            data["user"] = USERS[user]
         self._interaction_channels[interaction_id] = channel_id
         self.interactions[interaction_id] = data
         await self.dispatch("INTERACTION_CREATE", data)
@@ -917,6 +951,7 @@ class FakeDiscord:
         self, request: web.Request, body: Any, interaction_id: str, token: str
     ) -> web.Response:
         self.interaction_callbacks.append(body)
+        self.callbacks_of.setdefault(interaction_id, []).append(body)
         interaction = self.interactions.get(int(interaction_id), {})
         if body.get("type") == 7 and "message" in interaction:  # UPDATE_MESSAGE: edit the clicked message
             self._apply_edit(self.messages[int(interaction["message"]["id"])], body.get("data") or {})

@@ -71,6 +71,63 @@ def block_actions(
     return data
 
 
+def feedback_click(
+    value: str,
+    *,
+    user: str = "U0ALICE",
+    channel: str = "C0GENERAL",
+    message: dict[str, Any] | None = None,
+    response_url: str = "",
+    element: str = "feedback_buttons",
+) -> dict[str, Any]:
+    """A click on 👍 / 👎 under an answer: Slack's feedback_buttons element (the clicked button's value), or a
+    plain button (`element="button"`, action_id insitechat_feedback:<up|down>)."""
+    vote = value.partition(":")[0]
+    action_id = "insitechat_feedback" if element == "feedback_buttons" else f"insitechat_feedback:{vote}"
+    data = block_actions(action_id, value=value, user=user, channel=channel, message=message, response_url=response_url)
+    label = {"type": "plain_text", "text": "👍" if vote == "up" else "👎"}
+    data["actions"][0].update(type=element, block_id="insitechat_feedback", text=label)
+    data["actions"][0].pop("style", None)
+    return data
+
+
+def view_submission(
+    view: dict[str, Any], *, user: str = "U0ALICE", reason: str | None = None, view_id: str = "V0REASON"
+) -> dict[str, Any]:
+    """A view_submission payload for a modal the bot opened (`view` as views.open got it), its text field filled."""
+    values: dict[str, Any] = {}
+    for block in view.get("blocks", []):
+        element = block.get("element") or {}
+        if block.get("type") == "input" and element.get("type") == "plain_text_input":
+            values[block["block_id"]] = {element["action_id"]: {"type": "plain_text_input", "value": reason}}
+    return {
+        "type": "view_submission",
+        "team": {"id": TEAM, "domain": "acme"},
+        "user": {"id": user, "username": user.lower(), "name": user.lower(), "team_id": TEAM},
+        "api_app_id": "A0TEST",
+        "token": "fake-verification-token",
+        "trigger_id": "1700000900.1234.abcdef",
+        "view": {
+            "id": view_id, "team_id": TEAM, "type": "modal", "app_id": "A0TEST", "bot_id": BOT_ID,
+            "callback_id": view.get("callback_id", ""), "private_metadata": view.get("private_metadata", ""),
+            "title": view.get("title"), "blocks": view.get("blocks", []), "hash": "1700000900.abc",
+            "state": {"values": values},
+        },
+        "response_urls": [],
+        "is_enterprise_install": False,
+        "enterprise": None,
+    }
+
+
+def view_closed(view: dict[str, Any], *, user: str = "U0ALICE") -> dict[str, Any]:
+    """A view_closed payload: the person closed a modal opened with notify_on_close (its Cancel button, or x)."""
+    body = view_submission(view, user=user)
+    body["type"] = "view_closed"
+    body["is_cleared"] = False
+    del body["trigger_id"], body["response_urls"]
+    return body
+
+
 def interaction_form(body: dict[str, Any]) -> bytes:
     """How Slack POSTs an interaction over HTTP: a form with one `payload` field holding JSON."""
     return urlencode({"payload": json.dumps(body)}).encode()
@@ -146,6 +203,8 @@ class FakeSlack:
         # Every message posted or updated through the API, per channel, in posting order.
         self.messages: dict[str, list[dict[str, Any]]] = {}
         self.ephemeral: list[dict[str, Any]] = []  # chat.postEphemeral arguments
+        self.views: list[dict[str, Any]] = []  # modals opened with views.open: {"trigger_id", "view"}
+        self.refused_blocks: set[str] = set()  # block types chat.postMessage answers invalid_blocks for
         # Reactions the bot has on messages now: (channel, ts) -> names (reactions.add / remove).
         self.reactions: dict[tuple[str, str], set[str]] = {}
         self.hangs: list[SlackHang] = []
@@ -464,6 +523,9 @@ class FakeSlack:
         channel = str(args.get("channel") or "")
         if self.channels.get(channel, {}).get("is_member") is False:
             return {"ok": False, "error": "not_in_channel"}, {}
+        sent_blocks = _json_arg(args.get("blocks")) or []
+        if any(isinstance(b, dict) and b.get("type") in self.refused_blocks for b in sent_blocks):
+            return {"ok": False, "error": "invalid_blocks"}, {}
         ts = self._new_ts()
         message: dict[str, Any] = {
             "type": "message",
@@ -507,6 +569,13 @@ class FakeSlack:
     def _m_chat_postEphemeral(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         self.ephemeral.append(dict(args))
         return {"ok": True, "message_ts": self._new_ts()}, {}
+
+    def _m_views_open(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        view = _json_arg(args.get("view"))
+        if not str(args.get("trigger_id") or "") or not isinstance(view, dict):
+            return {"ok": False, "error": "invalid_arguments"}, {}
+        self.views.append({"trigger_id": str(args["trigger_id"]), "view": view})
+        return {"ok": True, "view": {"id": f"V{len(self.views):04d}", **view}}, {}
 
     def _m_chat_getPermalink(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         channel, ts = str(args.get("channel") or ""), str(args.get("message_ts") or "")

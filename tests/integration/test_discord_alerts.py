@@ -144,6 +144,12 @@ def buttons(message: dict[str, Any]) -> list[str]:
     return [b["custom_id"] for row in message["components"] for b in row["components"]]
 
 
+def hand_over_buttons(message: dict[str, Any]) -> list[str]:
+    """The buttons of an answer other than 👍 / 👎 (tests/integration/test_feedback_discord.py has those)."""
+    ids = [b["custom_id"] for row in message.get("components", []) for b in row["components"]]
+    return [i for i in ids if not i.startswith("insitechat_vote:")]
+
+
 def edits_of(fake: FakeDiscord, message: dict[str, Any]) -> list[dict[str, Any]]:
     return [body for mid, body in fake.edits if mid == int(message["id"])]
 
@@ -327,7 +333,7 @@ async def ask_in_a_thread(fake: FakeDiscord, question: str) -> tuple[int, dict[s
 
 async def hand_over(fake: FakeDiscord, thread: int, answer: dict[str, Any]) -> dict[str, Any]:
     """Click "Talk to a human" under the answer; returns the alert card."""
-    assert buttons(answer) == [HUMAN_BUTTON]
+    assert hand_over_buttons(answer) == [HUMAN_BUTTON]
     await fake.click(answer, HUMAN_BUTTON, user=fd.ALICE)
     await eventually(lambda: len(posts(fake, thread)) == 2, what="the confirmation")
     [alert] = await eventually(lambda: cards(fake, fd.ALERTS), what="the alert card")
@@ -346,7 +352,7 @@ async def test_talk_to_a_human_alerts_the_team_and_the_bot_stays_quiet_until_res
     thread, answer = await ask_in_a_thread(fake, "where is my parcel?")
     alert = await hand_over(fake, thread, answer)
     assert posts(fake, thread)[1]["content"] == TEXTS[HandOverResult.RAISED]
-    assert answer["components"] == []  # the button is gone once pressed
+    assert hand_over_buttons(answer) == [] and buttons(answer)  # the button is gone once pressed; 👍 / 👎 stay
     embed = alert["embeds"][0]
     assert embed["title"] == "🙋 Someone asked for a human in chat"
     assert f"(https://discord.com/channels/{fd.GUILD_ID}/{thread})" in embed["description"]
@@ -375,7 +381,7 @@ async def test_resume_brings_the_bot_back_before_anyone_resolves(
     assert posts(fake, thread)[2]["content"] == NOTICES["resumed"]
     await fake.user_message(thread, "so how long do refunds take?")
     await eventually(lambda: len(posts(fake, thread)) == 4, what="an answer again")
-    assert buttons(posts(fake, thread)[3]) == [HUMAN_BUTTON]  # and the hand-over is offered again
+    assert hand_over_buttons(posts(fake, thread)[3]) == [HUMAN_BUTTON]  # and the hand-over is offered again
 
 
 async def test_hand_over_in_a_dm_as_on_slack(bridge: Bridge, fake: FakeDiscord) -> None:
@@ -383,7 +389,7 @@ async def test_hand_over_in_a_dm_as_on_slack(bridge: Bridge, fake: FakeDiscord) 
     await bridge()
     await fake.user_message(fd.DM_CHANNEL, "a question in private", dm=True)
     [answer] = await eventually(lambda: posts(fake, fd.DM_CHANNEL), what="the DM answer")
-    assert buttons(answer) == [HUMAN_BUTTON]
+    assert hand_over_buttons(answer) == [HUMAN_BUTTON]
     await fake.click(answer, HUMAN_BUTTON, user=fd.ALICE)
     confirmation = await eventually(lambda: posts(fake, fd.DM_CHANNEL)[1:], what="the confirmation")
     assert confirmation[0]["content"] == RAISED_IN_DM
@@ -449,4 +455,4 @@ async def test_slash_answers_offer_the_hand_over_only_inside_a_thread(bridge: Br
         [followup] = await eventually(
             lambda i=interaction: fake.rest("POST", rf"/webhooks/{fd.APP_ID}/{i['token']}"), what="the followup"
         )
-        assert [b["custom_id"] for row in followup.json.get("components", []) for b in row["components"]] == offered
+        assert hand_over_buttons(followup.json) == offered

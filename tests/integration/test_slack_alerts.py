@@ -56,9 +56,11 @@ class ShiftedClock(SystemClock):
 
 
 def settings_for(
-    emulator: Emulator, slack: FakeSlack, state: Path, *, mode: str = "http", human_button: bool = True
+    emulator: Emulator, slack: FakeSlack, state: Path, *, mode: str = "http", human_button: bool = True,
+    feedback: bool = True,
 ) -> config.Settings:
     transport = "signing_secret: ${SLACK_SIGNING_SECRET}" if mode == "http" else "app_token: ${SLACK_APP_TOKEN}"
+    buttons_on = (str(human_button).lower(), str(feedback).lower())
     return config.loads(
         f"""
 insitechat: {{base_url: "{emulator.base_url}", api_key: "${{IC_KEY}}"}}
@@ -72,7 +74,7 @@ slack:
 chatbots:
   - {{id: {BOT}, name: Sandbox Bot, webhook_secret: "${{HOOK_SECRET}}"}}
 routes:
-  - {{platform: slack, chatbot: {BOT}, reply: mention, human_button: {str(human_button).lower()}}}
+  - {{platform: slack, chatbot: {BOT}, reply: mention, human_button: {buttons_on[0]}, feedback: {buttons_on[1]}}}
 alerts:
   - chatbot: {BOT}
     events: [conversation.started, message.received, conversation.escalated]
@@ -468,7 +470,7 @@ async def test_the_button_sits_under_the_last_part_only_and_can_be_switched_off(
 
 
 async def test_no_button_when_the_route_turns_it_off(start_bridge: StartBridge, slack: FakeSlack) -> None:
-    await (await start_bridge(human_button=False)).event(payload("app_mention"))
+    await (await start_bridge(human_button=False, feedback=False)).event(payload("app_mention"))
     [answer] = await slack.wait_for(lambda: slack.messages.get("C0GENERAL"))
     assert "blocks" not in answer and "refund policy" in answer["text"]
 
