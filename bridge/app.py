@@ -19,6 +19,7 @@ from bridge.backoff import Backoff
 from bridge.clock import Clock, SystemClock
 from bridge.config import Settings
 from bridge.desk import AlertDesk
+from bridge.digest import DigestScheduler
 from bridge.facts import FactLog
 from bridge.handover import HandOvers
 from bridge.insitechat import FileQuotaMark, InsiteChatClient, QuotaMark, RedisQuotaMark, RetryPolicy
@@ -158,6 +159,13 @@ class BridgeApp:
         self.outbox = Outbox(self.store, self.desk, self.clock, attempt_lease=leases.delivery_attempt)
         self.desk.on_queued = self.outbox.wake
         self.handovers = HandOvers(settings, self.desk)
+        # The weekly report digest, when configured: queued once per week whichever replica checks first.
+        digest = settings.report.digest
+        self.digest = (
+            DigestScheduler(settings, digest, self.store, self.facts, self.clock, on_queued=self.outbox.wake)
+            if digest is not None
+            else None
+        )
         self.relay = Relay(
             settings, self.store, self.clients, self.outbox,
             clock=self.clock, desk=self.desk, handovers=self.handovers, lease=leases.job, facts=self.facts,
@@ -244,6 +252,8 @@ class BridgeApp:
         # Alerts and replies flow from the start; one for a platform that is not up yet fails
         # and waits in the store for the outbox's next try.
         self.outbox.start()
+        if self.digest is not None:
+            self.digest.start()
         if self.gateway_lease is not None:
             await self.gateway_lease.start()  # one try first: a lone replica's first attempt connects the gateway
         for adapter in self.adapters:
@@ -325,6 +335,8 @@ class BridgeApp:
                 await adapter.stop_intake()
         if self._maintenance is not None:
             self._maintenance.cancel()
+        if self.digest is not None:
+            await self.digest.stop()
         await self.relay.drain(self.grace)
         # What is due goes out now if it can (a bounded try); the rest stays queued.
         await self.outbox.stop(final_pass=min(self.grace, FINAL_PASS))
