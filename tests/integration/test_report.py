@@ -240,3 +240,18 @@ def test_the_command_refuses_bad_input_with_exit_2(tmp_path: Path) -> None:
     missing = run_report("--config", str(report_config(tmp_path, f"{{sqlite: '{tmp_path / 'none.db'}'}}")))
     assert missing.returncode == 1 and "no state file at" in missing.stderr
     assert not (tmp_path / "none.db").exists()  # the report creates nothing
+
+
+def test_the_sandbox_prints_the_report_of_its_own_store() -> None:
+    from tests.integration.test_cli_e2e import run_cli
+
+    lines = ["What are your opening hours?", "/visitor can I talk to a human please", "/claim", "/report", "/report 9x"]
+    result = run_cli("run", stdin="\n".join(lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "sandbox> InsiteChat bridge report: " in out and "(7d 0h)" in out
+    block = out.split("sandbox> Sandbox Bot (")[1]
+    for line in ("Questions answered:  1", "Escalations:         1", "Alerts still open:   1"):
+        assert f"sandbox>   {line}" in block
+    assert "sandbox>   Time to claim:       median " in block and "(1 alert)" in block
+    assert "usage: /report [7d | 24h | 90m]: '9x' is not a duration" in out
