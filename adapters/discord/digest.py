@@ -15,25 +15,29 @@ from bridge.report import Report, figure_lines, window_text
 
 TITLE = "📊 Weekly InsiteChat report"
 COLOUR = 0x4A90D9
-MAX_CHATBOTS = 20  # an embed holds 25 fields and 6000 characters: about 250 per chatbot
+# An embed holds 25 fields and 6000 characters in all: chatbots are shown while they fit.
+EMBED_LIMIT = 6000
+MAX_FIELDS = 25
+RESERVED = 200  # for the "...and N more" line
 FIELD_NAME_LIMIT = 256
 NO_MENTIONS = discord.AllowedMentions.none()
 
 
 def digest_embed(report: Report, charts: Sequence[Chart] = ()) -> dict[str, Any]:
-    """The digest as embed data: the window, then one inline-free field per chatbot; the first chart as its image."""
-    fields = [
-        {
-            "name": neutralise_discord(bot.label)[:FIELD_NAME_LIMIT],
-            "value": "\n".join(f"**{label}:** {value}" for label, value in figure_lines(bot)),
-            "inline": False,
-        }
-        for bot in report.chatbots[:MAX_CHATBOTS]
-    ]
-    hidden = len(report.chatbots) - MAX_CHATBOTS
+    """The digest as embed data: the window, then one field per chatbot while they fit; the first chart as its image."""
     description = window_text(report)
+    budget = EMBED_LIMIT - len(TITLE) - len(description) - RESERVED
+    fields: list[dict[str, Any]] = []
+    for bot in report.chatbots[:MAX_FIELDS]:
+        name = neutralise_discord(bot.label)[:FIELD_NAME_LIMIT]
+        value = "\n".join(f"**{label}:** {value}" for label, value in figure_lines(bot))
+        budget -= len(name) + len(value)
+        if budget < 0:
+            break
+        fields.append({"name": name, "value": value, "inline": False})
     if not report.chatbots:
         description += "\nNothing happened this week: no answers or alerts."
+    hidden = len(report.chatbots) - len(fields)
     if hidden > 0:
         description += f"\n…and {hidden} more chatbot(s): run `insitechat-bridge report` for all of them."
     embed: dict[str, Any] = {"title": TITLE, "description": description, "color": COLOUR, "fields": fields}

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 DIGEST_EVENT_TYPE = "insitechat_digest"  # message metadata event_type of every digest
 TITLE = "Weekly InsiteChat report"
-MAX_CHATBOTS = 20  # three blocks each, within Block Kit's 50 per message
+MAX_CHATBOTS = 15  # three blocks each: 2 + 45 + 1 within Block Kit's 50 per message
 
 
 def digest_metadata(key: str) -> dict[str, Any]:
