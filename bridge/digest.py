@@ -70,6 +70,11 @@ class DigestScheduler:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        if self._digest.charts:
+            from bridge.charts import available
+
+            if not available():
+                log.info("the weekly digest goes out as text: its charts need pip install 'insitechat-bridge[charts]'")
         self._task = asyncio.get_running_loop().create_task(self._run(), name="digest")
 
     async def stop(self) -> None:
