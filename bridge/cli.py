@@ -544,8 +544,11 @@ def _duration(text: str) -> float:
 
 async def _cmd_report(args: argparse.Namespace) -> int:
     """The report from the store the config names, read without taking anything over from a running bridge."""
+    import time
+
     from bridge.report import gather_report, render_text
     from bridge.store import StoreError
+    from bridge.store.redis import RedisStore
     from bridge.store.sqlite import FactsReader
 
     window: float = args.since
@@ -555,26 +558,16 @@ async def _cmd_report(args: argparse.Namespace) -> int:
     state = settings.state if settings is not None else config.StateSettings()
     names = {bot.id: bot.name for bot in settings.chatbots if bot.name} if settings is not None else {}
     timezone = settings.report.timezone if settings is not None else "UTC"
-    import time
-
     until = time.time()
     try:
-        if state.redis_url:
-            from bridge.store.redis import RedisStore
-
-            store = RedisStore(state.redis_url, prefix=state.redis_prefix)
-            try:
-                report = await gather_report(store, since=until - window, until=until, names=names, timezone=timezone)
-            finally:
-                await store.close()
-        else:
-            reader = FactsReader(state.sqlite)
-            try:
-                report = await gather_report(
-                    reader, since=until - window, until=until, names=names, timezone=timezone
-                )
-            finally:
-                await reader.close()
+        # A state file is read through a read-only connection: opening it as a store voids its leases.
+        source = (
+            RedisStore(state.redis_url, prefix=state.redis_prefix) if state.redis_url else FactsReader(state.sqlite)
+        )
+        try:
+            report = await gather_report(source, since=until - window, until=until, names=names, timezone=timezone)
+        finally:
+            await source.close()
     except StoreError as exc:
         raise CommandFailed(str(exc)) from None
     sys.stdout.write(render_text(report))

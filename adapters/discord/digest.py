@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,7 +14,10 @@ from adapters.discord.formatting import neutralise_discord
 from bridge.charts import Chart
 from bridge.report import Report, figure_lines, window_text
 
+log = logging.getLogger(__name__)
+
 TITLE = "📊 Weekly InsiteChat report"
+MISSING_PERMISSIONS = 50013
 COLOUR = 0x4A90D9
 # An embed holds 25 fields and 6000 characters in all: chatbots are shown while they fit.
 EMBED_LIMIT = 6000
@@ -61,7 +65,16 @@ class DiscordDigests:
         embed = card_embed({"embed": digest_embed(report, charts)}, key_marker(key))
         files = [discord.File(io.BytesIO(c.png), filename=c.filename, description=c.title) for c in charts]
         target = self._client().get_partial_messageable(int(channel))
-        message = await target.send(
-            embed=embed, files=files, nonce=delivery_nonce(key, "digest"), allowed_mentions=NO_MENTIONS
-        )
+        nonce = delivery_nonce(key, "digest")
+        try:
+            message = await target.send(embed=embed, files=files, nonce=nonce, allowed_mentions=NO_MENTIONS)
+        except discord.Forbidden as exc:
+            if not files or exc.code != MISSING_PERMISSIONS:
+                raise
+            # Attach Files is not in the invite's permissions: the text goes out on its own.
+            log.warning("discord: the digest in %s goes out without its charts: the bot lacks Attach Files", channel)
+            message = await target.send(
+                embed=card_embed({"embed": digest_embed(report)}, key_marker(key)), nonce=nonce,
+                allowed_mentions=NO_MENTIONS,
+            )
         return str(message.id)

@@ -334,6 +334,14 @@ class FakeDiscord:
         own["allow"] = str(int(own["allow"]) & ~bits)
         await self.dispatch("CHANNEL_UPDATE", data)
 
+    async def grant(self, *permissions: str) -> None:
+        """Give the bot's role permissions (discord.Permissions names) server-wide, e.g. attach_files."""
+        bits = P(**{name: True for name in permissions}).value
+        for role in self.roles:
+            if int(role["id"]) == BOT_ROLE_ID:
+                role["permissions"] = str(int(role["permissions"]) | bits)
+                await self.dispatch("GUILD_ROLE_UPDATE", {"guild_id": str(GUILD_ID), "role": role})
+
     def bot_permissions(self, channel_id: int) -> int:
         """The bot's permissions in a guild channel (a thread: its parent's), computed as Discord does."""
         channel = self.threads.get(channel_id) or self.channels.get(channel_id) or {}
@@ -832,6 +840,10 @@ class FakeDiscord:
         refused = self._refusal(cid, P(send_messages_in_threads=True) if in_thread else P(send_messages=True))
         if refused is not None:
             return refused
+        if request.get(UPLOADS):  # files need Attach Files as well
+            refused = self._refusal(cid, P(attach_files=True))
+            if refused is not None:
+                return refused
         content = body.get("content") or ""
         if len(content) > 2000:
             return self._json({"message": "Invalid Form Body", "code": 50035, "errors": {"content": {"_errors": [

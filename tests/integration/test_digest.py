@@ -228,6 +228,7 @@ async def test_discord_gets_the_digest_once_across_a_restart_with_its_charts_att
     clock = clock_at(UNTIL - 30)
     await seed(path, clock)
     settings = digest_settings(f"{{sqlite: '{path}'}}", discord=True, extra=f", charts: {str(with_charts).lower()}")
+    await fake_discord.grant("attach_files")
     first = await apps(settings, clock)
     clock.advance(CHECK_EVERY)
     (posted,) = await eventually(lambda: discord_digests(fake_discord), what="the digest")
@@ -253,3 +254,16 @@ async def test_discord_gets_the_digest_once_across_a_restart_with_its_charts_att
         assert embed["image"]["url"] == "attachment://questions-per-day.png"
     else:
         assert uploads == [] and "image" not in embed
+
+
+@needs_matplotlib
+async def test_without_attach_files_the_discord_digest_goes_out_as_text(
+    fake_discord: FakeDiscord, apps: Apps, tmp_path: Path
+) -> None:
+    path = tmp_path / "state.db"
+    clock = clock_at(UNTIL + 5)
+    await seed(path, clock)
+    await apps(digest_settings(f"{{sqlite: '{path}'}}", discord=True), clock)  # charts: true, the default
+    (posted,) = await eventually(lambda: discord_digests(fake_discord), what="the digest")
+    assert fake_discord.uploads == {} and "image" not in posted["embeds"][0]
+    assert "**Questions answered:** 4" in posted["embeds"][0]["fields"][0]["value"]
