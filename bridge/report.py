@@ -297,16 +297,17 @@ def figure_lines(bot: ChatbotFigures) -> list[tuple[str, str]]:
         ("Flagged answers", str(bot.flagged)),
         ("Escalations", str(bot.escalations)),
         ("Human requests", str(bot.human_requests)),
-        ("Time to claim", _durations_text(bot.to_claim)),
-        ("Time to resolve", _durations_text(bot.to_resolve)),
+        ("Time to claim", _durations_text(bot.to_claim, bot.alerts, "claimed")),
+        ("Time to resolve", _durations_text(bot.to_resolve, bot.alerts, "resolved")),
         ("Alerts still open", str(bot.open_alerts)),
     ]
 
 
-def _durations_text(d: Durations) -> str:
+def _durations_text(d: Durations, alerts: int, done: str) -> str:
+    """"median 2m, p90 10m (4 of 5 alerts claimed)"; "-" when none got there."""
     if not d.count:
-        return "-"
-    return f"median {duration_text(d.median)}, p90 {duration_text(d.p90)} ({d.count} alert{'s' * (d.count != 1)})"
+        return f"- (none of {alerts} alerts {done})" if alerts else "-"
+    return f"median {duration_text(d.median)}, p90 {duration_text(d.p90)} ({d.count} of {alerts} alerts {done})"
 
 
 def render_text(report: Report) -> str:

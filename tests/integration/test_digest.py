@@ -142,7 +142,7 @@ async def test_slack_gets_the_digest_once_across_a_restart_at_the_scheduled_minu
     fields = {f["text"] for b in posted["blocks"] for f in b.get("fields", [])}
     assert "Support Bot" in text and "2026-11-23 09:00 to 2026-11-30 09:00 UTC" in str(posted["blocks"])
     assert {"*Questions answered*\n4", "*Unanswered*\n1 (25%)", "*Alerts still open*\n3"} <= fields
-    assert "*Time to claim*\nmedian 2m, p90 10m (4 alerts)" in fields
+    assert "*Time to claim*\nmedian 2m, p90 10m (4 of 5 alerts claimed)" in fields
     if with_charts:
         await eventually(lambda: len(slack.files) == 2, what="the two charts")
         assert {(f.filename, f.channel, f.thread_ts) for f in slack.files} == {
@@ -251,7 +251,7 @@ async def test_discord_gets_the_digest_once_across_a_restart_with_its_charts_att
     assert field["name"] == f"Support Bot ({BOT_A})" and other["name"] == BOT_B
     assert "**Unanswered:** 2 (67%)" in other["value"]
     assert "**Questions answered:** 4" in field["value"] and "**Alerts still open:** 3" in field["value"]
-    assert "**Time to resolve:** median 1h 00m, p90 2h 00m (3 alerts)" in field["value"]
+    assert "**Time to resolve:** median 1h 00m, p90 2h 00m (3 of 5 alerts resolved)" in field["value"]
     assert MARKER_PREFIX in embed["url"]  # found again after a crash, like an alert card
     assert posted["mentions"] == [] and not posted["mention_everyone"]
     uploads = fake_discord.uploads.get(int(posted["id"]), [])

@@ -133,8 +133,8 @@ def test_the_text_report_shows_every_figure() -> None:
         "Flagged answers:     1",
         "Escalations:         2",
         "Human requests:      1",
-        "Time to claim:       median 2m, p90 10m (4 alerts)",
-        "Time to resolve:     median 1h 00m, p90 2h 00m (3 alerts)",
+        "Time to claim:       median 2m, p90 10m (4 of 5 alerts claimed)",
+        "Time to resolve:     median 1h 00m, p90 2h 00m (3 of 5 alerts resolved)",
         "Alerts still open:   3",
     ):
         assert line in block_a
@@ -253,5 +253,5 @@ def test_the_sandbox_prints_the_report_of_its_own_store() -> None:
     block = out.split("sandbox> Sandbox Bot (")[1]
     for line in ("Questions answered:  1", "Escalations:         1", "Alerts still open:   1"):
         assert f"sandbox>   {line}" in block
-    assert "sandbox>   Time to claim:       median " in block and "(1 alert)" in block
+    assert "sandbox>   Time to claim:       median " in block and "(1 of 1 alerts claimed)" in block
     assert "usage: /report [7d | 24h | 90m]: '9x' is not a duration" in out
