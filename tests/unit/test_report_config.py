@@ -61,3 +61,15 @@ def test_percentiles_are_nearest_rank() -> None:
     assert (percentile(values, 0.5), percentile(values, 0.9)) == (20.0, 40.0)
     ten = [float(i) for i in range(1, 11)]
     assert (percentile(ten, 0.5), percentile(ten, 0.9)) == (5.0, 9.0)
+
+
+def test_the_slack_manifest_asks_for_files_write_only_for_a_digest_with_charts_in_slack() -> None:
+    from adapters.slack import manifest
+
+    def scopes(report: str) -> list[str]:
+        return list(manifest(config.loads(BASE + report, env=ENV))["oauth_config"]["scopes"]["bot"])
+
+    assert "files:write" in scopes("report: {digest: {to: ['slack:C1']}}\n")
+    assert "files:write" not in scopes("")
+    assert "files:write" not in scopes("report: {digest: {to: ['slack:C1'], charts: false}}\n")
+    assert "files:write" not in scopes("report: {digest: {to: ['discord:42']}}\n")
