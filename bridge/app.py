@@ -19,6 +19,7 @@ from bridge.backoff import Backoff
 from bridge.clock import Clock, SystemClock
 from bridge.config import Settings
 from bridge.desk import AlertDesk
+from bridge.digest import DigestScheduler
 from bridge.facts import FactLog
 from bridge.feedback import Feedback
 from bridge.handover import HandOvers
@@ -164,6 +165,13 @@ class BridgeApp:
         )
         self.desk.on_queued = self.outbox.wake
         self.handovers = HandOvers(settings, self.desk)
+        # The weekly report digest, when configured: queued once per week whichever replica checks first.
+        digest = settings.report.digest
+        self.digest = (
+            DigestScheduler(settings, digest, self.store, self.facts, self.clock, on_queued=self.outbox.wake)
+            if digest is not None
+            else None
+        )
         self.relay = Relay(
             settings, self.store, self.clients, self.outbox,
             clock=self.clock, desk=self.desk, handovers=self.handovers, lease=leases.job, facts=self.facts,
@@ -253,6 +261,8 @@ class BridgeApp:
         # Alerts and replies flow from the start; one for a platform that is not up yet fails
         # and waits in the store for the outbox's next try.
         self.outbox.start()
+        if self.digest is not None:
+            self.digest.start()
         if self.gateway_lease is not None:
             await self.gateway_lease.start()  # one try first: a lone replica's first attempt connects the gateway
         for adapter in self.adapters:
@@ -334,6 +344,8 @@ class BridgeApp:
                 await adapter.stop_intake()
         if self._maintenance is not None:
             self._maintenance.cancel()
+        if self.digest is not None:
+            await self.digest.stop()
         await self.relay.drain(self.grace)
         # What is due goes out now if it can (a bounded try); the rest stays queued.
         await self.outbox.stop(final_pass=min(self.grace, FINAL_PASS))

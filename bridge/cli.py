@@ -120,6 +120,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     health.add_argument("--config", "-c", default=os.environ.get(CONFIG_ENV), required=CONFIG_ENV not in os.environ)
 
+    report = command(
+        "report",
+        "Print per chatbot: questions answered, unanswered rate, votes, flagged answers, escalations, human "
+        "requests, time to claim and to resolve alerts, alerts still open. Reads the config's state store; "
+        "a running bridge is not disturbed.",
+        _cmd_report,
+    )
+    report.add_argument(
+        "--since", default=7 * 86_400.0, type=_duration, help="how far back: 7d, 24h, 90m, 2w (default 7d; at most 35d)"
+    )
+    report.add_argument(
+        "--config", "-c", default=os.environ.get(CONFIG_ENV), help="default: the state file ./bridge-state.db"
+    )
+
     emulator = command("emulator", "Serve a local InsiteChat-compatible API for development and tests.", _cmd_emulator)
     emulator.add_argument("--host", default="127.0.0.1")
     emulator.add_argument("--port", type=int, default=8765)
@@ -512,6 +526,51 @@ async def _cmd_health(args: argparse.Namespace) -> int:
     if response.status_code != 200:
         raise CommandFailed(f"{url}: {response.status_code} {response.text[:200]}")
     print(f"ok    {url}")
+    return EXIT_OK
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def _duration(text: str) -> float:
+    """--since: argparse says what is wrong, with the usage, and exits 2."""
+    from bridge.report import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+async def _cmd_report(args: argparse.Namespace) -> int:
+    """The report from the store the config names, read without taking anything over from a running bridge."""
+    import time
+
+    from bridge.report import gather_report, render_text
+    from bridge.store import StoreError
+    from bridge.store.redis import RedisStore
+    from bridge.store.sqlite import FactsReader
+
+    window: float = args.since
+    # Only the state section's ${VARS} are needed (a Redis password): the report makes no other connection.
+    settings = config.load(args.config, env_needed_by=("state",)) if args.config else None
+    _setup_logs(args, settings)
+    state = settings.state if settings is not None else config.StateSettings()
+    names = {bot.id: bot.name for bot in settings.chatbots if bot.name} if settings is not None else {}
+    timezone = settings.report.timezone if settings is not None else "UTC"
+    until = time.time()
+    try:
+        # A state file is read through a read-only connection: opening it as a store voids its leases.
+        source = (
+            RedisStore(state.redis_url, prefix=state.redis_prefix) if state.redis_url else FactsReader(state.sqlite)
+        )
+        try:
+            report = await gather_report(source, since=until - window, until=until, names=names, timezone=timezone)
+        finally:
+            await source.close()
+    except StoreError as exc:
+        raise CommandFailed(str(exc)) from None
+    sys.stdout.write(render_text(report))
     return EXIT_OK
 
 

@@ -368,6 +368,52 @@ class WebhookSettings(_Model):
     max_age_minutes: float = Field(default=60.0, gt=0)
 
 
+WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+_DIGEST_DESTINATION = re.compile(r"^(slack|discord):([A-Za-z0-9_-]+)$")
+
+
+class DigestSettings(_Model):
+    """The weekly digest: the report of the 7 days before weekday/hour, posted once into alert channels."""
+
+    to: tuple[str, ...]
+    weekday: Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"] = "monday"
+    hour: int = Field(9, ge=0, le=23)
+    charts: bool = True  # attach PNG charts when the `charts` extra (matplotlib) is installed
+
+    @field_validator("weekday", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("to")
+    @classmethod
+    def _destinations(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("needs at least one destination")
+        for item in value:
+            if not _DIGEST_DESTINATION.match(item):
+                raise ValueError(f'{item!r} is not "slack:<channel id>" or "discord:<channel id>"')
+        return tuple(dict.fromkeys(value))
+
+
+class ReportSettings(_Model):
+    timezone: str = "UTC"  # an IANA name (Europe/Berlin): the report's days and the digest's weekday and hour
+    digest: DigestSettings | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        if value.upper() == "UTC":
+            return "UTC"
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a time zone name like UTC or Europe/Berlin") from None
+        return value
+
+
 class LoggingSettings(_Model):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -386,6 +432,7 @@ class Settings(_Model):
     alerts: tuple[AlertRule, ...] = ()
     webhooks: WebhookSettings = WebhookSettings()
     logging: LoggingSettings = LoggingSettings()
+    report: ReportSettings = ReportSettings()
 
     def cross_problems(self) -> Iterator[str]:
         """Problems that span sections (a route to an unconfigured platform, an unknown key...)."""
@@ -420,6 +467,11 @@ class Settings(_Model):
                 platform = dest.split(":", 1)[0]
                 if self._platform(platform) is None:
                     yield f"alerts[{i}].to[{j}]: {platform} has no section configured"
+        digest = self.report.digest
+        for j, dest in enumerate(digest.to if digest is not None else ()):
+            platform = dest.split(":", 1)[0]
+            if self._platform(platform) is None:
+                yield f"report.digest.to[{j}]: {platform} has no section configured"
 
     def _routes_slack_dms(self) -> bool:
         return any(

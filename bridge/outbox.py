@@ -16,7 +16,7 @@ from bridge.backoff import Backoff
 from bridge.clock import Clock
 from bridge.desk import AlertDesk
 from bridge.messages import Conversation, Delivery, Inbound, Outbound, OutboundKind
-from bridge.ports import Adapter, AlertPoster, PermanentSendError, TellsRefusal
+from bridge.ports import Adapter, AlertPoster, PermanentSendError, PostsDigest, TellsRefusal
 from bridge.store import ChatJob, OutboxItem, ReplyKind, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,8 @@ class Outbox:
             delivery = Delivery(item.key, look_first=item.started, since=item.created_at)
             sent = await adapter.send(Outbound(conversation, parts, OutboundKind.NOTICE, delivery=delivery))
             return sent[0] if sent else ""
+        if kind == "digest":
+            return await self._digest(adapter, platform, item)
         if not isinstance(adapter, AlertPoster):
             raise PermanentSendError(f"{platform} cannot carry alert cards")
         alert = await self._desk.load(item.payload["alert"])
@@ -294,6 +296,24 @@ class Outbox:
         channel = item.destination.split(":", 1)[1]
         await poster.update_alert(channel, reference, poster.render_card(alert, ()))
         return reference
+
+    async def _digest(self, adapter: Adapter, platform: str, item: OutboxItem) -> str:
+        """The weekly digest (queued by bridge/digest.py), with its charts when they are wanted and can be drawn."""
+        if not isinstance(adapter, PostsDigest):
+            raise PermanentSendError(f"{platform} cannot carry the report digest")
+        channel = item.destination.split(":", 1)[1]
+        if item.started or item.attempts:
+            # An earlier attempt may have posted before it could record so: look first.
+            found = await adapter.find_digest(channel, item.key, since=item.created_at)
+            if found:
+                log.info("the digest %s was already posted to %s; not posting again", item.key, item.destination)
+                return found
+        from bridge.charts import render_charts  # only a digest needs it, once a week
+        from bridge.report import Report
+
+        report = Report.from_json(item.payload["report"])
+        charts = await render_charts(report) if item.payload.get("charts") else []
+        return await adapter.post_digest(channel, report, charts, key=item.key)
 
     async def _add_thread_link(self, alert: Alert) -> None:
         if not alert.conversation or alert.thread_link:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from bridge.alerts import Alert
 from bridge.messages import Conversation, Inbound, Outbound
+
+if TYPE_CHECKING:
+    from bridge.charts import Chart
+    from bridge.report import Report
 
 
 class PermanentSendError(Exception):
@@ -152,3 +157,18 @@ class StopsIntake(Protocol):
 
         Called before the relay drains at shutdown.
         """
+
+
+@runtime_checkable
+class PostsDigest(Protocol):
+    """A platform that can carry the weekly report digest (Slack blocks, a Discord embed), with charts where it can."""
+
+    async def post_digest(self, channel: str, report: Report, charts: Sequence[Chart], *, key: str) -> str:
+        """Post the digest to a channel; return its reference. `key` marks the post, so `find_digest` finds it.
+
+        The charts are an extra: one that cannot be attached is logged and left out, the text
+        goes out regardless. Raises when the text was not posted (PermanentSendError when it never will be).
+        """
+
+    async def find_digest(self, channel: str, key: str, *, since: float) -> str | None:
+        """The reference of a digest already posted with `key` since the epoch time `since`, if any."""

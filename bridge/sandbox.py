@@ -25,6 +25,7 @@ HELP = [
     "Rate the last answer: /up, or /down [reason] (a 👎 raises an answer.flagged alert).",
     f"The bot knows nothing about the {SANDBOX_GAP_TOPIC}: ask about it to see its fallback message and a "
     "knowledge-gap alert.",
+    "/report [7d] prints the report: answers, gaps, votes, alerts and how fast they were claimed.",
     "On a terminal: arrow keys edit the line, up and down recall earlier lines.",
 ]
 
@@ -67,7 +68,7 @@ class Sandbox:
 
     async def prepare(self) -> BridgeApp:
         base_url = await self.emulator.start("127.0.0.1", 0)
-        commands = {"/visitor": self._visitor, "/lead": self._lead, "/help": self._help}
+        commands = {"/visitor": self._visitor, "/lead": self._lead, "/help": self._help, "/report": self._report}
         self.app = BridgeApp(
             sandbox_settings(base_url, self.state_dir),
             grace=self._grace,
@@ -137,3 +138,20 @@ class Sandbox:
 
     async def _help(self, text: str) -> list[str]:
         return HELP
+
+    async def _report(self, text: str) -> list[str]:
+        """The report over this sandbox's store, as `insitechat-bridge report` prints it."""
+        from bridge.report import gather_report, parse_duration, render_text
+
+        assert self.app is not None
+        try:
+            window = parse_duration(text or "7d")
+        except ValueError as exc:
+            return [f"usage: /report [7d | 24h | 90m]: {exc}"]
+        await self.app.facts.flush()  # the last second's facts are not written yet
+        now = self.app.clock.time()
+        names = {bot.id: bot.name for bot in self.app.settings.chatbots if bot.name}
+        report = await gather_report(
+            self.app.store, since=now - window, until=now, names=names, timezone=self.app.settings.report.timezone
+        )
+        return render_text(report).splitlines()

@@ -8,7 +8,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -16,6 +16,7 @@ import discord
 from discord import app_commands
 
 from adapters.discord.alerts import AlertCards, jump_url
+from adapters.discord.digest import DiscordDigests
 from adapters.discord.interactions import DiscordInteractions
 from adapters.discord.places import Memory, Origin, place_of_channel
 from adapters.discord.posting import NO_MENTIONS, DiscordPoster
@@ -30,12 +31,14 @@ from adapters.discord.translate import (
 from adapters.discord.cards import discord_card
 from adapters.discord.formatting import to_discord
 from bridge.alerts import Alert
+from bridge.charts import Chart
 from bridge.clock import Clock, SystemClock
 from bridge.config import DiscordSettings
 from bridge.desk import AlertDesk
 from bridge.feedback import Feedback
 from bridge.handover import HandOvers
 from bridge.messages import Conversation, Inbound, Outbound
+from bridge.report import Report
 from bridge.ports import GatewayLease, PermanentSendError
 from bridge.store import StoreError
 
@@ -535,6 +538,16 @@ class DiscordAdapter:
 
     async def update_alert(self, channel: str, reference: str, card: dict[str, Any]) -> None:
         await self._cards.update(channel, reference, card)
+
+    # --- the weekly digest (PostsDigest) -----------------------------------------------------------
+
+    async def post_digest(self, channel: str, report: Report, charts: Sequence[Chart], *, key: str) -> str:
+        """The report digest as an embed with the charts attached (adapters/discord/digest.py)."""
+        return await DiscordDigests(self._require_client).post(channel, report, charts, key=key)
+
+    async def find_digest(self, channel: str, key: str, *, since: float) -> str | None:
+        """A digest posted with `key` since `since`: marked like an alert card, so found like one."""
+        return await self._cards.find(channel, key, since=since, thread="")
 
     async def permalink(self, conversation: Conversation) -> str | None:
         """A link to the conversation's thread (or, with threads off, to the question it answers)."""

@@ -25,6 +25,7 @@ from slack_sdk.signature import SignatureVerifier
 from adapters.slack.alerts import SECTION_LIMIT, alert_key, alert_metadata
 from adapters.slack.assistant import PromptsFor, Shown, SlackAssistant, StatusWatch, settled
 from adapters.slack.feedback import PLAIN_BUTTONS, answer_blocks
+from adapters.slack.digest import SlackDigests, digest_key
 from adapters.slack.delivery import SlackPostRefused, part_mark, part_metadata, quietly, refusal_notice, send_error
 from adapters.slack.interactions import BotUser, Serves, SlackInteractions
 from adapters.slack.setup import (
@@ -45,6 +46,8 @@ from bridge.desk import AlertDesk
 from adapters.slack.cards import slack_card
 from adapters.slack.formatting import to_slack
 from bridge.alerts import Alert
+from bridge.charts import Chart
+from bridge.report import Report
 from bridge.formatting import split_text
 from bridge.messages import Conversation, Delivery, Inbound, Outbound
 from bridge.handover import HandOvers
@@ -761,6 +764,25 @@ class SlackAdapter:
             raise SlackError(f"updating the alert card in {channel} failed ({code})") from None
         except NETWORK_ERRORS as exc:
             raise SlackError(f"updating the alert card in {channel} failed ({error_code(exc)})") from None
+
+    # --- the weekly digest (PostsDigest) -----------------------------------------------------------
+
+    async def post_digest(self, channel: str, report: Report, charts: Sequence[Chart], *, key: str) -> str:
+        """The report digest as Block Kit (adapters/slack/digest.py); returns its ts."""
+        return await SlackDigests(self.client).post(channel, report, charts, key=key)
+
+    async def find_digest(self, channel: str, key: str, *, since: float) -> str | None:
+        """The ts of a digest posted with `key` since `since`, found by its metadata."""
+        found: list[str] = []
+
+        def visit(message: dict[str, Any]) -> bool:
+            if digest_key(message) != key:
+                return False
+            found.append(str(message.get("ts") or ""))
+            return True
+
+        await self._scan(channel, thread="", since=since, what="the report digest", visit=visit)
+        return (found[0] or None) if found else None
 
     async def permalink(self, conversation: Conversation) -> str | None:
         """A link to the conversation's thread, for alert cards; None for a DM (nobody else can open it)."""

@@ -48,6 +48,8 @@ CHECK_SCOPES: dict[str, str] = {
     "channels:read": "check membership of public channels",
     "groups:read": "check membership of private channels",
 }
+# Only for the weekly digest's charts (report.digest with charts into a Slack channel).
+CHART_SCOPES: dict[str, str] = {"files:write": "upload the weekly digest's charts"}
 BOT_EVENTS = ("app_mention", "message.channels", "message.groups", "message.im")
 # slack.assistant: the assistant view's scope and event. Its questions arrive as message.im;
 # assistant_thread_context_changed is not asked for, as the bridge has no use for it.
@@ -76,13 +78,20 @@ REFUSED_CODES = frozenset(
 )
 
 
+def _chart_scopes(settings: Settings) -> dict[str, str]:
+    digest = settings.report.digest
+    charted = digest is not None and digest.charts and any(to.startswith("slack:") for to in digest.to)
+    return CHART_SCOPES if charted else {}
+
+
 def manifest(settings: Settings, request_url: str = "") -> dict[str, Any]:
     """A ready Slack app manifest (JSON) for `insitechat-bridge slack-manifest`.
 
     Paste it at https://api.slack.com/apps -> Create New App -> From a manifest. It holds:
     - the bot scopes: app_mentions:read, chat:write, channels:history, groups:history,
       im:history, im:read, im:write, reactions:write, commands (what the adapter uses),
-      plus channels:read and groups:read (only `check` uses them, to verify membership);
+      plus channels:read and groups:read (only `check` uses them, to verify membership), and
+      files:write when the weekly digest posts charts into Slack;
     - the bot events app_mention, message.channels, message.groups, message.im
       (follow-ups in a thread arrive only as message events, without a mention);
     - the slash command (`slack.command`, default /ask);
@@ -136,7 +145,7 @@ def manifest(settings: Settings, request_url: str = "") -> dict[str, Any]:
             "background_color": "#2c2d30",
         },
         "features": features,
-        "oauth_config": {"scopes": {"bot": sorted({*required_scopes(slack), *CHECK_SCOPES})}},
+        "oauth_config": {"scopes": {"bot": sorted({*required_scopes(slack), *CHECK_SCOPES, *_chart_scopes(settings)})}},
         "settings": {
             "event_subscriptions": events,
             "interactivity": interactivity,

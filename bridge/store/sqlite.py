@@ -593,3 +593,36 @@ def _job(row: tuple[Any, ...]) -> ChatJob:
 
 def _item(row: tuple[Any, ...]) -> OutboxItem:
     return OutboxItem(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], bool(row[7]))
+
+
+class FactsReader:
+    """A state file's report facts, read through a read-only connection, beside a bridge that may be running.
+
+    Not a SQLiteStore: opening one voids every lease in the file (one process per file), which
+    would let a running bridge's own work be taken over. A read-only connection changes nothing,
+    and in WAL mode it neither waits for the bridge's writes nor holds them up.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self._path = str(path)
+        if not Path(path).is_file():
+            raise StoreError(f"no state file at {self._path} (has the bridge run with this config yet?)")
+        try:
+            self._db = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None)
+            self._db.execute(f"PRAGMA busy_timeout={BUSY_SLICE_MS * 200}")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the state file {self._path}: {exc}") from None
+
+    async def facts_since(self, since: float) -> list[Fact]:
+        try:
+            rows = self._db.execute("SELECT fact FROM facts WHERE at >= ? ORDER BY at, identity", (since,)).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []  # written by a bridge from before the report: nothing noted yet
+            raise StoreError(f"state file {self._path}: {exc}") from None
+        except sqlite3.Error as exc:
+            raise StoreError(f"state file {self._path}: {exc}") from None
+        return [Fact.from_json(row[0]) for row in rows]
+
+    async def close(self) -> None:
+        self._db.close()

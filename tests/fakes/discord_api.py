@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import email.parser
+import email.policy
 import itertools
 import json
 import re
@@ -200,6 +202,7 @@ class FakeDiscord:
         self.resumes: list[dict[str, Any]] = []
         self.commands: list[dict[str, Any]] = []
         self.messages: dict[int, dict[str, Any]] = {}
+        self.uploads: dict[int, list[Upload]] = {}  # message id -> the files posted with it
         # The bot's posts by (channel id, nonce): a lookup, not a scan of every message (the benchmarks post thousands).
         self._bot_nonces: dict[tuple[str, str], dict[str, Any]] = {}
         self.channels: dict[int, dict[str, Any]] = {}
@@ -331,6 +334,14 @@ class FakeDiscord:
         own["deny"] = str(int(own["deny"]) | bits)
         own["allow"] = str(int(own["allow"]) & ~bits)
         await self.dispatch("CHANNEL_UPDATE", data)
+
+    async def grant(self, *permissions: str) -> None:
+        """Give the bot's role permissions (discord.Permissions names) server-wide, e.g. attach_files."""
+        bits = P(**{name: True for name in permissions}).value
+        for role in self.roles:
+            if int(role["id"]) == BOT_ROLE_ID:
+                role["permissions"] = str(int(role["permissions"]) | bits)
+                await self.dispatch("GUILD_ROLE_UPDATE", {"guild_id": str(GUILD_ID), "role": role})
 
     def bot_permissions(self, channel_id: int) -> int:
         """The bot's permissions in a guild channel (a thread: its parent's), computed as Discord does."""
@@ -711,10 +722,13 @@ class FakeDiscord:
     async def _rest(self, request: web.Request) -> web.StreamResponse:
         path = "/" + request.match_info["tail"]
         raw = await request.read()
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            body = raw.decode(errors="replace")
+        if request.content_type == "multipart/form-data":  # a message with files: payload_json + files[n]
+            body, request[UPLOADS] = _multipart(raw, request.headers["Content-Type"])
+        else:
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                body = raw.decode(errors="replace")
         self.calls.append(Call(request.method, path, dict(request.query), body, dict(request.headers)))
         for fault in self.faults:
             if fault.matches(request.method, path):
@@ -815,7 +829,9 @@ class FakeDiscord:
             }
         )
 
-    def _create_bot_message(self, channel_id: int, body: dict[str, Any], *, webhook: bool = False) -> dict[str, Any]:
+    def _create_bot_message(
+        self, channel_id: int, body: dict[str, Any], *, webhook: bool = False, uploads: list[Upload] | None = None
+    ) -> dict[str, Any]:
         message_id = self._next_id()
         data: dict[str, Any] = {
             "id": str(message_id), "channel_id": str(channel_id), "author": BOT_USER,
@@ -833,6 +849,14 @@ class FakeDiscord:
         if body.get("message_reference"):
             data["message_reference"] = body["message_reference"] | {"channel_id": str(channel_id)}
             data["referenced_message"] = self.messages.get(int(body["message_reference"]["message_id"]))
+        if uploads:
+            data["attachments"] = [
+                {"id": str(self._next_id()), "filename": u.filename, "size": len(u.data), "description": u.description,
+                 "url": f"https://cdn.discordapp.com/attachments/{channel_id}/{message_id}/{u.filename}",
+                 "proxy_url": f"https://media.discordapp.net/attachments/{channel_id}/{message_id}/{u.filename}"}
+                for u in uploads
+            ]
+            self.uploads[message_id] = uploads
         self.messages[message_id] = data
         if data["nonce"]:
             self._bot_nonces.setdefault((data["channel_id"], data["nonce"]), data)
@@ -850,6 +874,10 @@ class FakeDiscord:
         refused = self._refusal(cid, P(send_messages_in_threads=True) if in_thread else P(send_messages=True))
         if refused is not None:
             return refused
+        if request.get(UPLOADS):  # files need Attach Files as well
+            refused = self._refusal(cid, P(attach_files=True))
+            if refused is not None:
+                return refused
         content = body.get("content") or ""
         if len(content) > 2000:
             return self._json({"message": "Invalid Form Body", "code": 50035, "errors": {"content": {"_errors": [
@@ -858,7 +886,7 @@ class FakeDiscord:
             existing = self._bot_nonces.get((channel_id, body["nonce"]))
             if existing is not None:
                 return self._json(existing)  # Discord returns the earlier message and creates none
-        return self._json(self._create_bot_message(cid, body))
+        return self._json(self._create_bot_message(cid, body, uploads=request.get(UPLOADS)))
 
     async def _get_messages(self, request: web.Request, body: Any, channel_id: str) -> web.Response:
         """Channel history as Discord gives it: newest first, `after` / `before` / `limit` (ephemeral ones never)."""
@@ -974,6 +1002,36 @@ class FakeDiscord:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A file posted with a message (multipart files[n]); its description comes from payload_json's attachments."""
+
+    filename: str
+    data: bytes
+    description: str = ""
+
+
+UPLOADS = web.RequestKey("uploads", list[Upload])
+
+
+def _multipart(raw: bytes, content_type: str) -> tuple[Any, list[Upload]]:
+    """(payload_json, the files) of a multipart/form-data body, as discord.py sends a message with files."""
+    parsed = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw
+    )
+    body: Any = None
+    files: list[tuple[str, str, bytes]] = []
+    for part in parsed.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        data = part.get_payload(decode=True) or b""
+        if name == "payload_json":
+            body = json.loads(data)
+        elif isinstance(name, str) and name.startswith("files["):
+            files.append((name, str(part.get_filename() or ""), data))
+    described = {str(a.get("filename")): str(a.get("description") or "") for a in (body or {}).get("attachments", [])}
+    return body, [Upload(filename, data, described.get(filename, "")) for _, filename, data in files]
 
 
 def _rich(embed: dict[str, Any]) -> dict[str, Any]:

@@ -154,6 +154,18 @@ class SlackCall:
 
 
 @dataclass
+class SharedFile:
+    """A file shared by files.completeUploadExternal (the last step of files_upload_v2)."""
+
+    id: str
+    title: str
+    filename: str
+    channel: str
+    thread_ts: str
+    data: bytes
+
+
+@dataclass
 class SlackFault:
     method: str
     status: int
@@ -205,6 +217,10 @@ class FakeSlack:
         self.ephemeral: list[dict[str, Any]] = []  # chat.postEphemeral arguments
         self.views: list[dict[str, Any]] = []  # modals opened with views.open: {"trigger_id", "view"}
         self.refused_blocks: set[str] = set()  # block types chat.postMessage answers invalid_blocks for
+        # files_upload_v2: the bytes sent to each upload URL, and each file shared by files.completeUploadExternal.
+        self.uploads: dict[str, bytes] = {}
+        self._upload_names: dict[str, str] = {}  # file id -> file name, from files.getUploadURLExternal
+        self.files: list[SharedFile] = []
         # Reactions the bot has on messages now: (channel, ts) -> names (reactions.add / remove).
         self.reactions: dict[tuple[str, str], set[str]] = {}
         self.hangs: list[SlackHang] = []
@@ -405,6 +421,7 @@ class FakeSlack:
         app.router.add_route("*", "/api/{method}", self._api)
         app.router.add_get("/link", self._socket)
         app.router.add_post("/response/{name}", self._response)
+        app.router.add_post("/upload/{file_id}", self._upload)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
@@ -696,6 +713,32 @@ class FakeSlack:
         return {"ok": True, "channel": info}, {}
 
     # --- socket mode and response URLs ------------------------------------------------------
+
+    def _m_files_getUploadURLExternal(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        if not args.get("filename") or not str(args.get("length") or "").isdigit():
+            return {"ok": False, "error": "invalid_arguments"}, {}
+        file_id = "F" + uuid.uuid4().hex[:10].upper()
+        self._upload_names[file_id] = str(args["filename"])
+        return {"ok": True, "upload_url": f"{self.url}/upload/{file_id}", "file_id": file_id}, {}
+
+    def _m_files_completeUploadExternal(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        files = _json_arg(args.get("files")) or []
+        if any(f.get("id") not in self.uploads for f in files):
+            return {"ok": False, "error": "file_not_found"}, {}  # never uploaded to its URL
+        channel, thread = str(args.get("channel_id") or ""), str(args.get("thread_ts") or "")
+        for f in files:
+            name, data = self._upload_names[f["id"]], self.uploads[f["id"]]
+            self.files.append(SharedFile(f["id"], str(f.get("title") or ""), name, channel, thread, data))
+        return {"ok": True, "files": [{"id": f["id"], "title": f.get("title", "")} for f in files]}, {}
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        """An upload URL from files.getUploadURLExternal: takes the raw file (Slack answers 200 "OK - <length>")."""
+        file_id = request.match_info["file_id"]
+        if file_id not in self._upload_names:
+            return web.Response(status=404, text="unknown upload")
+        self.uploads[file_id] = await request.read()
+        self._notify()
+        return web.Response(text=f"OK - {len(self.uploads[file_id])}")
 
     async def _socket(self, request: web.Request) -> web.StreamResponse:
         if self._stopping:
