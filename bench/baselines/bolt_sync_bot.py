@@ -3,15 +3,18 @@
 import json
 import os
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from wsgiref.simple_server import make_server
 
 from slack_bolt import App
 from slack_bolt.adapter.wsgi import SlackRequestHandler
 from slack_sdk import WebClient
 
+THREADS = os.environ.get("LISTENER_THREADS")  # unset: Bolt's default pool of 5 listener threads
 app = App(
     signing_secret=os.environ["SLACK_SIGNING_SECRET"],
     client=WebClient(token=os.environ["SLACK_BOT_TOKEN"], base_url=os.environ.get("SLACK_API_URL", "https://slack.com/api/")),
+    listener_executor=ThreadPoolExecutor(max_workers=int(THREADS)) if THREADS else None,
 )
 CHAT_URL = f"{os.environ['INSITECHAT_BASE_URL']}/v1/chatbots/{os.environ['INSITECHAT_CHATBOT_ID']}/chat"
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from bench import durability, run, webhooks
 from bench.common import ROOT
-from bench.relay import QUICK, relay_overhead
+from bench.relay import QUICK, baseline, relay_overhead
 
 TINY = replace(
     QUICK, latency=0.05, levels=(2,), duration={2: 0.3}, warmup=2,
@@ -26,6 +26,34 @@ async def test_relay_and_webhook_benchmarks_run_and_render() -> None:
 
     table = run.relay_table(rows, TINY.latency) + run.webhook_table(intake)
     assert "| slack | 2 |" in table and "| bridge |" in table
+
+
+async def test_socket_mode_pairs_and_the_baselines_run_count_answers_and_render() -> None:
+    # Socket Mode: each question is a message + app_mention pair; the bridge must answer it once.
+    socket = await relay_overhead("slack", TINY, slack_mode="socket")
+    [row] = socket
+    assert row["platform"] == "slack (Socket Mode)"
+    assert row["answered"] > 0 and row["lost"] == 0 and row["errors"] == 0 and row["doubled"] == 0
+    assert row["cpu_per_answer"] > 0 and row["rss"] > 0 and row["load"] >= 0
+
+    theirs = []
+    for kind in ("bolt", "bolt64", "floor"):
+        [b] = await baseline(TINY, kind)
+        assert b["answered"] > 0 and b["lost"] == 0 and b["errors"] == 0 and b["doubled"] == 0, (kind, b)
+        assert b["cpu_per_answer"] > 0
+        theirs.append(b)
+
+    table = run.baseline_table(socket, theirs)
+    for name in ("bridge, slack (Socket Mode)", "Bolt bot, 64 listener threads", "minimal aiohttp relay"):
+        assert f"| {name} | 2 |" in table
+    assert "FAIL" not in table and not run.doubled_rows({"relay_slack_socket": socket, "baseline": theirs})
+
+
+def test_a_question_answered_twice_fails_the_bench() -> None:
+    row = {"platform": "slack (Socket Mode)", "concurrent": 50, "doubled": 3}
+    found = run.doubled_rows({"relay_slack_socket": [row]})
+    assert found == ["relay_slack_socket: slack (Socket Mode) at 50: 3 doubled"]
+    assert "FAIL: 3 questions answered more than once" in run._doubled(row)
 
 
 async def test_durability_benchmark_runs_both_trees_and_renders() -> None:
