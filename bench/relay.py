@@ -22,6 +22,7 @@ from bench.harness import (
     closed_loop,
     harness,
 )
+from tests.fakes.slack_api import APP_TOKEN
 
 # "No limit" for the overhead runs: a budget far above any load here. The limiter holds each
 # slot until its answer, so the count also bounds the requests in flight.
@@ -36,12 +37,17 @@ class Baseline:
     label: str
     module: str
     env: tuple[tuple[str, str], ...] = ()
+    socket: bool = False  # Slack Socket Mode, each mention as the message + app_mention pair; else HTTP
 
 
 BASELINES = {
     "bolt": Baseline("Bolt bot, 5 listener threads (Bolt's default)", "bench.baselines.bolt_sync_bot"),
     "bolt64": Baseline(
         "Bolt bot, 64 listener threads", "bench.baselines.bolt_sync_bot", (("LISTENER_THREADS", "64"),)
+    ),
+    "bolt64_socket": Baseline(
+        "Bolt bot, 64 listener threads, Socket Mode", "bench.baselines.bolt_sync_bot",
+        (("LISTENER_THREADS", "64"), ("SLACK_APP_TOKEN", APP_TOKEN)), socket=True,
     ),
     "floor": Baseline("minimal aiohttp relay", "bench.baselines.aiohttp_relay"),
 }
@@ -159,21 +165,32 @@ async def relay_overhead(platform: str, sizes: Sizes, *, slack_mode: str = "http
         levels = await _levels(h, sender, bridge, sizes, " ERROR ")
         await asyncio.sleep(SETTLE)
         answers = _answers(h, platform)
-        return [level_row(name, level, answers) | {"errors": errors} for level, errors in levels]
+        return [
+            level_row(name, level, answers) | {"errors": errors, "transport": slack_mode} for level, errors in levels
+        ]
 
 
 async def baseline(sizes: Sizes, kind: str = "bolt") -> list[dict[str, Any]]:
-    """(2) A baseline of BASELINES on the same fakes and the same load as the bridge's Slack HTTP rows."""
+    """(2) A baseline of BASELINES on the same fakes and the same load as the bridge's Slack rows."""
     spec = BASELINES[kind]
     async with harness(latency=sizes.latency) as h:
         bot = h.baseline(f"baseline-{kind}", spec.module, dict(spec.env))
-        await bot.start(ready_path=None)
-        sender = SlackSender(h, bot.url + "/slack/events")
+        sender: Sender
+        if spec.socket:
+            await bot.start(until=lambda: bool(h.slack.sockets))
+            sender = MentionPairSender(h)
+        else:
+            await bot.start(ready_path=None)
+            sender = SlackSender(h, bot.url + "/slack/events")
         await _warm(sender, sizes)
         levels = await _levels(h, sender, bot, sizes, "Traceback")
         await asyncio.sleep(SETTLE)
         answers = h.slack.answers.counts
-        return [level_row(spec.label, level, answers) | {"errors": errors} for level, errors in levels]
+        transport = "socket" if spec.socket else "http"
+        return [
+            level_row(spec.label, level, answers) | {"errors": errors, "transport": transport}
+            for level, errors in levels
+        ]
 
 
 async def rate_limit_use(sizes: Sizes, *, service_limit: int | None = None) -> dict[str, Any]:

@@ -23,6 +23,7 @@ PARTS = ("relay", "baseline", "ratelimit", "webhooks", "memory", "durability")
 THROUGHPUT_BAR = 0.90  # our reading of "limited only by upstream latency": at least 90% of concurrency / latency
 P99_BARS = {50: 0.010, 500: 0.050}  # seconds of p99 overhead, by concurrency (issue 7)
 DURABILITY_P50_BAR = 0.001  # seconds: what durable chat jobs may add to the p50 overhead of an answer
+BASELINE_STEPS = ("baseline", "baseline_bolt64", "baseline_floor", "baseline_bolt64_socket")  # part 2, in order
 PLATFORM_NAMES = {"slack": "slack (Socket Mode)", "discord": "discord"}
 
 
@@ -114,11 +115,12 @@ def relay_table(rows: list[dict[str, Any]], latency: float) -> str:
 
 
 def baseline_table(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> str:
-    """The bridge's Slack rows next to the baselines', level by level; ratios against the bridge over HTTP."""
+    """The bridge's Slack rows next to the baselines', level by level; ratios to the bridge on the same transport."""
     out = [
-        ("Same fakes, same load, each system in its own process; the baselines and the first bridge row take "
-         "`app_mention` events over HTTP, the Socket Mode row the `message` + `app_mention` pair. "
-         "*bridge / this* = the bridge's (Slack HTTP) answers/s over this row's: below 1, this row answers more. "
+        ("Same fakes, same load, each system in its own process. HTTP rows take signed `app_mention` events; "
+         "Socket Mode rows take each mention as the `message` + `app_mention` pair. "
+         "*bridge / this* = the bridge's answers/s (CPU ms per answer) on the same transport over this row's: "
+         "below 1, this row answers more (spends more CPU per answer). "
          "CPU ms per answer = CPU seconds of this system's process over the measured window / the answers in it. "
          "CPU this / harness / other: shares of one core over that window; *other* is everything else on the "
          "machine, and load its 1-minute load average at the end of the row: a row taken while they are high "
@@ -128,11 +130,11 @@ def baseline_table(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> 
          "| ack p99 ms | CPU ms per answer | bridge / this CPU | RSS MB | CPU this / harness / other | load |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    http = {r["concurrent"]: r for r in ours if r["platform"] == "slack"}
+    bridge = {(r.get("transport", "http"), r["concurrent"]): r for r in ours}
     rows = sorted(ours + theirs, key=lambda r: r["concurrent"])  # stable: the systems keep their order per level
     for r in rows:
-        o = http.get(r["concurrent"])
-        mine = r["platform"].startswith("slack")
+        mine = any(r is x for x in ours)
+        o = bridge.get((r.get("transport", "http"), r["concurrent"]))
         name = f"bridge, {r['platform']}" if mine else r["platform"]
         ratio = cpu_ratio = "-"
         if o is not None and not mine and r["throughput"] > 0:
@@ -369,6 +371,7 @@ async def run(
         await step("baseline", lambda: relay.baseline(sizes, "bolt"))
         await step("baseline_bolt64", lambda: relay.baseline(sizes, "bolt64"))
         await step("baseline_floor", lambda: relay.baseline(sizes, "floor"))
+        await step("baseline_bolt64_socket", lambda: relay.baseline(sizes, "bolt64_socket"))
     if "ratelimit" in parts:
         same = await step("ratelimit_same", lambda: relay.rate_limit_use(sizes))
         margin_limit = round(sizes.rl_limit * 60 / 55)
@@ -397,7 +400,7 @@ def render(results: dict[str, Any], sizes: Sizes) -> str:
         relay = relay_table(slack + results["relay_discord"], sizes.latency)
         out += ["", "#### 1. Relay overhead", "", relay]
     if "baseline" in results:
-        theirs = results["baseline"] + results["baseline_bolt64"] + results["baseline_floor"]
+        theirs = [r for name in BASELINE_STEPS for r in results[name]]
         out += ["", "#### 2. Against the baselines", "", baseline_table(slack, theirs)]
     doubled = doubled_rows(results)
     if doubled:

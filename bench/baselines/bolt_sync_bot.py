@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from wsgiref.simple_server import make_server
 
 from slack_bolt import App
+from slack_bolt.adapter.socket_mode import SocketModeHandler
 from slack_bolt.adapter.wsgi import SlackRequestHandler
 from slack_sdk import WebClient
 
@@ -33,7 +34,15 @@ def answer(event: dict, say) -> None:  # type: ignore[no-untyped-def]
     say(text=reply, thread_ts=thread)
 
 
+@app.event("message")
+def ignore(event: dict) -> None:  # the `message` twin of each mention: acked, nothing to do (Bolt's usual advice)
+    pass
+
+
 if __name__ == "__main__":
-    # app.start(port=3000) is the usual last line; it binds 0.0.0.0, so the same single-threaded
-    # http.server-based server is started here on loopback only.
-    make_server("127.0.0.1", int(os.environ.get("PORT", "3000")), SlackRequestHandler(app)).serve_forever()
+    if os.environ.get("SLACK_APP_TOKEN"):
+        SocketModeHandler(app, os.environ["SLACK_APP_TOKEN"]).start()
+    else:
+        # app.start(port=3000) is the usual last line; it binds 0.0.0.0, so the same single-threaded
+        # http.server-based server is started here on loopback only.
+        make_server("127.0.0.1", int(os.environ.get("PORT", "3000")), SlackRequestHandler(app)).serve_forever()

@@ -37,7 +37,7 @@ async def test_socket_mode_pairs_and_the_baselines_run_count_answers_and_render(
     assert row["cpu_per_answer"] > 0 and row["rss"] > 0 and row["load"] >= 0
 
     theirs = []
-    for kind in ("bolt", "bolt64", "floor"):
+    for kind in ("bolt", "bolt64", "floor", "bolt64_socket"):
         [b] = await baseline(TINY, kind)
         assert b["answered"] > 0 and b["lost"] == 0 and b["errors"] == 0 and b["doubled"] == 0, (kind, b)
         assert b["cpu_per_answer"] > 0
@@ -46,6 +46,7 @@ async def test_socket_mode_pairs_and_the_baselines_run_count_answers_and_render(
     table = run.baseline_table(socket, theirs)
     for name in ("bridge, slack (Socket Mode)", "Bolt bot, 64 listener threads", "minimal aiohttp relay"):
         assert f"| {name} | 2 |" in table
+    assert "| Bolt bot, 64 listener threads, Socket Mode | 2 |" in table
     assert "FAIL" not in table and not run.doubled_rows({"relay_slack_socket": socket, "baseline": theirs})
 
 
