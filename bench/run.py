@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -361,6 +362,7 @@ async def run(
         print(f"[{time.monotonic() - started:6.1f}s] {name} ...", file=sys.stderr, flush=True)
         value = await make()
         results[name] = value
+        results.setdefault("load", {})[name] = os.getloadavg()[0]  # for the parts whose rows carry none
         return value
 
     if "relay" in parts:
@@ -387,6 +389,14 @@ async def run(
     return render(results, sizes), results
 
 
+def _load_line(results: dict[str, Any], *steps: str) -> list[str]:
+    """The machine's 1-minute load average at the end of each of a part's steps (none in older results)."""
+    loads = [results.get("load", {}).get(name) for name in steps]
+    if any(value is None for value in loads):
+        return []
+    return ["", "Machine load (1-minute average) at the end: " + ", ".join(f"{value:.2f}" for value in loads) + "."]
+
+
 def render(results: dict[str, Any], sizes: Sizes) -> str:
     m = results["machine"]
     out = [
@@ -407,10 +417,13 @@ def render(results: dict[str, Any], sizes: Sizes) -> str:
         out += ["", "**Bench failure: questions answered more than once**: " + "; ".join(doubled)]
     if "ratelimit" in results:
         out += ["", "#### 3. Rate-limit use", "", ratelimit_table(results["ratelimit"], sizes.latency)]
+        out += _load_line(results, "ratelimit_same", "ratelimit_margin")
     if "webhooks" in results:
         out += ["", "#### 4. Webhook intake", "", webhook_table(results["webhooks"])]
+        out += _load_line(results, "webhooks")
     if "memory" in results:
         out += ["", "#### 5. Memory", "", memory_table(results["memory"])]
+        out += _load_line(results, "memory")
     if "durability" in results:
         out += ["", "#### 6. Cost of durability", "", durability_table(results["durability"])]
     return "\n".join(out)
