@@ -129,7 +129,7 @@ class Harness:
         return child
 
     def baseline(self, name: str, module: str, env: dict[str, str] | None = None) -> Child:
-        """A baseline (a module of bench/baselines/) as a child process on the same fakes, Slack HTTP mode."""
+        """A baseline (a module of bench/baselines/) as a child process on the same fakes; `env` adds to its own."""
         port = free_port()
         folder = self.tmp / name
         folder.mkdir(exist_ok=True)
