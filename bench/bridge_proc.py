@@ -55,6 +55,19 @@ def _dump(events: list[list[Any]], path: str) -> None:
         json.dump(events, f)
 
 
+def _discord_adapter(source: str | None) -> Any:
+    """The Discord adapter class of the tree that runs: adapters/discord/ since the platform packages
+    (e5e4405), adapters/discord_bot.py before. Asking an older tree for `adapters.discord` would
+    fall through to this checkout's editable install and mix the two trees' code."""
+    if source and not (Path(source) / "adapters" / "discord").is_dir():
+        from adapters.discord_bot import DiscordAdapter as Old  # type: ignore[import-not-found]
+
+        return Old
+    from adapters.discord import DiscordAdapter
+
+    return DiscordAdapter
+
+
 def main(argv: list[str]) -> int:
     discord_url = os.environ.get("BENCH_DISCORD_URL")
     if discord_url:
@@ -63,7 +76,7 @@ def main(argv: list[str]) -> int:
         import discord.http
         import yarl
 
-        from adapters.discord import DiscordAdapter
+        DiscordAdapter = _discord_adapter(os.environ.get("BENCH_SOURCE"))
 
         discord.http.Route.BASE = f"{discord_url}/api/v10"
         discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(

@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -164,8 +165,13 @@ class Child:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self, ready_path: str | None = "/readyz", timeout: float = 60.0) -> None:
-        """Start it and wait until it answers: ready_path with 200, or None for any TCP accept."""
+    async def start(
+        self, ready_path: str | None = "/readyz", timeout: float = 60.0, *, until: Callable[[], bool] | None = None
+    ) -> None:
+        """Start it and wait until it answers: ready_path with 200, or None for any TCP accept.
+
+        `until`: ready when this is true instead (a Socket Mode client listens on no port).
+        """
         log = self.log_path.open("ab")
         try:
             self.proc = await asyncio.create_subprocess_exec(
@@ -182,7 +188,7 @@ class Child:
                 if time.monotonic() > deadline:
                     await self.stop()
                     raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s:\n{self.log_tail()}")
-                if await self._answers(http, ready_path):
+                if until() if until is not None else await self._answers(http, ready_path):
                     return
                 await asyncio.sleep(0.05)
 

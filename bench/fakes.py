@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,11 +16,19 @@ from tests.fakes.discord_api import FakeDiscord
 from tests.fakes.slack_api import FakeSlack
 
 
+TOKEN = re.compile(r"q\d+k\d+z")  # the harness's question tokens (bench/harness.py _token), echoed in answers
+
+
 class _Waiters:
-    """Futures keyed by where an answer will be posted; resolved with the arrival time of the answer."""
+    """Futures keyed by where an answer will be posted; resolved with the arrival time of the answer.
+
+    `counts` holds how many posts answered each question (by its token), waited for or not:
+    more than one is a doubled answer.
+    """
 
     def __init__(self) -> None:
         self._waiting: dict[str, tuple[str, asyncio.Future[float]]] = {}
+        self.counts: Counter[str] = Counter()
 
     def expect(self, place: str, token: str) -> asyncio.Future[float]:
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
@@ -26,6 +36,10 @@ class _Waiters:
         return future
 
     def arrived(self, place: str, text: str, at: float) -> None:
+        # The first token is the question answered; the emulator quotes the conversation's earlier ones after it.
+        first = TOKEN.search(text)
+        if first is not None:
+            self.counts[first.group()] += 1
         waiting = self._waiting.get(place)
         # The token tells the answer from a notice ("you're number 12 in the queue") in the same thread.
         if waiting is not None and waiting[0] in text and not waiting[1].done():

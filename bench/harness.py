@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -15,7 +16,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from bench.common import ENV, ROOT, Child, CpuMeter, free_port, percentile
+from bench.common import ENV, ROOT, Child, CpuMeter, free_port, percentile, rss_mb
 from bench.fakes import GatedEmulator, TimedDiscord, TimedSlack
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY
 from tests.fakes import discord_api as fd
@@ -127,12 +128,12 @@ class Harness:
         self.children.append(child)
         return child
 
-    def baseline(self) -> Child:
-        """The baseline bot (bench/baselines/bolt_sync_bot.py) as a child process on the same fakes."""
+    def baseline(self, name: str, module: str, env: dict[str, str] | None = None) -> Child:
+        """A baseline (a module of bench/baselines/) as a child process on the same fakes; `env` adds to its own."""
         port = free_port()
-        folder = self.tmp / "baseline"
+        folder = self.tmp / name
         folder.mkdir(exist_ok=True)
-        env = {
+        child_env = {
             "PORT": str(port),
             "SLACK_BOT_TOKEN": BOT_TOKEN,
             "SLACK_SIGNING_SECRET": SIGNING_SECRET,
@@ -140,8 +141,9 @@ class Harness:
             "INSITECHAT_BASE_URL": self.emulator.base_url,
             "INSITECHAT_CHATBOT_ID": BOT,
             "INSITECHAT_API_KEY": SANDBOX_KEY,
+            **(env or {}),
         }
-        child = Child("baseline", ["-m", "bench.baselines.bolt_sync_bot"], port, folder / "baseline.log", env)
+        child = Child(name, ["-m", module], port, folder / f"{name}.log", child_env)
         self.children.append(child)
         return child
 
@@ -258,6 +260,35 @@ class SocketSender(SlackSender):
         return sample, answer
 
 
+class MentionPairSender(SocketSender):
+    """Slack in Socket Mode as real Slack delivers a mention: a `message` event and an `app_mention`
+    event for the same post (same channel and ts, their own event ids), each in its own envelope,
+    each needing its ack. acked = when the later of the two was acked; both must be, or it is refused.
+
+    Which one comes first varies in real Slack; here the order alternates from message to message.
+    """
+
+    async def post(self, conversation: int, k: int, channel: str) -> tuple[Sample, asyncio.Future[float]]:
+        mention, root, token = self.event(conversation, k, channel)
+        message = {
+            **mention,
+            "event": {**mention["event"], "type": "message", "channel_type": "channel"},
+            "event_id": mention["event_id"] + "m",
+        }
+        answer = self.h.slack.answers.expect(root, token)
+        sample = Sample(channel, time.monotonic(), token)
+        first, second = (message, mention) if k % 2 == 0 else (mention, message)
+        envelopes = [await self.h.slack.send_envelope(first), await self.h.slack.send_envelope(second)]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(e.acked.wait() for e in envelopes)), ACK_TIMEOUT)
+            sample.acked = time.monotonic()
+        except TimeoutError:
+            pass
+        for envelope in envelopes:
+            self.h.slack.envelopes.pop(envelope.envelope_id, None)
+        return sample, answer
+
+
 class DiscordSender:
     """Discord: a MESSAGE_CREATE mentioning the bot through the fake gateway; the answer lands in its thread."""
 
@@ -308,6 +339,8 @@ class Level:
     samples: list[Sample]
     window: tuple[float, float]
     cpu: dict[str, float] = field(default_factory=dict)
+    load: float = float("nan")  # the machine's 1-minute load average at the end of the window
+    rss: float = float("nan")  # MiB resident in the process under test at the end of the window
 
     @property
     def answered(self) -> list[Sample]:
@@ -375,15 +408,19 @@ async def closed_loop(
             k += 1
 
     cpu: dict[str, float] = {}
+    machine: dict[str, float] = {}
 
     async def meter() -> None:
         await asyncio.sleep(max(0.0, window[0] - time.monotonic()))
         reading = CpuMeter(pid)
         await asyncio.sleep(max(0.0, window[1] - time.monotonic()))
         cpu.update(reading.read())
+        machine["load"] = os.getloadavg()[0]
+        if pid:
+            machine["rss"] = rss_mb(pid)
 
     await asyncio.gather(meter(), *(conversation(i) for i in range(concurrency)))
-    return Level(concurrency, latency, samples, window, cpu)
+    return Level(concurrency, latency, samples, window, cpu, **machine)
 
 
 async def burst(sender: Sender, messages: list[str]) -> list[Sample]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ from bench.harness import (
     DiscordSender,
     Harness,
     Level,
+    MentionPairSender,
     Sender,
     SlackSender,
     answered,
@@ -20,10 +22,35 @@ from bench.harness import (
     closed_loop,
     harness,
 )
+from tests.fakes.slack_api import APP_TOKEN
 
 # "No limit" for the overhead runs: a budget far above any load here. The limiter holds each
 # slot until its answer, so the count also bounds the requests in flight.
 UNLIMITED = {"rate_limit": 100_000, "rate_window": 0.001}
+SETTLE = 1.0  # seconds after a part's last answer in which a doubled answer would still be counted
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """What a team runs instead of the bridge, on the same fakes and load: a module of bench/baselines/."""
+
+    label: str
+    module: str
+    env: tuple[tuple[str, str], ...] = ()
+    socket: bool = False  # Slack Socket Mode, each mention as the message + app_mention pair; else HTTP
+
+
+BASELINES = {
+    "bolt": Baseline("Bolt bot, 5 listener threads (Bolt's default)", "bench.baselines.bolt_sync_bot"),
+    "bolt64": Baseline(
+        "Bolt bot, 64 listener threads", "bench.baselines.bolt_sync_bot", (("LISTENER_THREADS", "64"),)
+    ),
+    "bolt64_socket": Baseline(
+        "Bolt bot, 64 listener threads, Socket Mode", "bench.baselines.bolt_sync_bot",
+        (("LISTENER_THREADS", "64"), ("SLACK_APP_TOKEN", APP_TOKEN)), socket=True,
+    ),
+    "floor": Baseline("minimal aiohttp relay", "bench.baselines.aiohttp_relay"),
+}
 
 
 @dataclass(frozen=True)
@@ -62,13 +89,17 @@ QUICK = Sizes(
 )
 
 
-def level_row(platform: str, level: Level) -> dict[str, Any]:
+def level_row(platform: str, level: Level, answers: Counter[str] | None = None) -> dict[str, Any]:
+    """One row of figures; `answers`: posts per question token, to count doubled answers (None: not counted)."""
+    cpu_sut = level.cpu.get("sut", float("nan"))
+    throughput = level.throughput
     return {
         "platform": platform,
         "concurrent": level.concurrency,
         "answered": len(level.answered),
         "lost": level.lost,
-        "throughput": level.throughput,
+        "doubled": sum(1 for s in level.samples if answers[s.token] > 1) if answers is not None else 0,
+        "throughput": throughput,
         "ideal": level.ideal,
         "overhead_p50": level.overhead(50),
         "overhead_p99": level.overhead(99),
@@ -79,9 +110,13 @@ def level_row(platform: str, level: Level) -> dict[str, Any]:
         "outbound_p99": level.outbound(99),
         "ack_p99": level.ack(99),
         "acks_over_3s": sum(1 for s in level.samples if s.acked is None or s.acked - s.sent > 3.0),
-        "cpu_sut": level.cpu.get("sut", float("nan")),
+        "cpu_sut": cpu_sut,
         "cpu_harness": level.cpu.get("harness", float("nan")),
         "cpu_other": level.cpu.get("other", float("nan")),
+        # Seconds of the process's CPU per answer: both figures are taken over the same window.
+        "cpu_per_answer": cpu_sut / throughput if throughput > 0 else float("nan"),
+        "load": level.load,
+        "rss": level.rss,
     }
 
 
@@ -90,46 +125,72 @@ async def _warm(sender: Sender, sizes: Sizes) -> None:
     await burst(sender, ["C0WARM"] * sizes.warmup)
 
 
-async def relay_overhead(platform: str, sizes: Sizes) -> list[dict[str, Any]]:
-    """(1) The bridge with one platform, the limits raised out of the way, at each concurrency level."""
-    rows = []
+async def _levels(h: Harness, sender: Sender, child: Child, sizes: Sizes, error_mark: str) -> list[tuple[Level, int]]:
+    """The closed loop at each concurrency level, against one process; each level with its log's error count."""
+    levels = []
+    for concurrency in sizes.levels:
+        level = await closed_loop(
+            sender, concurrency=concurrency, duration=sizes.duration[concurrency], latency=sizes.latency, pid=child.pid
+        )
+        h.mark_upstream(level.samples)
+        levels.append((level, child.log_count(error_mark)))
+    return levels
+
+
+def _answers(h: Harness, platform: str) -> Counter[str]:
+    fake = h.discord if platform == "discord" else h.slack
+    assert fake is not None
+    return fake.answers.counts
+
+
+async def relay_overhead(platform: str, sizes: Sizes, *, slack_mode: str = "http") -> list[dict[str, Any]]:
+    """(1) The bridge with one platform, the limits raised out of the way, at each concurrency level.
+
+    Slack `slack_mode` "socket": Socket Mode, each mention delivered as Slack does, as a
+    `message` + `app_mention` pair; every question must be answered once (doubled answers
+    are counted per row).
+    """
+    name = "slack (Socket Mode)" if platform == "slack" and slack_mode == "socket" else platform
     async with harness(latency=sizes.latency, discord=platform == "discord") as h:
-        bridge = h.bridge(f"relay-{platform}", platforms=(platform,), **UNLIMITED)
+        bridge = h.bridge(f"relay-{platform}-{slack_mode}", platforms=(platform,), slack_mode=slack_mode, **UNLIMITED)
         await bridge.start()
-        sender: Sender = SlackSender(h, bridge.url + "/slack/events") if platform == "slack" else DiscordSender(h)
+        sender: Sender
+        if platform == "discord":
+            sender = DiscordSender(h)
+        elif slack_mode == "socket":
+            sender = MentionPairSender(h)
+        else:
+            sender = SlackSender(h, bridge.url + "/slack/events")
         await _warm(sender, sizes)
-        for concurrency in sizes.levels:
-            level = await closed_loop(
-                sender,
-                concurrency=concurrency,
-                duration=sizes.duration[concurrency],
-                latency=sizes.latency,
-                pid=bridge.pid,
-            )
-            h.mark_upstream(level.samples)
-            rows.append(level_row(platform, level) | {"errors": bridge.log_count(" ERROR ")})
-    return rows
+        levels = await _levels(h, sender, bridge, sizes, " ERROR ")
+        await asyncio.sleep(SETTLE)
+        answers = _answers(h, platform)
+        return [
+            level_row(name, level, answers) | {"errors": errors, "transport": slack_mode} for level, errors in levels
+        ]
 
 
-async def baseline(sizes: Sizes) -> list[dict[str, Any]]:
-    """(2) The minimal sync Bolt bot on the same fakes and the same load (Slack HTTP mode)."""
-    rows = []
+async def baseline(sizes: Sizes, kind: str = "bolt") -> list[dict[str, Any]]:
+    """(2) A baseline of BASELINES on the same fakes and the same load as the bridge's Slack rows."""
+    spec = BASELINES[kind]
     async with harness(latency=sizes.latency) as h:
-        bot = h.baseline()
-        await bot.start(ready_path=None)
-        sender = SlackSender(h, bot.url + "/slack/events")
+        bot = h.baseline(f"baseline-{kind}", spec.module, dict(spec.env))
+        sender: Sender
+        if spec.socket:
+            await bot.start(until=lambda: bool(h.slack.sockets))
+            sender = MentionPairSender(h)
+        else:
+            await bot.start(ready_path=None)
+            sender = SlackSender(h, bot.url + "/slack/events")
         await _warm(sender, sizes)
-        for concurrency in sizes.levels:
-            level = await closed_loop(
-                sender,
-                concurrency=concurrency,
-                duration=sizes.duration[concurrency],
-                latency=sizes.latency,
-                pid=bot.pid,
-            )
-            h.mark_upstream(level.samples)
-            rows.append(level_row("baseline (sync Bolt)", level) | {"errors": bot.log_count("Traceback")})
-    return rows
+        levels = await _levels(h, sender, bot, sizes, "Traceback")
+        await asyncio.sleep(SETTLE)
+        answers = h.slack.answers.counts
+        transport = "socket" if spec.socket else "http"
+        return [
+            level_row(spec.label, level, answers) | {"errors": errors, "transport": transport}
+            for level, errors in levels
+        ]
 
 
 async def rate_limit_use(sizes: Sizes, *, service_limit: int | None = None) -> dict[str, Any]:

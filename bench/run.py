@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -23,6 +24,7 @@ PARTS = ("relay", "baseline", "ratelimit", "webhooks", "memory", "durability")
 THROUGHPUT_BAR = 0.90  # our reading of "limited only by upstream latency": at least 90% of concurrency / latency
 P99_BARS = {50: 0.010, 500: 0.050}  # seconds of p99 overhead, by concurrency (issue 7)
 DURABILITY_P50_BAR = 0.001  # seconds: what durable chat jobs may add to the p50 overhead of an answer
+BASELINE_STEPS = ("baseline", "baseline_bolt64", "baseline_floor", "baseline_bolt64_socket")  # part 2, in order
 PLATFORM_NAMES = {"slack": "slack (Socket Mode)", "discord": "discord"}
 
 
@@ -39,6 +41,36 @@ def _verdict(misses: list[str]) -> str:
     return "pass" if not misses else "**MISS**: " + "; ".join(misses)
 
 
+def _per_answer(row: dict[str, Any]) -> str:
+    """CPU milliseconds of the process under test per answer."""
+    value = row.get("cpu_per_answer", float("nan"))
+    return "n/a" if math.isnan(value) else f"{value * 1000:.2f}"
+
+
+def _machine(row: dict[str, Any]) -> str:
+    """The machine's 1-minute load average at the end of the row (the CPU columns' *other* is the rest of it)."""
+    load = row.get("load", float("nan"))
+    return "n/a" if math.isnan(load) else f"{load:.2f}"
+
+
+def _doubled(row: dict[str, Any]) -> str:
+    """A question answered more than once is a failure of the system measured, whatever its speed."""
+    return f"**FAIL: {row['doubled']} questions answered more than once** " if row.get("doubled") else ""
+
+
+def doubled_rows(results: dict[str, Any]) -> list[str]:
+    """Every row of the run in which some question was answered more than once."""
+    found = []
+    for name, rows in results.items():
+        if isinstance(rows, list):
+            found += [
+                f"{name}: {r['platform']} at {r['concurrent']}: {r['doubled']} doubled"
+                for r in rows
+                if isinstance(r, dict) and r.get("doubled")
+            ]
+    return found
+
+
 # --- tables -------------------------------------------------------------------------------------
 
 
@@ -46,11 +78,15 @@ def relay_table(rows: list[dict[str, Any]], latency: float) -> str:
     out = [
         (f"Upstream latency {latency * 1000:.0f} ms (emulator), limiter and emulator limits raised out of the way "
          "(limiter 100,000 per 1 ms, emulator 10^9 per 60 s). Overhead = (event sent -> answer posted on the fake) "
-         "- upstream latency."),
+         "- upstream latency. Socket Mode: each mention arrives as Slack sends it, a `message` and an `app_mention` "
+         "envelope for the same post, both acked (ack = the later ack). CPU ms per answer = the bridge process's "
+         "CPU seconds over the measured window / the answers in it; load = the machine's 1-minute load average at "
+         "the end of the row."),
         "",
         ("| platform | concurrent | answered (lost) | answers/s (ideal) | of ideal | overhead p50 / p99 ms "
-         "| event->upstream / answer->post p50 ms | Slack ack p99 ms | CPU bridge / harness / other | bar |"),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+         "| event->upstream / answer->post p50 ms | Slack ack p99 ms | CPU bridge / harness / other "
+         "| bridge CPU ms per answer | load | bar |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         misses = []
@@ -74,34 +110,42 @@ def relay_table(rows: list[dict[str, Any]], latency: float) -> str:
             f"| {r['throughput']:.1f} ({r['ideal']:.0f}) "
             f"| {_pct(share)} | {ms(r['overhead_p50'])} / {ms(r['overhead_p99'])} "
             f"| {ms(r['inbound_p50'])} / {ms(r['outbound_p50'])} | {ack} "
-            f"| {_cpu(r)} | {_verdict(misses)}{note} |"
+            f"| {_cpu(r)} | {_per_answer(r)} | {_machine(r)} | {_doubled(r)}{_verdict(misses)}{note} |"
         )
     return "\n".join(out)
 
 
-def baseline_table(ours: list[dict[str, Any]], base: list[dict[str, Any]]) -> str:
+def baseline_table(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> str:
+    """The bridge's Slack rows next to the baselines', level by level; ratios to the bridge on the same transport."""
     out = [
-        ("Same fakes, same load, Slack HTTP mode. Ratios are bridge / baseline: throughput above 1 and p99 below 1 "
-         "favour the bridge."),
+        ("Same fakes, same load, each system in its own process. HTTP rows take signed `app_mention` events; "
+         "Socket Mode rows take each mention as the `message` + `app_mention` pair. "
+         "*bridge / this* = the bridge's answers/s (CPU ms per answer) on the same transport over this row's: "
+         "below 1, this row answers more (spends more CPU per answer). "
+         "CPU ms per answer = CPU seconds of this system's process over the measured window / the answers in it. "
+         "CPU this / harness / other: shares of one core over that window; *other* is everything else on the "
+         "machine, and load its 1-minute load average at the end of the row: a row taken while they are high "
+         "is noisy."),
         "",
-        ("| concurrent | baseline answers/s | bridge answers/s | throughput ratio | baseline overhead p99 ms "
-         "| bridge overhead p99 ms | p99 ratio | baseline ack p99 ms |"),
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ("| system | concurrent | answered (lost) | answers/s | bridge / this | overhead p50 / p99 ms "
+         "| ack p99 ms | CPU ms per answer | bridge / this CPU | RSS MB | CPU this / harness / other | load |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    by_level = {r["concurrent"]: r for r in ours}
-    for b in base:
-        o = by_level.get(b["concurrent"])
-        if o is None:
-            out.append(
-                f"| {b['concurrent']} | {b['throughput']:.1f} | - | - | {ms(b['overhead_p99'])} | - | - "
-                f"| {ms(b['ack_p99'])} |"
-            )
-            continue
+    bridge = {(r.get("transport", "http"), r["concurrent"]): r for r in ours}
+    rows = sorted(ours + theirs, key=lambda r: r["concurrent"])  # stable: the systems keep their order per level
+    for r in rows:
+        mine = any(r is x for x in ours)
+        o = bridge.get((r.get("transport", "http"), r["concurrent"]))
+        name = f"bridge, {r['platform']}" if mine else r["platform"]
+        ratio = cpu_ratio = "-"
+        if o is not None and not mine and r["throughput"] > 0:
+            ratio = f"{o['throughput'] / r['throughput']:.2f}"
+            cpu_ratio = f"{o['cpu_per_answer'] / r['cpu_per_answer']:.2f}" if r["cpu_per_answer"] > 0 else "-"
+        rss = "n/a" if math.isnan(r.get("rss", float("nan"))) else f"{r['rss']:.0f}"
         out.append(
-            f"| {b['concurrent']} | {b['throughput']:.1f} | {o['throughput']:.1f} "
-            f"| {o['throughput'] / b['throughput']:.2f} "
-            f"| {ms(b['overhead_p99'])} | {ms(o['overhead_p99'])} | {o['overhead_p99'] / b['overhead_p99']:.2f} "
-            f"| {ms(b['ack_p99'])} |"
+            f"| {_doubled(r)}{name} | {r['concurrent']} | {r['answered']} ({r['lost']}) | {r['throughput']:.1f} "
+            f"| {ratio} | {ms(r['overhead_p50'])} / {ms(r['overhead_p99'])} | {ms(r['ack_p99'])} "
+            f"| {_per_answer(r)} | {cpu_ratio} | {rss} | {_cpu(r)} | {_machine(r)} |"
         )
     return "\n".join(out)
 
@@ -156,13 +200,19 @@ def webhook_table(result: dict[str, Any]) -> str:
          f"connections each sending its next as soon as answered; the bridge verifies, stores in SQLite (WAL) and "
          f"queues an alert to Slack ({ours['alerts_posted']} alert cards reached the fake Slack during the run)."),
         "",
-        "| server | accepted/s | ack p50 ms | ack p99 ms | CPU server / client / other | bar |",
-        "|---|---:|---:|---:|---:|---|",
+        ("| server | accepted/s | ack p50 ms | ack p99 ms | CPU server / client / other "
+         "| server CPU ms per webhook | bar |"),
+        "|---|---:|---:|---:|---:|---:|---|",
         (f"| bridge | {ours['per_second']:.0f} | {ms(ours['ack_p50'])} | {ms(ours['ack_p99'])} "
-         f"| {_cpu(ours)} | {_verdict(misses) if misses else f'pass ({_pct(share)} of bare)'} |"),
+         f"| {_cpu(ours)} | {_per_webhook(ours)} "
+         f"| {_verdict(misses) if misses else f'pass ({_pct(share)} of bare)'} |"),
         (f"| bare aiohttp, returns 200 | {bare['per_second']:.0f} | {ms(bare['ack_p50'])} | {ms(bare['ack_p99'])} "
-         f"| {_cpu(bare)} | ceiling |"),
+         f"| {_cpu(bare)} | {_per_webhook(bare)} | ceiling |"),
     ])
+
+
+def _per_webhook(row: dict[str, Any]) -> str:
+    return f"{row['cpu_sut'] / row['per_second'] * 1000:.2f}" if row["per_second"] > 0 else "n/a"
 
 
 def memory_table(r: dict[str, Any]) -> str:
@@ -312,13 +362,18 @@ async def run(
         print(f"[{time.monotonic() - started:6.1f}s] {name} ...", file=sys.stderr, flush=True)
         value = await make()
         results[name] = value
+        results.setdefault("load", {})[name] = os.getloadavg()[0]  # for the parts whose rows carry none
         return value
 
     if "relay" in parts:
         await step("relay_slack", lambda: relay.relay_overhead("slack", sizes))
+        await step("relay_slack_socket", lambda: relay.relay_overhead("slack", sizes, slack_mode="socket"))
         await step("relay_discord", lambda: relay.relay_overhead("discord", sizes))
     if "baseline" in parts:
-        await step("baseline", lambda: relay.baseline(sizes))
+        await step("baseline", lambda: relay.baseline(sizes, "bolt"))
+        await step("baseline_bolt64", lambda: relay.baseline(sizes, "bolt64"))
+        await step("baseline_floor", lambda: relay.baseline(sizes, "floor"))
+        await step("baseline_bolt64_socket", lambda: relay.baseline(sizes, "bolt64_socket"))
     if "ratelimit" in parts:
         same = await step("ratelimit_same", lambda: relay.rate_limit_use(sizes))
         margin_limit = round(sizes.rl_limit * 60 / 55)
@@ -334,6 +389,14 @@ async def run(
     return render(results, sizes), results
 
 
+def _load_line(results: dict[str, Any], *steps: str) -> list[str]:
+    """The machine's 1-minute load average at the end of each of a part's steps (none in older results)."""
+    loads = [results.get("load", {}).get(name) for name in steps]
+    if any(value is None for value in loads):
+        return []
+    return ["", "Machine load (1-minute average) at the end: " + ", ".join(f"{value:.2f}" for value in loads) + "."]
+
+
 def render(results: dict[str, Any], sizes: Sizes) -> str:
     m = results["machine"]
     out = [
@@ -342,18 +405,25 @@ def render(results: dict[str, Any], sizes: Sizes) -> str:
          f"({m['libraries']}). The bridge runs as its own process (`insitechat-bridge run`); the emulator, the fake "
          "Slack/Discord and the load share a second process."),
     ]
+    slack = results.get("relay_slack", []) + results.get("relay_slack_socket", [])
     if "relay_slack" in results:
-        relay = relay_table(results["relay_slack"] + results["relay_discord"], sizes.latency)
+        relay = relay_table(slack + results["relay_discord"], sizes.latency)
         out += ["", "#### 1. Relay overhead", "", relay]
     if "baseline" in results:
-        against = baseline_table(results.get("relay_slack", []), results["baseline"])
-        out += ["", "#### 2. Against the baseline bot", "", against]
+        theirs = [r for name in BASELINE_STEPS for r in results[name]]
+        out += ["", "#### 2. Against the baselines", "", baseline_table(slack, theirs)]
+    doubled = doubled_rows(results)
+    if doubled:
+        out += ["", "**Bench failure: questions answered more than once**: " + "; ".join(doubled)]
     if "ratelimit" in results:
         out += ["", "#### 3. Rate-limit use", "", ratelimit_table(results["ratelimit"], sizes.latency)]
+        out += _load_line(results, "ratelimit_same", "ratelimit_margin")
     if "webhooks" in results:
         out += ["", "#### 4. Webhook intake", "", webhook_table(results["webhooks"])]
+        out += _load_line(results, "webhooks")
     if "memory" in results:
         out += ["", "#### 5. Memory", "", memory_table(results["memory"])]
+        out += _load_line(results, "memory")
     if "durability" in results:
         out += ["", "#### 6. Cost of durability", "", durability_table(results["durability"])]
     return "\n".join(out)
@@ -385,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=str)
+    doubled = doubled_rows(results)
+    if doubled:
+        print("bench failure: questions answered more than once: " + "; ".join(doubled), file=sys.stderr)
+        return 1
     return 0
 
 
