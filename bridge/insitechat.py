@@ -50,6 +50,7 @@ import httpx
 
 from bridge import __version__, metrics
 from bridge.clock import Clock, SystemClock
+from bridge.http_pool import ShardedTransport
 from bridge.limiter import Grant, SlidingWindowLimiter
 from bridge.store import StoreError
 
@@ -58,7 +59,8 @@ logger = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 4000
 # Requests in flight per key. httpcore's pool bookkeeping costs connections x queued
 # requests per finished request, so more connections cost more CPU than they save; the
-# real limit (60 a minute) keeps use far below this anyway.
+# real limit (60 a minute) keeps use far below this anyway. The connections are split
+# into small pools (bridge.http_pool), and no request ever queues inside one.
 MAX_CONNECTIONS = 64
 # The one 429 detail that means "slow down" rather than "the monthly quota is gone".
 _RATE_LIMIT_MARKER = "rate limit"
@@ -522,7 +524,10 @@ class InsiteChatClient:
             # A dead host should not eat half the deadline before the first retry.
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
-            transport=transport,
+            # Small pools instead of one of 64: httpcore's bookkeeping per request grows with
+            # the square of a pool's connections (bridge.http_pool). A proxy from the
+            # environment still gets httpx's own pool, with the limits above.
+            transport=transport if transport is not None else ShardedTransport(MAX_CONNECTIONS),
         )
         self._in_flight = asyncio.Semaphore(MAX_CONNECTIONS)
 
