@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import math
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge.clock import ManualClock
-from bridge.limiter import SlidingWindowLimiter
+from bridge.limiter import Grant, LocalWindow, SlidingWindowLimiter
 
 START = 1_000_000.0
 
@@ -435,3 +438,95 @@ async def test_after_a_pause_the_waiting_requests_are_released_one_by_one_with_j
     clock.advance(60.0)  # a window after the pause: bursts are allowed again
     await asyncio.wait_for(asyncio.gather(*(rec.start(n) for n in "xyz")), timeout=10)
     assert len({rec.times[n] for n in "xyz"}) == 1
+
+
+class SortedModel:
+    """The window as it was first written: every grant kept, filtered and sorted on each question.
+
+    Slow (it grows with the window) but plain: the constant-time LocalWindow must agree with it.
+    """
+
+    def __init__(self, max_calls: int, window: float, clock: ManualClock) -> None:
+        self.max_calls, self.window, self.clock = max_calls, window, clock
+        self.grants: list[list[Any]] = []  # [at, held]
+        self.penalty_until = float("-inf")
+
+    def counting(self) -> list[float]:
+        cutoff = self.clock.monotonic() - self.window
+        self.grants = [g for g in self.grants if g[1] or g[0] > cutoff]
+        return sorted(math.inf if held else at for at, held in self.grants)
+
+    def next_free_at(self) -> float | None:
+        times = self.counting()
+        if len(times) < self.max_calls:
+            return self.penalty_until
+        blocking = times[len(times) - self.max_calls]
+        return None if blocking == math.inf else max(self.penalty_until, blocking + self.window)
+
+    def grant_time(self, ahead: int) -> float:
+        now = self.clock.monotonic()
+        recent = deque((min(t, now) for t in self.counting()), maxlen=self.max_calls)
+        at = max(now, self.penalty_until)
+        for _ in range(ahead + 1):
+            if len(recent) >= self.max_calls:
+                at = max(at, recent[0] + self.window)
+            recent.append(at)
+        return at
+
+
+# One step: take (held or not), settle the n-th held grant, move the clock, or a 429 pause.
+_steps = st.one_of(
+    st.tuples(st.just("take"), st.booleans()),
+    st.tuples(st.just("settle"), st.integers(min_value=0, max_value=50)),
+    st.tuples(st.just("advance"), st.sampled_from([0.0, 0.25, 1.0, 2.5, 7.5, 30.0])),
+    st.tuples(st.just("penalize"), st.sampled_from([0.5, 5.0, 20.0])),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    max_calls=st.integers(min_value=1, max_value=8),
+    window=st.sampled_from([1.0, 7.5, 60.0]),
+    steps=st.lists(_steps, max_size=80),
+    ahead=st.integers(min_value=0, max_value=30),
+)
+def test_the_constant_time_window_answers_as_the_sort_everything_model(
+    max_calls: int, window: float, steps: list[tuple[str, Any]], ahead: int
+) -> None:
+    clock = ManualClock(START)
+    fast = LocalWindow(max_calls, window, clock)
+    model = SortedModel(max_calls, window, clock)
+    held: list[tuple[Grant, list[Any]]] = []
+    for kind, arg in steps:
+        if kind == "take":
+            grant = fast.take(arg)
+            entry = [clock.monotonic(), arg]
+            model.grants.append(entry)
+            if arg:
+                held.append((grant, entry))
+        elif kind == "settle" and held:
+            grant, entry = held.pop(arg % len(held))
+            fast.settle(grant)
+            fast.settle(grant)  # a second settle changes nothing
+            entry[:] = [max(entry[0], clock.monotonic()), False]
+        elif kind == "advance":
+            clock.advance(arg)
+        elif kind == "penalize":
+            fast.penalize(clock.monotonic() + arg)
+            model.penalty_until = max(model.penalty_until, clock.monotonic() + arg)
+        assert fast.counting() == model.counting()
+        assert fast.next_free_at() == model.next_free_at()
+        for n in (0, ahead):
+            assert math.isclose(fast.grant_time(n), model.grant_time(n), rel_tol=1e-12), n
+
+
+def test_the_window_forgets_slots_that_left_it() -> None:
+    # Constant memory per slot in the window: what left it is dropped, not kept forever.
+    clock = ManualClock(START)
+    window = LocalWindow(5, 10.0, clock)
+    for _ in range(10_000):
+        window.settle(window.take(True))
+        clock.advance(1.0)
+        window.next_free_at()
+    assert len(window.counting()) == 9  # the last 10 s, half-open: the one 10 s old has left
+    assert len(window._settled) < 100
