@@ -403,6 +403,46 @@ def test_held_slots_keep_the_service_under_the_limit_wherever_it_counts(
     # cases are "all at the send" and "all at the answer". Neither may exceed the limit.
     assert window_violations(list(granted.values()), max_calls, window) == []
     assert window_violations(list(answered.values()), max_calls, window) == []
+    # And any mixture: N+1 requests can be counted in one window (t - W, t] exactly when t
+    # lies in each one's [send, answer + W). Nowhere may more than max_calls overlap.
+    spans = [(granted[i], answered[i] + window) for i in granted]
+    assert most_overlapping(spans) <= max_calls
+
+
+def most_overlapping(spans: list[tuple[float, float]]) -> int:
+    """The most half-open intervals [start, end) that share one instant."""
+    # At equal times an end comes before a start: [a, b) and [b, c) do not overlap.
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    most = current = 0
+    for _, step in events:
+        current += step
+        most = max(most, current)
+    return most
+
+
+def test_overlap_helper_sees_touching_and_nested_intervals() -> None:
+    assert most_overlapping([(0.0, 1.0), (1.0, 2.0)]) == 1
+    assert most_overlapping([(0.0, 3.0), (1.0, 2.0), (1.5, 4.0)]) == 3
+
+
+async def test_a_flood_gets_one_slot_per_window_plus_latency_and_no_more_slack() -> None:
+    # A safe limiter can use at most W / (W + d) of the budget (bench/README.md, "The whole
+    # budget"); this one reaches it: each slot serves its next request the moment the last
+    # one's answer has been a window old.
+    clock = ManualClock(START)
+    limiter = SlidingWindowLimiter(3, 10.0, clock=clock)
+    latency = 2.0
+    granted: list[float] = []
+
+    async def request() -> None:
+        grant = await limiter.acquire(hold=True)
+        granted.append(clock.monotonic())
+        await clock.sleep(latency)
+        limiter.settle(grant)
+
+    tasks = [asyncio.create_task(request()) for _ in range(12)]
+    await run_to_completion(clock, tasks, lambda: (START + k * 2.0 for k in range(1, 40)))
+    assert granted == [START + k * (10.0 + latency) for k in range(4) for _ in range(3)]
 
 
 async def test_a_held_slot_frees_one_window_after_its_answer() -> None:
