@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 from aiohttp import web
@@ -14,6 +16,9 @@ from aiohttp import web
 from bridge.emulator import Emulator
 from tests.fakes.discord_api import FakeDiscord
 from tests.fakes.slack_api import FakeSlack
+
+# Set while a chat request that GatedEmulator already counted runs its handler: not counted twice.
+_COUNTED: ContextVar[bool] = ContextVar("counted", default=False)
 
 
 TOKEN = re.compile(r"q\d+k\d+z")  # the harness's question tokens (bench/harness.py _token), echoed in answers
@@ -102,7 +107,33 @@ class GatedEmulator(Emulator):
                 await gate.wait()
             finally:
                 self.held -= 1
+        if self.count_at is not None and request.path.endswith("/chat") and self.latency > 0 and not self.faults:
+            return await self._serve_counting_at(request, handler, self.count_at)
         return await super()._serve(request, handler)
+
+    # Where in its latency a chat request counts against the rate limit: 0 on arrival, 1 at
+    # the answer, "random" anywhere in between (drawn per request); None: as the emulator
+    # does (after its latency, just before the answer). The limiter must hold wherever.
+    count_at: float | str | None = None
+
+    async def _serve_counting_at(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]], at: float | str
+    ) -> web.StreamResponse:
+        share = random.random() if at == "random" else float(at)
+        await self.clock.sleep(self.latency * share)
+        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and key.strip() in self._keys:
+            self._count_request(key.strip())  # a 429 (EmulatorError) answers at once, as the emulator's does
+        await self.clock.sleep(self.latency * (1.0 - share))
+        token = _COUNTED.set(True)
+        try:
+            return await handler(request)
+        finally:
+            _COUNTED.reset(token)
+
+    def _count_request(self, key: str) -> None:
+        if not _COUNTED.get():
+            super()._count_request(key)
 
     def chat_statuses(self, since: float = 0.0) -> list[tuple[float, int | None]]:
         """(arrival time, status) of every chat request that arrived after `since`."""

@@ -193,11 +193,14 @@ async def baseline(sizes: Sizes, kind: str = "bolt") -> list[dict[str, Any]]:
         ]
 
 
-async def rate_limit_use(sizes: Sizes, *, service_limit: int | None = None) -> dict[str, Any]:
+async def rate_limit_use(
+    sizes: Sizes, *, service_limit: int | None = None, count_at: float | str | None = None
+) -> dict[str, Any]:
     """(3) A flood from several channels through the limiter into the emulator's limit, same window.
 
     `service_limit` None: the emulator allows exactly what the limiter grants (the issue's set-up);
     else the emulator allows more, as InsiteChat's 60 per minute does against the default 55.
+    `count_at`: where in its latency the emulator counts a request (bench.fakes.GatedEmulator).
     The window is already used up when the flood arrives (a first burst from another channel
     takes every slot), and the flood comes channel after channel: first-come-first-served would
     make the last channel wait longest; turns per channel give every channel about the same wait.
@@ -205,6 +208,7 @@ async def rate_limit_use(sizes: Sizes, *, service_limit: int | None = None) -> d
     limit, window = sizes.rl_limit, sizes.rl_window
     service = service_limit or limit
     async with harness(latency=sizes.latency, rate_limit=service, rate_window=window) as h:
+        h.emulator.count_at = count_at
         bridge = h.bridge("ratelimit", platforms=("slack",), rate_limit=limit, rate_window=window)
         await bridge.start()
         sender = SlackSender(h, bridge.url + "/slack/events")
@@ -225,6 +229,12 @@ async def rate_limit_use(sizes: Sizes, *, service_limit: int | None = None) -> d
         if s.channel.startswith("C0FLOOD") and s.answered is not None:
             waits.setdefault(s.channel, []).append(s.answered - s.sent - sizes.latency)
     means = {channel: sum(w) / len(w) for channel, w in sorted(waits.items())}
+    # A slot's cycle: from one request's arrival to the arrival of the request `limit` later,
+    # which waited for its slot. Unlike the span it does not count how spread out the first
+    # burst arrived (the bridge accepts its events one after another). A safe limiter's cycle
+    # is at least window + latency (bench/README.md, "The whole budget").
+    gaps = [ok[i + limit] - ok[i] for i in range(len(ok) - limit)]
+    cycle = sum(gaps) / len(gaps) if gaps else float("nan")
     return {
         "limiter": f"{limit} per {window:g} s",
         "service": f"{service} per {window:g} s",
@@ -235,6 +245,11 @@ async def rate_limit_use(sizes: Sizes, *, service_limit: int | None = None) -> d
         "span": span,
         "used": ideal_span / span if span > 0 else float("nan"),
         "http_429": too_many,
+        "count_at": count_at,
+        "latency": sizes.latency,
+        "cycle": cycle,
+        "cycle_used": window / cycle if gaps else float("nan"),
+        "bound": window / (window + sizes.latency),
         "channel_mean_wait": means,
         "fairness": max(means.values()) / min(means.values()) if means and min(means.values()) > 0 else float("nan"),
         "lost": sum(1 for s in samples if s.answered is None),

@@ -50,6 +50,7 @@ import httpx
 
 from bridge import __version__, metrics
 from bridge.clock import Clock, SystemClock
+from bridge.http_pool import ShardedTransport
 from bridge.limiter import Grant, SlidingWindowLimiter
 from bridge.store import StoreError
 
@@ -58,7 +59,8 @@ logger = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 4000
 # Requests in flight per key. httpcore's pool bookkeeping costs connections x queued
 # requests per finished request, so more connections cost more CPU than they save; the
-# real limit (60 a minute) keeps use far below this anyway.
+# real limit (60 a minute) keeps use far below this anyway. The connections are split
+# into small pools (bridge.http_pool), and no request ever queues inside one.
 MAX_CONNECTIONS = 64
 # The one 429 detail that means "slow down" rather than "the monthly quota is gone".
 _RATE_LIMIT_MARKER = "rate limit"
@@ -71,6 +73,7 @@ _REFUSED_UNPROCESSED = 503
 # failed: a service that keeps refusing is down, and the user should hear so.
 _MAX_CHAT_RESENDS = 1
 _MAX_DETAIL_CHARS = 300
+_MAX_CACHED_URLS = 256
 
 T = TypeVar("T")
 
@@ -484,6 +487,29 @@ class RedisQuotaMark:
 # --- client -------------------------------------------------------------------------------
 
 
+class _NoCookies(httpx.Cookies):
+    """A cookie jar that keeps nothing: the API authenticates with the key, never with cookies."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        # httpx wraps every response and its request in urllib objects for the stdlib jar
+        # before looking for a Set-Cookie header: 7% of the client's CPU per request.
+        pass
+
+
+class _CookielessClient(httpx.AsyncClient):
+    """httpx's client with _NoCookies: a Set-Cookie (say, a load balancer's) is never sent back."""
+
+    _no_cookies = _NoCookies()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._no_cookies
+
+    @cookies.setter
+    def cookies(self, cookies: Any) -> None:
+        pass  # nothing sets cookies on this client; any would be dropped, as every Set-Cookie is
+
+
 class InsiteChatClient:
     """One API key's view of InsiteChat. Share one per key: its limiter and circuit are per key."""
 
@@ -513,7 +539,7 @@ class InsiteChatClient:
         self._circuit = _Circuit(self._clock, self._policy, name)
         self._quota_mark = quota_mark
         self._quota_news = False  # a quota 429 came in: the next _call step writes the mark
-        self._http = httpx.AsyncClient(
+        self._http = _CookielessClient(
             headers={
                 "Authorization": f"Bearer {api_key}",
                 "Accept": "application/json",
@@ -522,9 +548,14 @@ class InsiteChatClient:
             # A dead host should not eat half the deadline before the first retry.
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
-            transport=transport,
+            # Small pools instead of one of 64: httpcore's bookkeeping per request grows with
+            # the square of a pool's connections (bridge.http_pool). A proxy from the
+            # environment still gets httpx's own pool, with the limits above.
+            transport=transport if transport is not None else ShardedTransport(MAX_CONNECTIONS),
         )
         self._in_flight = asyncio.Semaphore(MAX_CONNECTIONS)
+        # Parsed once per path: httpx parses a URL given as text on every request (a third of building one).
+        self._urls: dict[str, httpx.URL] = {}
 
     @property
     def name(self) -> str:
@@ -750,7 +781,7 @@ class InsiteChatClient:
                     await before_send()
                 sent = self._clock.monotonic()
                 try:
-                    response = await self._http.request(method, self._base + path, json=payload)
+                    response = await self._http.request(method, self._url(path), json=payload)
                 except httpx.TransportError as exc:
                     metrics.INSITECHAT_RESPONSES.labels(endpoint, "network").inc()
                     self._circuit.record_failure(sent)
@@ -761,6 +792,14 @@ class InsiteChatClient:
         finally:
             if trial:
                 self._circuit.release_trial()
+
+    def _url(self, path: str) -> httpx.URL:
+        url = self._urls.get(path)
+        if url is None:
+            url = httpx.URL(self._base + path)
+            if len(self._urls) < _MAX_CACHED_URLS:  # paths carry chatbot ids: a few per configured bot
+                self._urls[path] = url
+        return url
 
     def _transport_error(self, exc: httpx.TransportError) -> Unavailable:
         kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "network error"

@@ -61,39 +61,77 @@ class SharedWindow(Protocol):
 
 
 class LocalWindow:
-    """The in-memory window: who may take a slot now and when the next frees, for this process alone."""
+    """The in-memory window: who may take a slot now and when the next frees, for this process alone.
+
+    Every question costs constant amortised time, whatever the window holds. A slot starts
+    counting from "now" (a grant without hold, or a held grant's settle), so the moments are
+    appended in order: the settled slots are a sorted list, the oldest dropped from its front
+    as they leave the window, and the held slots are a count (each counts as +inf).
+    """
 
     def __init__(self, max_calls: int, window: float, clock: Clock) -> None:
         self._max_calls = max_calls
         self._window = window
         self._clock = clock
-        # Grants that may still count: held ones, and settled ones inside the window.
-        self._grants: list[Grant] = []
+        # When each settled slot started counting, oldest first, from index _head on (the
+        # slots before it have left the window; cut off once they are half the list).
+        self._settled: list[float] = []
+        self._head = 0
+        self._held = 0
         self._penalty_until = float("-inf")
 
     def take(self, hold: bool) -> Grant:
-        grant = Grant(self._clock.monotonic(), hold)
-        self._grants.append(grant)
-        return grant
+        now = self._clock.monotonic()
+        if hold:
+            self._held += 1
+        else:
+            self._settled.append(now)
+        return Grant(now, hold)
+
+    def settle(self, grant: Grant) -> None:
+        """A held grant was answered: from now on it counts as a settled slot."""
+        if not grant.held:
+            return
+        now = self._clock.monotonic()
+        grant.held = False
+        grant.at = max(grant.at, now)
+        self._held -= 1
+        self._settled.append(now)
 
     def penalize(self, until: float) -> None:
         if until > self._penalty_until:
             self._penalty_until = until
             logger.info("rate limiter paused for %.1fs after an upstream 429", until - self._clock.monotonic())
 
+    def _expire(self) -> int:
+        """Drop the settled slots that left the window; returns how many still count."""
+        cutoff = self._clock.monotonic() - self._window
+        settled, head = self._settled, self._head
+        while head < len(settled) and settled[head] <= cutoff:
+            head += 1
+        if head > 32 and head * 2 > len(settled):
+            del settled[:head]
+            head = 0
+        self._head = head
+        return len(settled) - head
+
+    def _counted(self, index: int) -> float:
+        """The `index`-th oldest slot that still counts (call _expire first); a held slot is +inf."""
+        position = self._head + index
+        return self._settled[position] if position < len(self._settled) else math.inf
+
     def counting(self) -> list[float]:
         """When each slot that still counts was taken, oldest first; a held slot is +inf."""
-        cutoff = self._clock.monotonic() - self._window
-        self._grants = [g for g in self._grants if g.held or g.at > cutoff]
-        return sorted(math.inf if g.held else g.at for g in self._grants)
+        self._expire()
+        return self._settled[self._head :] + [math.inf] * self._held
 
     def next_free_at(self) -> float | None:
         """The earliest moment the next grant may happen; None while held slots fill the window."""
-        times = self.counting()
-        if len(times) < self._max_calls:
+        count = self._expire() + self._held
+        if count < self._max_calls:
             return self._penalty_until
         # The next grant waits until this many of the counted slots have left the window.
-        blocking = times[len(times) - self._max_calls]
+        blocking = self._counted(count - self._max_calls)
         if blocking == math.inf:
             return None
         return max(self._penalty_until, blocking + self._window)
@@ -102,15 +140,17 @@ class LocalWindow:
         """When the grant after `ahead` others could happen, if nothing else changes.
 
         Held slots are taken as answered now: it is an estimate, for the queue notice.
+        Grant j waits for the slot max_calls grants before it to leave the window, so
+        with j = q * max_calls + r it comes q windows after grant r (closed form, no loop).
         """
         now = self._clock.monotonic()
-        recent = deque((min(t, now) for t in self.counting()), maxlen=self._max_calls)
+        count = self._expire() + self._held
+        rounds, r = divmod(ahead, self._max_calls)
         at = max(now, self._penalty_until)
-        for _ in range(ahead + 1):
-            if len(recent) >= self._max_calls:
-                at = max(at, recent[0] + self._window)
-            recent.append(at)
-        return at
+        index = count + r - self._max_calls  # the counted slot grant r waits for, if any
+        if index >= 0:
+            at = max(at, min(self._counted(index), now) + self._window)
+        return at + rounds * self._window
 
 
 class _Waiter:
@@ -222,9 +262,7 @@ class SlidingWindowLimiter:
         if not grant.held:
             return
         if self._window is not None:
-            # The grant itself says when it counts from: the in-memory window has nothing to update.
-            grant.held = False
-            grant.at = max(grant.at, self._clock.monotonic())
+            self._window.settle(grant)
             self._wake_head()  # the head may be waiting for exactly this slot
         elif self._shared is not None:
             # The shared head sleeps on the clock: a settle here (or anywhere) frees a slot
@@ -243,7 +281,9 @@ class SlidingWindowLimiter:
     def position(self, lane: str = "") -> int:
         """How many queued requests would be served before a new one in `lane`."""
         queue = self._lanes.get(lane)
-        rounds = len(queue) if queue else 0  # the new request waits this many turns of its lane
+        if not queue:
+            return len(self._lanes)  # one turn of every queued lane (no lane is empty), no loop
+        rounds = len(queue)  # the new request waits this many turns of its lane
         ahead = rounds
         behind_target = False
         for name, other in self._lanes.items():

@@ -51,6 +51,7 @@ discord.VoiceClient.warn_dave = False
 OnMessage = Callable[[Inbound], Awaitable[object]]
 
 PREPARE_TIMEOUT = 5.0  # seconds working() may spend opening the answer's thread before the question is asked
+TYPING_WAIT = 5.0  # seconds a post waits, at most, for its question's typing indicator to be sent first
 
 
 class _Client(discord.Client):
@@ -151,6 +152,8 @@ class DiscordAdapter:
         self._stopping = False
         self._memory = memory = Memory()
         self._pending: set[asyncio.Future[object]] = set()
+        # Typing indicators on their way, by the id of the question they are for (working()).
+        self._typing: dict[str, asyncio.Future[bool]] = {}
         self.poster = DiscordPoster(
             memory, self._clock,
             client=self._require_client, cached_channel=self._cached_channel, followup_of=self._followup_of,
@@ -501,6 +504,10 @@ class DiscordAdapter:
 
     async def send(self, outbound: Outbound) -> list[str]:
         """Post the parts where the conversation lives (DiscordPoster.send)."""
+        typing = self._typing.get(outbound.reply_to) if outbound.reply_to else None
+        if typing is not None and not typing.done():
+            # The indicator first: sent after the answer, it would show for seconds after it.
+            await asyncio.wait({typing}, timeout=TYPING_WAIT)
         return await self.poster.send(outbound)
 
     async def tell_refused(self, inbound: Inbound, refusal: PermanentSendError) -> bool:
@@ -612,13 +619,27 @@ class DiscordAdapter:
             yield
             return
         typing = client.get_partial_messageable(int(where)).typing()
+        # Sent beside the question rather than before it: the question leaves one Discord round
+        # trip sooner. A post for this question waits for it (send), so the order stays.
+        started = asyncio.ensure_future(self._start_typing(typing, where))
+        self._typing[inbound.message_id] = started
+        try:
+            yield
+        finally:
+            if self._typing.get(inbound.message_id) is started:
+                del self._typing[inbound.message_id]
+            if not started.done():
+                started.cancel()
+            await asyncio.gather(started, return_exceptions=True)
+            if not started.cancelled() and started.result():
+                await typing.__aexit__(None, None, None)
+
+    @staticmethod
+    async def _start_typing(typing: discord.context_managers.Typing, where: str) -> bool:
+        """Show the typing indicator (discord.py repeats it every 5 s until __aexit__); False if Discord refused."""
         try:
             await typing.__aenter__()
         except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
             log.debug("discord: no typing indicator in %s: %s", where, exc)
-            yield
-            return
-        try:
-            yield
-        finally:
-            await typing.__aexit__(None, None, None)
+            return False
+        return True

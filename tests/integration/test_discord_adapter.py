@@ -15,6 +15,7 @@ from bridge.app import BridgeApp
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
 from bridge.messages import Conversation, Outbound
 from bridge.relay import NOTICES, Outcome
+from bridge.store.records import JobState
 from tests.fakes import discord_api as fd
 from tests.fakes.discord_api import FakeDiscord
 from tests.fakes.outcomes import Outcomes
@@ -133,6 +134,29 @@ async def test_mention_creates_a_thread_and_answers_there(
     [post] = fake.rest("POST", rf"/channels/{qid}/messages")
     assert post.json["allowed_mentions"] == {"parse": []}
     assert post.json["enforce_nonce"] is True and 0 < len(post.json["nonce"]) <= 25
+
+
+async def test_the_question_does_not_wait_for_the_typing_indicator_but_the_answer_does(
+    bridge: Bridge, fake: FakeDiscord, emulator: Emulator
+) -> None:
+    app = await bridge()
+    fake.hang(path=r"/typing$", method="POST")  # Discord shows the typing, its answer is slow to come
+    question = await fake.user_message(fd.GENERAL, "What is the refund policy?", mention_bot=True)
+    qid = int(question["id"])
+    # The question reached InsiteChat while the typing request was still on its way...
+    await eventually(lambda: chat_calls(emulator), what="the question at InsiteChat before the typing's answer")
+    assert fake.rest("POST", rf"/channels/{qid}/typing")
+    # ...and its answer is stored, but not posted before the typing: it would show after the answer.
+    for _ in range(250):
+        if (await app.store.job_counts()).get(JobState.ANSWERED):
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the answer was never stored")
+    await asyncio.sleep(0.2)  # time enough for a post that did not wait to reach the fake
+    assert posts_in(fake, qid) == []
+    fake.release()
+    await eventually(lambda: posts_in(fake, qid), what="the answer once the typing was sent")
 
 
 async def test_follow_up_in_the_thread_needs_no_mention(bridge: Bridge, fake: FakeDiscord, emulator: Emulator) -> None:

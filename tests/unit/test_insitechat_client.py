@@ -115,6 +115,28 @@ async def test_chat_sends_bearer_key_and_json_body(
     assert json.loads(request.content) == {"message": "What are your hours?", "session_id": "icb-abc"}
 
 
+async def test_a_cookie_the_service_sets_is_never_sent_back(api: respx.MockRouter, make_client: MakeClient) -> None:
+    # The key authenticates; the client keeps no cookie jar (it costs CPU on every response).
+    route = api.post(CHAT).mock(
+        return_value=httpx.Response(200, json={"response": "hi"}, headers={"Set-Cookie": "lb=abc; Path=/"})
+    )
+    client = make_client()
+    for _ in range(2):
+        assert await client.chat(BOT, "hello", "icb-abc") == "hi"
+    assert [call.request.headers.get("Cookie") for call in route.calls] == [None, None]
+
+
+async def test_each_chatbot_path_goes_to_its_own_url(api: respx.MockRouter, make_client: MakeClient) -> None:
+    # URLs are parsed once per path and reused: two chatbots never share one.
+    other = "1b2c3d4e-5f60-7890-bcde-f01234567890"
+    first = api.post(CHAT).mock(return_value=reply("one"))
+    second = api.post(f"/v1/chatbots/{other}/chat").mock(return_value=reply("two"))
+    client = make_client()
+    answers = [await client.chat(bot, "hello", "icb-abc") for bot in (BOT, other, BOT, other)]
+    assert answers == ["one", "two", "one", "two"]
+    assert (first.call_count, second.call_count) == (2, 2)
+
+
 async def test_chatbot_id_cannot_escape_its_path_segment(
     api: respx.MockRouter, make_client: MakeClient
 ) -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import math
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge.clock import ManualClock
-from bridge.limiter import SlidingWindowLimiter
+from bridge.limiter import Grant, LocalWindow, SlidingWindowLimiter
 
 START = 1_000_000.0
 
@@ -400,6 +403,46 @@ def test_held_slots_keep_the_service_under_the_limit_wherever_it_counts(
     # cases are "all at the send" and "all at the answer". Neither may exceed the limit.
     assert window_violations(list(granted.values()), max_calls, window) == []
     assert window_violations(list(answered.values()), max_calls, window) == []
+    # And any mixture: N+1 requests can be counted in one window (t - W, t] exactly when t
+    # lies in each one's [send, answer + W). Nowhere may more than max_calls overlap.
+    spans = [(granted[i], answered[i] + window) for i in granted]
+    assert most_overlapping(spans) <= max_calls
+
+
+def most_overlapping(spans: list[tuple[float, float]]) -> int:
+    """The most half-open intervals [start, end) that share one instant."""
+    # At equal times an end comes before a start: [a, b) and [b, c) do not overlap.
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    most = current = 0
+    for _, step in events:
+        current += step
+        most = max(most, current)
+    return most
+
+
+def test_overlap_helper_sees_touching_and_nested_intervals() -> None:
+    assert most_overlapping([(0.0, 1.0), (1.0, 2.0)]) == 1
+    assert most_overlapping([(0.0, 3.0), (1.0, 2.0), (1.5, 4.0)]) == 3
+
+
+async def test_a_flood_gets_one_slot_per_window_plus_latency_and_no_more_slack() -> None:
+    # A safe limiter can use at most W / (W + d) of the budget (bench/README.md, "The whole
+    # budget"); this one reaches it: each slot serves its next request the moment the last
+    # one's answer has been a window old.
+    clock = ManualClock(START)
+    limiter = SlidingWindowLimiter(3, 10.0, clock=clock)
+    latency = 2.0
+    granted: list[float] = []
+
+    async def request() -> None:
+        grant = await limiter.acquire(hold=True)
+        granted.append(clock.monotonic())
+        await clock.sleep(latency)
+        limiter.settle(grant)
+
+    tasks = [asyncio.create_task(request()) for _ in range(12)]
+    await run_to_completion(clock, tasks, lambda: (START + k * 2.0 for k in range(1, 40)))
+    assert granted == [START + k * (10.0 + latency) for k in range(4) for _ in range(3)]
 
 
 async def test_a_held_slot_frees_one_window_after_its_answer() -> None:
@@ -435,3 +478,95 @@ async def test_after_a_pause_the_waiting_requests_are_released_one_by_one_with_j
     clock.advance(60.0)  # a window after the pause: bursts are allowed again
     await asyncio.wait_for(asyncio.gather(*(rec.start(n) for n in "xyz")), timeout=10)
     assert len({rec.times[n] for n in "xyz"}) == 1
+
+
+class SortedModel:
+    """The window as it was first written: every grant kept, filtered and sorted on each question.
+
+    Slow (it grows with the window) but plain: the constant-time LocalWindow must agree with it.
+    """
+
+    def __init__(self, max_calls: int, window: float, clock: ManualClock) -> None:
+        self.max_calls, self.window, self.clock = max_calls, window, clock
+        self.grants: list[list[Any]] = []  # [at, held]
+        self.penalty_until = float("-inf")
+
+    def counting(self) -> list[float]:
+        cutoff = self.clock.monotonic() - self.window
+        self.grants = [g for g in self.grants if g[1] or g[0] > cutoff]
+        return sorted(math.inf if held else at for at, held in self.grants)
+
+    def next_free_at(self) -> float | None:
+        times = self.counting()
+        if len(times) < self.max_calls:
+            return self.penalty_until
+        blocking = times[len(times) - self.max_calls]
+        return None if blocking == math.inf else max(self.penalty_until, blocking + self.window)
+
+    def grant_time(self, ahead: int) -> float:
+        now = self.clock.monotonic()
+        recent = deque((min(t, now) for t in self.counting()), maxlen=self.max_calls)
+        at = max(now, self.penalty_until)
+        for _ in range(ahead + 1):
+            if len(recent) >= self.max_calls:
+                at = max(at, recent[0] + self.window)
+            recent.append(at)
+        return at
+
+
+# One step: take (held or not), settle the n-th held grant, move the clock, or a 429 pause.
+_steps = st.one_of(
+    st.tuples(st.just("take"), st.booleans()),
+    st.tuples(st.just("settle"), st.integers(min_value=0, max_value=50)),
+    st.tuples(st.just("advance"), st.sampled_from([0.0, 0.25, 1.0, 2.5, 7.5, 30.0])),
+    st.tuples(st.just("penalize"), st.sampled_from([0.5, 5.0, 20.0])),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    max_calls=st.integers(min_value=1, max_value=8),
+    window=st.sampled_from([1.0, 7.5, 60.0]),
+    steps=st.lists(_steps, max_size=80),
+    ahead=st.integers(min_value=0, max_value=30),
+)
+def test_the_constant_time_window_answers_as_the_sort_everything_model(
+    max_calls: int, window: float, steps: list[tuple[str, Any]], ahead: int
+) -> None:
+    clock = ManualClock(START)
+    fast = LocalWindow(max_calls, window, clock)
+    model = SortedModel(max_calls, window, clock)
+    held: list[tuple[Grant, list[Any]]] = []
+    for kind, arg in steps:
+        if kind == "take":
+            grant = fast.take(arg)
+            entry = [clock.monotonic(), arg]
+            model.grants.append(entry)
+            if arg:
+                held.append((grant, entry))
+        elif kind == "settle" and held:
+            grant, entry = held.pop(arg % len(held))
+            fast.settle(grant)
+            fast.settle(grant)  # a second settle changes nothing
+            entry[:] = [max(entry[0], clock.monotonic()), False]
+        elif kind == "advance":
+            clock.advance(arg)
+        elif kind == "penalize":
+            fast.penalize(clock.monotonic() + arg)
+            model.penalty_until = max(model.penalty_until, clock.monotonic() + arg)
+        assert fast.counting() == model.counting()
+        assert fast.next_free_at() == model.next_free_at()
+        for n in (0, ahead):
+            assert math.isclose(fast.grant_time(n), model.grant_time(n), rel_tol=1e-12), n
+
+
+def test_the_window_forgets_slots_that_left_it() -> None:
+    # Constant memory per slot in the window: what left it is dropped, not kept forever.
+    clock = ManualClock(START)
+    window = LocalWindow(5, 10.0, clock)
+    for _ in range(10_000):
+        window.settle(window.take(True))
+        clock.advance(1.0)
+        window.next_free_at()
+    assert len(window.counting()) == 9  # the last 10 s, half-open: the one 10 s old has left
+    assert len(window._settled) < 100
