@@ -27,6 +27,8 @@ from bridge.outbox import ATTEMPT_LEASE, Outbox
 from bridge.ports import Adapter, Platform, ReportsReadiness, StopsIntake
 from bridge.relay import JOB_LEASE, Relay
 from bridge.store import LOCK_LEASE, Store, StoreError, open_store
+from bridge.store.redis import RedisStore
+from bridge.store.wire import Wire
 from bridge.supervisor import Supervisor
 from bridge.webhooks import WebhookReceiver
 from bridge.webserver import quiet_malformed_requests
@@ -73,11 +75,17 @@ def quota_mark(settings: Settings, api_key: str) -> QuotaMark:
 
 
 def build_clients(
-    settings: Settings, clock: Clock, *, redis_url: str | None = None, quota_marks: bool = False
+    settings: Settings,
+    clock: Clock,
+    *,
+    redis_url: str | None = None,
+    quota_marks: bool = False,
+    wire: Wire | None = None,
 ) -> dict[str, InsiteChatClient]:
     """One client and one limiter per API key: the upstream limit is per key, whatever the chatbot.
 
-    With `redis_url` each key's window is kept in Redis, shared by every replica. With
+    With `redis_url` each key's window is kept in Redis, shared by every replica, over `wire` when
+    given (the store's connection: one per replica), else a connection of its own. With
     `quota_marks` a quota pause is marked beside the state, where `check --live` ends it.
     """
     ic = settings.insitechat
@@ -89,7 +97,10 @@ def build_clients(
 
         # A held slot must outlast one attempt on its way: connect, write and read timeouts.
         hold = max(DEFAULT_HOLD, 3 * ic.timeout + 10)
-        shared = RedisWindow.from_url(redis_url, key, ic.rate_limit, ic.rate_window, clock=clock, hold=hold)
+        if wire is not None:
+            shared = RedisWindow(wire, key, ic.rate_limit, ic.rate_window, clock=clock, hold=hold)
+        else:
+            shared = RedisWindow.from_url(redis_url, key, ic.rate_limit, ic.rate_window, clock=clock, hold=hold)
         return SlidingWindowLimiter(ic.rate_limit, ic.rate_window, clock=clock, shared=shared)
 
     return {
@@ -150,7 +161,10 @@ class BridgeApp:
             lock_lease=leases.conversation_lock,
         )
         # Several replicas share one Redis: its InsiteChat budget per key, and one Discord gateway.
-        self.clients = build_clients(settings, self.clock, redis_url=settings.state.redis_url, quota_marks=True)
+        self.clients = build_clients(
+            settings, self.clock, redis_url=settings.state.redis_url, quota_marks=True,
+            wire=self.store.wire if isinstance(self.store, RedisStore) else None,
+        )
         self.desk = AlertDesk(settings, self.store, self.clock)
         self.outbox = Outbox(self.store, self.desk, self.clock, attempt_lease=leases.delivery_attempt)
         self.desk.on_queued = self.outbox.wake
