@@ -177,10 +177,13 @@ class BridgeApp:
         # Several replicas: only the holder of this lease connects Discord's gateway (all post).
         # Started and released by this app; None: one replica, always on the gateway.
         if gateway_lease is None and settings.state.redis_url and settings.discord is not None:
-            gateway_lease = RedisLease.from_url(
-                settings.state.redis_url, gateway_lease_key(settings.discord.token, settings.state.redis_prefix),
-                clock=self.clock, lease=leases.discord_gateway,
-            )
+            lease_key = gateway_lease_key(settings.discord.token, settings.state.redis_prefix)
+            if isinstance(self.store, RedisStore):  # on the store's connection: one per replica
+                gateway_lease = RedisLease(self.store.wire, lease_key, clock=self.clock, lease=leases.discord_gateway)
+            else:
+                gateway_lease = RedisLease.from_url(
+                    settings.state.redis_url, lease_key, clock=self.clock, lease=leases.discord_gateway
+                )
         self.gateway_lease = gateway_lease
         self.adapters: list[Adapter] = []
         self.console: ConsoleAdapter | None = None
