@@ -183,7 +183,7 @@ class Wire:
         try:
             return await asyncio.shield(self._connecting)
         finally:
-            if self._connecting.done() and self._connecting.exception() is not None:
+            if self._connecting.done() and (self._connecting.cancelled() or self._connecting.exception()):
                 self._connecting = None  # the next command tries again
 
     async def _connect(self) -> _Protocol:
@@ -226,6 +226,11 @@ class Wire:
             self._protocol = None
         else:
             self._timer = loop.call_at(first, self._check)
+
+    @property
+    def connected(self) -> bool:
+        """A connection is open (the next command needs no connect)."""
+        return self._protocol is not None and self._protocol.lost is None
 
     @property
     def busy(self) -> int:

@@ -512,6 +512,38 @@ async def test_callers_cancelled_mid_command_leave_the_others_replies_in_step(
         await store.close()
 
 
+async def test_a_connection_redis_closed_is_made_again_by_the_next_command(
+    replica: Replica, clock: ManualClock, raw: redis.asyncio.Redis
+) -> None:
+    store = replica()
+    job = new_job(clock)
+    assert await store.create_job(job, lease=60)
+    own_id = await store.wire.call("CLIENT", "ID")
+    await raw.execute_command("CLIENT", "KILL", "ID", own_id)  # as a Redis restart or an idle timeout would
+    for _ in range(200):  # the replica hears the close on its own loop
+        if not store.wire.connected:
+            break
+        await asyncio.sleep(0.01)
+    assert not store.wire.connected
+    found = await store.get_job(job.id)
+    assert found is not None and found.id == job.id
+    assert await store.wire.call("CLIENT", "ID") != own_id  # a new connection
+
+
+async def test_scripts_redis_forgot_are_sent_again(
+    replica: Replica, clock: ManualClock, raw: redis.asyncio.Redis
+) -> None:
+    """A Redis restarted without its script cache (or SCRIPT FLUSH): EVALSHA says NOSCRIPT, the script is sent."""
+    if not own_server():
+        pytest.skip("flushes the server's script cache; runs on the test session's own redis-server")
+    store = replica()
+    assert await store.create_job(new_job(clock, "1"), lease=60)
+    await raw.script_flush()
+    assert await store.create_job(new_job(clock, "2"), lease=60)
+    assert not await store.create_job(new_job(clock, "2"), lease=60)  # by its SHA again: a duplicate
+    assert (await store.job_counts())[JobState.ACCEPTED] == 2
+
+
 async def test_a_redis_that_refuses_writes_is_not_ready(
     redis_url: str, redis_prefix: str, raw: redis.asyncio.Redis
 ) -> None:
