@@ -18,6 +18,7 @@ exception types (ResponseError, ConnectionError, TimeoutError), so callers catch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ssl
 from collections import deque
@@ -28,7 +29,7 @@ from typing import Any
 import hiredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Arg = str | int | float | bytes
@@ -122,7 +123,6 @@ class Wire:
         self._connecting: asyncio.Task[_Protocol] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
-        self.users = 0  # holders of a shared wire (wire_for); the last release closes it
 
     # --- commands ---------------------------------------------------------------------------
 
@@ -178,12 +178,14 @@ class Wire:
 
     async def _connected(self) -> _Protocol:
         """One connect at a time: callers that arrive meanwhile wait for the same one."""
-        if self._connecting is None or self._connecting.done():
-            self._connecting = asyncio.ensure_future(self._connect())
+        connecting = self._connecting
+        if connecting is None or connecting.done():
+            connecting = self._connecting = asyncio.ensure_future(self._connect())
         try:
-            return await asyncio.shield(self._connecting)
+            return await asyncio.shield(connecting)
         finally:
-            if self._connecting.done() and (self._connecting.cancelled() or self._connecting.exception()):
+            failed = connecting.done() and (connecting.cancelled() or connecting.exception() is not None)
+            if failed and self._connecting is connecting:
                 self._connecting = None  # the next command tries again
 
     async def _connect(self) -> _Protocol:
@@ -241,11 +243,13 @@ class Wire:
         """Waits (up to the timeout) for the replies still on their way, then closes the socket."""
         if self._closed:
             return
-        self._closed = True
         protocol = self._protocol
         if protocol is not None and protocol.sent and protocol.lost is None:
-            last = protocol.sent[-1].reply
-            await asyncio.wait([last], timeout=self._timeout)
+            # Replies come in order: once a PING sent now is answered, so is everything sent before it.
+            with contextlib.suppress(RedisError):
+                await self.call("PING")
+        self._closed = True
+        protocol = self._protocol
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
