@@ -248,7 +248,7 @@ def summarize(s: Setup, concurrency: int, latency: float) -> dict[str, Any]:
 
 
 async def throughput(
-    sizes: Sizes, tmp: Path, counts: tuple[int, ...] = (1, 2, 3), profile: str = "", pool: int = 0
+    sizes: Sizes, tmp: Path, counts: tuple[int, ...] = (1, 2, 3), profile: str = ""
 ) -> list[dict[str, Any]]:
     emulator = GatedEmulator.sandbox(latency=sizes.latency, rate_limit=10**9, rate_window=60.0, retry_after_header=True)
     await emulator.start()
@@ -278,8 +278,7 @@ async def throughput(
                 port = free_port()
                 own = folder / f"config-{i}.yaml"
                 own.write_text(re.sub(r'listen: "127.0.0.1:\d+"', f'listen: "127.0.0.1:{port}"', text))
-                # redis-py reads pool options from the URL's query: ?max_connections=N overrides its default (100).
-                env = {"BENCH_REDIS_URL": server.url + (f"?max_connections={pool}" if pool else "")} if server else {}
+                env = {"BENCH_REDIS_URL": server.url} if server else {}
                 if (
                     profile and i == 0
                 ):  # cProfile of the first replica of each set-up (slows it: no numbers from such a run)
@@ -454,11 +453,11 @@ def table(rows: list[dict[str, Any]], fo: dict[str, Any] | None, sizes: Sizes) -
 
 
 async def run(
-    sizes: Sizes, parts: list[str], counts: tuple[int, ...], profile: str = "", pool: int = 0
+    sizes: Sizes, parts: list[str], counts: tuple[int, ...], profile: str = ""
 ) -> tuple[str, dict[str, Any]]:
-    results: dict[str, Any] = {"machine": machine_facts(), "sizes": sizes.__dict__, "pool": pool or "redis-py default"}
+    results: dict[str, Any] = {"machine": machine_facts(), "sizes": sizes.__dict__}
     with tempfile.TemporaryDirectory(prefix="insitechat-replicas-") as tmp:
-        rows = await throughput(sizes, Path(tmp), counts, profile, pool) if "throughput" in parts else []
+        rows = await throughput(sizes, Path(tmp), counts, profile) if "throughput" in parts else []
         fo = await failover(Path(tmp), sizes.latency) if "failover" in parts else None
     results.update(rows=rows, failover=fo)
     m = results["machine"]
@@ -479,12 +478,6 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", metavar="PREFIX", default="", help="cProfile each set-up's first replica to PREFIX.<set-up>"
     )
     parser.add_argument(
-        "--pool",
-        type=int,
-        default=0,
-        help="the replicas' redis-py pool size (max_connections in the URL); 0: as shipped",
-    )
-    parser.add_argument(
         "--answer-timeout", type=float, default=30.0, help="seconds after which an answer counts as lost"
     )
     args = parser.parse_args(argv)
@@ -493,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     counts = tuple(int(x) for x in args.replicas.split(","))
-    text, results = asyncio.run(run(sizes, parts, counts, args.profile, args.pool))
+    text, results = asyncio.run(run(sizes, parts, counts, args.profile))
     print(text)
     if args.json:
         with open(args.json, "w") as f:

@@ -30,6 +30,8 @@ from bridge.outbox import ATTEMPT_LEASE, Outbox
 from bridge.ports import Adapter, Platform, ReportsReadiness, StopsIntake
 from bridge.relay import JOB_LEASE, Relay
 from bridge.store import LOCK_LEASE, Store, StoreError, open_store
+from bridge.store.redis import RedisStore
+from bridge.store.wire import Wire
 from bridge.supervisor import Supervisor
 from bridge.webhooks import WebhookReceiver
 from bridge.webserver import quiet_malformed_requests
@@ -76,11 +78,17 @@ def quota_mark(settings: Settings, api_key: str) -> QuotaMark:
 
 
 def build_clients(
-    settings: Settings, clock: Clock, *, redis_url: str | None = None, quota_marks: bool = False
+    settings: Settings,
+    clock: Clock,
+    *,
+    redis_url: str | None = None,
+    quota_marks: bool = False,
+    wire: Wire | None = None,
 ) -> dict[str, InsiteChatClient]:
     """One client and one limiter per API key: the upstream limit is per key, whatever the chatbot.
 
-    With `redis_url` each key's window is kept in Redis, shared by every replica. With
+    With `redis_url` each key's window is kept in Redis, shared by every replica, over `wire` when
+    given (the store's connection: one per replica), else a connection of its own. With
     `quota_marks` a quota pause is marked beside the state, where `check --live` ends it.
     """
     ic = settings.insitechat
@@ -92,7 +100,10 @@ def build_clients(
 
         # A held slot must outlast one attempt on its way: connect, write and read timeouts.
         hold = max(DEFAULT_HOLD, 3 * ic.timeout + 10)
-        shared = RedisWindow.from_url(redis_url, key, ic.rate_limit, ic.rate_window, clock=clock, hold=hold)
+        if wire is not None:
+            shared = RedisWindow(wire, key, ic.rate_limit, ic.rate_window, clock=clock, hold=hold)
+        else:
+            shared = RedisWindow.from_url(redis_url, key, ic.rate_limit, ic.rate_window, clock=clock, hold=hold)
         return SlidingWindowLimiter(ic.rate_limit, ic.rate_window, clock=clock, shared=shared)
 
     return {
@@ -153,7 +164,10 @@ class BridgeApp:
             lock_lease=leases.conversation_lock,
         )
         # Several replicas share one Redis: its InsiteChat budget per key, and one Discord gateway.
-        self.clients = build_clients(settings, self.clock, redis_url=settings.state.redis_url, quota_marks=True)
+        self.clients = build_clients(
+            settings, self.clock, redis_url=settings.state.redis_url, quota_marks=True,
+            wire=self.store.wire if isinstance(self.store, RedisStore) else None,
+        )
         # What the report counts (answers, votes, alerts), written a second at a time.
         self.facts = FactLog(self.store, self.clock)
         self.desk = AlertDesk(settings, self.store, self.clock, facts=self.facts)
@@ -180,10 +194,13 @@ class BridgeApp:
         # Several replicas: only the holder of this lease connects Discord's gateway (all post).
         # Started and released by this app; None: one replica, always on the gateway.
         if gateway_lease is None and settings.state.redis_url and settings.discord is not None:
-            gateway_lease = RedisLease.from_url(
-                settings.state.redis_url, gateway_lease_key(settings.discord.token, settings.state.redis_prefix),
-                clock=self.clock, lease=leases.discord_gateway,
-            )
+            lease_key = gateway_lease_key(settings.discord.token, settings.state.redis_prefix)
+            if isinstance(self.store, RedisStore):  # on the store's connection: one per replica
+                gateway_lease = RedisLease(self.store.wire, lease_key, clock=self.clock, lease=leases.discord_gateway)
+            else:
+                gateway_lease = RedisLease.from_url(
+                    settings.state.redis_url, lease_key, clock=self.clock, lease=leases.discord_gateway
+                )
         self.gateway_lease = gateway_lease
         self.adapters: list[Adapter] = []
         self.console: ConsoleAdapter | None = None

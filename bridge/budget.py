@@ -13,14 +13,12 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from bridge.clock import Clock, SystemClock
 from bridge.limiter import Grant
 from bridge.store import StoreError
+from bridge.store.wire import Script, Wire
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +31,7 @@ JITTER = 0.05
 # After a failed call, asks fail at once for this long: a Redis that hangs would otherwise
 # cost every queued request its own socket timeout, one after the other.
 DOWN_FOR = 1.0
-# Per Redis call (connect, or reply).
+# Per Redis call (connect, or reply), on a connection of its own (from_url); a shared one has its owner's.
 REDIS_TIMEOUT = 2.0
 # What aclose() waits at most for settles and penalties still on their way.
 CLOSE_WAIT = 2.0
@@ -142,7 +140,7 @@ class RedisWindow:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Wire,
         api_key: str,
         max_calls: int = 55,
         window: float = 60.0,
@@ -167,9 +165,9 @@ class RedisWindow:
         base = key_base(api_key, prefix)
         self._window_key = f"{base}:window"
         self._penalty_key = f"{base}:penalty"
-        self._take = redis.register_script(TAKE)
-        self._settle = redis.register_script(SETTLE)
-        self._penalize = redis.register_script(PENALIZE)
+        self._take = Script(TAKE)
+        self._settle = Script(SETTLE)
+        self._penalize = Script(PENALIZE)
         # Grant ids unique across replicas and restarts.
         self._replica = secrets.token_hex(6)
         self._ids = itertools.count()
@@ -182,16 +180,9 @@ class RedisWindow:
 
     @classmethod
     def from_url(cls, url: str, api_key: str, max_calls: int = 55, window: float = 60.0, **kwargs: Any) -> RedisWindow:
-        """A window with its own connection pool, closed by aclose()."""
-        # One quick retry, not redis-py's ten: every call here is safe to repeat (the take script
-        # knows its grant id), but a head must not wait out a minute of retries while Redis hangs.
-        redis = Redis.from_url(
-            url,
-            socket_timeout=REDIS_TIMEOUT,
-            socket_connect_timeout=REDIS_TIMEOUT,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
-        )
-        return cls(redis, api_key, max_calls, window, owns_redis=True, **kwargs)
+        """A window with a connection of its own, closed by aclose(). The bridge passes the store's instead
+        (one connection per replica); a connection that broke is made again by the next call."""
+        return cls(Wire(url, timeout=REDIS_TIMEOUT), api_key, max_calls, window, owns_redis=True, **kwargs)
 
     @property
     def max_calls(self) -> int:
@@ -224,7 +215,7 @@ class RedisWindow:
         score = now + self._hold if hold else now
         keep_ms = math.ceil((score - now + self._window) * 1000) + 1000
         args = (now, self._window, self._max_calls, grant_id, score, keep_ms)
-        call = self._track(self._take(keys=self.keys, args=args))
+        call = self._track(self._redis.run(self._take, self.keys, args))
         try:
             # Shielded: a cancelled head must not leave the script's answer unread (see below).
             reply = await asyncio.shield(call)
@@ -254,7 +245,7 @@ class RedisWindow:
         keep_ms = math.ceil(self._window * 1000) + 1000
         self._background(
             "settling a slot (it counts until its hold deadline plus a window)",
-            self._settle(keys=(self._window_key,), args=(self._clock.time(), grant.id, keep_ms)),
+            self._redis.run(self._settle, (self._window_key,), (self._clock.time(), grant.id, keep_ms)),
         )
 
     def penalize(self, until: float) -> None:
@@ -267,7 +258,7 @@ class RedisWindow:
         keep_ms = max(1, math.ceil((seconds + self._window) * 1000))
         self._background(
             "sharing a 429 pause (other replicas may meet the 429 themselves)",
-            self._penalize(keys=(self._penalty_key,), args=(self._clock.time() + seconds, keep_ms)),
+            self._redis.run(self._penalize, (self._penalty_key,), (self._clock.time() + seconds, keep_ms)),
         )
 
     def estimated_wait(self, ahead: int) -> float:
@@ -315,5 +306,5 @@ class RedisWindow:
             return  # nothing was granted, or nobody knows: the hold deadline covers it
         if int(future.result()[0]):
             self._background(
-                "giving back an unused slot (it counts as taken)", self._redis.zrem(self._window_key, grant_id)
+                "giving back an unused slot (it counts as taken)", self._redis.call("ZREM", self._window_key, grant_id)
             )

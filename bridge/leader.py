@@ -7,17 +7,16 @@ import logging
 import os
 import secrets
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bridge.clock import Clock, SystemClock
-
-if TYPE_CHECKING:
-    from redis.asyncio import Redis
+from bridge.store.wire import Script, Wire
 
 log = logging.getLogger(__name__)
 
 LEASE = 10.0  # seconds: a dead holder is replaced within this plus one standby poll
 STANDBY_POLL = 1.0  # seconds between a standby's tries, at most: a released lease is taken within this
+CONNECTION_TIMEOUT = 5.0  # a connection of its own (from_url); each call here also waits at most renew_every
 
 # Compare-and-extend: only the holder's own token renews. The answer is 1 when renewed, else
 # the token that holds the key now (nil: nobody), so a refused holder learns who took over.
@@ -71,7 +70,7 @@ class RedisLease:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Wire,
         key: str,
         *,
         name: str | None = None,
@@ -93,8 +92,8 @@ class RedisLease:
         self._owns_client = owns_client
         self._token = f"{self.name}#{secrets.token_hex(6)}"
         self._lease_ms = max(1, round(lease * 1000))
-        self._renew = redis.register_script(_RENEW)
-        self._release = redis.register_script(_RELEASE)
+        self._renew = Script(_RENEW)
+        self._release = Script(_RELEASE)
         self._leader = False
         self._deadline = 0.0  # monotonic time by which a renewal must have succeeded
         self._holder: str | None = None  # who holds it, as last seen
@@ -104,10 +103,8 @@ class RedisLease:
 
     @classmethod
     def from_url(cls, url: str, key: str, **options: Any) -> RedisLease:
-        """A lease on its own Redis client, closed by stop()."""
-        from redis.asyncio import Redis
-
-        return cls(Redis.from_url(url), key, owns_client=True, **options)
+        """A lease on a connection of its own, closed by stop(). The bridge passes the store's instead."""
+        return cls(Wire(url, timeout=CONNECTION_TIMEOUT), key, owns_client=True, **options)
 
     # --- what others read ----------------------------------------------------------------
 
@@ -147,7 +144,7 @@ class RedisLease:
         if self._leader:
             if release:
                 try:
-                    await asyncio.wait_for(self._release(keys=[self.key], args=[self._token]), self.renew_every)
+                    await asyncio.wait_for(self._redis.run(self._release, [self.key], [self._token]), self.renew_every)
                     log.info("lease %s: released by %s", self.key, self.name)
                 except Exception as exc:  # it runs out by itself; a standby takes over then
                     log.warning(
@@ -178,11 +175,11 @@ class RedisLease:
         sent = self._clock.monotonic()
         try:
             taken = await asyncio.wait_for(
-                self._redis.set(self.key, self._token, nx=True, px=self._lease_ms), self.renew_every
+                self._redis.call("SET", self.key, self._token, "NX", "PX", self._lease_ms), self.renew_every
             )
             # Refused: ours after all (an earlier SET whose answer was lost) is renewed; else who holds it.
             answer = 1 if taken else await asyncio.wait_for(
-                self._renew(keys=[self.key], args=[self._token, self._lease_ms]), self.renew_every
+                self._redis.run(self._renew, [self.key], [self._token, self._lease_ms]), self.renew_every
             )
         except asyncio.CancelledError:
             raise
@@ -209,7 +206,7 @@ class RedisLease:
             return
         try:
             answer = await asyncio.wait_for(
-                self._renew(keys=[self.key], args=[self._token, self._lease_ms]), self._deadline - sent
+                self._redis.run(self._renew, [self.key], [self._token, self._lease_ms]), self._deadline - sent
             )
         except asyncio.CancelledError:
             raise

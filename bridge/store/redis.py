@@ -35,11 +35,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from redis.asyncio import ConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from bridge.clock import Clock, SystemClock
@@ -60,6 +55,7 @@ from bridge.store.records import (
     inbound_from_json,
     inbound_to_json,
 )
+from bridge.store.wire import Script, Wire
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +73,6 @@ LOCK_POLL = 0.1  # a waiter tries again after about this long (jittered, so wait
 # delivery frees the lock (outbox_done) a round trip later.
 LOCK_POLL_FIRST = 0.02
 TIMEOUT = 5.0  # connect and each command: a Redis that does not answer is a StoreError, not a hang
-MAX_CONNECTIONS = 200  # per replica; beyond it a command waits (up to TIMEOUT) for a free connection
 PRUNE_BATCH = 500  # ids per prune script, so one prune never blocks Redis for long
 FACTS_PAGE = 2000  # facts read per script by the report
 _CAS_TRIES = 20  # append's merge of a list written by put: retried while other writers collide
@@ -608,30 +603,13 @@ class RedisStore:
         # Followed threads this replica wrote or saw: conversation -> (followed until, written at or None).
         # Nothing unfollows a thread before it expires, so a known answer needs no round trip.
         self._followed: dict[str, tuple[float, float | None]] = {}
-        self._inflight: set[asyncio.Future[Any]] = set()
         try:
-            # Under a burst (500 questions at once) a command waits for a free connection instead
-            # of failing with "Too many connections" (redis-py's pool raises at once), which refused
-            # events and failed jobs in the replica benchmark. The wait is a semaphore in _do, not
-            # redis-py's BlockingConnectionPool: that one pays a condition and a timeout on every
-            # command (about 8% of the store's client CPU), the semaphore only when it is full.
-            pool = ConnectionPool.from_url(
-                url,
-                max_connections=MAX_CONNECTIONS,
-                decode_responses=True,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                # One quick retry when a connection broke (a pooled socket Redis closed); never
-                # after a timeout, when the script may have run: StoreError, the caller decides.
-                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-            )
-            self._redis: Redis = Redis.from_pool(pool)  # owns the pool: aclose() closes it
-            # The URL may set its own max_connections: never more commands at once than it allows.
-            self._slots = asyncio.Semaphore(pool.max_connections)
-            self._slot_wait = timeout
+            # One connection for every command of this replica, pipelined (bridge.store.wire): a burst of
+            # 500 questions is 500 commands on the wire, not 500 connections or a wait for a free one.
+            self.wire = Wire(url, timeout=timeout)
         except (ValueError, RedisError) as exc:
             raise StoreError(f"cannot use the Redis URL {self._where}: {self._redact(str(exc))}") from None
-        script = self._redis.register_script
+        script = Script
         self._put_record = script(_PUT_RECORD)
         self._compare_and_set_record = script(_COMPARE_AND_SET_RECORD)
         self._append_record = script(_APPEND_RECORD)
@@ -660,57 +638,26 @@ class RedisStore:
     # --- running commands -----------------------------------------------------------------------
 
     async def _do(self, command: Awaitable[T]) -> T:
-        """Run one command, script or pipeline; every failure of Redis (refused, timed out, a script
+        """Run one command, script or transaction; every failure of Redis (refused, timed out, a script
         error) is a StoreError, without the password.
 
-        Shielded: a cancelled caller (a shutdown) returns at once and the command finishes on its
-        own. redis-py can lose a cancellation that arrives mid-reply and then hang the task
-        (redis/redis-py#2028, #2551), and a half-read reply would spoil the connection anyway.
+        A cancelled caller (a shutdown) returns at once; its command is on the wire already and
+        finishes there (its reply is read and dropped), so the other callers' replies stay in step.
         """
         if self._closed:
             if asyncio.iscoroutine(command):
                 command.close()
             raise StoreError(f"the Redis store at {self._where} is closed")
-        if self._slots.locked():  # every connection busy: wait for one, as a blocking pool would
-            try:
-                await self._wait_for_slot()
-            except BaseException:
-                if asyncio.iscoroutine(command):
-                    command.close()
-                raise
-        else:
-            await self._slots.acquire()  # free: returns at once
-        running = asyncio.ensure_future(command)
-        self._inflight.add(running)
-        running.add_done_callback(self._settled)
         try:
-            return await asyncio.shield(running)
+            return await command
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis at {self._where}: {self._redact(str(exc)) or type(exc).__name__}") from None
-
-    async def _wait_for_slot(self) -> None:
-        acquiring = asyncio.ensure_future(self._slots.acquire())
-        try:
-            done, _ = await asyncio.wait({acquiring}, timeout=self._slot_wait)
-        except BaseException:
-            if not acquiring.cancel() and not acquiring.cancelled() and acquiring.exception() is None:
-                self._slots.release()  # it came just as we were cancelled: nobody will use it
-            raise
-        if not done:
-            acquiring.cancel()  # a cancelled acquire hands a slot it was given on to the next waiter
-            raise StoreError(f"redis at {self._where}: no free connection within {self._slot_wait:g} s")
-
-    def _settled(self, running: asyncio.Future[Any]) -> None:
-        self._slots.release()
-        self._inflight.discard(running)
-        if not running.cancelled():
-            running.exception()  # retrieved: a caller that was cancelled never will
 
     def _redact(self, text: str) -> str:
         return text.replace(self._password, "***") if self._password else text
 
-    async def _run(self, script: AsyncScript, *args: str | int) -> Any:
-        return await self._do(script(args=[self._prefix, *args]))
+    async def _run(self, script: Script, *args: str | int) -> Any:
+        return await self._do(self.wire.run(script, args=[self._prefix, *args]))
 
     def _key(self, *parts: str) -> str:
         return self._prefix + ":".join(parts)
@@ -735,7 +682,7 @@ class RedisStore:
     async def ping(self) -> bool:
         """A write, not a read: a Redis that refuses writes (a read-only replica, out of memory) is unready."""
         try:
-            await self._do(self._redis.set(self._key("ping"), self.owner, px=60_000))
+            await self._do(self.wire.call("SET", self._key("ping"), self.owner, "PX", 60_000))
         except StoreError as exc:
             log.error("state store cannot write: %s", exc)
             return False
@@ -743,9 +690,12 @@ class RedisStore:
 
     async def persistence_warning(self) -> str | None:
         """A sentence when this Redis keeps nothing on disk; None when it does, or when CONFIG is not allowed."""
-        async def read_config() -> tuple[Mapping[Any, Any], Mapping[Any, Any]] | None:
+        async def read_config() -> tuple[Mapping[str, str], Mapping[str, str]] | None:
             try:
-                return await self._redis.config_get("appendonly"), await self._redis.config_get("save")
+                return (
+                    _fields(await self.wire.call("CONFIG", "GET", "appendonly")),
+                    _fields(await self.wire.call("CONFIG", "GET", "save")),
+                )
             except ResponseError:
                 # Managed Redis often refuses or renames CONFIG (NOPERM, unknown command): say nothing, not a guess.
                 return None
@@ -773,10 +723,8 @@ class RedisStore:
                 await self._run(self._release_lock, conversation, lock.token)
         self._pretaken.clear()
         self._closed = True
-        if self._inflight:  # commands whose callers were cancelled: let them finish first
-            await asyncio.wait(list(self._inflight), timeout=TIMEOUT)
         try:
-            await self._redis.aclose()
+            await self.wire.aclose()  # after the replies still on their way (callers that were cancelled)
         except (RedisError, OSError) as exc:
             log.warning("closing the Redis connection failed: %s", self._redact(str(exc)))
 
@@ -787,7 +735,7 @@ class RedisStore:
         until, written = self._followed.get(conversation, (0.0, None))
         if written is not None and now - written < FOLLOW_REFRESH and until - written == ttl:
             return  # this replica wrote it a moment ago: the stored expiry is at most FOLLOW_REFRESH short
-        await self._do(self._redis.set(self._key("followed", conversation), _t(now + ttl), px=_ttl_ms(ttl)))
+        await self._do(self.wire.call("SET", self._key("followed", conversation), _t(now + ttl), "PX", _ttl_ms(ttl)))
         self._remember_followed(conversation, now + ttl, now)
 
     async def is_followed(self, conversation: str) -> bool:
@@ -795,7 +743,7 @@ class RedisStore:
         known = self._followed.get(conversation)
         if known is not None and known[0] >= now:
             return True
-        until = await self._do(self._redis.get(self._key("followed", conversation)))
+        until = await self._do(self.wire.call("GET", self._key("followed", conversation)))
         if until is None or float(until) < now:
             return False
         self._remember_followed(conversation, float(until), None)
@@ -811,11 +759,11 @@ class RedisStore:
         lock = self._held.get(conversation)
         if lock is not None and not lock.released:
             return lock.generation  # read when the lock was taken; only a holder bumps it
-        value = await self._do(self._redis.get(self._key("generation", conversation)))
+        value = await self._do(self.wire.call("GET", self._key("generation", conversation)))
         return int(value) if value is not None else 0
 
     async def bump_generation(self, conversation: str) -> int:
-        value = int(await self._do(self._redis.incr(self._key("generation", conversation))))
+        value = int(await self._do(self.wire.call("INCR", self._key("generation", conversation))))
         lock = self._held.get(conversation)
         if lock is not None:
             lock.generation = value
@@ -935,7 +883,7 @@ class RedisStore:
 
     async def get_versioned(self, kind: str, key: str) -> Versioned | None:
         value, revision, expires = await self._do(
-            self._redis.hmget(self._record_key(kind, key), ["value", "revision", "expires"])
+            self.wire.call("HMGET", self._record_key(kind, key), "value", "revision", "expires")
         )
         if value is None or revision is None or (expires and float(expires) < self._now()):
             return None
@@ -977,7 +925,7 @@ class RedisStore:
         raise StoreError(f"{kind} {key} kept changing under concurrent updates")
 
     async def delete(self, kind: str, key: str) -> None:
-        await self._do(self._redis.delete(self._record_key(kind, key)))
+        await self._do(self.wire.call("DEL", self._record_key(kind, key)))
 
     # --- webhook intake -------------------------------------------------------------------------
 
@@ -1051,11 +999,10 @@ class RedisStore:
         )
 
     async def get_job(self, job_id: str) -> ChatJob | None:
-        fields = await self._do(self._redis.hgetall(self._key("job", job_id)))
-        return self._job({_text(name): _text(value) for name, value in fields.items()})
+        return self._job(_fields(await self._do(self.wire.call("HGETALL", self._key("job", job_id)))))
 
     async def job_by_key(self, key: str) -> tuple[ChatJob, JobState] | None:
-        job_id = await self._do(self._redis.get(self._key("job-key", key)))
+        job_id = await self._do(self.wire.call("GET", self._key("job-key", key)))
         job = await self.get_job(_text(job_id)) if job_id is not None else None
         return (job, job.state) if job is not None else None
 
@@ -1069,13 +1016,7 @@ class RedisStore:
             await self._run(self._renew_jobs, self.owner, _t(self._now() + lease), *job_ids)
 
     async def job_counts(self) -> dict[JobState, int]:
-        async def count() -> list[Any]:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                for state in _STATES:
-                    pipe.scard(self._key("jobs", state))
-                return await pipe.execute()
-
-        counts = await self._do(count())
+        counts = await self._do(self.wire.transaction([("SCARD", self._key("jobs", state)) for state in _STATES]))
         return {JobState(state): int(count) for state, count in zip(_STATES, counts, strict=False) if count}
 
     def _job(self, fields: Mapping[str, str]) -> ChatJob | None:
@@ -1141,14 +1082,11 @@ class RedisStore:
         return int(await self._run(self._hasten_items, _t(self._now()), platform + ":"))
 
     async def outbox_depth(self) -> tuple[int, float | None]:
-        async def depth() -> list[Any]:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.zcard(self._key("outbox", "pending"))
-                pipe.zrange(self._key("outbox", "pending"), 0, 0, withscores=True)
-                return await pipe.execute()
-
-        count, oldest = await self._do(depth())
-        return int(count), (self._now() - float(oldest[0][1])) if oldest else None
+        pending = self._key("outbox", "pending")
+        count, oldest = await self._do(
+            self.wire.transaction([("ZCARD", pending), ("ZRANGE", pending, 0, 0, "WITHSCORES")])
+        )
+        return int(count), (self._now() - float(oldest[1])) if oldest else None
 
 
     # --- facts for the report -------------------------------------------------------------------

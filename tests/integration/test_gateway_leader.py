@@ -26,6 +26,7 @@ from bridge import config
 from bridge.app import BridgeApp
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
 from bridge.leader import RedisLease
+from bridge.store.wire import Wire
 from bridge.messages import Conversation, Delivery, Inbound, Outbound
 from tests.conftest import _answers_ping, _no_redis, free_port
 from tests.fakes import discord_api as fd
@@ -107,12 +108,13 @@ Leases = Callable[..., Awaitable[RedisLease]]
 
 
 @pytest.fixture
-async def leases(redis: Any, key: str) -> AsyncIterator[Leases]:
+async def leases(redis_url: str, redis: Any, key: str) -> AsyncIterator[Leases]:
     """Starts leases on one key; stops (and releases) every one at the end, and removes the key."""
     made: list[RedisLease] = []
+    wire = Wire(redis_url, timeout=5.0)  # the leases' connection; `redis` inspects
 
     async def start(name: str, **kw: Any) -> RedisLease:
-        lease = RedisLease(redis, kw.pop("key", key), name=name, lease=kw.pop("lease", LEASE), **kw)
+        lease = RedisLease(wire, kw.pop("key", key), name=name, lease=kw.pop("lease", LEASE), **kw)
         made.append(lease)
         await lease.start()
         return lease
@@ -120,6 +122,7 @@ async def leases(redis: Any, key: str) -> AsyncIterator[Leases]:
     yield start
     for lease in made:
         await lease.stop()
+    await wire.aclose()
     await redis.delete(key)
 
 
@@ -208,7 +211,7 @@ async def test_a_lease_from_a_url_closes_its_own_client(redis_url: str, redis: A
 
 async def test_the_holder_steps_down_when_redis_stops_answering() -> None:
     server = RedisServer()  # our own: this test freezes it
-    client = redis_asyncio.Redis.from_url(server.url)
+    client = Wire(server.url, timeout=5.0)
     lease = RedisLease(client, "test-bridge:frozen", name="host-a:1", lease=1.0)
     try:
         await lease.start()
@@ -231,7 +234,7 @@ async def test_the_holder_steps_down_when_redis_stops_answering() -> None:
 
 
 async def test_a_replica_starts_as_a_standby_while_redis_is_unreachable() -> None:
-    client = redis_asyncio.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")  # nobody listens there
+    client = Wire(f"redis://127.0.0.1:{free_port()}/0", timeout=5.0)  # nobody listens there
     lease = RedisLease(client, "test-bridge:nowhere", name="host-a:1", lease=1.0)
     try:
         await lease.start()
@@ -404,7 +407,7 @@ async def test_a_slash_command_taken_before_the_lease_moved_on_is_answered_by_it
 
 
 async def test_a_standby_without_redis_still_posts_and_says_why_it_is_not_on_the_gateway(fake: FakeDiscord) -> None:
-    client = redis_asyncio.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")  # nobody listens there
+    client = Wire(f"redis://127.0.0.1:{free_port()}/0", timeout=5.0)  # nobody listens there
     lease = RedisLease(client, "test-bridge:nowhere", name="host-a:1", lease=GATEWAY_LEASE)
     adapter = DiscordAdapter(settings().discord, lambda inbound: asyncio.sleep(0), leadership=lease)
     try:
@@ -436,10 +439,12 @@ async def test_a_gateway_the_new_holder_cannot_open_ends_the_connection_for_its_
 
 
 async def test_two_bridges_one_gateway_both_ready_and_a_clean_stop_hands_it_over(
-    emulator: Emulator, fake: FakeDiscord, redis: Any, key: str, tmp_path: Path
+    emulator: Emulator, fake: FakeDiscord, redis_url: str, redis: Any, key: str, tmp_path: Path
 ) -> None:
+    wire = Wire(redis_url, timeout=5.0)
+
     def bridge(name: str) -> BridgeApp:
-        lease = RedisLease(redis, key, name=name, lease=GATEWAY_LEASE, retry_every=0.1)
+        lease = RedisLease(wire, key, name=name, lease=GATEWAY_LEASE, retry_every=0.1)
         return BridgeApp(bridge_settings(emulator.base_url, tmp_path / f"{name}.db"), grace=1, gateway_lease=lease)
 
     async def readyz(app: BridgeApp) -> tuple[int, str]:
@@ -468,3 +473,4 @@ async def test_two_bridges_one_gateway_both_ready_and_a_clean_stop_hands_it_over
         for app in (a, b):
             if not app.stopped.is_set():
                 await app.stop()
+        await wire.aclose()

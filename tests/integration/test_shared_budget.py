@@ -22,8 +22,6 @@ from hypothesis import strategies as st
 
 
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from bridge.app import build_clients
 from bridge.budget import RedisWindow, key_base
@@ -33,6 +31,7 @@ from bridge.insitechat import InsiteChatClient, Unavailable
 from bridge.limiter import SlidingWindowLimiter
 from bridge.relay import NOTICES, Outcome
 from bridge.store import SQLiteStore, StoreError
+from bridge.store.wire import Wire
 from tests.conftest import free_port
 from tests.integration.test_relay import Harness, chat_calls, msg, settings_for
 from tests.unit.test_limiter import window_violations
@@ -367,9 +366,7 @@ async def test_a_redis_that_hangs_costs_the_queue_one_timeout_not_one_each(prefi
 
     server = await asyncio.start_server(deaf, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    redis = Redis(
-        host="127.0.0.1", port=port, socket_timeout=0.2, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
-    )
+    redis = Wire(f"redis://127.0.0.1:{port}/0", timeout=0.2)
     clock = ManualClock(START)
     limiter = SlidingWindowLimiter(
         5, 60.0, clock=clock, shared=RedisWindow(redis, KEY, 5, 60.0, clock=clock, prefix=prefix)

@@ -18,7 +18,7 @@ import redis.asyncio
 from bridge.clock import Clock, ManualClock, SystemClock
 from bridge.messages import Inbound
 from bridge.store import DAY, ChatJob, JobState, NewDelivery, ReplyKind, StoreError
-from bridge.store.redis import LOCK_LEASE, MAX_CONNECTIONS, TTL_MARGIN, RedisStore, redact_url
+from bridge.store.redis import LOCK_LEASE, TTL_MARGIN, RedisStore, redact_url
 from tests.conftest import free_port
 
 Replica = Callable[..., RedisStore]  # replica(clock=...)
@@ -286,12 +286,11 @@ async def test_follow_ups_and_generations_under_a_lock_need_no_round_trip(replic
     await store.create_job(job, lease=60, lock=True)
     await store.follow(job.conversation)
     async with store.conversation_lock(job.conversation):
-        await store._redis.aclose()  # nothing below may need Redis
-        store._redis = None  # type: ignore[assignment]
+        wire, store.wire = store.wire, None  # type: ignore[assignment]  # nothing below may need Redis
         assert await store.generation(job.conversation) == 0
         await store.follow(job.conversation)
         assert await store.is_followed(job.conversation)
-        store._redis = other._redis  # for the release
+        store.wire = wire  # for the release
     assert await other.is_followed(job.conversation)
 
 
@@ -482,32 +481,67 @@ async def test_no_persistence_warning_when_config_is_not_allowed(redis_url: str,
         assert await store.persistence_warning() is None
 
 
-async def test_a_burst_larger_than_the_connection_pool_waits_for_connections_instead_of_failing(
-    replica: Replica, clock: ManualClock
-) -> None:
+async def test_a_burst_of_hundreds_of_commands_at_once_all_succeed(replica: Replica, clock: ManualClock) -> None:
     store = replica()
-    jobs = [new_job(clock, str(n)) for n in range(MAX_CONNECTIONS + 150)]  # 500 questions at once, say
+    jobs = [new_job(clock, str(n)) for n in range(500)]  # 500 questions at once: 500 commands on one connection
     created = await asyncio.gather(*(store.create_job(job, lease=60) for job in jobs))
     assert all(created)
     assert (await store.job_counts())[JobState.ACCEPTED] == len(jobs)
 
 
-async def test_a_pool_size_from_the_url_is_kept_and_a_cancelled_waiter_gives_its_turn_on(
+async def test_callers_cancelled_mid_command_leave_the_others_replies_in_step(
     redis_url: str, redis_prefix: str, clock: ManualClock
 ) -> None:
+    """One connection carries every command: a cancelled caller's reply is read and dropped, never handed on."""
     separator = "&" if "?" in redis_url else "?"
-    store = RedisStore(f"{redis_url}{separator}max_connections=2", prefix=redis_prefix, clock=clock)
+    store = RedisStore(f"{redis_url}{separator}max_connections=2", prefix=redis_prefix, clock=clock)  # still taken
     try:
         jobs = [new_job(clock, str(n)) for n in range(40)]
-        waiting = [asyncio.create_task(store.create_job(job, lease=60)) for job in jobs]
-        await asyncio.sleep(0)
-        waiting[-1].cancel()  # a caller gone while it waited for a connection: the others still get theirs
-        done = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 10)
-        assert all(result is True for result in done[:-1])
-        assert len(store._redis.connection_pool._in_use_connections) == 0  # type: ignore[attr-defined]
-        assert store._slots._value == 2  # every slot came back
+        assert all(await asyncio.gather(*(store.create_job(job, lease=60) for job in jobs)))
+        reads = [asyncio.create_task(store.get_job(job.id)) for job in jobs]
+        await asyncio.sleep(0)  # every read is on the wire now
+        for read in reads[::3]:
+            read.cancel()
+        done = await asyncio.wait_for(asyncio.gather(*reads, return_exceptions=True), 10)
+        for job, read, result in zip(jobs, reads, done, strict=True):
+            if not read.cancelled():
+                assert isinstance(result, ChatJob) and result.id == job.id  # its own reply, not a neighbour's
+        assert (await store.get_job(jobs[0].id)).id == jobs[0].id  # type: ignore[union-attr]
+        assert store.wire.busy == 0
     finally:
         await store.close()
+
+
+async def test_a_connection_redis_closed_is_made_again_by_the_next_command(
+    replica: Replica, clock: ManualClock, raw: redis.asyncio.Redis
+) -> None:
+    store = replica()
+    job = new_job(clock)
+    assert await store.create_job(job, lease=60)
+    own_id = await store.wire.call("CLIENT", "ID")
+    await raw.execute_command("CLIENT", "KILL", "ID", own_id)  # as a Redis restart or an idle timeout would
+    for _ in range(200):  # the replica hears the close on its own loop
+        if not store.wire.connected:
+            break
+        await asyncio.sleep(0.01)
+    assert not store.wire.connected
+    found = await store.get_job(job.id)
+    assert found is not None and found.id == job.id
+    assert await store.wire.call("CLIENT", "ID") != own_id  # a new connection
+
+
+async def test_scripts_redis_forgot_are_sent_again(
+    replica: Replica, clock: ManualClock, raw: redis.asyncio.Redis
+) -> None:
+    """A Redis restarted without its script cache (or SCRIPT FLUSH): EVALSHA says NOSCRIPT, the script is sent."""
+    if not own_server():
+        pytest.skip("flushes the server's script cache; runs on the test session's own redis-server")
+    store = replica()
+    assert await store.create_job(new_job(clock, "1"), lease=60)
+    await raw.script_flush()
+    assert await store.create_job(new_job(clock, "2"), lease=60)
+    assert not await store.create_job(new_job(clock, "2"), lease=60)  # by its SHA again: a duplicate
+    assert (await store.job_counts())[JobState.ACCEPTED] == 2
 
 
 async def test_a_redis_that_refuses_writes_is_not_ready(
