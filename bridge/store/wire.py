@@ -5,7 +5,7 @@ client CPU (pool get/release, retry wrappers, observability hooks, a task per ti
 0.13-0.18 ms per command here, most of what the Redis store cost over SQLite (bench/REPLICAS.md).
 This keeps redis-py's connection layer and drops only that per-command machinery: one
 `redis.asyncio.connection.Connection` (or `SSLConnection`, `UnixDomainSocketConnection`, as the
-URL says, through `ConnectionPool.from_url`) per `Wire`, so redis-py connects, does the handshake
+URL says, read by its `parse_url`) per `Wire`, so redis-py connects, does the handshake
 (AUTH, SELECT, CLIENT SETINFO), TLS, packs the commands and parses the replies (hiredis when it is
 installed, the `fast` extra; else its own Python parser). What is ours is the pipelining: every
 caller writes its command at once, and one reader task per connection hands the replies to the
@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.connection import AbstractConnection, Connection, parse_url
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
@@ -135,10 +135,12 @@ class Wire:
     def __init__(self, url: str, *, timeout: float, decode: bool = True) -> None:
         # redis-py reads the URL (redis://, rediss:// and its ssl_* options, unix://, user and password,
         # db), so the URLs mean what they mean for redis-py; a URL it would not take is a ValueError.
-        pool = ConnectionPool.from_url(url)
-        self._kind: type[AbstractConnection] = pool.connection_class
+        options: dict[str, Any] = dict(parse_url(url))
+        self._kind: type[AbstractConnection] = options.pop("connection_class", Connection)
+        for pooled in ("max_connections", "timeout"):  # the pool's options (redis-py's pools), none of ours
+            options.pop(pooled, None)
         self._options: dict[str, Any] = {
-            **pool.connection_kwargs,
+            **options,
             "socket_timeout": None,  # see the module docstring: the deadline below, not a task per write
             "socket_connect_timeout": timeout,
             "health_check_interval": 0,
