@@ -419,6 +419,13 @@ async def test_a_redis_that_is_down_is_a_store_error_without_the_password(clock:
     assert redact_url("rediss://u:pw@h:6380/0?password=pw2") == "rediss://u:***@h:6380/0?password=***"
 
 
+def test_a_url_option_redis_py_does_not_take_is_refused_at_once() -> None:
+    """The URL means what it means to redis-py: its connection options pass, a made-up one is named."""
+    with pytest.raises(StoreError, match="no_such_option"):
+        RedisStore("redis://127.0.0.1:6379/0?no_such_option=1")
+    RedisStore("redis://127.0.0.1:6379/0?socket_keepalive=yes&max_connections=5&health_check_interval=3")
+
+
 async def test_a_redis_that_does_not_answer_is_a_store_error_not_a_hang(clock: ManualClock) -> None:
     async def accept_and_stay_silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(-1)
