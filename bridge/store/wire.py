@@ -1,15 +1,17 @@
 """One Redis connection that every caller in a process shares: commands pipelined, replies matched in order.
 
-redis-py's client gives each command a pooled connection of its own for its round trip; its
-client CPU (pool get/release, retry wrappers, observability hooks, a task per timed write) was
-0.13-0.18 ms per command here, most of what the Redis store cost over SQLite (bench/REPLICAS.md).
-This keeps redis-py's connection layer and drops only that per-command machinery: one
+redis-py's client gives each command a pooled connection of its own for its round trip; its client
+CPU (pool get/release, retry wrappers, observability hooks, a task per timed write) was 0.10-0.18
+ms per command here, most of what the Redis store cost over SQLite. This costs 0.02-0.04 ms with
+hiredis, 0.04-0.06 ms without (`python -m bench.wire`, bench/REPLICAS.md). It keeps redis-py's
+connection layer and drops only that per-command machinery: one
 `redis.asyncio.connection.Connection` (or `SSLConnection`, `UnixDomainSocketConnection`, as the
-URL says, read by its `parse_url`) per `Wire`, so redis-py connects, does the handshake
-(AUTH, SELECT, CLIENT SETINFO), TLS, packs the commands and parses the replies (hiredis when it is
-installed, the `fast` extra; else its own Python parser). What is ours is the pipelining: every
-caller writes its command at once, and one reader task per connection hands the replies to the
-callers' futures in order (Redis answers a connection's commands in the order sent).
+URL says, read by its `parse_url`; the pools' own options such as max_connections are dropped) per
+`Wire`, so redis-py connects, does the handshake (AUTH, SELECT, CLIENT SETINFO), TLS, packs the
+commands and parses the replies (hiredis when it is installed, the `fast` extra; else its own
+Python parser). What is ours is the pipelining: every caller writes its command at once, and one
+reader task per connection hands the replies to the callers' futures in order (Redis answers a
+connection's commands in the order sent).
 
 What this relies on in redis-py (8.1, redis/asyncio/connection.py), and forces for it:
 - `send_packed_command(check_health=False)` on a connected `Connection` with `socket_timeout=None`
