@@ -441,6 +441,29 @@ async def test_a_redis_that_does_not_answer_is_a_store_error_not_a_hang(clock: M
         server.close()
 
 
+async def test_commands_redis_does_not_answer_in_time_all_fail_and_the_next_connects_again(
+    redis_url: str, redis_prefix: str, clock: ManualClock, raw: redis.asyncio.Redis
+) -> None:
+    """A connected Redis that stops answering (paused here): every command on the wire fails, none hangs."""
+    if not own_server():
+        pytest.skip("pauses the server; runs on the test session's own redis-server")
+    store = RedisStore(redis_url, prefix=redis_prefix, clock=clock, timeout=0.3)
+    try:
+        assert await store.create_job(new_job(clock, "1"), lease=60)  # connected, before the pause
+        own_id = await store.wire.call("CLIENT", "ID")
+        await raw.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+        waiting = await asyncio.wait_for(
+            asyncio.gather(store.get_job("x"), store.outbox_due(), store.job_counts(), return_exceptions=True), 5
+        )
+        assert all(isinstance(result, StoreError) and "timeout" in str(result).lower() for result in waiting)
+        assert not store.wire.connected and store.wire.busy == 0
+        await raw.execute_command("CLIENT", "UNPAUSE")
+        assert await store.create_job(new_job(clock, "2"), lease=60)  # a new connection
+        assert await store.wire.call("CLIENT", "ID") != own_id
+    finally:
+        await store.close()
+
+
 async def test_a_script_error_is_a_store_error(replica: Replica, raw: redis.asyncio.Redis, redis_prefix: str) -> None:
     store = replica()
     await raw.set(f"{redis_prefix}outbox:due", "not a sorted set")  # e.g. another program writing under our prefix
