@@ -19,7 +19,8 @@ What this relies on in redis-py (8.1, redis/asyncio/connection.py), and forces f
   callers' bytes never interleave and the order of writes is the order of the futures queued
   just before. With a socket timeout it would write from a task of its own (`wait_for`), and
   when not connected it would connect by itself: so `socket_timeout` is None (this timeout plays
-  its part, below) and a command is only written on a connection known to be open.
+  its part, below) and a command is only written on a connection known to be open. Many callers
+  may wait in `drain` at once when the send buffer is full (Python 3.11's StreamWriter allows it).
 - `read_response()` is called by the one reader task only, never by callers. An error reply
   comes back as a raised ResponseError with the connection left open; anything else it raises
   (ConnectionError, a closed socket) it raises after closing the connection itself.
