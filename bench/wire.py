@@ -2,8 +2,11 @@
 
 One process, one redis-server of its own; the store's kind of command (EVALSHA of a small
 script) from 1, 5 and 50 callers at once, redis-py (`Redis.from_url`, its connection pool)
-and `bridge.store.wire.Wire` taking turns, 3 rounds. CPU is this process's user+system time
-(getrusage), so the machine's other load moves it less than wall time. See bench/REPLICAS.md.
+and `bridge.store.wire.Wire` (one redis-py `Connection`, pipelined) taking turns, 3 rounds.
+Both parse with hiredis when it is installed, else with redis-py's Python parser: the output
+says which; run it with and without (`pip install hiredis` / `pip uninstall hiredis`). CPU is
+this process's user+system time (getrusage), so the machine's other load moves it less than
+wall time. See bench/REPLICAS.md.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
+from redis.utils import HIREDIS_AVAILABLE
 
 from bench.replicas import RedisServer
 from bridge.store.wire import Script, Wire
@@ -51,7 +55,7 @@ async def run(commands: int, rounds: int) -> str:
                 each = max(1, commands // callers)
                 client = aioredis.Redis.from_url(server.url, decode_responses=True)
                 script = client.register_script(SCRIPT)
-                results.setdefault(("redis-py", callers), []).append(
+                results.setdefault(("redis-py (pool)", callers), []).append(
                     await measure(lambda i, k, script=script: script(args=["p", i, k]), callers, each)
                 )
                 await client.aclose()
@@ -63,7 +67,12 @@ async def run(commands: int, rounds: int) -> str:
                 await wire.aclose()
     finally:
         await server.stop()
-    out = ["| client | callers at once | ms CPU per command (median; each round) |", "|---|---:|---|"]
+    parser = "hiredis" if HIREDIS_AVAILABLE else "redis-py's Python parser"
+    out = [
+        f"replies parsed by {parser}",
+        "| client | callers at once | ms CPU per command (median; each round) |",
+        "|---|---:|---|",
+    ]
     for (name, callers), values in results.items():
         rounds_text = ", ".join(f"{v:.3f}" for v in values)
         out.append(f"| {name} | {callers} | {statistics.median(values):.3f} ({rounds_text}) |")

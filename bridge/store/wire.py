@@ -1,18 +1,40 @@
 """One Redis connection that every caller in a process shares: commands pipelined, replies matched in order.
 
-redis-py gives each command a pooled connection of its own for its round trip; its client CPU
-(pool, retries, observability hooks, a task per timed write) was 0.13-0.18 ms per command here,
-most of what the Redis store cost over SQLite (bench/REPLICAS.md). This sends each command at
-once on one socket and resolves the callers' futures from the replies as they come, in order
-(Redis answers every connection's commands in the order sent), parsed by hiredis: 0.01-0.04 ms
-per command. redis-py still reads the URL (`redis://`, `rediss://` and its TLS options,
-`unix://`, user and password, db), so the URLs mean what they meant before.
+redis-py's client gives each command a pooled connection of its own for its round trip; its client
+CPU (pool get/release, retry wrappers, observability hooks, a task per timed write) was 0.10-0.18
+ms per command here, most of what the Redis store cost over SQLite. This costs 0.02-0.04 ms with
+hiredis, 0.04-0.06 ms without (`python -m bench.wire`, bench/REPLICAS.md). It keeps redis-py's
+connection layer and drops only that per-command machinery: one
+`redis.asyncio.connection.Connection` (or `SSLConnection`, `UnixDomainSocketConnection`, as the
+URL says, read by its `parse_url`; the pools' own options such as max_connections are dropped) per
+`Wire`, so redis-py connects, does the handshake (AUTH, SELECT, CLIENT SETINFO), TLS, packs the
+commands and parses the replies (hiredis when it is installed, the `fast` extra; else its own
+Python parser). What is ours is the pipelining: every caller writes its command at once, and one
+reader task per connection hands the replies to the callers' futures in order (Redis answers a
+connection's commands in the order sent).
+
+What this relies on in redis-py (8.1, redis/asyncio/connection.py), and forces for it:
+- `send_packed_command(check_health=False)` on a connected `Connection` with `socket_timeout=None`
+  writes the whole command (`StreamWriter.writelines`) before its first await (`drain`), so two
+  callers' bytes never interleave and the order of writes is the order of the futures queued
+  just before. With a socket timeout it would write from a task of its own (`wait_for`), and
+  when not connected it would connect by itself: so `socket_timeout` is None (this timeout plays
+  its part, below) and a command is only written on a connection known to be open. Many callers
+  may wait in `drain` at once when the send buffer is full (Python 3.11's StreamWriter allows it).
+- `read_response()` is called by the one reader task only, never by callers. An error reply
+  comes back as a raised ResponseError with the connection left open; anything else it raises
+  (ConnectionError, a closed socket) it raises after closing the connection itself.
+- `health_check_interval` is 0 (its PING would be a reply nobody asked for), `retry` is none
+  (one connect per attempt; the next command tries again), `protocol` is 2 (RESP2: HGETALL and
+  CONFIG GET are flat lists, as the store reads them), whatever the URL says.
 
 A caller that is cancelled leaves its command on the wire; its reply is read and dropped, so the
-replies of the others stay in step (which redis-py can get wrong: redis/redis-py#2028). A command
-unanswered after its timeout fails with TimeoutError, and with it every command still on the
-wire, and the connection is dropped; the next command connects again. Errors are redis-py's own
-exception types (ResponseError, ConnectionError, TimeoutError), so callers catch RedisError.
+replies of the others stay in step (which redis-py can get wrong: redis/redis-py#2028). (One
+exception: cancelled while redis-py waits for the socket to drain, which only a send buffer
+already full makes it do, redis-py closes the connection; everything on it fails as below.) A
+command unanswered after its timeout fails with TimeoutError, and with it every command still on
+the wire, and the connection is dropped; the next command connects again. Errors are redis-py's
+own exception types (ResponseError, ConnectionError, TimeoutError), so callers catch RedisError.
 """
 
 from __future__ import annotations
@@ -20,17 +42,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import ssl
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import hiredis
-from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
+from redis.asyncio.connection import AbstractConnection, Connection, parse_url
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 Arg = str | int | float | bytes
 
@@ -52,75 +74,93 @@ class _Sent:
     deadline: float  # loop time by which its reply must have come
 
 
-class _Protocol(asyncio.Protocol):
-    """The socket's side: replies parsed as they arrive, each handed to the oldest command waiting."""
+class _Session:
+    """One open connection of redis-py's, the commands on it, and the one task reading their replies."""
 
-    def __init__(self, encoding: str | None) -> None:
-        self.transport: asyncio.Transport | None = None
+    def __init__(self, conn: AbstractConnection) -> None:
+        self.conn = conn
         self.sent: deque[_Sent] = deque()
         self.lost: BaseException | None = None
-        self._reader = hiredis.Reader(replyError=ResponseError, encoding=encoding) if encoding else hiredis.Reader(
-            replyError=ResponseError
-        )
+        self._reader: asyncio.Task[None] | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+    def start(self) -> None:
+        self._reader = asyncio.get_running_loop().create_task(self._read())
 
-    def data_received(self, data: bytes) -> None:
-        self._reader.feed(data)
-        while (reply := self._reader.gets()) is not False:
-            if not self.sent:  # nothing asked for it: the stream is out of step, never trust it again
-                self.fail(RedisConnectionError("Redis sent a reply nobody asked for"))
-                return
-            waiting = self.sent.popleft().reply
-            if waiting.done():
-                continue  # its caller was cancelled: read and dropped, the others stay in step
-            if isinstance(reply, ResponseError):
-                waiting.set_exception(reply)
-            else:
-                waiting.set_result(reply)
+    @property
+    def usable(self) -> bool:
+        return self.lost is None and bool(self.conn.is_connected)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.fail(RedisConnectionError(f"the connection to Redis was lost ({exc or 'closed by Redis'})"))
+    async def _read(self) -> None:
+        conn, sent = self.conn, self.sent
+        try:
+            while True:
+                try:
+                    reply: Any = await conn.read_response()
+                except ResponseError as exc:  # an error reply: that command failed, the connection is fine
+                    reply = exc
+                if not sent:  # nothing asked for it: the stream is out of step, never trust it again
+                    self.fail(RedisConnectionError("Redis sent a reply nobody asked for"))
+                    return
+                waiting = sent.popleft().reply
+                if waiting.done():
+                    continue  # its caller was cancelled: read and dropped, the others stay in step
+                if isinstance(reply, ResponseError):
+                    waiting.set_exception(reply)
+                else:
+                    waiting.set_result(reply)
+        except Exception as exc:  # redis-py closed the connection already (Redis closed it, a bad reply)
+            self.fail(exc if isinstance(exc, RedisError) else RedisConnectionError(f"Redis connection lost ({exc})"))
+        finally:  # cancelled by fail() (a timeout, aclose), or redis-py left it open: closed here
+            if conn.is_connected:
+                await conn.disconnect(nowait=True)
 
     def fail(self, exc: BaseException) -> None:
-        """Every command still on the wire fails; the connection is not used again."""
+        """Every command still on the wire fails; the connection is closed and not used again."""
         if self.lost is None:
             self.lost = exc
         while self.sent:
             waiting = self.sent.popleft().reply
             if not waiting.done():
                 waiting.set_exception(exc)
-        if self.transport is not None:
-            self.transport.abort()
+        if self._reader is not None and self._reader is not asyncio.current_task():
+            self._reader.cancel()  # its read_response closes the socket as it is cancelled
+
+    async def close(self) -> None:
+        self.fail(RedisConnectionError("the Redis connection is closed"))
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+        await self.conn.disconnect(nowait=True)
 
 
 class Wire:
     """The shared connection. Connects lazily, on the first command, and again after a failure."""
 
     def __init__(self, url: str, *, timeout: float, decode: bool = True) -> None:
-        options = parse_url(url)  # ValueError for a URL redis-py would not take either
+        # redis-py reads the URL (redis://, rediss:// and its ssl_* options, unix://, user and password,
+        # db), so the URLs mean what they mean for redis-py; a URL it would not take is a ValueError.
+        options: dict[str, Any] = dict(parse_url(url))
+        self._kind: type[AbstractConnection] = options.pop("connection_class", Connection)
+        for pooled in ("max_connections", "timeout"):  # the pool's options (redis-py's pools), none of ours
+            options.pop(pooled, None)
+        self._options: dict[str, Any] = {
+            **options,
+            "socket_timeout": None,  # see the module docstring: the deadline below, not a task per write
+            "socket_connect_timeout": timeout,
+            "health_check_interval": 0,
+            "retry": Retry(NoBackoff(), 0),
+            "retry_on_timeout": False,
+            "protocol": 2,
+            "decode_responses": decode,
+        }
+        try:
+            self._kind(**self._options)  # an option no connection takes fails here, not at the first command
+        except TypeError as exc:
+            raise ValueError(f"the Redis URL has an option redis-py's connection does not take: {exc}") from None
         self._timeout = timeout
-        self._encoding = "utf-8" if decode else None
-        self._path: str | None = None
-        self._host, self._port = str(options.get("host", "localhost")), int(options.get("port", 6379))
-        self._ssl: ssl.SSLContext | None = None
-        kind = options.pop("connection_class", None)
-        if kind is UnixDomainSocketConnection:
-            self._path = str(options["path"])
-        elif kind is SSLConnection:
-            ssl_options: dict[str, Any] = {name: value for name, value in options.items() if name.startswith("ssl_")}
-            # redis-py turns its ssl_* URL options into a context: the same options mean the same here.
-            self._ssl = SSLConnection(host=self._host, **ssl_options).ssl_context.get()
-        self._hello: list[tuple[Arg, ...]] = []
-        if options.get("password") is not None:
-            user = options.get("username")
-            self._hello.append(("AUTH", user, options["password"]) if user else ("AUTH", options["password"]))
-        if int(options.get("db", 0) or 0):
-            self._hello.append(("SELECT", int(options["db"])))
-        self._protocol: _Protocol | None = None
-        self._connecting: asyncio.Task[_Protocol] | None = None
+        options = self._options
+        self._where = str(options.get("path") or f"{options.get('host', 'localhost')}:{options.get('port', 6379)}")
+        self._session: _Session | None = None
+        self._connecting: asyncio.Task[_Session] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -144,26 +184,36 @@ class Wire:
         """EVALSHA; EVAL (which caches it) when Redis does not know the script (a restart, SCRIPT FLUSH)."""
         try:
             return await self.call("EVALSHA", script.sha, len(keys), *keys, *args)
-        except ResponseError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise
+        except NoScriptError:  # redis-py's class for a NOSCRIPT reply
+            pass
         return await self.call("EVAL", script.text, len(keys), *keys, *args)
 
     async def _send(self, commands: list[tuple[Arg, ...]]) -> Any:
         if self._closed:
             raise RedisConnectionError("the Redis connection is closed")
-        protocol = self._protocol
-        if protocol is None or protocol.lost is not None:
-            protocol = await self._connected()
+        session = self._session
+        if session is None or not session.usable:
+            session = await self._connected()
+            if not session.usable:  # lost again while this caller waited for the connect
+                raise session.lost or RedisConnectionError("the connection to Redis was lost")
+        conn = session.conn
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
-        packed = b"".join(hiredis.pack_command(command) for command in commands)  # type: ignore[arg-type]
+        packed = conn.pack_command(*commands[0]) if len(commands) == 1 else conn.pack_commands(commands)
         replies = [loop.create_future() for _ in commands]
         for reply in replies:
-            protocol.sent.append(_Sent(reply, deadline))
-        assert protocol.transport is not None
-        protocol.transport.write(packed)
+            session.sent.append(_Sent(reply, deadline))
         self._watch(loop, deadline)
+        try:
+            # Written before this awaits anything (the module docstring): in the order of the futures.
+            await conn.send_packed_command(packed, check_health=False)
+        except BaseException as exc:
+            # redis-py closed the connection (the bytes may be half written): everything on it fails.
+            session.fail(exc if isinstance(exc, RedisError) else RedisConnectionError("the Redis connection closed"))
+            for reply in replies:
+                if reply.done() and not reply.cancelled():
+                    reply.exception()  # retrieved: this caller raises its own error below
+            raise
         if len(replies) == 1:
             return await replies[0]
         try:
@@ -176,7 +226,7 @@ class Wire:
 
     # --- the connection ---------------------------------------------------------------------
 
-    async def _connected(self) -> _Protocol:
+    async def _connected(self) -> _Session:
         """One connect at a time: callers that arrive meanwhile wait for the same one."""
         connecting = self._connecting
         if connecting is None or connecting.done():
@@ -188,28 +238,27 @@ class Wire:
             if failed and self._connecting is connecting:
                 self._connecting = None  # the next command tries again
 
-    async def _connect(self) -> _Protocol:
-        loop = asyncio.get_running_loop()
-        where = self._path or f"{self._host}:{self._port}"
+    async def _connect(self) -> _Session:
+        if self._session is not None:
+            self._session.fail(RedisConnectionError("the connection to Redis was lost"))
+            self._session = None
+        conn = self._kind(**self._options)
         try:
+            # redis-py's connect: the socket (TLS), then AUTH, CLIENT SETINFO and SELECT; the whole of
+            # it within the timeout, as its handshake replies are read without one (socket_timeout).
             async with asyncio.timeout(self._timeout):
-                if self._path is not None:
-                    _, protocol = await loop.create_unix_connection(lambda: _Protocol(self._encoding), self._path)
-                else:
-                    _, protocol = await loop.create_connection(
-                        lambda: _Protocol(self._encoding), self._host, self._port, ssl=self._ssl
-                    )
-        except (OSError, TimeoutError) as exc:
-            raise RedisConnectionError(f"cannot connect to Redis at {where}: {exc or type(exc).__name__}") from None
-        self._protocol = protocol
-        for command in self._hello:
-            try:
-                await self.call(*command)
-            except ResponseError:
-                protocol.fail(RedisConnectionError("Redis refused the connection's AUTH or SELECT"))
-                self._protocol = None
-                raise
-        return protocol
+                await conn.connect()  # type: ignore[no-untyped-call]
+        except TimeoutError:
+            await conn.disconnect(nowait=True)
+            raise RedisTimeoutError(
+                f"cannot connect to Redis at {self._where}: no answer within {self._timeout:g} s (timeout)"
+            ) from None
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        session = self._session = _Session(conn)
+        session.start()
+        return session
 
     def _watch(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         if self._timer is None:
@@ -218,41 +267,40 @@ class Wire:
     def _check(self) -> None:
         """A command past its deadline: Redis (or the way to it) hangs; fail what is on the wire."""
         self._timer = None
-        protocol = self._protocol
-        if protocol is None or not protocol.sent:
+        session = self._session
+        if session is None or not session.sent:
             return
         loop = asyncio.get_running_loop()
-        first = min(sent.deadline for sent in protocol.sent)
+        first = min(sent.deadline for sent in session.sent)
         if first <= loop.time():
-            protocol.fail(RedisTimeoutError(f"Redis did not answer within {self._timeout:g} s (timeout)"))
-            self._protocol = None
+            session.fail(RedisTimeoutError(f"Redis did not answer within {self._timeout:g} s (timeout)"))
+            self._session = None
         else:
             self._timer = loop.call_at(first, self._check)
 
     @property
     def connected(self) -> bool:
         """A connection is open (the next command needs no connect)."""
-        return self._protocol is not None and self._protocol.lost is None
+        return self._session is not None and self._session.usable
 
     @property
     def busy(self) -> int:
         """Commands on the wire whose replies are still to come."""
-        return len(self._protocol.sent) if self._protocol is not None else 0
+        return len(self._session.sent) if self._session is not None else 0
 
     async def aclose(self) -> None:
         """Waits (up to the timeout) for the replies still on their way, then closes the socket."""
         if self._closed:
             return
-        protocol = self._protocol
-        if protocol is not None and protocol.sent and protocol.lost is None:
+        session = self._session
+        if session is not None and session.sent and session.usable:
             # Replies come in order: once a PING sent now is answered, so is everything sent before it.
             with contextlib.suppress(RedisError):
                 await self.call("PING")
         self._closed = True
-        protocol = self._protocol
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if protocol is not None and protocol.transport is not None:
-            protocol.transport.close()
-        self._protocol = None
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()

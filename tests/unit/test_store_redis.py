@@ -419,6 +419,13 @@ async def test_a_redis_that_is_down_is_a_store_error_without_the_password(clock:
     assert redact_url("rediss://u:pw@h:6380/0?password=pw2") == "rediss://u:***@h:6380/0?password=***"
 
 
+def test_a_url_option_redis_py_does_not_take_is_refused_at_once() -> None:
+    """The URL means what it means to redis-py: its connection options pass, a made-up one is named."""
+    with pytest.raises(StoreError, match="no_such_option"):
+        RedisStore("redis://127.0.0.1:6379/0?no_such_option=1")
+    RedisStore("redis://127.0.0.1:6379/0?socket_keepalive=yes&max_connections=5&health_check_interval=3")
+
+
 async def test_a_redis_that_does_not_answer_is_a_store_error_not_a_hang(clock: ManualClock) -> None:
     async def accept_and_stay_silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(-1)
@@ -432,6 +439,29 @@ async def test_a_redis_that_does_not_answer_is_a_store_error_not_a_hang(clock: M
     finally:
         await store.close()
         server.close()
+
+
+async def test_commands_redis_does_not_answer_in_time_all_fail_and_the_next_connects_again(
+    redis_url: str, redis_prefix: str, clock: ManualClock, raw: redis.asyncio.Redis
+) -> None:
+    """A connected Redis that stops answering (paused here): every command on the wire fails, none hangs."""
+    if not own_server():
+        pytest.skip("pauses the server; runs on the test session's own redis-server")
+    store = RedisStore(redis_url, prefix=redis_prefix, clock=clock, timeout=0.3)
+    try:
+        assert await store.create_job(new_job(clock, "1"), lease=60)  # connected, before the pause
+        own_id = await store.wire.call("CLIENT", "ID")
+        await raw.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+        waiting = await asyncio.wait_for(
+            asyncio.gather(store.get_job("x"), store.outbox_due(), store.job_counts(), return_exceptions=True), 5
+        )
+        assert all(isinstance(result, StoreError) and "timeout" in str(result).lower() for result in waiting)
+        assert not store.wire.connected and store.wire.busy == 0
+        await raw.execute_command("CLIENT", "UNPAUSE")
+        assert await store.create_job(new_job(clock, "2"), lease=60)  # a new connection
+        assert await store.wire.call("CLIENT", "ID") != own_id
+    finally:
+        await store.close()
 
 
 async def test_a_script_error_is_a_store_error(replica: Replica, raw: redis.asyncio.Redis, redis_prefix: str) -> None:
