@@ -485,14 +485,19 @@ return take_lock(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], '')
 
 _RENEW_LOCKS = """
 -- Extend the leases of this replica's locks, each only for the holder that still has it.
--- ARGV: prefix, until, ttl_ms, (conversation, token)...; returns 1 or 0 per lock.
+-- ARGV: prefix, until, ttl_ms, (conversation, token, job it was taken for or '')...
+-- Returns per lock 1 (renewed), 2 (gone with its job's delivery, on any replica: nobody holds it) or 0 (lost).
 local renewed = {}
-for i = 4, #ARGV, 2 do
+for i = 4, #ARGV, 3 do
   local lock = ARGV[1] .. 'lock:' .. ARGV[i]
-  if redis.call('HGET', lock, 'token') == ARGV[i + 1] then
+  local token = redis.call('HGET', lock, 'token')
+  if token == ARGV[i + 1] then
     redis.call('HSET', lock, 'until', ARGV[2])
     redis.call('PEXPIRE', lock, ARGV[3])
     table.insert(renewed, 1)
+  elseif not token and ARGV[i + 2] ~= ''
+      and redis.call('HEXISTS', ARGV[1] .. 'job:' .. ARGV[i + 2], 'finished_at') == 1 then
+    table.insert(renewed, 2)
   else
     table.insert(renewed, 0)
   end
@@ -847,7 +852,7 @@ class RedisStore:
             locks = [(c, lock) for c, lock in (*self._held.items(), *self._pretaken.items()) if not lock.released]
             if not locks:
                 continue
-            args = [part for conversation, lock in locks for part in (conversation, lock.token)]
+            args = [part for conversation, lock in locks for part in (conversation, lock.token, lock.job)]
             try:
                 renewed = await self._run(
                     self._renew_locks, _t(self._now() + self._lock_lease), _ttl_ms(self._lock_lease), *args
@@ -856,10 +861,14 @@ class RedisStore:
                 log.warning("renewing %d conversation lock(s) failed: %s; trying again", len(locks), exc)
                 continue
             for (conversation, lock), ok in zip(locks, renewed, strict=False):  # one answer per lock
-                if not int(ok) and not lock.released:
+                if int(ok) == 1 or lock.released:
+                    continue
+                # 2: gone with its job's delivery (here, while this renewal was on its way, or on
+                # another replica that took the reply over): let go, not lost.
+                lock.released = True  # nothing to renew or free any more
+                if not int(ok):
                     # Held past its lease without a renewal (this process stalled): another replica
                     # may answer there now.
-                    lock.released = True
                     log.error("conversation %s: its lock was lost to another holder", conversation)
 
     async def _free(self, conversation: str, lock: _Lock) -> None:

@@ -1,22 +1,27 @@
 """The bridge with its state on Redis.
 
 It answers, says when Redis keeps nothing on disk, and a Redis it cannot reach stops the start.
+A conversation lock is reported lost only when another holder has it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import httpx
 import pytest
 
 from bridge import config
 from bridge.app import BridgeApp
+from bridge.clock import ManualClock
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
 from bridge.messages import Inbound
 from bridge.relay import Outcome
-from bridge.store import StoreError
+from bridge.store import ChatJob, ReplyKind, StoreError
 from bridge.store.redis import RedisStore
 from tests.conftest import free_port
 
@@ -64,3 +69,86 @@ async def test_a_redis_it_cannot_reach_stops_the_start_without_its_password(emul
         await app.start()
     assert "redis-pw-sentinel" not in str(info.value) and "127.0.0.1" in str(info.value)
     await app.stop()
+
+
+# --- conversation locks across replicas ------------------------------------------------------------
+
+LEASE = 3.0  # the conversation lock's lease; its holder renews it every second
+
+
+@dataclass
+class Replicas:
+    """Two replicas' stores on one Redis, each on a clock of its own."""
+
+    here: RedisStore
+    clock: ManualClock  # here's
+    there: RedisStore
+    there_clock: ManualClock
+
+
+@pytest.fixture
+async def replicas(redis_url: str, redis_prefix: str) -> AsyncIterator[Replicas]:
+    clock, there_clock = ManualClock(), ManualClock()
+    two = Replicas(
+        RedisStore(redis_url, prefix=redis_prefix, clock=clock, lock_lease=LEASE),
+        clock,
+        RedisStore(redis_url, prefix=redis_prefix, clock=there_clock, lock_lease=LEASE),
+        there_clock,
+    )
+    yield two
+    await two.here.close()
+    await two.there.close()
+
+
+async def renewal_pass(clock: ManualClock) -> None:
+    """Move `here`'s clock to its next renewal and wait until that pass is over (its keeper sleeps again)."""
+    clock.advance(LEASE / 3)
+    async with asyncio.timeout(5):
+        while clock.sleepers == 0:
+            await asyncio.sleep(0.005)
+
+
+def lost_locks(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "bridge.store.redis" and r.levelno >= logging.ERROR]
+
+
+def new_job(clock: ManualClock) -> ChatJob:
+    question = Inbound("slack", "T1", "C1", "100.1", "U1", "what is the refund policy?", mentions_bot=True)
+    return ChatJob.new(question, chatbot="bot-1", now=clock.time())
+
+
+async def test_a_lock_freed_by_its_jobs_delivery_on_another_replica_is_not_reported_lost(
+    replicas: Replicas, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock, here, there = replicas.clock, replicas.here, replicas.there
+    job = new_job(clock)
+    assert await here.create_job(job, lease=60, lock=True)
+    async with here.conversation_lock(job.conversation):
+        item = await here.job_answered(job.answered("the answer", ReplyKind.ANSWER), lease=6.0)
+        # This replica's attempt outlives its lease; another replica's outbox delivers the reply,
+        # and with it frees the conversation: the lock was taken for that job.
+        assert await there.outbox_take(item.id, lease=6.0) is None  # held by this replica's attempt
+        replicas.there_clock.advance(7)
+        assert await there.outbox_take(item.id, lease=6.0) is not None
+        await there.outbox_done(item.id, "1700000000.000100")
+        with caplog.at_level(logging.ERROR, logger="bridge.store.redis"):
+            await renewal_pass(clock)
+    assert lost_locks(caplog) == []
+    # The conversation is free for the next answer at once, on either replica.
+    async with asyncio.timeout(1), there.conversation_lock(job.conversation):
+        pass
+
+
+async def test_a_lock_taken_over_after_its_lease_is_reported_lost(
+    replicas: Replicas, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock, here, there = replicas.clock, replicas.here, replicas.there
+    job = new_job(clock)
+    assert await here.create_job(job, lease=60, lock=True)
+    async with here.conversation_lock(job.conversation):
+        # This replica stalled past the lease (its clock stood still); the other one took the conversation.
+        replicas.there_clock.advance(LEASE + 1)
+        async with there.conversation_lock(job.conversation):
+            with caplog.at_level(logging.ERROR, logger="bridge.store.redis"):
+                await renewal_pass(clock)
+    assert lost_locks(caplog) == [f"conversation {job.conversation}: its lock was lost to another holder"]
