@@ -1,4 +1,4 @@
-"""Knowledge gaps: an answer that is the chatbot's fallback message raises answer.unanswered and offers a person."""
+"""Knowledge gaps (a fallback answer raises answer.unanswered, offers a person) and the report facts answers note."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import pytest
 from prometheus_client import REGISTRY
 
 from bridge import config
+from bridge.alerts import UNANSWERED
 from bridge.app import BridgeApp
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
 from bridge.messages import Inbound
 from bridge.relay import NOTICES, Outcome
+from bridge.store import FactKind
 
 FALLBACK = "Sorry, I don't know that yet."
 
@@ -104,3 +106,41 @@ async def test_a_near_miss_is_an_answer(app: BridgeApp, emulator: Emulator) -> N
     await app.outbox.deliver_due()
     assert "The chatbot had no answer" not in printed(app) and NOTICES["gap"] not in printed(app)
     assert unanswered() == before
+
+
+# --- the report's facts ------------------------------------------------------------------------
+
+
+async def test_answers_gaps_and_an_alerts_life_are_noted_once(app: BridgeApp, emulator: Emulator) -> None:
+    assert await app.relay.handle(ask("hello there", "1")) is Outcome.ANSWERED
+    await eventually(lambda: [r for r in emulator.requests if r.path.endswith(f"/chatbots/{SANDBOX_CHATBOT_ID}")],
+                     what="the fallback message fetched")
+    await asyncio.sleep(0.05)
+    assert await app.relay.handle(ask("what is your pricing?", "2")) is Outcome.ANSWERED
+    await app.facts.flush()
+    facts = await app.store.facts_since(0)
+    assert [(f.kind, f.chatbot, f.route) for f in facts] == [
+        (FactKind.ANSWERED, SANDBOX_CHATBOT_ID, "routes[0]"),
+        (FactKind.UNANSWERED, SANDBOX_CHATBOT_ID, "routes[0]"),
+        (FactKind.ALERT_RAISED, SANDBOX_CHATBOT_ID, ""),
+    ]
+    assert facts[0].subject != facts[1].subject  # one per answer: its job
+    alert_id = facts[2].subject
+    assert facts[2].value == UNANSWERED
+
+    await app.desk.act(alert_id, "claim", "Ana")
+    await app.desk.act(alert_id, "claim", "Ben")  # changes nothing: not a second claim
+    await app.desk.act(alert_id, "resolve", "Ben")
+    await app.facts.flush()
+    later = [f for f in await app.store.facts_since(0) if f.subject == alert_id][1:]
+    assert [(f.kind, f.actor) for f in later] == [(FactKind.ALERT_CLAIMED, "Ana"), (FactKind.ALERT_RESOLVED, "Ben")]
+
+
+async def test_facts_are_written_within_a_second_without_a_flush(app: BridgeApp) -> None:
+    assert await app.relay.handle(ask("hello there", "1")) is Outcome.ANSWERED
+    assert await app.store.facts_since(0) == []  # not in the answer's path
+    for _ in range(100):
+        if await app.store.facts_since(0):
+            break
+        await asyncio.sleep(0.05)
+    assert [f.kind for f in await app.store.facts_since(0)] == [FactKind.ANSWERED]
