@@ -319,10 +319,12 @@ class Relay:
         outcome = Outcome.INTERRUPTED
         assert job.inbound is not None
         inbound = job.inbound
+        # For the log line and the report's fact: looked up once per job.
+        route = self._settings.route_name(inbound.platform, inbound.workspace, inbound.channel, inbound.is_dm)
         try:
             # One answer at a time per conversation, across replicas: InsiteChat keeps one history.
             async with self._store.conversation_lock(job.conversation):
-                outcome = await self._answer(job, inbound, recovered=recovered)
+                outcome = await self._answer(job, inbound, route, recovered=recovered)
         except StoreError as exc:
             # Its lease runs out and the job is taken over: never silent, only late.
             log.error("job %s (%s): the state store failed: %s", job.id, job.key, exc)
@@ -334,7 +336,7 @@ class Relay:
             fields = {
                 "platform": inbound.platform,
                 "channel": inbound.channel,
-                "route": self._settings.route_name(inbound.platform, inbound.workspace, inbound.channel, inbound.is_dm),
+                "route": route,
                 "chatbot": job.chatbot,
                 "job": job.id,
                 "outcome": outcome.value,
@@ -344,7 +346,7 @@ class Relay:
             log.info("message %s", " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
         return outcome
 
-    async def _answer(self, job: ChatJob, inbound: Inbound, *, recovered: bool) -> Outcome:
+    async def _answer(self, job: ChatJob, inbound: Inbound, route: str, *, recovered: bool) -> Outcome:
         adapter = self._adapters[inbound.platform]
         reply = await self._without_asking(job, inbound, recovered=recovered)
         if reply is not None and recovered:
@@ -355,7 +357,7 @@ class Relay:
         if reply is not None:
             return await self._deliver(job, reply)
         async with adapter.working(inbound):
-            reply = await self._ask(adapter, job, inbound)
+            reply = await self._ask(adapter, job, inbound, route)
             return await self._deliver(job, reply)
 
     async def _deliver(self, job: ChatJob, reply: _Reply) -> Outcome:
@@ -388,7 +390,7 @@ class Relay:
             return _notice("restarted")
         return None
 
-    async def _ask(self, adapter: Adapter, job: ChatJob, inbound: Inbound) -> _Reply:
+    async def _ask(self, adapter: Adapter, job: ChatJob, inbound: Inbound, route: str) -> _Reply:
         client = self._clients[self._settings.chatbot_key(job.chatbot)]
         lane = f"{inbound.platform}:{inbound.workspace}:{inbound.channel}"
         conversation = inbound.conversation
@@ -429,19 +431,18 @@ class Relay:
         offer_human = self._handovers.offered(conversation, job.chatbot, is_dm=inbound.is_dm)
         if job.chatbot in self._gap_chatbots and self._fallbacks.is_fallback(client, job.chatbot, answer):
             metrics.ANSWERS.labels(job.chatbot, "unanswered").inc()
-            self._note_answer(FactKind.UNANSWERED, job, inbound)
+            self._note_answer(FactKind.UNANSWERED, job, route)
             await self._knowledge_gap(job, inbound, session_id, answer)
             if offer_human:
                 # The chatbot knows nothing here: the way to a person comes first, not last.
                 answer = f"{answer}\n\n{NOTICES['gap']}"
         else:
             metrics.ANSWERS.labels(job.chatbot, "answered").inc()
-            self._note_answer(FactKind.ANSWERED, job, inbound)
+            self._note_answer(FactKind.ANSWERED, job, route)
         return _Reply(answer, ReplyKind.ANSWER, Outcome.ANSWERED, offer_human)
 
-    def _note_answer(self, kind: FactKind, job: ChatJob, inbound: Inbound) -> None:
+    def _note_answer(self, kind: FactKind, job: ChatJob, route: str) -> None:
         if self._facts is not None:
-            route = self._settings.route_name(inbound.platform, inbound.workspace, inbound.channel, inbound.is_dm)
             self._facts.note(kind, job.id, chatbot=job.chatbot, route=route)
 
     async def _knowledge_gap(self, job: ChatJob, inbound: Inbound, session_id: str, answer: str) -> None:
