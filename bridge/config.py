@@ -320,6 +320,16 @@ class RouteSettings(_Model):
 _DESTINATION = re.compile(r"^(slack|discord|console):([A-Za-z0-9_-]+)$")
 
 
+def _checked_destinations(value: tuple[str, ...], pattern: re.Pattern[str], forms: str) -> tuple[str, ...]:
+    """A rule's `to`: at least one destination, each of the forms `pattern` accepts (named in `forms`)."""
+    if not value:
+        raise ValueError("needs at least one destination")
+    for item in value:
+        if not pattern.match(item):
+            raise ValueError(f"{item!r} is not {forms}")
+    return value
+
+
 class AlertRule(_Model):
     chatbot: str
     events: tuple[str, ...] = ("conversation.escalated", "lead.captured")
@@ -342,12 +352,9 @@ class AlertRule(_Model):
     @field_validator("to")
     @classmethod
     def _destinations(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            raise ValueError("needs at least one destination")
-        for item in value:
-            if not _DESTINATION.match(item):
-                raise ValueError(f'{item!r} is not "slack:<channel id>", "discord:<channel id>" or "console:<name>"')
-        return value
+        return _checked_destinations(
+            value, _DESTINATION, '"slack:<channel id>", "discord:<channel id>" or "console:<name>"'
+        )
 
     @field_validator("mention")
     @classmethod
@@ -388,12 +395,8 @@ class DigestSettings(_Model):
     @field_validator("to")
     @classmethod
     def _destinations(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            raise ValueError("needs at least one destination")
-        for item in value:
-            if not _DIGEST_DESTINATION.match(item):
-                raise ValueError(f'{item!r} is not "slack:<channel id>" or "discord:<channel id>"')
-        return tuple(dict.fromkeys(value))
+        checked = _checked_destinations(value, _DIGEST_DESTINATION, '"slack:<channel id>" or "discord:<channel id>"')
+        return tuple(dict.fromkeys(checked))
 
 
 class ReportSettings(_Model):
