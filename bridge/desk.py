@@ -274,12 +274,12 @@ class AlertDesk:
         if changed is None:
             return None
         record, written = changed
+        alert = self._alert(record)
         if not written:
-            return self._alert(record)
+            return alert
         if self._facts is not None:
             kind = FactKind.ALERT_RESOLVED if record.state is AlertState.RESOLVED else FactKind.ALERT_CLAIMED
-            event = parse_envelope(record.envelope)
-            self._facts.note(kind, alert_id, chatbot=event.chatbot_id if event else "", actor=who)
+            self._facts.note(kind, alert_id, chatbot=alert.event.chatbot_id, actor=who)
         for address in record.posts:
             await self._queue_update(record, address)
         if record.state is AlertState.RESOLVED and record.conversation:
@@ -294,7 +294,7 @@ class AlertDesk:
                 )
         self.on_queued()
         log.info("alert %s %s by %s", alert_id, record.state.value, who)
-        return self._alert(record)
+        return alert
 
     async def _change_alert(
         self, alert_id: str, change: Callable[[AlertRecord], bool]
