@@ -319,14 +319,19 @@ async def throughput(
                     if r["setup"] == s.name:
                         r["command_mix"] = dict(sorted(mix.items(), key=lambda kv: -kv[1])[:8])
     finally:
-        for s in setups:
-            await asyncio.gather(*(c.stop() for c in s.replicas))
-            await s.slack.stop()
-            await s.h.http.close()
-            if s.redis:
-                await s.redis.stop()
-        await emulator.stop()
+        await stop_all(setups, emulator)
     return out
+
+
+async def stop_all(setups: list[Setup], emulator: GatedEmulator) -> None:
+    """Every replica, fake, client and Redis the set-ups started, then the emulator."""
+    for s in setups:
+        await asyncio.gather(*(c.stop() for c in s.replicas))
+        await s.slack.stop()
+        await s.h.http.close()
+        if s.redis:
+            await s.redis.stop()
+    await emulator.stop()
 
 
 # --- Discord failover -----------------------------------------------------------------------------

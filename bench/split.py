@@ -88,13 +88,7 @@ async def run(rounds: int) -> list[str]:
                     f"| {_each(rows, 'throughput', 1, 0)} | {_each(rows, 'other_cores', 1, 2)} |"
                 )
         finally:
-            for s in setups:
-                await asyncio.gather(*(c.stop() for c in s.replicas))
-                await s.slack.stop()
-                await s.h.http.close()
-                if s.redis:
-                    await s.redis.stop()
-            await emulator.stop()
+            await r.stop_all(setups, emulator)
     return lines
 
 
