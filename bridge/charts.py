@@ -53,7 +53,8 @@ async def render_charts(report: Report) -> list[Chart]:
         log.warning("digest charts not drawn (%s); the digest goes out as text", exc)
         return []
     try:
-        out, err = await asyncio.wait_for(child.communicate(json.dumps(report.to_json()).encode()), RENDER_TIMEOUT)
+        async with asyncio.timeout(RENDER_TIMEOUT):
+            out, err = await child.communicate(json.dumps(report.to_json()).encode())
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             child.kill()

@@ -144,7 +144,8 @@ class RedisLease:
         if self._leader:
             if release:
                 try:
-                    await asyncio.wait_for(self._redis.run(self._release, [self.key], [self._token]), self.renew_every)
+                    async with asyncio.timeout(self.renew_every):
+                        await self._redis.run(self._release, [self.key], [self._token])
                     log.info("lease %s: released by %s", self.key, self.name)
                 except Exception as exc:  # it runs out by itself; a standby takes over then
                     log.warning(
@@ -174,13 +175,13 @@ class RedisLease:
     async def _acquire(self) -> None:
         sent = self._clock.monotonic()
         try:
-            taken = await asyncio.wait_for(
-                self._redis.call("SET", self.key, self._token, "NX", "PX", self._lease_ms), self.renew_every
-            )
+            async with asyncio.timeout(self.renew_every):
+                taken = await self._redis.call("SET", self.key, self._token, "NX", "PX", self._lease_ms)
             # Refused: ours after all (an earlier SET whose answer was lost) is renewed; else who holds it.
-            answer = 1 if taken else await asyncio.wait_for(
-                self._redis.run(self._renew, [self.key], [self._token, self._lease_ms]), self.renew_every
-            )
+            answer = 1
+            if not taken:
+                async with asyncio.timeout(self.renew_every):
+                    answer = await self._redis.run(self._renew, [self.key], [self._token, self._lease_ms])
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Redis unreachable, slow or failing: stay a standby and try again
@@ -205,9 +206,8 @@ class RedisLease:
             self._lose(f"no renewal succeeded within the {self.lease:.1f} s lease ({self.error or 'no answer'})")
             return
         try:
-            answer = await asyncio.wait_for(
-                self._redis.run(self._renew, [self.key], [self._token, self._lease_ms]), self._deadline - sent
-            )
+            async with asyncio.timeout(self._deadline - sent):
+                answer = await self._redis.run(self._renew, [self.key], [self._token, self._lease_ms])
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # tried again before the deadline; given up at it

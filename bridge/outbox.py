@@ -105,7 +105,8 @@ class Outbox:
         """
         if final_pass > 0:
             try:
-                await asyncio.wait_for(self.deliver_due(), final_pass)
+                async with asyncio.timeout(final_pass):
+                    await self.deliver_due()
             except TimeoutError:
                 log.info("shutdown: deliveries still under way are left for the next start")
             except Exception:
@@ -126,7 +127,8 @@ class Outbox:
             except Exception:
                 log.exception("outbox pass failed; trying again")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._poll)
+                async with asyncio.timeout(self._poll):
+                    await self._wake.wait()
 
     async def deliver_due(self) -> int:
         """One pass over what is due; returns how many deliveries succeeded.

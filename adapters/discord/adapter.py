@@ -268,7 +268,8 @@ class DiscordAdapter:
     async def _start_with_lease(self, lease: GatewayLease) -> None:
         self._rest = rest = self._make_rest_client()
         try:
-            await asyncio.wait_for(rest.login(self._config.token), self.start_timeout)
+            async with asyncio.timeout(self.start_timeout):
+                await rest.login(self._config.token)
         except BaseException as exc:
             await self.stop()
             if isinstance(exc, asyncio.TimeoutError):

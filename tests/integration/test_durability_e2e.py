@@ -49,6 +49,7 @@ RESTARTED = NOTICES["restarted"].split(",")[0]  # "I restarted while I was answe
 ENV = {
     **os.environ,
     "PYTHONUNBUFFERED": "1",
+    "PYTHONFAULTHANDLER": "1",  # a bridge that hangs at SIGTERM gets SIGABRT: its stacks land in its log
     "IC_KEY": SANDBOX_KEY,
     "SLACK_BOT_TOKEN": BOT_TOKEN,
     "SLACK_APP_TOKEN": APP_TOKEN,
@@ -147,8 +148,12 @@ class BridgeProcess:
         try:
             await asyncio.wait_for(self.proc.wait(), timeout)
         except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
+            self.proc.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack to the log
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
             self._ended()
             raise AssertionError(f"the bridge did not exit within {timeout} s of SIGTERM\n{self.logs()}") from None
         took = time.monotonic() - started

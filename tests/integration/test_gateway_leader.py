@@ -200,6 +200,33 @@ async def test_the_holder_steps_down_when_redis_names_another(leases: Leases, re
     assert (await redis.get(key)) == b"host-c:3#ffff"  # the renewal did not extend or take c's lease
 
 
+async def test_a_standby_stopped_as_its_poll_is_answered_still_stops(redis_url: str, key: str) -> None:
+    # stop() cancels the polling task. A cancel that came as Redis's reply did was dropped by
+    # Python 3.11's wait_for (it returns the finished result): the standby polled on, and
+    # took the lease once it was free, while its stop() waited forever (a replica hanging at SIGTERM).
+    wire = Wire(redis_url, timeout=5.0)
+    holder = RedisLease(wire, key, name="host-a:1", lease=30.0)
+    await holder.start()
+    stops_that_hung = 0
+    try:
+        for attempt in range(200):
+            standby = RedisLease(wire, key, name=f"host-b:{attempt}", lease=30.0, retry_every=0.0)  # back to back
+            await standby.start()
+            await asyncio.sleep(0.0005 * (attempt % 7))  # at different points of its round trips
+            stopping = asyncio.ensure_future(standby.stop())
+            done, _ = await asyncio.wait({stopping}, timeout=2)
+            if not done:
+                stops_that_hung += 1
+                stopping.cancel()
+    finally:
+        for task in asyncio.all_tasks():  # the polls whose stop hung (the tasks are named by the key)
+            if task.get_name() == f"lease-{key}":
+                task.cancel()
+        await holder.stop()
+        await wire.aclose()
+    assert stops_that_hung == 0
+
+
 async def test_a_lease_from_a_url_closes_its_own_client(redis_url: str, redis: Any, key: str) -> None:
     lease = RedisLease.from_url(redis_url, key, name="host-a:1", lease=LEASE)
     await lease.start()

@@ -549,3 +549,13 @@ async def test_cards_that_waited_out_an_outage_go_as_soon_as_the_platform_is_bac
         assert len(bed.slack.posted) == 1 and len(bed.discord.posted) == 1
     finally:
         await bed.close()
+
+
+async def test_the_outbox_worker_stops_even_when_work_is_woken_as_it_is_stopped(bed: Bed) -> None:
+    # A wake-up and the stop's cancel in one loop turn: Python 3.11's wait_for returned the
+    # finished wait and dropped the cancel, so the worker polled on and stop() waited forever.
+    for _ in range(20):
+        bed.outbox.start()
+        await asyncio.sleep(0.01)  # the worker waits for work
+        bed.outbox.wake()
+        await asyncio.wait_for(bed.outbox.stop(), 5)
