@@ -28,7 +28,7 @@ from bridge.insitechat import (
     Unauthorized,
     Unavailable,
 )
-from bridge.messages import Inbound, Outbound, OutboundKind
+from bridge.messages import Conversation, Inbound, Outbound, OutboundKind
 from bridge.outbox import DeliveryResult, Outbox
 from bridge.ports import Adapter
 from bridge.store import ChatJob, FactKind, JobState, ReplyKind, Store, StoreError
@@ -92,11 +92,22 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class _Exchange:
+    """A question and its answer, kept for hand-overs (AlertDesk.remember_exchange) as the reply is stored."""
+
+    conversation: Conversation
+    session_id: str
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
 class _Reply:
     text: str
     kind: ReplyKind
     outcome: Outcome  # what delivering it means for the message
     offer_human: bool = False
+    exchange: _Exchange | None = None
 
 
 def _done(outcome: Outcome) -> asyncio.Future[Outcome]:
@@ -363,11 +374,26 @@ class Relay:
     async def _deliver(self, job: ChatJob, reply: _Reply) -> Outcome:
         """Store the reply with its delivery, then try that delivery at once; the outbox retries it."""
         answered = job.answered(reply.text, reply.kind, offer_human=reply.offer_human)
-        item = await self._store.job_answered(answered, lease=self._outbox.attempt_lease)  # held for the attempt below
+        storing = self._store.job_answered(answered, lease=self._outbox.attempt_lease)  # held for the attempt below
+        if reply.exchange is None:
+            item = await storing
+        else:
+            # Side by side: on a shared store both writes take one round trip, not two.
+            item, _ = await asyncio.gather(storing, self._remember(reply.exchange))
         result = await self._outbox.deliver_now(item, answered)
         if result is DeliveryResult.DELIVERED:
             return reply.outcome
         return Outcome.FAILED if result is DeliveryResult.FAILED else Outcome.PENDING
+
+    async def _remember(self, exchange: _Exchange) -> None:
+        if self._desk is None:
+            return
+        try:
+            await self._desk.remember_exchange(
+                exchange.conversation, exchange.session_id, exchange.question, exchange.answer
+            )
+        except StoreError as exc:  # the answer still goes out; a hand-over's card lacks this turn
+            log.warning("the exchange in %s was not kept for hand-overs: %s", exchange.conversation.key, exc)
 
     async def _without_asking(self, job: ChatJob, inbound: Inbound, *, recovered: bool) -> _Reply | None:
         """The reply to a command word or an empty mention, or after a restart mid-call; None: ask InsiteChat."""
@@ -398,11 +424,21 @@ class Relay:
         text = inbound.text.strip()
         queue_noticed = await self._maybe_queue_notice(adapter, inbound, client, lane)
 
+        asked: asyncio.Task[None] | None = None
+
         async def asking() -> None:
             # Stored as the request leaves, not before the limiter's queue: a question that
             # was still queued when the process died never reached InsiteChat, and is asked
-            # after a restart even with after_restart: notice.
-            await self._store.job_asked(job.id)
+            # after a restart even with after_restart: notice. The write goes out first (the
+            # task's first step sends it, before this returns), its reply is awaited with the
+            # answer: a shared store's round trip is not on the answer's path. A crash cannot
+            # undo a write that went out; a store that fails it fails the job as before.
+            nonlocal asked
+            if asked is None:
+                asked = asyncio.ensure_future(self._store.job_asked(job.id))
+                await asyncio.sleep(0)
+            elif asked.done():
+                await asked  # a retry after a failed write does not go out
 
         async def rate_limited(seconds: float) -> None:
             # A 429 without Retry-After waits a minute: the user hears why, once, not only a reaction.
@@ -414,9 +450,13 @@ class Relay:
             await self._post_queue_notice(adapter, inbound, position, seconds)
 
         try:
-            answer = await client.chat(
-                job.chatbot, text, session_id, lane=lane, before_send=asking, on_wait=rate_limited
-            )
+            try:
+                answer = await client.chat(
+                    job.chatbot, text, session_id, lane=lane, before_send=asking, on_wait=rate_limited
+                )
+            finally:
+                if asked is not None:
+                    await asked
         except InsiteChatError as exc:
             reply = _notice(self._failure_notice(job.chatbot, exc))
             if isinstance(exc, QuotaExhausted):
@@ -426,8 +466,7 @@ class Relay:
         if not adapter.render(answer):
             log.warning("chatbot %s returned an empty answer", job.chatbot)
             return _notice("empty")
-        if self._desk is not None:
-            await self._desk.remember_exchange(conversation, session_id, text, answer)
+        exchange = _Exchange(conversation, session_id, text, answer)
         offer_human = self._handovers.offered(conversation, job.chatbot, is_dm=inbound.is_dm)
         if job.chatbot in self._gap_chatbots and self._fallbacks.is_fallback(client, job.chatbot, answer):
             metrics.ANSWERS.labels(job.chatbot, "unanswered").inc()
@@ -439,7 +478,7 @@ class Relay:
         else:
             metrics.ANSWERS.labels(job.chatbot, "answered").inc()
             self._note_answer(FactKind.ANSWERED, job, route)
-        return _Reply(answer, ReplyKind.ANSWER, Outcome.ANSWERED, offer_human)
+        return _Reply(answer, ReplyKind.ANSWER, Outcome.ANSWERED, offer_human, exchange)
 
     def _note_answer(self, kind: FactKind, job: ChatJob, route: str) -> None:
         if self._facts is not None:

@@ -21,7 +21,7 @@ from bridge.clock import ManualClock
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
 from bridge.messages import Inbound
 from bridge.relay import Outcome
-from bridge.store import ChatJob, ReplyKind, StoreError
+from bridge.store import ChatJob, JobState, ReplyKind, StoreError
 from bridge.store.redis import RedisStore
 from tests.conftest import free_port
 
@@ -60,6 +60,32 @@ async def test_the_bridge_runs_on_redis(
             assert (await http.get("/readyz")).json()["parts"]["state"] == "ok"
     finally:
         await app.stop()
+
+
+async def test_a_question_is_marked_asked_in_redis_before_insitechat_has_it(
+    emulator: Emulator, redis_url: str, redis_prefix: str
+) -> None:
+    # The relay no longer waits for the mark's reply before the request leaves (one round trip
+    # off the answer's path): its write must still be out first, or a crash after the request
+    # would have the question asked again instead of noticed (chat.after_restart).
+    app = BridgeApp(
+        settings_for(emulator, redis_url, redis_prefix), console_in=io.StringIO(""), console_out=io.StringIO()
+    )
+    reader = RedisStore(redis_url, prefix=redis_prefix)
+    await app.start()
+    try:
+        emulator.inject("hang", seconds=30, path_contains="/chat", count=1)
+        question = Inbound("console", "", "console", "1", "you", "are you there?", is_dm=True)
+        asking = app.relay.submit(question)
+        async with asyncio.timeout(10):
+            while not any(r.path.endswith("/chat") for r in emulator.requests):
+                await asyncio.sleep(0)
+        found = await reader.job_by_key(question.dedupe_key)
+        assert found is not None and found[1] is JobState.ASKED
+        asking.cancel()
+    finally:
+        await app.stop()
+        await reader.close()
 
 
 async def test_a_redis_it_cannot_reach_stops_the_start_without_its_password(emulator: Emulator) -> None:
