@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -135,7 +134,7 @@ class SlackAdapter:
             self.client,
             config,
             self._bot,
-            self._submit,
+            self._on_message,
             clock=self._clock,
             serves=serves,
             handovers=handovers,
@@ -423,13 +422,6 @@ class SlackAdapter:
         if self._assistant.enabled and inbound.is_dm and inbound.in_thread:
             self._spawn(self._assistant.name_thread(inbound))  # a courtesy, after the job is safe
         return BoltResponse(status=200, body="")
-
-    def _submit(self, inbound: Inbound) -> None:
-        # Slash commands: acknowledged already (Slack needs the ack within 3 s, and the
-        # question's own post must exist first), so the job is stored in the background.
-        result = self._on_message(inbound)
-        if inspect.isawaitable(result) and not isinstance(result, asyncio.Future):
-            self._spawn(result)  # type: ignore[arg-type]
 
     # --- outbound ------------------------------------------------------------------------------
 

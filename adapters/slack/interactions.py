@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -48,6 +49,7 @@ from bridge.desk import AlertDesk
 from bridge.feedback import STALE_TEXT, Feedback, Vote, VoteResult, thanks_for
 from bridge.handover import HandOver, HandOverResult, HandOvers
 from bridge.messages import Inbound
+from bridge.store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,11 @@ RESET_IN_CHANNEL = (
 NO_ROUTE = "I'm not set up to answer here. An admin can add a route for this channel in the bridge's config."
 NOT_IN_CHANNEL = "I can't post in this channel yet: invite me with `/invite @{bot}` and ask again."
 POST_FAILED = "I couldn't post your question here ({error}). Please try again in a moment."
+NOT_STORED = "I couldn't take your question just now (my state store is unavailable). Please ask again in a moment."
+# Slack wants the ack within 3 s. The question's post and its job come first, so that an ack
+# means it is stored (Slack never sends the command again); past this, the ack goes out
+# first and the user hears through the response URL if storing it then fails.
+BEFORE_ACK = 2.0
 
 
 # Whether the bot answers in a place: (platform, workspace, channel, is_dm) -> bool (Relay.serves).
@@ -85,7 +92,7 @@ class SlackInteractions:
         client: AsyncWebClient,
         config: SlackSettings,
         bot: BotUser,
-        submit: Callable[[Inbound], None],
+        accept: Callable[[Inbound], Awaitable[object]],
         *,
         clock: Clock,
         serves: Serves | None = None,
@@ -97,7 +104,7 @@ class SlackInteractions:
         self._feedback = feedback
         self._slack = config
         self._bot = bot
-        self._submit = submit
+        self._accept = accept
         self._clock = clock
         self._serves = serves
         self._handovers = handovers
@@ -132,29 +139,58 @@ class SlackInteractions:
         if self._serves is not None and not self._serves(PLATFORM, cmd.workspace, cmd.channel, cmd.is_dm):
             await ack(text=NO_ROUTE)
             return
-        await ack()
+        acked = False
+
+        async def tell(text: str) -> None:
+            # Before the ack, its text is the reply (shown to the user only); after it, the response URL.
+            if not acked:
+                await ack(text=text)
+                return
+            with suppress(Exception):
+                await respond(text=text, response_type="ephemeral")
+
+        async def ack_at_the_deadline(work: Awaitable[Any]) -> Any:
+            nonlocal acked
+            step = asyncio.ensure_future(work)
+            if not acked:
+                remaining = BEFORE_ACK - (self._clock.monotonic() - started)
+                done, _ = await asyncio.wait({step}, timeout=max(0.0, remaining))
+                if not done:
+                    acked = True
+                    await ack()
+            return await step
+
+        started = self._clock.monotonic()
         if cmd.action == "reset":
             # The relay resets the DM conversation and confirms in the DM.
             trigger = str(command.get("trigger_id") or "") or f"{self._clock.time():.6f}"
-            self._submit(command_inbound(cmd, f"cmd-{trigger}"))
-            return
+            inbound = command_inbound(cmd, f"cmd-{trigger}")
+        else:
+            try:
+                posted = await ack_at_the_deadline(
+                    self._client.chat_postMessage(
+                        channel=cmd.channel, text=command_echo(cmd), unfurl_links=False, unfurl_media=False
+                    )
+                )
+            except (SlackApiError, *NETWORK_ERRORS) as exc:
+                code = error_code(exc)
+                log.warning("posting the %s question in %s failed: %s", name, cmd.channel, code)
+                await tell(
+                    NOT_IN_CHANNEL.format(bot=self._bot.name or "InsiteChat")
+                    if code in ("not_in_channel", "channel_not_found")
+                    else POST_FAILED.format(error=code)
+                )
+                return
+            # The question's root post is the message answered: the answer lands in its thread.
+            inbound = command_inbound(cmd, str(posted["ts"]))
         try:
-            posted = await self._client.chat_postMessage(
-                channel=cmd.channel, text=command_echo(cmd), unfurl_links=False, unfurl_media=False
-            )
-        except (SlackApiError, *NETWORK_ERRORS) as exc:
-            code = error_code(exc)
-            log.warning("posting the %s question in %s failed: %s", name, cmd.channel, code)
-            text = (
-                NOT_IN_CHANNEL.format(bot=self._bot.name or "InsiteChat")
-                if code in ("not_in_channel", "channel_not_found")
-                else POST_FAILED.format(error=code)
-            )
-            with suppress(Exception):
-                await respond(text=text, response_type="ephemeral")
+            await ack_at_the_deadline(self._accept(inbound))
+        except StoreError as exc:
+            log.error("slack: the %s question %s could not be stored: %s", name, inbound.dedupe_key, exc)
+            await tell(NOT_STORED)
             return
-        # The question's root post is the message answered: the answer lands in its thread.
-        self._submit(command_inbound(cmd, str(posted["ts"])))
+        if not acked:
+            await ack()
 
     # --- buttons -------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from urllib.parse import urlencode
 import aiohttp
 import pytest
 
+from adapters.slack import interactions
 from bridge import config
 from bridge.app import BridgeApp
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
@@ -503,13 +505,51 @@ async def test_slash_command_edge_cases(start_bridge, slack: FakeSlack, emulator
     assert status == 200 and "reply `reset` in the thread" in body
     status, body = await bridge.command(text="hello?", channel_id="C0QUIET")
     assert status == 200 and "not set up to answer here" in body
-    # Not a member of the channel: the user hears it privately through the response URL.
+    # Not a member of the channel: the question's post fails before the ack, which tells the user (only them).
     slack.channels["C0PRIVATE"] = {"name": "private", "is_member": False}
     status, body = await bridge.command(text="anyone?", channel_id="C0PRIVATE", response_url=slack.response_url("p"))
-    assert status == 200
-    [response] = await slack.wait_for(lambda: slack.responses)
-    assert response["response_type"] == "ephemeral" and "/invite @insitechat" in response["text"]
-    assert slack.posts == [] and chat_calls(emulator) == []
+    assert status == 200 and "/invite @insitechat" in body
+    assert slack.posts == [] and slack.responses == [] and chat_calls(emulator) == []
+
+
+async def test_a_slash_command_is_stored_before_it_is_acknowledged(
+    start_bridge, slack: FakeSlack, emulator: Emulator, tmp_path: Path
+) -> None:
+    # Slack never sends an acknowledged command again: a crash right after the ack must find
+    # the question stored (it was stored in the background after the ack, once its post existed).
+    bridge = await start_bridge()
+    # Another process holds the state file's write lock for a moment: the job waits for it.
+    blocker = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    asyncio.get_running_loop().call_later(0.3, blocker.execute, "ROLLBACK")
+    try:
+        status, body = await bridge.command(text="What is the refund policy?")
+        assert status == 200 and body == ""
+        assert slack.posts[0]["text"] == "<@U0ALICE> asked: What is the refund policy?"  # posted before the ack
+        stored = await bridge.app.store.job_counts()  # a read: WAL readers do not wait for the lock
+        assert sum(stored.values()) == 1, stored
+    finally:
+        blocker.close()
+    await slack.wait_for(lambda: len(slack.posts) == 2)
+
+
+async def test_a_slash_command_that_cannot_be_stored_is_told_so(
+    start_bridge, slack: FakeSlack, emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(interactions, "BEFORE_ACK", 0.2)
+    bridge = await start_bridge()
+    # Another process holds the state file's write lock: the job waits for it (5 s), then fails.
+    blocker = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        status, body = await bridge.command(text="Is anyone there?", response_url=slack.response_url("c"))
+        assert status == 200 and body == ""  # acked in time (Slack's 3 s), before the store gave up
+        [response] = await slack.wait_for(lambda: slack.responses, timeout=15)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert response["response_type"] == "ephemeral" and response["text"] == interactions.NOT_STORED
+    assert chat_calls(emulator) == []
 
 
 async def test_slash_command_reset_in_a_dm_starts_a_new_conversation(
