@@ -61,6 +61,9 @@ NOTICES = {
     "withheld": "I can only read messages here that mention me. To go on, mention me, reply to one of my "
     "messages, or use my slash command.",
     "error": "Something went wrong while getting your answer. Please try again.",
+    # Said by an adapter (a slash command has no message to answer): the job was never stored.
+    "not_stored": "I couldn't take your question just now (my state store is unavailable). "
+    "Please ask again in a moment.",
 }
 
 def _words(text: str) -> str:

@@ -160,7 +160,7 @@ class DiscordAdapter:
             threads_for=threads_for or (lambda guild, channel: config.threads),
         )
         self.interactions = DiscordInteractions(
-            config, memory, self.poster, self._submit, clock=self._clock, handovers=handovers, desk=desk,
+            config, memory, self.poster, self._accept_command, clock=self._clock, handovers=handovers, desk=desk,
             feedback=feedback,
         )
         self._cards = AlertCards(self._require_client)
@@ -494,12 +494,13 @@ class DiscordAdapter:
         except StoreError as exc:
             log.error("discord: message %s could not be stored and will not be answered: %s", inbound.message_id, exc)
 
-    def _submit(self, inbound: Inbound) -> None:
-        # Slash commands: deferred already (Discord needs that within 3 s); the job is
-        # stored in the background so the gateway reader never waits.
+    async def _accept_command(self, inbound: Inbound) -> None:
+        # Slash commands: deferred already (Discord needs that within 3 s). Stored in a task
+        # stop() can cancel; the command's own task (discord.py's, not the gateway reader) waits.
         result = asyncio.ensure_future(self._on_message(inbound))
         self._pending.add(result)
         result.add_done_callback(self._pending.discard)
+        await result
 
     # --- outbound ----------------------------------------------------------------------------
 

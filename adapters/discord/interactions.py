@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -28,6 +28,8 @@ from bridge.desk import AlertDesk
 from bridge.feedback import Feedback, Vote, VoteResult, thanks_for
 from bridge.handover import HandOver, HandOverResult, HandOvers
 from bridge.messages import Conversation, Inbound, Outbound, OutboundKind
+from bridge.relay import NOTICES
+from bridge.store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ class DiscordInteractions:
     """The slash commands and button clicks: each acknowledges first, as Discord drops what waits over 3 s.
 
     Decisions are the core's: what a click on "Talk to a human" does (`handovers`), Claim
-    and Resolve (`desk`); questions go to the relay through `submit`.
+    and Resolve (`desk`); questions go to the relay through `accept`, which stores them.
     """
 
     def __init__(
@@ -49,7 +51,7 @@ class DiscordInteractions:
         config: DiscordSettings,
         memory: Memory,
         poster: DiscordPoster,
-        submit: Callable[[Inbound], None],
+        accept: Callable[[Inbound], Awaitable[object]],
         *,
         clock: Clock,
         handovers: HandOvers | None = None,
@@ -60,7 +62,7 @@ class DiscordInteractions:
         self._feedback = feedback
         self._memory = memory
         self._poster = poster
-        self._submit = submit
+        self._accept = accept
         self._clock = clock
         self._handovers = handovers
         self._desk = desk
@@ -119,17 +121,25 @@ class DiscordInteractions:
                 str(interaction.channel_id or ""), PlaceKind.DM if interaction.guild_id is None else PlaceKind.OTHER
             )
         user = interaction.user
-        self._submit(
-            translate_command(
-                interaction_id=str(interaction.id),
-                guild_id=str(interaction.guild_id or ""),
-                place=place,
-                author_id=str(user.id),
-                author_name=user.display_name,
-                author_is_bot=user.bot,
-                text=text,
-            )
+        inbound = translate_command(
+            interaction_id=str(interaction.id),
+            guild_id=str(interaction.guild_id or ""),
+            place=place,
+            author_id=str(user.id),
+            author_name=user.display_name,
+            author_is_bot=user.bot,
+            text=text,
         )
+        # Deferred first (Discord's 3 s); Discord never sends the command again, so a job that
+        # cannot be stored is said in place of the "thinking" reply, not only in the log.
+        try:
+            await self._accept(inbound)
+        except StoreError as exc:
+            log.error("discord: the slash command %s could not be stored: %s", inbound.dedupe_key, exc)
+            try:
+                await interaction.followup.send(NOTICES["not_stored"], allowed_mentions=NO_MENTIONS)
+            except (discord.HTTPException, aiohttp.ClientError, OSError) as send_error:
+                log.warning("discord: could not say so either: %s", send_error)
 
     # --- buttons -----------------------------------------------------------------------------
 

@@ -49,6 +49,7 @@ from bridge.desk import AlertDesk
 from bridge.feedback import STALE_TEXT, Feedback, Vote, VoteResult, thanks_for
 from bridge.handover import HandOver, HandOverResult, HandOvers
 from bridge.messages import Inbound
+from bridge.relay import NOTICES
 from bridge.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,6 @@ RESET_IN_CHANNEL = (
 NO_ROUTE = "I'm not set up to answer here. An admin can add a route for this channel in the bridge's config."
 NOT_IN_CHANNEL = "I can't post in this channel yet: invite me with `/invite @{bot}` and ask again."
 POST_FAILED = "I couldn't post your question here ({error}). Please try again in a moment."
-NOT_STORED = "I couldn't take your question just now (my state store is unavailable). Please ask again in a moment."
 # Slack wants the ack within 3 s. The question's post and its job come first, so that an ack
 # means it is stored (Slack never sends the command again); past this, the ack goes out
 # first and the user hears through the response URL if storing it then fails.
@@ -187,7 +187,7 @@ class SlackInteractions:
             await ack_at_the_deadline(self._accept(inbound))
         except StoreError as exc:
             log.error("slack: the %s question %s could not be stored: %s", name, inbound.dedupe_key, exc)
-            await tell(NOT_STORED)
+            await tell(NOTICES["not_stored"])
             return
         if not acked:
             await ack()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -509,3 +510,23 @@ async def test_a_thread_made_meanwhile_is_reused(bridge: Bridge, fake: FakeDisco
     await app.adapters[0].send(outbound)
     assert len(fake.rest("POST", rf"/channels/{fd.GENERAL}/messages/{qid}/threads")) == 1  # refused: 160004
     assert [p["content"] for p in posts_in(fake, qid)] == ["answer"]
+
+
+async def test_a_slash_command_that_cannot_be_stored_is_told_so(
+    bridge: Bridge, fake: FakeDiscord, emulator: Emulator, tmp_path: Path
+) -> None:
+    # Discord never sends an interaction again: a job the store refuses must not leave the
+    # deferred "thinking" reply hanging with only a log line to show for it.
+    await bridge()
+    blocker = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock: the job waits 5 s, then fails
+    try:
+        interaction = await fake.slash("ask", {"question": "Is anyone there?"})
+        [followup] = await eventually(lambda: followups(fake, interaction), timeout=15, what="the notice")
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    [callback] = fake.rest("POST", rf"/interactions/{interaction['id']}/{interaction['token']}/callback")
+    assert callback.json["type"] == 5  # deferred in time, before the store gave up
+    assert followup.json["content"] == NOTICES["not_stored"]
+    assert chat_calls(emulator) == []

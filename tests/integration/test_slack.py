@@ -548,7 +548,7 @@ async def test_a_slash_command_that_cannot_be_stored_is_told_so(
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    assert response["response_type"] == "ephemeral" and response["text"] == interactions.NOT_STORED
+    assert response["response_type"] == "ephemeral" and response["text"] == NOTICES["not_stored"]
     assert chat_calls(emulator) == []
 
 
