@@ -74,6 +74,9 @@ class Inbound:
     # The platform sent no text: Discord without the Message Content intent, for a message that
     # neither mentions the bot nor replies to it. `text` is "" then, which is not a bare mention.
     text_withheld: bool = False
+    # A DM thread that is a conversation of its own: Slack's assistant threads, each a new chat
+    # (as Bolt's Assistant sees every DM thread then). Other DM threads continue the DM's one.
+    own_thread: bool = False
 
     @property
     def in_thread(self) -> bool:
@@ -88,10 +91,10 @@ class Inbound:
     def conversation(self) -> Conversation:
         """The conversation this message belongs to.
 
-        A DM is one conversation; a channel message starts (or continues) the thread
-        rooted at itself, which is where the bot answers.
+        A DM is one conversation (but for its `own_thread`s); a channel message starts (or
+        continues) the thread rooted at itself, which is where the bot answers.
         """
-        if self.is_dm:
+        if self.is_dm and not (self.own_thread and self.in_thread):
             return Conversation(self.platform, self.workspace, self.channel, "")
         return Conversation(self.platform, self.workspace, self.channel, self.thread or self.message_id)
 

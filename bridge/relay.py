@@ -433,9 +433,12 @@ class Relay:
             # Stored as the request leaves, not before the limiter's queue: a question that
             # was still queued when the process died never reached InsiteChat, and is asked
             # after a restart even with after_restart: notice. The write goes out first (the
-            # task's first step sends it, before this returns), its reply is awaited with the
-            # answer: a shared store's round trip is not on the answer's path. A crash cannot
-            # undo a write that went out; a store that fails it fails the job as before.
+            # task's first step sends it on an open connection, before this returns; SQLite
+            # commits it there), and its reply is awaited with the answer: a shared store's
+            # round trip is not on the answer's path. A crash cannot undo a write that went
+            # out; a store that fails it fails the job as before. (A connection being opened
+            # just then sends it once open, maybe after the request: then a crash in that
+            # moment has the question asked again instead of noticed.)
             nonlocal asked
             if asked is None:
                 asked = asyncio.ensure_future(self._store.job_asked(job.id))

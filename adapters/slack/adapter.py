@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -409,6 +410,8 @@ class SlackAdapter:
         if inbound is None:
             log.debug("slack %s/%s event not passed on", event.get("type"), event.get("subtype"))
             return BoltResponse(status=200, body="")
+        if self._assistant.enabled and inbound.is_dm and inbound.in_thread:
+            inbound = dataclasses.replace(inbound, own_thread=True)  # an assistant thread: a chat of its own
         retry = (req.headers.get("x-slack-retry-num") or ["0"])[0]
         if retry.isdigit() and int(retry) > 0:
             # Not dropped: after a restart the retry may be the only delivery. The relay dedupes.

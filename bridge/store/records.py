@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import json
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from bridge.messages import Conversation, Inbound
@@ -74,14 +74,25 @@ class ChatJob:
         return replace(self, state=JobState.ANSWERED, reply=reply, reply_kind=kind, offer_human=offer_human)
 
 
+# Fields added after 0.1, written only when set: a replica of the version before (a rolling
+# deploy) reads every other job as it always did.
+_WRITTEN_WHEN_SET = ("own_thread",)
+_INBOUND_FIELDS = frozenset(field.name for field in fields(Inbound))
+
+
 def inbound_to_json(inbound: Inbound) -> dict[str, Any]:
     # Inbound holds only str and bool fields: its __dict__ is the JSON object (dataclasses.asdict
     # deep-copies, which showed in the profile of every answer).
-    return dict(vars(inbound))
+    data = dict(vars(inbound))
+    for name in _WRITTEN_WHEN_SET:
+        if not data[name]:
+            del data[name]
+    return data
 
 
 def inbound_from_json(data: dict[str, Any]) -> Inbound:
-    return Inbound(**data)
+    # Fields this version does not know (written by a newer replica mid-deploy) are left out.
+    return Inbound(**{name: value for name, value in data.items() if name in _INBOUND_FIELDS})
 
 
 @dataclass(frozen=True)

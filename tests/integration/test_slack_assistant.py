@@ -225,6 +225,32 @@ async def test_a_question_shows_the_status_before_asking_then_the_answer_clears_
     assert reaction_calls(slack) == [] and slack.statuses == {}
 
 
+@pytest.mark.parametrize("assistant_on", [True, False])
+async def test_each_assistant_thread_is_a_chat_of_its_own_and_a_plain_dm_thread_is_not(
+    start_bridge, slack: FakeSlack, emulator: Emulator, outcomes: Outcomes, assistant_on: bool
+) -> None:
+    # With the assistant view every DM thread is a new chat (as Bolt's Assistant sees them): a
+    # second thread must not continue the first one's InsiteChat session. Without it, a DM is
+    # one conversation and a thread in it continues it, as before.
+    bridge = await start_bridge(**({} if assistant_on else {"assistant": ""}))
+    first, second = now_ts(-10), now_ts(-5)
+    sent = [
+        question_in(first, "What is the refund policy?"),
+        question_in(second, "Do you ship to Canada?"),
+        question_in(first, "And for annual plans?"),
+        payload("message_im", ts=now_ts(), text="Who are you?"),  # top level
+    ]
+    for event in sent:
+        await bridge.post_event(event)
+        await outcomes.wait_for(event["event"]["ts"], Outcome.ANSWERED)
+    await settle(bridge)
+    first_a, second_a, first_b, top = (call.json["session_id"] for call in chat_calls(emulator))
+    if assistant_on:
+        assert first_a == first_b and len({first_a, second_a, top}) == 3
+    else:
+        assert first_a == second_a == first_b == top
+
+
 async def test_the_echo_of_the_greeting_does_not_name_the_thread(
     start_bridge, slack: FakeSlack, outcomes: Outcomes
 ) -> None:

@@ -8,6 +8,7 @@ take over a dead process's work say which of the two they face.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from bridge.store import (
     Store,
     StoreError,
 )
+from bridge.store.records import inbound_from_json, inbound_to_json
 from bridge.store.redis import LOCK_LEASE, RedisStore
 
 
@@ -570,3 +572,14 @@ async def test_facts_are_read_in_order_past_a_page_and_forgotten_after_their_win
     clock.advance(10)
     await store.prune()
     assert await store.facts_since(0) == [fresh]
+
+
+def test_stored_questions_read_across_versions_in_a_rolling_deploy() -> None:
+    plain = Inbound("slack", "T1", "D1", "1.2", "U1", "hi", thread="1.1", is_dm=True)
+    assistant = dataclasses.replace(plain, own_thread=True)
+    # The version before knows no own_thread: a plain question is written as it wrote it.
+    assert "own_thread" not in inbound_to_json(plain)
+    assert inbound_from_json(inbound_to_json(plain)) == plain
+    assert inbound_from_json(inbound_to_json(assistant)) == assistant
+    # A newer replica's field this version does not know is left out, not a failed job.
+    assert inbound_from_json({**inbound_to_json(plain), "added_later": True}) == plain
