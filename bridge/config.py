@@ -215,6 +215,12 @@ class SlackSettings(_Model):
     api_url: str = "https://slack.com/api/"
     command: str = "/ask"
     reaction: str = "eyes"
+    # While the bot works on an answer: Slack's loading status ("<app> is thinking…", one call,
+    # cleared by Slack when the answer is posted in the thread; Slack allows it with chat:write
+    # since 2026-03) where the answer goes in a thread, and the reaction (added, then removed)
+    # where it does not (a top-level DM) or where Slack refuses the status. `reaction`: always
+    # the reaction, outside the assistant view (which always shows its status).
+    working_signal: Literal["status", "reaction"] = "status"
     assistant: SlackAssistantSettings = SlackAssistantSettings(enabled=False)
 
     @field_validator("assistant", mode="before")

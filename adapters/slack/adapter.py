@@ -555,7 +555,7 @@ class SlackAdapter:
 
     @asynccontextmanager
     async def working(self, inbound: Inbound) -> AsyncIterator[None]:
-        """The assistant status ("is thinking…") where slack.assistant allows it, else a reaction on the post.
+        """Slack's loading status ("is thinking…") in the answer's thread, else a reaction on the post.
 
         The status is one call: Slack clears it when the answer is posted in its thread. The
         reaction is two (add, remove) and runs in the background: a rate-limited

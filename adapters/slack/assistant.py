@@ -188,18 +188,20 @@ class SlackAssistant:
         """Where "is thinking…" replaces the reaction for this question: (channel, thread ts), or None.
 
         The thread the answer is posted in, for Slack clears the status when the app replies
-        there: an assistant (or any DM) thread, and channel threads (allowed with chat:write).
-        Not a top-level DM message, whose answer is not in a thread; not where Slack refused it.
+        there: an assistant (or any DM) thread, and channel threads (allowed with chat:write),
+        with slack.working_signal: status (the default) or in the assistant view. Not a
+        top-level DM message, whose answer is not in a thread; not where Slack refused it.
         """
-        if not self._settings.enabled or self._status_off:
+        if self._status_off:
             return None
+        in_threads = self._slack.working_signal == "status"
         if inbound.is_dm:
-            if not inbound.in_thread:
+            if not inbound.in_thread or not (in_threads or self._settings.enabled):
                 return None
             place = (inbound.channel, inbound.thread)
             refused_key: Any = place
         else:
-            if not self._settings.channel_status:
+            if not in_threads or (self._settings.enabled and not self._settings.channel_status):
                 return None
             place = (inbound.channel, inbound.conversation.thread)
             refused_key = inbound.channel

@@ -204,6 +204,7 @@ def write_config(
     listen: str = "127.0.0.1:0",
     rate_limit: int | None = None,
     alerts_to: str = "",
+    working_signal: str = "status",
 ) -> Path:
     limits = f", rate_limit: {rate_limit}, rate_window: 30" if rate_limit else ""
     lines = [
@@ -215,7 +216,11 @@ def write_config(
     ]
     if slack is not None:
         secret = 'signing_secret: "${SLACK_SIGNING_SECRET}"' if slack_http else 'app_token: "${SLACK_APP_TOKEN}"'
-        lines.insert(3, f'slack: {{bot_token: "${{SLACK_BOT_TOKEN}}", {secret}, api_url: "{slack.api_url}"}}')
+        lines.insert(
+            3,
+            f'slack: {{bot_token: "${{SLACK_BOT_TOKEN}}", {secret}, api_url: "{slack.api_url}", '
+            f"working_signal: {working_signal}}}",
+        )
         lines.append(f"  - {{platform: slack, channel: {CHANNEL}, chatbot: {SANDBOX_CHATBOT_ID}}}")
     if discord:
         lines.insert(3, 'discord: {token: "${DISCORD_TOKEN}"}')
@@ -480,7 +485,10 @@ async def test_slack_working_reaction_left_by_a_killed_process_is_removed_after_
     after_restart: str, emulator: Emulator, slack: FakeSlack, tmp_path: Path, processes: list[BridgeProcess]
 ) -> None:
     emulator.inject("hang", path_contains="/chat")
-    bridge = BridgeProcess(write_config(tmp_path, emulator, slack=slack, after_restart=after_restart))
+    # The reaction, not the default loading status: Slack clears a status itself (on the reply, or
+    # after two minutes); a reaction stays on the question unless the bridge takes it off.
+    config = write_config(tmp_path, emulator, slack=slack, after_restart=after_restart, working_signal="reaction")
+    bridge = BridgeProcess(config)
     processes.append(bridge)
     await start_slack(bridge, slack)
     question = await ask_over_socket(slack, "what is the refund policy")

@@ -40,7 +40,13 @@ MENTION_TS = "1700000100.000100"
 
 
 def bridge_settings(
-    emulator: Emulator, slack: FakeSlack, state: Path, *, mode: str = "http", deadline: float = 30
+    emulator: Emulator,
+    slack: FakeSlack,
+    state: Path,
+    *,
+    mode: str = "http",
+    deadline: float = 30,
+    working_signal: str = "reaction",  # this file's tests watch the reaction; the status has tests of its own
 ) -> config.Settings:
     transport = "signing_secret: ${SLACK_SIGNING_SECRET}" if mode == "http" else "app_token: ${SLACK_APP_TOKEN}"
     return config.loads(
@@ -56,6 +62,7 @@ slack:
   {transport}
   mode: {mode}
   api_url: {slack.api_url}
+  working_signal: {working_signal}
 routes:
   - {{platform: slack, chatbot: {SANDBOX_CHATBOT_ID}, reply: mention}}
   - {{platform: slack, channel: C0QUIET, chatbot: {SANDBOX_CHATBOT_ID}, reply: "off"}}
@@ -206,6 +213,34 @@ async def test_junk_is_refused_before_it_is_parsed(
 
 
 # --- triggers -------------------------------------------------------------------------------------
+
+
+async def test_by_default_a_mention_shows_slacks_loading_status_in_its_thread_instead_of_a_reaction(
+    start_bridge, slack: FakeSlack, emulator: Emulator
+) -> None:
+    # Slack takes assistant.threads.setStatus with chat:write (2026-03): one call, cleared by
+    # Slack when the answer is posted in that thread, where the reaction is two.
+    bridge = await start_bridge(working_signal="status")
+    now = f"{time.time():.6f}"  # posted while the bridge runs: no reaction of a dead run to clear
+    await bridge.post_event(payload("app_mention", ts=now))
+    await slack.wait_for(lambda: slack.posts)
+    await settle(bridge)
+    [shown] = slack.calls_to("assistant.threads.setStatus")
+    assert (shown.args["channel_id"], shown.args["thread_ts"]) == ("C0GENERAL", now) and shown.args["status"]
+    [post] = slack.posts
+    assert post["thread_ts"] == now and shown.time < chat_calls(emulator)[0].time
+    assert [c.method for c in slack.calls if c.method != "auth.test"] == [
+        "assistant.threads.setStatus", "chat.postMessage"
+    ]
+    assert slack.statuses == {}  # cleared by the answer, as Slack does
+
+
+async def test_a_top_level_dm_keeps_the_reaction_by_default(start_bridge, slack: FakeSlack) -> None:
+    bridge = await start_bridge(working_signal="status")
+    await bridge.post_event(payload("message_im"))
+    await slack.wait_for(lambda: slack.posts and slack.calls_to("reactions.remove"))
+    await settle(bridge)
+    assert slack.calls_to("assistant.threads.setStatus") == []  # its answer is not in a thread
 
 
 async def test_mention_is_answered_once_in_its_thread_with_a_reaction(

@@ -297,3 +297,12 @@ def test_the_assistant_needs_a_route_that_answers_slack_dms() -> None:
         'add a route with channel: dm (or "*"), or turn the assistant off'
     ]
     assert config.loads(text.replace("assistant: true", "assistant: false"), env=ENV)
+
+
+def test_the_slack_working_signal_is_the_status_unless_set_and_only_status_or_reaction() -> None:
+    assert config.loads(BASE, env=ENV).slack.working_signal == "status"  # type: ignore[union-attr]
+    app_token = "  app_token: ${SLACK_APP}\n"
+    with_reaction = BASE.replace(app_token, app_token + "  working_signal: reaction\n")
+    assert config.loads(with_reaction, env=ENV).slack.working_signal == "reaction"  # type: ignore[union-attr]
+    [problem] = problems_of(with_reaction.replace("working_signal: reaction", "working_signal: typing"))
+    assert "slack.working_signal" in problem and "status" in problem and "reaction" in problem
