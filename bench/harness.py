@@ -200,6 +200,9 @@ class SlackSender:
         self.h = h
         self.events_url = events_url
         self.template = payload("app_mention")
+        # Message ts of now, as Slack's are: a bridge treats a question older than its own start
+        # as one a dead run may have left its reaction on, and removes it (one more call).
+        self.epoch = int(time.time()) + 1
 
     def _body(self, conversation: int, k: int, channel: str) -> tuple[bytes, str, str]:
         body, root, token = self.event(conversation, k, channel)
@@ -207,8 +210,8 @@ class SlackSender:
 
     def event(self, conversation: int, k: int, channel: str) -> tuple[dict[str, Any], str, str]:
         """The event callback for message k of a conversation, its thread root and its token."""
-        root = f"{1700000000 + conversation}.000000"
-        ts = f"{1700000000 + conversation}.{k:06d}"
+        root = f"{self.epoch + conversation}.000000"
+        ts = f"{self.epoch + conversation}.{k:06d}"
         token = _token(conversation, k)
         text = f"<@UBOT> question {token}"
         event: dict[str, Any] = {
@@ -237,7 +240,7 @@ class SlackSender:
         return sample, answer
 
     def forget(self, conversation: int) -> None:
-        self.h.slack.answers.forget(f"{1700000000 + conversation}.000000")
+        self.h.slack.answers.forget(f"{self.epoch + conversation}.000000")
 
 
 class SocketSender(SlackSender):

@@ -61,7 +61,6 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 30.0  # Socket Mode: the SDK retries a failed connect forever; we give up and say so
 SIGNAL_GRACE = 2.0  # seconds stop() gives pending reaction removals
-STATUS_FIRST = 2.0  # seconds working() waits for the assistant status before the question is asked
 SOCKET_PING_INTERVAL = 10.0  # Socket Mode ping every this many seconds (Bolt's default)
 SILENT_AFTER = 2  # pings: a socket silent for longer is not ready, even if it looks connected
 FIND_PAGES = 5  # conversations.history/replies pages searched for an earlier post after a crash
@@ -467,6 +466,7 @@ class SlackAdapter:
                 )
             if delivery is not None:
                 extra["metadata"] = part_metadata(delivery.key, number, len(parts))
+            statuses = self._assistant.statuses_up(conversation.channel, thread) if thread else ()
             try:
                 response = await self._post_part(conversation, part, thread, extra, chatbot=chatbot, feedback=feedback)
             except (SlackApiError, *NETWORK_ERRORS) as exc:
@@ -476,8 +476,7 @@ class SlackAdapter:
                     exc,
                 ) from None
             posted[number] = str(response.get("ts") or "")
-            if thread:
-                self._assistant.posted(conversation.channel, thread)  # Slack cleared the status there
+            self._assistant.posted(statuses)  # Slack cleared the statuses that were up there
         return [posted[number] for number in range(1, len(parts) + 1)]
 
     async def _post_part(
@@ -576,29 +575,25 @@ class SlackAdapter:
     async def _status_working(self, inbound: Inbound, place: tuple[str, str]) -> AsyncIterator[None]:
         watch = self._assistant.watch(place)
         shown: asyncio.Task[Shown] | None = None
-        on_time = False
         try:
-            shown = self._spawn(self._assistant.show(inbound, place))
-            # Up before the question is asked: a status landing after the answer would stay (for
-            # up to two minutes), as Slack clears it only when the answer is posted.
-            done, _ = await asyncio.wait({shown}, timeout=STATUS_FIRST)
-            on_time = bool(done)
+            # In the background, as the reaction: the question is asked at once. A status Slack
+            # takes only after the answer's post would stay (two minutes): the watch tells, and
+            # then it is cleared here.
+            shown = self._spawn(self._assistant.show(inbound, watch))
             yield
         finally:
             if shown is None:
                 self._assistant.unwatch(watch)
             else:
-                self._spawn(self._clear_status(inbound, watch, shown, on_time=on_time))
+                self._spawn(self._clear_status(inbound, watch, shown))
 
-    async def _clear_status(
-        self, inbound: Inbound, watch: StatusWatch, shown: asyncio.Task[Shown], *, on_time: bool
-    ) -> None:
+    async def _clear_status(self, inbound: Inbound, watch: StatusWatch, shown: asyncio.Task[Shown]) -> None:
         try:
             signal = await settled(shown)
             if signal is Shown.REACTION:
                 await self._remove_reaction(inbound)
             elif signal is Shown.STATUS:
-                if not watch.replied or not on_time:
+                if not watch.replied:
                     await self._assistant.clear(watch.place)
                 if self._asked_before_start(inbound):
                     await self._remove_reaction(inbound)  # a run that died may have left its reaction

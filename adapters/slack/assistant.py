@@ -75,10 +75,11 @@ class Shown(enum.Enum):
 
 @dataclass(eq=False)  # each answer's own: compared (and hashed) by identity
 class StatusWatch:
-    """One answer's status: whether the bridge has posted in its thread since (Slack then cleared it)."""
+    """One answer's status: whether the bridge has posted in its thread since it was up (Slack then cleared it)."""
 
     place: tuple[str, str]  # (channel, thread ts)
-    replied: bool = False
+    up: bool = False  # Slack acknowledged the status
+    replied: bool = False  # a post sent after that went through: Slack cleared the status with it
 
 
 @dataclass
@@ -221,13 +222,22 @@ class SlackAssistant:
             if not watches:
                 del self._watches[watch.place]
 
-    def posted(self, channel: str, thread: str) -> None:
-        """The bridge posted in a thread: Slack cleared any status there."""
-        for watch in self._watches.get((channel, thread), ()):
+    def statuses_up(self, channel: str, thread: str) -> tuple[StatusWatch, ...]:
+        """The statuses up in a thread as the bridge is about to post there; posted() once the post went through.
+
+        Only these are cleared by that post: a status Slack takes after the post stays (for two
+        minutes), so its answer clears it itself.
+        """
+        return tuple(watch for watch in self._watches.get((channel, thread), ()) if watch.up)
+
+    @staticmethod
+    def posted(watches: tuple[StatusWatch, ...]) -> None:
+        for watch in watches:
             watch.replied = True
 
-    async def show(self, inbound: Inbound, place: tuple[str, str]) -> Shown:
+    async def show(self, inbound: Inbound, watch: StatusWatch) -> Shown:
         """assistant.threads.setStatus, or the reaction when Slack refuses it (remembered, so not asked again)."""
+        place = watch.place
         channel, thread = place
         try:
             await self._client.assistant_threads_setStatus(
@@ -236,6 +246,7 @@ class SlackAssistant:
                 status=self._settings.status,
                 loading_messages=list(self._settings.loading_messages) or None,
             )
+            watch.up = True
             return Shown.STATUS
         except SlackApiError as exc:
             self._refusal(inbound, place, error_code(exc))
