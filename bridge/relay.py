@@ -389,8 +389,7 @@ class Relay:
         return Outcome.FAILED if result is DeliveryResult.FAILED else Outcome.PENDING
 
     async def _remember(self, exchange: _Exchange) -> None:
-        if self._desk is None:
-            return
+        assert self._desk is not None  # an exchange is only kept with a desk (_ask)
         try:
             await self._desk.remember_exchange(
                 exchange.conversation, exchange.session_id, exchange.question, exchange.answer
@@ -472,7 +471,8 @@ class Relay:
         if not adapter.render(answer):
             log.warning("chatbot %s returned an empty answer", job.chatbot)
             return _notice("empty")
-        exchange = _Exchange(conversation, session_id, text, answer)
+        # Kept for hand-overs, which only a desk makes.
+        exchange = _Exchange(conversation, session_id, text, answer) if self._desk is not None else None
         offer_human = self._handovers.offered(conversation, job.chatbot, is_dm=inbound.is_dm)
         if job.chatbot in self._gap_chatbots and self._fallbacks.is_fallback(client, job.chatbot, answer):
             metrics.ANSWERS.labels(job.chatbot, "unanswered").inc()
