@@ -1,76 +1,84 @@
-"""An httpx transport made of several small connection pools, so that each request's pool bookkeeping stays small."""
+"""An httpx transport over aiohttp's connection pool: httpx's client and models, aiohttp's cheaper HTTP/1.1 path."""
 
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Callable
 
+import aiohttp
 import httpx
 
-# Connections per pool. httpcore's pool walks its connections on every request and every
-# release, and for each idle one counts the idle ones again (connections squared): 4,800
-# connection checks per answer with 50 requests in flight in one pool, 16 at most in one of 4.
-POOL_SIZE = 4
+# What each aiohttp failure means to httpx, and so to the InsiteChat client's retry rule:
+# httpx.ConnectError / ConnectTimeout say no byte of the request left (a POST may be sent
+# again); every other failure may come after the request was sent, so it must not be.
+# (httpx-aiohttp, the library that does this, maps every ClientConnectionError, a server
+# that disconnects mid-answer included, to ConnectTimeout: a chat question would be asked twice.)
 
 
-class ShardedTransport(httpx.AsyncBaseTransport):
-    """`connections` HTTP/1.1 connections in pools of POOL_SIZE; a request goes to the least busy pool.
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """At most `connections` keep-alive HTTP/1.1 connections in one aiohttp pool.
 
-    The caller keeps at most `connections` requests in flight (InsiteChatClient's semaphore):
-    then a pool always has a free connection for the request sent to it, and httpcore never
-    queues one. A request counts as busy until its response is closed (its body read).
+    Why not httpcore: with anyio and h11 it spent about twice the CPU of this transport on
+    each InsiteChat request at 50 conversations (bench/README.md, *Profile*), and aiohttp is
+    already here for Slack and Discord. The body is read whole before the response is
+    returned: InsiteChat's answers are small JSON documents, and the client reads them whole.
+    The session is opened on the first request, in the running loop.
     """
 
     def __init__(self, connections: int, *, keepalive_expiry: float = 5.0) -> None:
-        count = max(1, -(-connections // POOL_SIZE))
-        limits = httpx.Limits(
-            max_connections=POOL_SIZE, max_keepalive_connections=POOL_SIZE, keepalive_expiry=keepalive_expiry
+        self._connections = connections
+        self._keepalive_expiry = keepalive_expiry
+        # httpx's own TLS context: its CA bundle (certifi) and SSL_CERT_FILE / SSL_CERT_DIR.
+        self._ssl: ssl.SSLContext = httpx.create_ssl_context()
+        self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
+
+    def _open(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=self._connections, limit_per_host=0, keepalive_timeout=self._keepalive_expiry, ssl=self._ssl
         )
-        # One TLS context for every pool: building one loads the CA bundle (milliseconds each).
-        context: ssl.SSLContext = httpx.create_ssl_context()
-        self._pools = [httpx.AsyncHTTPTransport(verify=context, limits=limits) for _ in range(count)]
-        self._busy = [0] * count
+        # httpx decodes bodies and keeps (here: no) cookies itself; proxies from the
+        # environment are httpx's own mounts, which never reach this transport.
+        return aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False
+        )
+
+    def _timeout(self, request: httpx.Request) -> aiohttp.ClientTimeout:
+        wanted = request.extensions.get("timeout", {})
+        key = (wanted.get("connect"), wanted.get("read"))
+        timeout = self._timeouts.get(key)
+        if timeout is None:
+            # connect covers the wait for a connection, the DNS lookup and the connect itself.
+            timeout = self._timeouts[key] = aiohttp.ClientTimeout(total=None, connect=key[0], sock_read=key[1])
+        return timeout
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        busy = self._busy
-        index = busy.index(min(busy))
-        busy[index] += 1
+        session = self._session
+        if session is None or session.closed:
+            session = self._session = self._open()
         try:
-            response = await self._pools[index].handle_async_request(request)
-        except BaseException:
-            busy[index] -= 1
-            raise
-        assert isinstance(response.stream, httpx.AsyncByteStream)
-        return httpx.Response(
-            status_code=response.status_code,
-            headers=response.headers,
-            stream=_ReleasingStream(response.stream, lambda: self._release(index)),
-            extensions=response.extensions,
-        )
-
-    def _release(self, index: int) -> None:
-        self._busy[index] -= 1
+            async with session.request(
+                request.method,
+                str(request.url),
+                headers=request.headers.multi_items(),
+                data=request.content or None,
+                allow_redirects=False,
+                timeout=self._timeout(request),
+            ) as response:
+                body = await response.read()
+                status, headers, reason = response.status, response.raw_headers, response.reason
+        except aiohttp.ConnectionTimeoutError as exc:  # before aiohttp's ServerTimeoutError: a subclass
+            raise httpx.ConnectTimeout(str(exc) or "connect timed out", request=request) from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise httpx.ConnectError(str(exc), request=request) from exc
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise httpx.ReadTimeout(str(exc) or "read timed out", request=request) from exc
+        except aiohttp.ServerDisconnectedError as exc:
+            raise httpx.RemoteProtocolError(str(exc), request=request) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise httpx.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+        extensions = {"http_version": b"HTTP/1.1", "reason_phrase": (reason or "").encode("ascii", "replace")}
+        return httpx.Response(status, headers=headers, content=body, request=request, extensions=extensions)
 
     async def aclose(self) -> None:
-        for pool in self._pools:
-            await pool.aclose()
-
-
-class _ReleasingStream(httpx.AsyncByteStream):
-    """A response body that tells its pool when it is closed (once)."""
-
-    def __init__(self, stream: httpx.AsyncByteStream, release: Callable[[], None]) -> None:
-        self._stream = stream
-        self._release: Callable[[], None] | None = release
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._stream:
-            yield chunk
-
-    async def aclose(self) -> None:
-        try:
-            await self._stream.aclose()
-        finally:
-            release, self._release = self._release, None
-            if release is not None:
-                release()
+        if self._session is not None:
+            await self._session.close()

@@ -50,17 +50,15 @@ import httpx
 
 from bridge import __version__, metrics
 from bridge.clock import Clock, SystemClock
-from bridge.http_pool import ShardedTransport
+from bridge.http_pool import AiohttpTransport
 from bridge.limiter import Grant, SlidingWindowLimiter
 from bridge.store import StoreError
 
 logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_CHARS = 4000
-# Requests in flight per key. httpcore's pool bookkeeping costs connections x queued
-# requests per finished request, so more connections cost more CPU than they save; the
-# real limit (60 a minute) keeps use far below this anyway. The connections are split
-# into small pools (bridge.http_pool), and no request ever queues inside one.
+# Requests in flight per key, and the connections kept for them; the real limit (60 a
+# minute) keeps use far below this anyway.
 MAX_CONNECTIONS = 64
 # The one 429 detail that means "slow down" rather than "the monthly quota is gone".
 _RATE_LIMIT_MARKER = "rate limit"
@@ -548,10 +546,10 @@ class InsiteChatClient:
             # A dead host should not eat half the deadline before the first retry.
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
-            # Small pools instead of one of 64: httpcore's bookkeeping per request grows with
-            # the square of a pool's connections (bridge.http_pool). A proxy from the
-            # environment still gets httpx's own pool, with the limits above.
-            transport=transport if transport is not None else ShardedTransport(MAX_CONNECTIONS),
+            # aiohttp's pool under httpx's client: half the CPU of httpcore's per request
+            # (bridge.http_pool). A proxy from the environment still gets httpx's own pool,
+            # with the limits above.
+            transport=transport if transport is not None else AiohttpTransport(MAX_CONNECTIONS),
         )
         self._in_flight = asyncio.Semaphore(MAX_CONNECTIONS)
         # Parsed once per path: httpx parses a URL given as text on every request (a third of building one).
@@ -774,8 +772,8 @@ class InsiteChatClient:
         trial = self._circuit.admit(chat=chat)
         endpoint = _endpoint_name(path)
         try:
-            # Requests beyond the connection pool wait here, not in httpcore's queue, whose
-            # bookkeeping grows with its length.
+            # Requests beyond the connection pool wait here, in arrival order, not in the
+            # transport's queue (httpcore's, for a proxy, costs more the longer it is).
             async with self._in_flight:
                 if before_send is not None:
                     await before_send()

@@ -345,7 +345,7 @@ async def test_redis_down_is_unavailable_to_the_user_and_nothing_is_sent(prefix:
     assert all(isinstance(r, StoreError) and "Redis" in str(r) for r in results), results
     assert limiter.waiting == 0
 
-    with respx.mock(base_url="https://ic.test/api", assert_all_called=False) as api:
+    with respx.mock(base_url="https://ic.test/api", assert_all_called=False, using="httpx") as api:
         route = api.post(url__regex=r"/chat$").mock(return_value=httpx.Response(200, json={"response": "hi"}))
         client = InsiteChatClient("https://ic.test/api", KEY, limiter=limiter, clock=clock, random=lambda: 0.5)
         try:

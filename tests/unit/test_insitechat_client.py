@@ -80,7 +80,7 @@ def clock() -> ManualClock:
 
 @pytest.fixture
 def api() -> Iterator[respx.MockRouter]:
-    with respx.mock(base_url=BASE, assert_all_called=False) as router:
+    with respx.mock(base_url=BASE, assert_all_called=False, using="httpx") as router:
         yield router
 
 
@@ -770,6 +770,27 @@ async def test_a_real_read_timeout_on_chat_is_not_resent(
         await client.chat(BOT, "hi", "s")
     assert caught.value.request_sent
     assert seen == [f"POST /api{CHAT}"]
+
+
+async def test_a_server_that_hangs_up_after_a_chat_request_is_not_resent(make_client: MakeClient) -> None:
+    # The request arrived before the connection was lost: the question may be answered, never asked twice.
+    requests: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.close()
+
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        client = make_client(f"http://127.0.0.1:{port}/api", policy=RetryPolicy(deadline=5.0, failure_threshold=100))
+        with pytest.raises(Unavailable) as caught:
+            await client.chat(BOT, "hi", "s")
+    finally:
+        listener.close()
+        await listener.wait_closed()
+    assert caught.value.request_sent
+    assert len(requests) == 1 and requests[0].startswith(f"POST /api{CHAT} ".encode())
 
 
 async def test_the_limiter_slot_is_held_while_the_request_is_on_its_way(
