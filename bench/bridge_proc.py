@@ -55,6 +55,24 @@ def _dump(events: list[list[Any]], path: str) -> None:
         json.dump(events, f)
 
 
+def _time_gc(path: str) -> None:
+    """Every collection of the cyclic GC: [generation, seconds, objects collected], dumped to path at exit."""
+    import atexit
+    import gc
+
+    collections: list[list[Any]] = []
+    started = [0.0]
+
+    def timed(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            collections.append([info["generation"], time.perf_counter() - started[0], info["collected"]])
+
+    gc.callbacks.append(timed)
+    atexit.register(lambda: _dump(collections, path))
+
+
 def _discord_adapter(source: str | None) -> Any:
     """The Discord adapter class of the tree that runs: adapters/discord/ since the platform packages
     (e5e4405), adapters/discord_bot.py before. Asking an older tree for `adapters.discord` would
@@ -89,6 +107,9 @@ def main(argv: list[str]) -> int:
         _check_source(source)
     from bridge.cli import main as cli_main
 
+    gc_to = os.environ.get("BENCH_GC_LOG")
+    if gc_to:
+        _time_gc(gc_to)  # which pauses the cyclic GC makes (python -m bench.relay_cpu, BENCH_GC_LOG=FILE)
     trace_to = os.environ.get("BENCH_SQL_TRACE")
     if trace_to:
         # What the store runs per answer (bench/durability.py); costs time: no timing from such a run.

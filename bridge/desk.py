@@ -29,7 +29,7 @@ from bridge.clock import Clock
 from bridge.config import Settings
 from bridge.facts import FactLog
 from bridge.messages import Conversation
-from bridge.store import DAY, FactKind, NewDelivery, NewRecord, Store, StoreError
+from bridge.store import DAY, FactKind, NewDelivery, NewRecord, RecordRef, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,10 @@ class AlertDesk:
 
     async def paused(self, conversation: Conversation) -> bool:
         return await self._store.get(PAUSED, conversation.key) is not None
+
+    def pause_record(self, conversation: Conversation) -> RecordRef:
+        """The record that keeps the bot quiet in a conversation while a human has it (read by create_job)."""
+        return RecordRef(PAUSED, conversation.key)
 
     async def resume(self, conversation: Conversation) -> None:
         await self._store.delete(PAUSED, conversation.key)

@@ -31,7 +31,7 @@ from bridge.insitechat import (
 from bridge.messages import Conversation, Inbound, Outbound, OutboundKind
 from bridge.outbox import DeliveryResult, Outbox
 from bridge.ports import Adapter
-from bridge.store import ChatJob, FactKind, JobState, ReplyKind, Store, StoreError
+from bridge.store import ChatJob, FactKind, JobState, NewJob, ReplyKind, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,16 @@ class Relay:
         # Stored while stopping: not leased to this process, so another replica takes it at once.
         # The conversation's lock is taken in the same step (its worker starts at once), not while stopping.
         lease = self._lease if self._accepting else 0.0
-        if not await self._store.create_job(job, lease=lease, lock=self._accepting):
+        # While a human has the conversation the bot stays quiet: that is read in the job's own
+        # step, not a round trip before it. The words that end a hand-over must get through.
+        quiet = None
+        if self._desk is not None and _words(inbound.text) not in RESUME_WORDS:
+            quiet = self._desk.pause_record(inbound.conversation)
+        created = await self._store.create_job(job, lease=lease, lock=self._accepting, unless=quiet)
+        if created is NewJob.HELD:
+            log.debug("ignored %s: a human has taken over this thread", inbound.dedupe_key)
+            return self._count(inbound, _done(Outcome.IGNORED))
+        if created is NewJob.DUPLICATE:
             log.info("duplicate delivery of %s ignored", inbound.dedupe_key)
             metrics.DEDUPE_HITS.labels("chat").inc()
             return self._count(inbound, _done(Outcome.DUPLICATE))
@@ -279,15 +288,7 @@ class Relay:
         return route is not None and route.reply is not ReplyMode.OFF
 
     async def decide(self, inbound: Inbound) -> Decision:
-        """Whether the bot should answer: the trigger rules, then a human's hand-over."""
-        decision = await self._triggered(inbound)
-        paused = decision.answer and self._desk is not None and await self._desk.paused(inbound.conversation)
-        if paused and _words(inbound.text) not in RESUME_WORDS:
-            return Decision(False, "a human has taken over this thread", decision.route)
-        return decision
-
-    async def _triggered(self, inbound: Inbound) -> Decision:
-        """The trigger rules, in one place."""
+        """Whether the bot should answer: the trigger rules, in one place (a human's hand-over: `accept`)."""
         if inbound.author_is_self:
             return Decision(False, "own message")
         if inbound.author_is_bot:

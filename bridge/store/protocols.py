@@ -11,7 +11,18 @@ from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-from bridge.store.records import DAY, ChatJob, Fact, JobState, NewDelivery, NewRecord, OutboxItem, Versioned
+from bridge.store.records import (
+    DAY,
+    ChatJob,
+    Fact,
+    JobState,
+    NewDelivery,
+    NewJob,
+    NewRecord,
+    OutboxItem,
+    RecordRef,
+    Versioned,
+)
 
 
 class StoreError(Exception):
@@ -76,8 +87,13 @@ class EventIntake(Protocol):
 class ChatJobs(Protocol):
     """Accepted questions, from the claim to the stored reply. Leases say which process works on one."""
 
-    async def create_job(self, job: ChatJob, *, lease: float, lock: bool = False) -> bool:
-        """Store a new job, leased to this process; False when a job with its key exists (a duplicate).
+    async def create_job(
+        self, job: ChatJob, *, lease: float, lock: bool = False, unless: RecordRef | None = None
+    ) -> NewJob:
+        """Store a new job, leased to this process; DUPLICATE when a job with its key exists.
+
+        `unless`: a record whose live presence holds the job back (HELD, nothing stored), read in
+        the same step: the relay's "a human has this conversation" costs no round trip of its own.
 
         `lock=True`: in the same step, take the job's conversation lock for this process if it is
         free, so that the worker's `conversation_lock` needs no second trip to a shared backend. A

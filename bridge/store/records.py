@@ -95,6 +95,22 @@ def inbound_from_json(data: dict[str, Any]) -> Inbound:
     return Inbound(**{name: value for name, value in data.items() if name in _INBOUND_FIELDS})
 
 
+class NewJob(str, enum.Enum):
+    """What `create_job` did with a new job."""
+
+    CREATED = "created"
+    DUPLICATE = "duplicate"  # its platform message has a job already
+    HELD = "held"  # the record it was held back by exists (a human has the conversation): nothing stored
+
+
+@dataclass(frozen=True)
+class RecordRef:
+    """Where a record is kept: its kind and key."""
+
+    kind: str
+    key: str
+
+
 @dataclass(frozen=True)
 class OutboxItem:
     """One delivery to make: a payload for one destination, retried until it is done."""

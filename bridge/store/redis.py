@@ -48,8 +48,10 @@ from bridge.store.records import (
     Fact,
     JobState,
     NewDelivery,
+    NewJob,
     NewRecord,
     OutboxItem,
+    RecordRef,
     ReplyKind,
     Versioned,
     inbound_from_json,
@@ -276,13 +278,18 @@ end
 _CREATE_JOB = _LUA_JOBS + _LUA_LOCKS + """
 -- A new job, leased to the caller, unless its platform message has a live job (a duplicate); with a
 -- lock token, also the conversation's lock for that job when it is free.
+-- Unless the record it is held back by (a human has the conversation) is live: then nothing is stored.
 -- ARGV: prefix, kept_after, id, key, state, owner, lease_until, conversation, chatbot, inbound, created_at,
---       now, lock token ('' : no lock), lock until, lock ttl_ms
--- Returns {created (1/0), the generation if the lock was taken else -1}.
+--       now, lock token ('' : no lock), lock until, lock ttl_ms, now, held-by kind and key ('' : none)
+-- Returns {1 created / 0 duplicate / 2 held, the generation if the lock was taken else -1}.
 local P, id, key, state = ARGV[1], ARGV[3], ARGV[4], ARGV[5]
 local existing = redis.call('GET', P .. 'job-key:' .. key)
 if existing == id then return {1, -1} end  -- this very job, sent again after its reply was lost
 if existing and live_job(P, existing, tonumber(ARGV[2])) then return {0, -1} end
+if ARGV[18] ~= '' then
+  local held = redis.call('HMGET', P .. 'record:' .. ARGV[17] .. ':' .. ARGV[18], 'value', 'expires')
+  if held[1] and (held[2] == '' or tonumber(held[2]) >= tonumber(ARGV[16])) then return {2, -1} end
+end
 redis.call('HSET', P .. 'job:' .. id, 'id', id, 'key', key, 'state', state, 'owner', ARGV[6],
   'lease_until', ARGV[7], 'conversation', ARGV[8], 'chatbot', ARGV[9], 'inbound', ARGV[10],
   'created_at', ARGV[11], 'asks', 0, 'reply_kind', 'answer', 'offer_human', 0)
@@ -958,16 +965,21 @@ class RedisStore:
 
     # --- chat jobs ------------------------------------------------------------------------------
 
-    async def create_job(self, job: ChatJob, *, lease: float, lock: bool = False) -> bool:
+    async def create_job(
+        self, job: ChatJob, *, lease: float, lock: bool = False, unless: RecordRef | None = None
+    ) -> NewJob:
         if job.inbound is None:
             raise ValueError("a new job carries its question")
         conversation = job.conversation
         token = f"{self.owner}:{uuid.uuid4().hex}" if lock and self._may_pretake(conversation) else ""
         now = self._now()
+        if unless is not None:
+            self._record_key(unless.kind, unless.key)  # the kind's rule
         created, generation = await self._run(
             self._create_job, _t(now - DELIVERED_KEPT), job.id, job.key, job.state.value, self.owner,
             _t(now + lease), conversation, job.chatbot, json.dumps(inbound_to_json(job.inbound)), _t(job.created_at),
             *(self._lock_args(token) if token else ("", "", "", 0)),
+            _t(now), *((unless.kind, unless.key) if unless is not None else ("", "")),
         )
         if int(generation) >= 0:
             if conversation in self._pretaken:  # another create_job took it first (it cannot: Redis said free)
@@ -975,7 +987,7 @@ class RedisStore:
             else:
                 self._pretaken[conversation] = _Lock(token, int(generation), job.id, self._clock.monotonic())
                 self._keep_locks()
-        return bool(int(created))
+        return {1: NewJob.CREATED, 0: NewJob.DUPLICATE}.get(int(created), NewJob.HELD)
 
     async def job_asked(self, job_id: str) -> None:
         await self._run(self._mark_job_asked, job_id)

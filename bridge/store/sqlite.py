@@ -22,8 +22,10 @@ from bridge.store.records import (
     Fact,
     JobState,
     NewDelivery,
+    NewJob,
     NewRecord,
     OutboxItem,
+    RecordRef,
     ReplyKind,
     Versioned,
     inbound_from_json,
@@ -365,22 +367,37 @@ class SQLiteStore:
 
     # --- chat jobs ------------------------------------------------------------------------------
 
-    async def create_job(self, job: ChatJob, *, lease: float, lock: bool = False) -> bool:
+    async def create_job(
+        self, job: ChatJob, *, lease: float, lock: bool = False, unless: RecordRef | None = None
+    ) -> NewJob:
         # `lock` changes nothing here: a conversation's lock is in this process (an asyncio lock), free to take.
         if job.inbound is None:
             raise ValueError("a new job carries its question")
         inbound = json.dumps(inbound_to_json(job.inbound))
+        row = (
+            job.id, job.key, job.conversation, job.chatbot, job.state.value,
+            inbound, self.owner, self._clock.time() + lease, job.created_at,
+        )
+        columns = (
+            "INSERT OR IGNORE INTO jobs"
+            " (id, key, conversation, chatbot, state, inbound, owner, lease_until, created_at)"
+        )
 
-        def create() -> bool:
-            cursor = self._db.execute(
-                "INSERT OR IGNORE INTO jobs (id, key, conversation, chatbot, state, inbound, owner, "
-                "lease_until, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    job.id, job.key, job.conversation, job.chatbot, job.state.value,
-                    inbound, self.owner, self._clock.time() + lease, job.created_at,
-                ),
-            )
-            return cursor.rowcount == 1
+        def create() -> NewJob:
+            if unless is None:
+                cursor = self._db.execute(f"{columns} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            else:
+                # One statement: the record is read as the row is written.
+                cursor = self._db.execute(
+                    f"{columns} SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM records"
+                    " WHERE kind = ? AND key = ? AND (expires_at IS NULL OR expires_at >= ?))",
+                    (*row, unless.kind, unless.key, self._now()),
+                )
+            if cursor.rowcount == 1:
+                return NewJob.CREATED
+            if unless is None or self._db.execute("SELECT 1 FROM jobs WHERE key = ?", (job.key,)).fetchone():
+                return NewJob.DUPLICATE
+            return NewJob.HELD
 
         return await self._run(create)
 

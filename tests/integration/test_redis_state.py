@@ -21,7 +21,7 @@ from bridge.clock import ManualClock
 from bridge.emulator import SANDBOX_CHATBOT_ID, SANDBOX_KEY, Emulator
 from bridge.messages import Inbound
 from bridge.relay import Outcome
-from bridge.store import ChatJob, JobState, ReplyKind, StoreError
+from bridge.store import ChatJob, JobState, NewJob, ReplyKind, StoreError
 from bridge.store.redis import RedisStore
 from tests.conftest import free_port
 
@@ -148,7 +148,7 @@ async def test_a_lock_freed_by_its_jobs_delivery_on_another_replica_is_not_repor
 ) -> None:
     clock, here, there = replicas.clock, replicas.here, replicas.there
     job = new_job(clock)
-    assert await here.create_job(job, lease=60, lock=True)
+    assert await here.create_job(job, lease=60, lock=True) is NewJob.CREATED
     async with here.conversation_lock(job.conversation):
         item = await here.job_answered(job.answered("the answer", ReplyKind.ANSWER), lease=6.0)
         # This replica's attempt outlives its lease; another replica's outbox delivers the reply,
@@ -170,7 +170,7 @@ async def test_a_lock_taken_over_after_its_lease_is_reported_lost(
 ) -> None:
     clock, here, there = replicas.clock, replicas.here, replicas.there
     job = new_job(clock)
-    assert await here.create_job(job, lease=60, lock=True)
+    assert await here.create_job(job, lease=60, lock=True) is NewJob.CREATED
     async with here.conversation_lock(job.conversation):
         # This replica stalled past the lease (its clock stood still); the other one took the conversation.
         replicas.there_clock.advance(LEASE + 1)

@@ -27,7 +27,9 @@ from bridge.store import (
     FactKind,
     JobState,
     NewDelivery,
+    NewJob,
     NewRecord,
+    RecordRef,
     ReplyKind,
     SQLiteStore,
     Store,
@@ -110,8 +112,8 @@ async def test_the_same_ts_in_another_channel_is_another_message(reopen: Open, c
     here = ChatJob.new(question("100.1"), chatbot="bot-1", now=clock.time())
     elsewhere_inbound = Inbound("slack", "T1", "C2", "100.1", "U2", "and here?", mentions_bot=True)
     elsewhere = ChatJob.new(elsewhere_inbound, chatbot="bot-1", now=clock.time())
-    assert await store.create_job(here, lease=60)
-    assert await store.create_job(elsewhere, lease=60)
+    assert await store.create_job(here, lease=60) is NewJob.CREATED
+    assert await store.create_job(elsewhere, lease=60) is NewJob.CREATED
     found = [await store.job_by_key(job.key) for job in (here, elsewhere)]
     assert [(f[0].id, f[0].inbound) for f in found if f] == [(here.id, here.inbound), (elsewhere.id, elsewhere_inbound)]
 
@@ -119,11 +121,29 @@ async def test_the_same_ts_in_another_channel_is_another_message(reopen: Open, c
 async def test_a_job_is_created_once_per_platform_message(reopen: Open, clock: ManualClock) -> None:
     store = reopen()
     job = new_job(clock)
-    assert await store.create_job(job, lease=60)
-    assert not await store.create_job(new_job(clock), lease=60)  # message + app_mention, or a retry
+    assert await store.create_job(job, lease=60) is NewJob.CREATED
+    assert await store.create_job(new_job(clock), lease=60) is NewJob.DUPLICATE  # message + app_mention, or a retry
     stored, state = await store.job_by_key(job.key)  # type: ignore[misc]
     assert state is JobState.ACCEPTED and stored.inbound == job.inbound
-    assert not await reopen().create_job(new_job(clock), lease=60)  # after a restart too
+    assert await reopen().create_job(new_job(clock), lease=60) is NewJob.DUPLICATE  # after a restart too
+
+
+async def test_a_live_record_holds_a_new_job_back_and_nothing_is_stored(reopen: Open, clock: ManualClock) -> None:
+    # The relay's "a human has this conversation", read in the job's own step.
+    store, other = reopen(), reopen()
+    job = new_job(clock)
+    quiet = RecordRef("paused", job.conversation)
+    await store.put("paused", job.conversation, "alert-1", ttl=60)
+    assert await other.create_job(job, lease=60, lock=True, unless=quiet) is NewJob.HELD
+    assert await store.job_by_key(job.key) is None and await store.get_job(job.id) is None
+    assert await store.create_job(new_job(clock, "100.2"), lease=60, unless=RecordRef("paused", "elsewhere")) is (
+        NewJob.CREATED
+    )
+    clock.advance(61)  # the record ran out: it holds nothing back
+    assert await other.create_job(job, lease=60, unless=quiet) is NewJob.CREATED
+    # A duplicate is a duplicate, held or not.
+    await store.put("paused", job.conversation, "alert-2", ttl=60)
+    assert await other.create_job(new_job(clock), lease=60, unless=quiet) is NewJob.DUPLICATE
 
 
 async def test_a_job_moves_through_its_states_and_its_reply_is_queued(reopen: Open, clock: ManualClock) -> None:
@@ -200,7 +220,7 @@ async def test_texts_are_dropped_after_the_keep_window_identity_stays(backend: B
     kept, state = await store.job_by_key(job.key)  # type: ignore[misc]
     assert state is JobState.DELIVERED and kept.inbound is None and kept.reply == ""
     assert await backend.raw_texts(job.id) == [None, None]  # gone from the store, not only hidden
-    assert not await store.create_job(new_job(clock), lease=60)  # still deduped
+    assert await store.create_job(new_job(clock), lease=60) is NewJob.DUPLICATE  # still deduped
     clock.advance(7 * DAY)
     await store.prune()
     assert await store.job_by_key(job.key) is None
@@ -476,8 +496,8 @@ async def test_a_job_created_with_its_lock_is_answered_under_it(reopen: Open, cl
     clock.autojump = True  # a waiter for a shared lock polls on the clock
     store = reopen()
     job = new_job(clock)
-    assert await store.create_job(job, lease=60, lock=True)
-    assert not await store.create_job(new_job(clock), lease=60, lock=True)  # a duplicate takes nothing
+    assert await store.create_job(job, lease=60, lock=True) is NewJob.CREATED
+    assert await store.create_job(new_job(clock), lease=60, lock=True) is NewJob.DUPLICATE  # a duplicate takes nothing
     async with asyncio.timeout(5):
         async with store.conversation_lock(job.conversation):
             assert await store.generation(job.conversation) == 0

@@ -17,7 +17,7 @@ import redis.asyncio
 
 from bridge.clock import Clock, ManualClock, SystemClock
 from bridge.messages import Inbound
-from bridge.store import DAY, ChatJob, JobState, NewDelivery, ReplyKind, StoreError
+from bridge.store import DAY, ChatJob, JobState, NewDelivery, NewJob, ReplyKind, StoreError
 from bridge.store.redis import LOCK_LEASE, TTL_MARGIN, RedisStore, redact_url
 from tests.conftest import free_port
 
@@ -87,8 +87,9 @@ def new_job(clock: Clock, message_id: str = "100.1") -> ChatJob:
 
 async def test_a_job_one_replica_created_is_a_duplicate_for_the_other(replica: Replica, clock: ManualClock) -> None:
     first, second = replica(), replica()
-    assert await first.create_job(new_job(clock), lease=60)
-    assert not await second.create_job(new_job(clock), lease=60)  # Slack sent the event to the other connection
+    assert await first.create_job(new_job(clock), lease=60) is NewJob.CREATED
+    # Slack sent the event to the other connection:
+    assert await second.create_job(new_job(clock), lease=60) is NewJob.DUPLICATE
     assert await second.job_counts() == {JobState.ACCEPTED: 1}
 
 
@@ -161,7 +162,7 @@ async def test_racing_replicas_store_one_job_accept_one_event_and_take_over_each
 ) -> None:
     replicas = [replica() for _ in range(4)]
     created = await asyncio.gather(*(r.create_job(new_job(clock), lease=60) for r in replicas * 3))
-    assert created.count(True) == 1
+    assert created.count(NewJob.CREATED) == 1
     accepted = await asyncio.gather(*(
         r.accept([f"event:{n}", "body:same"], [NewDelivery(f"evt|slack:C{n}", f"slack:C{n}", {})])
         for n, r in enumerate(replicas)
@@ -220,7 +221,7 @@ async def test_a_lock_taken_with_its_job_keeps_other_replicas_out_until_the_repl
 ) -> None:
     holder, other = replica(), replica()
     job = new_job(clock)
-    assert await holder.create_job(job, lease=60, lock=True)
+    assert await holder.create_job(job, lease=60, lock=True) is NewJob.CREATED
     inside, leave = asyncio.Event(), asyncio.Event()
 
     async def hold_it() -> None:
@@ -385,8 +386,8 @@ async def test_prefixes_keep_bridges_apart(redis_url: str, redis_prefix: str, cl
     one = RedisStore(redis_url, prefix=redis_prefix + "one:", clock=clock)
     two = RedisStore(redis_url, prefix=redis_prefix + "two:", clock=clock)
     try:
-        assert await one.create_job(new_job(clock), lease=60)
-        assert await two.create_job(new_job(clock), lease=60)
+        assert await one.create_job(new_job(clock), lease=60) is NewJob.CREATED
+        assert await two.create_job(new_job(clock), lease=60) is NewJob.CREATED
         await one.outbox_add("k", "slack:C1", {})
         assert await two.outbox_due() == []
     finally:
@@ -449,7 +450,7 @@ async def test_commands_redis_does_not_answer_in_time_all_fail_and_the_next_conn
         pytest.skip("pauses the server; runs on the test session's own redis-server")
     store = RedisStore(redis_url, prefix=redis_prefix, clock=clock, timeout=0.3)
     try:
-        assert await store.create_job(new_job(clock, "1"), lease=60)  # connected, before the pause
+        assert await store.create_job(new_job(clock, "1"), lease=60) is NewJob.CREATED  # connected, before the pause
         own_id = await store.wire.call("CLIENT", "ID")
         await raw.execute_command("CLIENT", "PAUSE", 1500, "ALL")
         waiting = await asyncio.wait_for(
@@ -458,7 +459,7 @@ async def test_commands_redis_does_not_answer_in_time_all_fail_and_the_next_conn
         assert all(isinstance(result, StoreError) and "timeout" in str(result).lower() for result in waiting)
         assert not store.wire.connected and store.wire.busy == 0
         await raw.execute_command("CLIENT", "UNPAUSE")
-        assert await store.create_job(new_job(clock, "2"), lease=60)  # a new connection
+        assert await store.create_job(new_job(clock, "2"), lease=60) is NewJob.CREATED  # a new connection
         assert await store.wire.call("CLIENT", "ID") != own_id
     finally:
         await store.close()
@@ -515,7 +516,7 @@ async def test_a_burst_of_hundreds_of_commands_at_once_all_succeed(replica: Repl
     store = replica()
     jobs = [new_job(clock, str(n)) for n in range(500)]  # 500 questions at once: 500 commands on one connection
     created = await asyncio.gather(*(store.create_job(job, lease=60) for job in jobs))
-    assert all(created)
+    assert set(created) == {NewJob.CREATED}
     assert (await store.job_counts())[JobState.ACCEPTED] == len(jobs)
 
 
@@ -527,7 +528,7 @@ async def test_callers_cancelled_mid_command_leave_the_others_replies_in_step(
     store = RedisStore(f"{redis_url}{separator}max_connections=2", prefix=redis_prefix, clock=clock)  # still taken
     try:
         jobs = [new_job(clock, str(n)) for n in range(40)]
-        assert all(await asyncio.gather(*(store.create_job(job, lease=60) for job in jobs)))
+        assert set(await asyncio.gather(*(store.create_job(job, lease=60) for job in jobs))) == {NewJob.CREATED}
         reads = [asyncio.create_task(store.get_job(job.id)) for job in jobs]
         await asyncio.sleep(0)  # every read is on the wire now
         for read in reads[::3]:
@@ -547,7 +548,7 @@ async def test_a_connection_redis_closed_is_made_again_by_the_next_command(
 ) -> None:
     store = replica()
     job = new_job(clock)
-    assert await store.create_job(job, lease=60)
+    assert await store.create_job(job, lease=60) is NewJob.CREATED
     own_id = await store.wire.call("CLIENT", "ID")
     await raw.execute_command("CLIENT", "KILL", "ID", own_id)  # as a Redis restart or an idle timeout would
     for _ in range(200):  # the replica hears the close on its own loop
@@ -567,10 +568,10 @@ async def test_scripts_redis_forgot_are_sent_again(
     if not own_server():
         pytest.skip("flushes the server's script cache; runs on the test session's own redis-server")
     store = replica()
-    assert await store.create_job(new_job(clock, "1"), lease=60)
+    assert await store.create_job(new_job(clock, "1"), lease=60) is NewJob.CREATED
     await raw.script_flush()
-    assert await store.create_job(new_job(clock, "2"), lease=60)
-    assert not await store.create_job(new_job(clock, "2"), lease=60)  # by its SHA again: a duplicate
+    assert await store.create_job(new_job(clock, "2"), lease=60) is NewJob.CREATED
+    assert await store.create_job(new_job(clock, "2"), lease=60) is NewJob.DUPLICATE  # by its SHA again: a duplicate
     assert (await store.job_counts())[JobState.ACCEPTED] == 2
 
 
