@@ -993,14 +993,16 @@ class RedisStore:
         await self._run(self._mark_job_asked, job_id)
 
     def _may_pretake(self, conversation: str) -> bool:
-        """Nobody here waits for the conversation, so the new job's worker is the next to enter it; a holder
-        whose job's delivery freed the lock already is finishing up (its working signal) and counts as gone."""
+        """Nobody here waits for the conversation, so the new job's worker is the next to enter it.
+
+        A holder in its block counts as gone: it is finishing its answer, and Redis refuses the take
+        while its lock is held (its delivery frees it, and that is often on the wire already, ahead of
+        the take: then the take succeeds and the next worker needs no round trip of its own)."""
         if conversation in self._pretaken:
             return False
         if conversation not in self._local:
             return True
-        holder = self._held.get(conversation)
-        return self._local.users(conversation) == 1 and holder is not None and holder.released
+        return self._local.users(conversation) == 1 and conversation in self._held
 
     async def job_answered(self, job: ChatJob, *, lease: float | None = None) -> OutboxItem:
         now = self._now()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+import redis.asyncio
 
 from bridge import config
 from bridge.app import BridgeApp
@@ -163,6 +164,39 @@ async def test_a_lock_freed_by_its_jobs_delivery_on_another_replica_is_not_repor
     # The conversation is free for the next answer at once, on either replica.
     async with asyncio.timeout(1), there.conversation_lock(job.conversation):
         pass
+
+
+async def test_the_next_question_takes_the_lock_with_its_job_while_the_last_answer_is_finishing(
+    replicas: Replicas, redis_url: str, redis_prefix: str
+) -> None:
+    # A round trip less per answer: the last answer's delivery, which frees the lock, is on the
+    # wire ahead of the next question's job, so the job's own step can take the lock for it.
+    clock, here, there = replicas.clock, replicas.here, replicas.there
+    first = new_job(clock)
+    follow_up = Inbound("slack", "T1", "C1", "100.2", "U1", "and for sale items?", thread="100.1")
+    second = ChatJob.new(follow_up, chatbot="bot-1", now=clock.time())
+    assert second.conversation == first.conversation
+    warm = ChatJob.new(Inbound("slack", "T1", "C9", "1.1", "U1", "hi", mentions_bot=True), chatbot="bot-1", now=0)
+    await here.create_job(warm, lease=60, lock=True)
+    async with here.conversation_lock(warm.conversation):  # Redis knows every script now: one trip each
+        await here.outbox_done((await here.job_answered(warm.answered("hi", ReplyKind.ANSWER), lease=6.0)).id, "1")
+    assert await here.create_job(first, lease=60, lock=True) is NewJob.CREATED
+    async with here.conversation_lock(first.conversation):
+        item = await here.job_answered(first.answered("30 days.", ReplyKind.ANSWER), lease=6.0)
+        delivered = asyncio.ensure_future(here.outbox_done(item.id, "1700000000.000100"))
+        await asyncio.sleep(0)  # its command is on the wire, its reply not back: the block is finishing
+        assert await here.create_job(second, lease=60, lock=True) is NewJob.CREATED
+        await delivered
+    raw = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        assert await raw.hget(f"{redis_prefix}lock:{first.conversation}", "job") == second.id
+    finally:
+        await raw.aclose()
+    with pytest.raises(TimeoutError):  # it is this replica's: the other one waits
+        async with asyncio.timeout(0.2), there.conversation_lock(first.conversation):
+            pass
+    async with asyncio.timeout(1), here.conversation_lock(first.conversation):
+        pass  # the next worker here enters at once
 
 
 async def test_a_lock_taken_over_after_its_lease_is_reported_lost(
