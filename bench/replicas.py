@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -485,10 +486,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--answer-timeout", type=float, default=30.0, help="seconds after which an answer counts as lost"
     )
+    parser.add_argument("--rounds", type=int, help="interleaved slices per set-up and level (default 2, quick 1)")
     args = parser.parse_args(argv)
     # Shorter than the harness's 120 s: a slice that loses answers should not stall the interleaving.
     bench_harness.ANSWER_TIMEOUT = args.answer_timeout
     sizes = QUICK if args.quick else FULL
+    if args.rounds:
+        sizes = dataclasses.replace(sizes, rounds=args.rounds)
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     counts = tuple(int(x) for x in args.replicas.split(","))
     text, results = asyncio.run(run(sizes, parts, counts, args.profile))

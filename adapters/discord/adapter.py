@@ -11,7 +11,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-import aiohttp
 import discord
 from discord import app_commands
 
@@ -20,7 +19,7 @@ from adapters.discord.digest import DiscordDigests
 from adapters.discord.interactions import DiscordInteractions
 from adapters.discord.places import Memory, Origin, place_of_channel
 from adapters.discord.posting import NO_MENTIONS, DiscordPoster
-from adapters.discord.setup import DiscordRefused, DiscordStartError, describe_failure, rest_intents
+from adapters.discord.setup import REST_ERRORS, DiscordRefused, DiscordStartError, describe_failure, rest_intents
 from adapters.discord.translate import (
     BotIdentity,
     Place,
@@ -346,7 +345,7 @@ class DiscordAdapter:
     async def _sync_commands(self, client: _Client) -> None:
         try:
             synced = await client.tree.sync()
-        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+        except REST_ERRORS as exc:
             # Mentions and DMs work without them; the invite may lack applications.commands.
             log.warning("discord: could not register the slash commands: %s", exc)
             return
@@ -466,7 +465,7 @@ class DiscordAdapter:
         try:
             # A thread discord.py has not seen (archived, or older than this process).
             place = place_of_channel(await client.fetch_channel(channel_id))
-        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+        except REST_ERRORS as exc:
             log.warning("discord: cannot look up channel %s: %s", channel_id, exc)
             return None
         if place is not None:
@@ -523,7 +522,7 @@ class DiscordAdapter:
         try:
             dm = await client.http.start_private_message(int(inbound.author_id))
             await client.get_partial_messageable(int(dm["id"])).send(text, allowed_mentions=NO_MENTIONS)
-        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+        except REST_ERRORS as exc:
             log.info("discord: could not tell user %s why the answer is missing either: %s", inbound.author_id, exc)
             return False
         return True
@@ -641,7 +640,7 @@ class DiscordAdapter:
         """Show the typing indicator (discord.py repeats it every 5 s until __aexit__); False if Discord refused."""
         try:
             await typing.__aenter__()
-        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+        except REST_ERRORS as exc:
             log.debug("discord: no typing indicator in %s: %s", where, exc)
             return False
         return True

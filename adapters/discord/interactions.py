@@ -6,7 +6,6 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-import aiohttp
 import discord
 from discord import app_commands
 
@@ -14,7 +13,7 @@ from adapters.discord.alerts import ALERT_EXPIRED, ALERT_FAILED, parse_human_id
 from adapters.discord.feedback import parse_reason, parse_vote_id, reason_modal, without_human_button
 from adapters.discord.places import Memory, place_of_channel
 from adapters.discord.posting import INTERACTION_LIFETIME, NO_MENTIONS, DiscordPoster
-from adapters.discord.setup import DiscordStartError
+from adapters.discord.setup import REST_ERRORS, DiscordStartError
 from adapters.discord.translate import (
     Place,
     PlaceKind,
@@ -103,13 +102,13 @@ class DiscordInteractions:
                 await interaction.response.send_message(
                     RESET_IN_CHANNEL.format(command=self._config.reset_command), ephemeral=True
                 )
-            except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            except REST_ERRORS as exc:
                 log.warning("discord: could not answer /%s in time: %s", self._config.reset_command, exc)
             return
         try:
             # First thing: Discord drops an interaction not acknowledged within 3 seconds.
             await interaction.response.defer(thinking=True)
-        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+        except REST_ERRORS as exc:
             log.warning("discord: could not acknowledge a slash command in time: %s", exc)
             return
         now = self._clock.monotonic()
@@ -138,7 +137,7 @@ class DiscordInteractions:
             log.error("discord: the slash command %s could not be stored: %s", inbound.dedupe_key, exc)
             try:
                 await interaction.followup.send(NOTICES["not_stored"], allowed_mentions=NO_MENTIONS)
-            except (discord.HTTPException, aiohttp.ClientError, OSError) as send_error:
+            except REST_ERRORS as send_error:
                 log.warning("discord: could not say so either: %s", send_error)
 
     # --- buttons -----------------------------------------------------------------------------
@@ -158,7 +157,7 @@ class DiscordInteractions:
         try:
             # First thing: Discord shows "interaction failed" unless acknowledged within 3 seconds.
             await interaction.response.defer()  # DEFERRED_UPDATE_MESSAGE: no visible reply yet
-        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+        except REST_ERRORS as exc:
             log.warning("discord: could not acknowledge a button click in time: %s", exc)
             return
         if action is not None:
@@ -204,11 +203,11 @@ class DiscordInteractions:
         try:
             # The button has done its job: take it off the answer so it is not pressed again (👍 / 👎 stay).
             await interaction.edit_original_response(view=without_human_button(interaction.message))
-        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+        except REST_ERRORS as exc:
             log.info("discord: could not remove the talk-to-a-human button: %s", exc)
         try:
             await self._poster.send(Outbound(conversation, (text,), OutboundKind.NOTICE))
-        except (discord.HTTPException, aiohttp.ClientError, OSError, RuntimeError) as exc:
+        except (*REST_ERRORS, RuntimeError) as exc:
             log.warning("discord: the talk-to-a-human confirmation in %s failed: %s", conversation.key, exc)
             await self._tell(interaction, text)
 
@@ -227,7 +226,7 @@ class DiscordInteractions:
                 modal_open = True
             else:
                 await interaction.response.defer()
-        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+        except REST_ERRORS as exc:
             log.warning("discord: could not answer a vote click in time: %s", exc)
         if self._feedback is None:
             return
@@ -252,7 +251,7 @@ class DiscordInteractions:
         said = outcome.text if outcome.result in (VoteResult.STALE, VoteResult.FAILED) else thanks_for(text)
         try:
             await interaction.response.send_message(said, ephemeral=True, allowed_mentions=NO_MENTIONS)
-        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+        except REST_ERRORS as exc:
             log.info("discord: could not thank for a reason: %s", exc)
 
     def _conversation_of_click(self, interaction: discord.Interaction) -> Conversation:
@@ -277,5 +276,5 @@ class DiscordInteractions:
         """A reply only the clicking person sees."""
         try:
             await interaction.followup.send(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
-        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+        except REST_ERRORS as exc:
             log.info("discord: could not answer a button click: %s", exc)

@@ -8,13 +8,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import discord
 
 from adapters.discord.alerts import delivery_nonce
 from adapters.discord.feedback import answer_view
 from adapters.discord.places import Memory, Origin, place_of_channel
-from adapters.discord.setup import PERMISSION_NAMES
+from adapters.discord.setup import PERMISSION_NAMES, REST_ERRORS
 from adapters.discord.translate import Place, PlaceKind
 from bridge.clock import Clock
 from bridge.messages import Conversation, Inbound, Outbound, OutboundKind
@@ -116,7 +115,7 @@ class DiscordPoster:
         if self._gets_own_thread(origin, inbound.conversation, inbound.message_id):
             try:
                 return await self._ensure_thread(origin, inbound.message_id) or place.channel_id
-            except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            except REST_ERRORS as exc:
                 # Not fatal: posting the answer tries again, and the typing shows in the channel meanwhile.
                 log.info("discord: could not open the thread for %s yet: %s", inbound.message_id, exc)
         return place.channel_id
@@ -154,7 +153,7 @@ class DiscordPoster:
                 place = place_of_channel(await client.fetch_channel(channel_id))
             except discord.NotFound:
                 return None  # threads off: the conversation's "thread" is the question's id
-            except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            except REST_ERRORS as exc:
                 log.info("discord: cannot look up channel %s: %s", channel_id, exc)
                 return None
             if place is not None:

@@ -17,6 +17,10 @@ from bridge.ports import PlatformRefused
 
 log = logging.getLogger(__name__)
 
+# A Discord REST call that failed: refused (HTTPException, Forbidden and NotFound among them) or
+# never answered (the connection, the network). Every handler that tells or retries it catches these.
+REST_ERRORS = (discord.HTTPException, aiohttp.ClientError, OSError)
+
 
 def rest_intents() -> discord.Intents:
     """Intents for a client that only logs in over REST: never sent, but guilds keeps discord.py from
@@ -135,7 +139,7 @@ async def invite_url(settings: Settings) -> str:
         raise DiscordSetupError(
             "Discord refused the bot token (discord.token): copy a fresh token from the Developer Portal, Bot tab"
         ) from None
-    except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+    except REST_ERRORS as exc:
         log.warning("cannot ask Discord for the application id (%s); reading it from the token", type(exc).__name__)
     finally:
         await client.close()
@@ -198,7 +202,7 @@ async def check(settings: Settings) -> list[str]:
             await client.login(config.token)
         except discord.LoginFailure:
             return ["discord.token: Discord refused the bot token; copy a fresh one from the Developer Portal, Bot tab"]
-        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+        except REST_ERRORS as exc:
             return [f"discord: cannot reach Discord ({type(exc).__name__}); the token was not checked"]
         assert client.user is not None
         bot_id = str(client.user.id)
@@ -212,7 +216,7 @@ async def check(settings: Settings) -> list[str]:
                 )
         try:
             guild_ids = {str(g["id"]) for g in await client.http.get_guilds(200)}
-        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+        except REST_ERRORS as exc:
             return [*problems, f"discord: cannot list the bot's servers ({type(exc).__name__})"]
         for i, route in enumerate(settings.routes):
             if route.platform not in ("discord", "*"):
@@ -264,7 +268,7 @@ async def _check_channel(
         return f"the bot cannot see Discord channel {channel_id} (it does not exist, or the bot lacks View Channel)"
     except ValueError:
         return f"{channel_id!r} is not a Discord channel id"
-    except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+    except REST_ERRORS as exc:
         return f"could not check Discord channel {channel_id} ({type(exc).__name__})"
 
 
@@ -330,7 +334,7 @@ async def _check_server(
         guild = await client.http.get_guild(int(guild_id))
         member = await client.http.get_member(int(guild_id), int(bot_id))
         channels = await client.http.get_all_guild_channels(int(guild_id))
-    except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+    except REST_ERRORS as exc:
         return [f"could not check the channels of Discord server {guild_id} ({type(exc).__name__})"]
     lacking: list[tuple[Mapping[str, Any], list[str]]] = []
     for channel in sorted(channels, key=lambda c: (int(c.get("position") or 0), int(c["id"]))):
