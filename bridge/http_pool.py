@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import urllib.request
 
 import aiohttp
 import httpx
@@ -12,6 +13,16 @@ import httpx
 # again); every other failure may come after the request was sent, so it must not be.
 # (httpx-aiohttp, the library that does this, maps every ClientConnectionError, a server
 # that disconnects mid-answer included, to ConnectTimeout: a chat question would be asked twice.)
+
+
+def environment_proxy(url: str) -> bool:
+    """Whether the environment names a proxy for this URL's scheme (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY).
+
+    httpx applies such a proxy (and NO_PROXY) only on its own transports: a client given a
+    transport of its own ignores the environment's proxies without a word.
+    """
+    proxies = urllib.request.getproxies()
+    return bool(proxies.get(httpx.URL(url).scheme) or proxies.get("all"))
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):

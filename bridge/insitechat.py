@@ -50,7 +50,7 @@ import httpx
 
 from bridge import __version__, metrics
 from bridge.clock import Clock, SystemClock
-from bridge.http_pool import AiohttpTransport
+from bridge.http_pool import AiohttpTransport, environment_proxy
 from bridge.limiter import Grant, SlidingWindowLimiter
 from bridge.store import StoreError
 
@@ -547,9 +547,11 @@ class InsiteChatClient:
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
             # aiohttp's pool under httpx's client: half the CPU of httpcore's per request
-            # (bridge.http_pool). A proxy from the environment still gets httpx's own pool,
-            # with the limits above.
-            transport=transport if transport is not None else AiohttpTransport(MAX_CONNECTIONS),
+            # (bridge.http_pool). With a proxy in the environment, httpx's own transport and
+            # pool (the limits above), which apply it: a transport given here would not.
+            transport=transport if transport is not None or environment_proxy(base_url) else AiohttpTransport(
+                MAX_CONNECTIONS
+            ),
         )
         self._in_flight = asyncio.Semaphore(MAX_CONNECTIONS)
         # Parsed once per path: httpx parses a URL given as text on every request (a third of building one).

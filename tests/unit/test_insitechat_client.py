@@ -793,6 +793,36 @@ async def test_a_server_that_hangs_up_after_a_chat_request_is_not_resent(make_cl
     assert len(requests) == 1 and requests[0].startswith(f"POST /api{CHAT} ".encode())
 
 
+async def test_a_proxy_from_the_environment_carries_the_requests(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # HTTP_PROXY as httpx reads it; a client with a transport of its own would go around it.
+    request_lines: list[str] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
+        await reader.readexactly(length)
+        request_lines.append(head.split(b"\r\n", 1)[0].decode())
+        body = b'{"response": "via the proxy"}'
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n")
+        writer.write(b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    listener = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}")
+    target = f"http://127.0.0.1:{closed_port()}/api"  # nothing listens there: only the proxy answers
+    try:
+        assert await make_client(target).chat(BOT, "hi", "s") == "via the proxy"
+    finally:
+        listener.close()
+        await listener.wait_closed()
+    assert request_lines == [f"POST {target}{CHAT} HTTP/1.1"]
+
+
 async def test_the_limiter_slot_is_held_while_the_request_is_on_its_way(
     api: respx.MockRouter, make_client: MakeClient, clock: ManualClock
 ) -> None:
