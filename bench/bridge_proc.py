@@ -55,8 +55,58 @@ def _dump(events: list[list[Any]], path: str) -> None:
         json.dump(events, f)
 
 
+def _time_steps(path: str) -> None:
+    """Every step the event loop runs (a callback, a task's step) timed; those over 2 ms dumped at exit."""
+    import asyncio.events
+    import atexit
+
+    long: list[list[Any]] = []
+    run = asyncio.events.Handle._run
+
+    def timed(self: asyncio.events.Handle) -> None:
+        started = time.perf_counter()
+        try:
+            run(self)
+        finally:
+            took = time.perf_counter() - started
+            if took > 0.002:
+                task = getattr(self._callback, "__self__", None)  # a task's step or wake-up
+                coro = task.get_coro() if isinstance(task, asyncio.Task) else None
+                what = getattr(coro, "__qualname__", None) or repr(self)[:160]
+                long.append([round(took * 1000, 2), what, round(time.monotonic(), 2)])
+
+    asyncio.events.Handle._run = timed  # type: ignore[method-assign]
+    atexit.register(lambda: _dump(long, path))
+
+
+def _time_sqlite(path: str) -> None:
+    """Every SQLite statement timed; those over 1 ms dumped to path at exit: [ms, SQL]."""
+    import atexit
+
+    slow: list[list[Any]] = []
+
+    class Timed(sqlite3.Connection):
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:  # type: ignore[override]
+            started = time.perf_counter()
+            try:
+                return super().execute(sql, *args)
+            finally:
+                took = time.perf_counter() - started
+                if took > 0.001:
+                    slow.append([round(took * 1000, 2), sql[:80]])
+
+    connect = sqlite3.connect
+
+    def timed_connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        kwargs.setdefault("factory", Timed)
+        return connect(*args, **kwargs)
+
+    sqlite3.connect = timed_connect  # type: ignore[assignment]
+    atexit.register(lambda: _dump(slow, path))
+
+
 def _time_gc(path: str) -> None:
-    """Every collection of the cyclic GC: [generation, seconds, objects collected], dumped to path at exit."""
+    """Every collection of the cyclic GC: [generation, seconds, objects collected, when], dumped to path at exit."""
     import atexit
     import gc
 
@@ -67,7 +117,8 @@ def _time_gc(path: str) -> None:
         if phase == "start":
             started[0] = time.perf_counter()
         else:
-            collections.append([info["generation"], time.perf_counter() - started[0], info["collected"]])
+            took = time.perf_counter() - started[0]
+            collections.append([info["generation"], took, info["collected"], time.monotonic()])
 
     gc.callbacks.append(timed)
     atexit.register(lambda: _dump(collections, path))
@@ -107,6 +158,12 @@ def main(argv: list[str]) -> int:
         _check_source(source)
     from bridge.cli import main as cli_main
 
+    long_to = os.environ.get("BENCH_LONG_STEPS")
+    if long_to:
+        _time_steps(long_to)
+    slow_to = os.environ.get("BENCH_SQL_SLOW")
+    if slow_to:
+        _time_sqlite(slow_to)
     gc_to = os.environ.get("BENCH_GC_LOG")
     if gc_to:
         _time_gc(gc_to)  # which pauses the cyclic GC makes (python -m bench.relay_cpu, BENCH_GC_LOG=FILE)

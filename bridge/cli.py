@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -240,6 +241,11 @@ async def _run_until_signal(app: BridgeApp, on_started: Callable[[], None] | Non
             log.error("start-up failed: %s", exc)
             await app.stop()
             return EXIT_FAILURE
+        # What start-up made (modules, classes, settings) lives as long as the process: out of the
+        # cyclic GC's way, so that its full collections in the middle of answers scan only what
+        # answers make (a 25 ms pause at 50 conversations before, bench/README.md).
+        gc.collect()
+        gc.freeze()
         if on_started is not None:
             on_started()
         await stop.wait()
