@@ -243,7 +243,7 @@ async def _run_until_signal(app: BridgeApp, on_started: Callable[[], None] | Non
             return EXIT_FAILURE
         # What start-up made (modules, classes, settings) lives as long as the process: out of the
         # cyclic GC's way, so that its full collections in the middle of answers scan only what
-        # answers make (a 25 ms pause at 50 conversations before, bench/README.md).
+        # answers make (25-46 ms pauses at 50 conversations before, bench/README.md).
         gc.collect()
         gc.freeze()
         if on_started is not None:
