@@ -34,13 +34,14 @@ async def test_socket_mode_pairs_and_the_baselines_run_count_answers_and_render(
     [row] = socket
     assert row["platform"] == "slack (Socket Mode)"
     assert row["answered"] > 0 and row["lost"] == 0 and row["errors"] == 0 and row["doubled"] == 0
-    assert row["cpu_per_answer"] > 0 and row["rss"] > 0 and row["load"] >= 0
+    # CPU time is counted in clock ticks (10 ms): a tiny run's share may be 0, never NaN or negative.
+    assert 0 <= row["cpu_per_answer"] < float("inf") and row["rss"] > 0 and row["load"] >= 0
 
     theirs = []
     for kind in ("bolt", "bolt64", "floor", "bolt64_socket"):
         [b] = await baseline(TINY, kind)
         assert b["answered"] > 0 and b["lost"] == 0 and b["errors"] == 0 and b["doubled"] == 0, (kind, b)
-        assert b["cpu_per_answer"] > 0
+        assert 0 <= b["cpu_per_answer"] < float("inf"), (kind, b)
         theirs.append(b)
 
     table = run.baseline_table(socket, theirs)
