@@ -224,7 +224,7 @@ class BridgeApp:
                 SlackAdapter(
                     settings.slack, self.relay.accept, web=self.web, clock=self.clock,
                     serves=self.relay.serves, handovers=self.handovers, desk=self.desk, feedback=self.feedback,
-                    prompts=settings.assistant_prompts,
+                    prompts=settings.assistant_prompts, records=self.store,
                 )
             )
         if settings.discord is not None:

@@ -53,7 +53,7 @@ from bridge.messages import Conversation, Delivery, Inbound, Outbound
 from bridge.handover import HandOvers
 from bridge.feedback import Feedback
 from bridge.ports import PermanentSendError
-from bridge.store import StoreError
+from bridge.store import Records, StoreError
 from bridge.webserver import BodyTooLarge, read_body
 
 
@@ -104,10 +104,12 @@ class SlackAdapter:
         desk: AlertDesk | None = None,
         feedback: Feedback | None = None,
         prompts: PromptsFor | None = None,
+        records: Records | None = None,
     ) -> None:
         """`web`: the bridge's web app (HTTP mode adds /slack/events to it); `serves`, `handovers`,
         `desk` and `feedback` are the core's answers for the slash command and the buttons; `prompts`
-        the suggested prompts of the assistant view (Settings.assistant_prompts)."""
+        the suggested prompts of the assistant view (Settings.assistant_prompts); `records` the state
+        store, shared by replicas (the assistant view's thread titles)."""
         self._slack = config
         self._on_message = on_message
         self._clock = clock or SystemClock()
@@ -141,7 +143,7 @@ class SlackAdapter:
             desk=desk,
             feedback=feedback,
         ).register(self.app)
-        self._assistant = SlackAssistant(self.client, config, prompts)
+        self._assistant = SlackAssistant(self.client, config, prompts, records)
         if self._assistant.enabled:
             self._assistant.register(self.app)
         self._started_at = 0.0  # wall-clock start: older questions may carry a dead run's reaction

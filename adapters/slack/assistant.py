@@ -19,6 +19,7 @@ from adapters.slack.formatting import to_slack
 from adapters.slack.setup import NETWORK_ERRORS, error_code
 from bridge.config import SlackSettings, SuggestedPrompt
 from bridge.messages import Inbound
+from bridge.store import DAY, Records, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,11 @@ NOT_SERVED = (
     "to the bridge's config."
 )
 TITLE_LIMIT = 60  # characters of the first question that name the thread in the assistant's history
+# Store kind: "channel:thread ts" -> True while an assistant thread opened and awaits its first
+# question, False once a replica took it to name the thread. Shared, because Slack sends a
+# thread's opening and its first question to any of the app's connections (several replicas).
+UNTITLED = "assistant-untitled"
+UNTITLED_TTL = DAY
 REMEMBERED = 4096  # threads awaiting their title, and places where the status was refused, kept at most
 
 # Refusals of assistant.threads.setStatus that hold for every place: the app cannot show a status at all
@@ -115,12 +121,22 @@ class SlackAssistant:
     it, the reaction elsewhere.
     """
 
-    def __init__(self, client: AsyncWebClient, config: SlackSettings, prompts_for: PromptsFor | None) -> None:
+    def __init__(
+        self,
+        client: AsyncWebClient,
+        config: SlackSettings,
+        prompts_for: PromptsFor | None,
+        records: Records | None = None,
+    ) -> None:
+        """`records`: the state store, which every replica shares; without it, only the replica that saw a
+        thread open can name it."""
         self._client = client
         self._slack = config
         self._settings = config.assistant
         self._prompts_for = prompts_for
+        self._records = records
         self._untitled = _Bounded()  # (channel, thread) opened here, not yet named by a first question
+        self._looked_up = _Bounded()  # (channel, thread) whose UNTITLED record this replica has read
         self._status_off = ""  # Slack's refusal code once it refused the status for the whole app
         self._refused = _Bounded()  # DM threads (channel, thread) and channels where Slack refused it
         self._watches: dict[tuple[str, str], set[StatusWatch]] = {}
@@ -151,7 +167,7 @@ class SlackAssistant:
             text = NOT_SERVED
         else:
             text = "\n".join(to_slack(self._settings.greeting))
-            self._untitled.add((channel, ts))  # before the greeting: a quick first question still names it
+            await self._opened_untitled((channel, ts))  # before the greeting: a quick first question still names it
         await quietly(
             "chat.postMessage (assistant greeting)",
             self._client.chat_postMessage(channel=channel, thread_ts=ts, text=text, unfurl_links=False),
@@ -168,20 +184,49 @@ class SlackAssistant:
             )
 
     async def name_thread(self, inbound: Inbound) -> None:
-        """Title an assistant thread opened here after its first question; at most once per thread.
+        """Title an assistant thread after its first question; at most once per thread.
 
-        Only threads whose `assistant_thread_started` reached this process are named: a later
-        question, or one after a restart, can never rename a thread.
+        Only threads whose `assistant_thread_started` reached the bridge are named (this replica
+        or another: the store says so), and only by their first question: a later question can
+        never rename a thread.
         """
         if not inbound.is_dm or not inbound.in_thread or inbound.author_is_bot or inbound.author_is_self:
             return  # the echo of the bot's own greeting is not the first question
         title = thread_title(inbound.text)
-        if not title or not self._untitled.take((inbound.channel, inbound.thread)):
+        if not title or not await self._take_untitled((inbound.channel, inbound.thread)):
             return
         await quietly(
             "assistant.threads.setTitle",
             self._client.assistant_threads_setTitle(channel_id=inbound.channel, thread_ts=inbound.thread, title=title),
         )
+
+    async def _opened_untitled(self, place: tuple[str, str]) -> None:
+        self._untitled.add(place)
+        if self._records is None:
+            return
+        try:
+            await self._records.put(UNTITLED, f"{place[0]}:{place[1]}", True, ttl=UNTITLED_TTL)
+        except StoreError as exc:  # a courtesy: this replica can still name it
+            log.info("slack: assistant thread %s:%s: its title is left to this replica (%s)", *place, exc)
+
+    async def _take_untitled(self, place: tuple[str, str]) -> bool:
+        """Whether this question names its thread: the first one after the thread opened, on any replica."""
+        opened_here = self._untitled.take(place)
+        if self._records is None:
+            return opened_here
+        if place in self._looked_up:
+            return False  # a later question in a thread this replica has looked at already
+        self._looked_up.add(place)
+        key = f"{place[0]}:{place[1]}"
+        try:
+            found = await self._records.get_versioned(UNTITLED, key)
+            if found is None or found.value is not True:
+                return False
+            # Taken once: a question that reached another replica at the same time does not rename it.
+            return await self._records.put_if(UNTITLED, key, False, revision=found.revision, ttl=UNTITLED_TTL)
+        except StoreError as exc:
+            log.info("slack: assistant thread %s: title not looked up (%s)", key, exc)
+            return opened_here
 
     # --- the status as the working signal ------------------------------------------------------
 

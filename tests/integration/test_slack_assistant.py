@@ -44,8 +44,11 @@ def assistant_settings(
     assistant: str = ASSISTANT,
     dm_route: str = DM_ROUTE,
     mode: str = "http",
+    redis: tuple[str, str] | None = None,
 ) -> config.Settings:
     prompts = "\n".join(f"      - {{title: {p['title']}, message: \"{p['message']}\"}}" for p in PROMPTS)
+    # Replicas on one Redis (url, prefix), else a SQLite file of this bridge's own.
+    state_line = f'{{redis_url: "${{REDIS_URL}}", redis_prefix: "{redis[1]}"}}' if redis else f'{{sqlite: "{state}"}}'
     return config.loads(
         f"""
 insitechat:
@@ -55,7 +58,7 @@ chatbots:
   - id: {SANDBOX_CHATBOT_ID}
     suggested_prompts:
 {prompts}
-state: {{sqlite: "{state}"}}
+state: {state_line}
 server: {{listen: "127.0.0.1:0"}}
 slack:
   bot_token: ${{SLACK_BOT_TOKEN}}
@@ -74,6 +77,7 @@ routes:
             "SLACK_BOT_TOKEN": BOT_TOKEN,
             "SLACK_APP_TOKEN": APP_TOKEN,
             "SLACK_SIGNING_SECRET": SIGNING_SECRET,
+            **({"REDIS_URL": redis[0]} if redis else {}),
         },
     )
 
@@ -285,6 +289,30 @@ async def test_the_echo_of_the_greeting_does_not_name_the_thread(
     await settle(bridge)
     await slack.wait_for(lambda: slack.titles)
     assert slack.titles == {(DM, thread): "How do I reset my password?"}
+
+
+async def test_a_thread_opened_on_one_replica_is_named_by_the_replica_its_first_question_reaches(
+    start_bridge, slack: FakeSlack, outcomes: Outcomes, redis_url: str, redis_prefix: str
+) -> None:
+    # Slack sends each event to one of an app's connections: with replicas, the thread's opening
+    # and its first question often reach different ones.
+    here = await start_bridge(redis=(redis_url, redis_prefix))
+    there = await start_bridge(redis=(redis_url, redis_prefix))
+    thread = now_ts(-5)
+    await here.post_event(slack.assistant_thread(DM, thread))
+    await slack.wait_for(lambda: (DM, thread) in slack.suggested)
+    first = question_in(thread)
+    await there.post_event(first)
+    await outcomes.wait_for(first["event"]["ts"], Outcome.ANSWERED)
+    await settle(there)
+    await slack.wait_for(lambda: slack.titles)
+    assert slack.titles == {(DM, thread): "What is the refund policy for annual plans?"}
+    for bridge, text in ((here, "And for monthly plans?"), (there, "Can I pause instead?")):
+        later = question_in(thread, text)
+        await bridge.post_event(later)
+        await outcomes.wait_for(later["event"]["ts"], Outcome.ANSWERED)
+        await settle(bridge)
+    assert len(slack.calls_to("assistant.threads.setTitle")) == 1  # named once, by one replica
 
 
 async def test_a_thread_opened_before_this_run_is_answered_but_never_renamed(
