@@ -60,6 +60,11 @@ APP_REFUSALS = frozenset({
 PASSING_ERRORS = frozenset({"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout"})
 
 
+def _untitled_key(place: tuple[str, str]) -> str:
+    """The UNTITLED record's key of a thread: "channel:thread ts"."""
+    return f"{place[0]}:{place[1]}"
+
+
 def thread_title(question: str, limit: int = TITLE_LIMIT) -> str:
     """A short title from a question: its first line, spaces collapsed, cut at a word with "…"."""
     line = next((part for part in question.splitlines() if part.strip()), "")
@@ -205,7 +210,7 @@ class SlackAssistant:
         if self._records is None:
             return
         try:
-            await self._records.put(UNTITLED, f"{place[0]}:{place[1]}", True, ttl=UNTITLED_TTL)
+            await self._records.put(UNTITLED, _untitled_key(place), True, ttl=UNTITLED_TTL)
         except StoreError as exc:  # a courtesy: this replica can still name it
             log.info("slack: assistant thread %s:%s: its title is left to this replica (%s)", *place, exc)
 
@@ -217,7 +222,7 @@ class SlackAssistant:
         if place in self._looked_up:
             return False  # a later question in a thread this replica has looked at already
         self._looked_up.add(place)
-        key = f"{place[0]}:{place[1]}"
+        key = _untitled_key(place)
         try:
             found = await self._records.get_versioned(UNTITLED, key)
             if found is None or found.value is not True:

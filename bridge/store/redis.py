@@ -181,6 +181,13 @@ end
 """
 
 _LUA_RECORDS = """
+-- A record's revision while it is there and not expired, else false.
+local function live_revision(P, kind, key, now)
+  local f = redis.call('HMGET', P .. 'record:' .. kind .. ':' .. key, 'revision', 'expires')
+  if f[1] and (f[2] == '' or tonumber(f[2]) >= tonumber(now)) then return f[1] end
+  return false
+end
+
 -- Write a record: a new revision each time; expires '' and ttl_ms '' keep it for good.
 local function put_record(P, kind, key, value, expires, ttl_ms)
   local record = P .. 'record:' .. kind .. ':' .. key
@@ -199,9 +206,7 @@ put_record(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 _COMPARE_AND_SET_RECORD = _LUA_RECORDS + """
 -- Write only if the live revision is still `expected` ('' : only if absent or expired).
 -- ARGV: prefix, now, kind, key, value, expires, ttl_ms, expected
-local f = redis.call('HMGET', ARGV[1] .. 'record:' .. ARGV[3] .. ':' .. ARGV[4], 'revision', 'expires')
-local current = ''
-if f[1] and (f[2] == '' or tonumber(f[2]) >= tonumber(ARGV[2])) then current = f[1] end
+local current = live_revision(ARGV[1], ARGV[3], ARGV[4], ARGV[2]) or ''
 if current ~= ARGV[8] then return 0 end
 put_record(ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
 return 1
@@ -275,7 +280,7 @@ local function take_lock(P, conversation, now, token, lock_until, ttl_ms, job)
 end
 """
 
-_CREATE_JOB = _LUA_JOBS + _LUA_LOCKS + """
+_CREATE_JOB = _LUA_JOBS + _LUA_LOCKS + _LUA_RECORDS + """
 -- A new job, leased to the caller, unless its platform message has a live job (a duplicate); with a
 -- lock token, also the conversation's lock for that job when it is free.
 -- Unless the record it is held back by (a human has the conversation) is live: then nothing is stored.
@@ -286,10 +291,7 @@ local P, id, key, state = ARGV[1], ARGV[3], ARGV[4], ARGV[5]
 local existing = redis.call('GET', P .. 'job-key:' .. key)
 if existing == id then return {1, -1} end  -- this very job, sent again after its reply was lost
 if existing and live_job(P, existing, tonumber(ARGV[2])) then return {0, -1} end
-if ARGV[18] ~= '' then
-  local held = redis.call('HMGET', P .. 'record:' .. ARGV[17] .. ':' .. ARGV[18], 'value', 'expires')
-  if held[1] and (held[2] == '' or tonumber(held[2]) >= tonumber(ARGV[16])) then return {2, -1} end
-end
+if ARGV[18] ~= '' and live_revision(P, ARGV[17], ARGV[18], ARGV[16]) then return {2, -1} end
 redis.call('HSET', P .. 'job:' .. id, 'id', id, 'key', key, 'state', state, 'owner', ARGV[6],
   'lease_until', ARGV[7], 'conversation', ARGV[8], 'chatbot', ARGV[9], 'inbound', ARGV[10],
   'created_at', ARGV[11], 'asks', 0, 'reply_kind', 'answer', 'offer_human', 0)

@@ -34,6 +34,9 @@ from bridge.store.records import (
 
 log = logging.getLogger(__name__)
 
+# A record that is there and not expired: its (kind, key, now) as parameters.
+_LIVE_RECORD = "kind = ? AND key = ? AND (expires_at IS NULL OR expires_at >= ?)"
+
 T = TypeVar("T")
 
 DELIVERED_KEPT = 7 * DAY  # delivered outbox rows and finished jobs' identities (dedupe after the text is gone)
@@ -268,8 +271,7 @@ class SQLiteStore:
 
     async def get_versioned(self, kind: str, key: str) -> Versioned | None:
         row = await self._run(lambda: self._db.execute(
-            "SELECT value, revision FROM records"
-            " WHERE kind = ? AND key = ? AND (expires_at IS NULL OR expires_at >= ?)",
+            f"SELECT value, revision FROM records WHERE {_LIVE_RECORD}",
             (kind, key, self._now()),
         ).fetchone())
         return Versioned(json.loads(row[0]), int(row[1])) if row else None
@@ -291,8 +293,7 @@ class SQLiteStore:
             now = self._now()
             with self._transaction():
                 row = self._db.execute(
-                    "SELECT revision FROM records"
-                    " WHERE kind = ? AND key = ? AND (expires_at IS NULL OR expires_at >= ?)",
+                    f"SELECT revision FROM records WHERE {_LIVE_RECORD}",
                     (kind, key, now),
                 ).fetchone()
                 current = int(row[0]) if row else None
@@ -310,7 +311,7 @@ class SQLiteStore:
         def append_all() -> None:
             with self._transaction():
                 row = self._db.execute(
-                    "SELECT value FROM records WHERE kind = ? AND key = ? AND (expires_at IS NULL OR expires_at >= ?)",
+                    f"SELECT value FROM records WHERE {_LIVE_RECORD}",
                     (kind, key, self._now()),
                 ).fetchone()
                 current = json.loads(row[0]) if row else []
@@ -389,8 +390,8 @@ class SQLiteStore:
             else:
                 # One statement: the record is read as the row is written.
                 cursor = self._db.execute(
-                    f"{columns} SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM records"
-                    " WHERE kind = ? AND key = ? AND (expires_at IS NULL OR expires_at >= ?))",
+                    f"{columns} SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS"
+                    f" (SELECT 1 FROM records WHERE {_LIVE_RECORD})",
                     (*row, unless.kind, unless.key, self._now()),
                 )
             if cursor.rowcount == 1:
