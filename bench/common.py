@@ -41,21 +41,56 @@ def _status_kb(pid: int | str, name: str) -> int:
     raise KeyError(name)
 
 
-def rss_mb(pid: int | str = "self") -> float:
-    """Resident memory now (VmRSS), in MiB."""
-    return _status_kb(pid, "VmRSS") / 1024
+def descendants(pid: int | str) -> list[int]:
+    """The live processes a process started, and theirs (the bridge's WAL checkpointer)."""
+    found: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return found
+    for task in tasks:
+        try:
+            children = [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+        for child in children:
+            found += [child, *descendants(child)]
+    return found
 
 
-def peak_rss_mb(pid: int | str = "self") -> float:
-    """Highest resident memory so far (VmHWM), in MiB."""
-    return _status_kb(pid, "VmHWM") / 1024
+def _with_children(pid: int | str, children: bool, measure: Callable[[int | str], float]) -> float:
+    total = measure(pid)
+    if children:
+        for child in descendants(pid):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # it just exited
+                total += measure(child)
+    return total
 
 
-def cpu_seconds(pid: int | str = "self") -> float:
-    """User + system CPU time of a process (all its threads), in seconds."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may contain spaces
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+def rss_mb(pid: int | str = "self", *, children: bool = False) -> float:
+    """Resident memory now (VmRSS), in MiB; `children`: with the live processes it started."""
+    return _with_children(pid, children, lambda p: _status_kb(p, "VmRSS") / 1024)
+
+
+def peak_rss_mb(pid: int | str = "self", *, children: bool = False) -> float:
+    """Highest resident memory so far (VmHWM), in MiB; `children`: the sum of each one's."""
+    return _with_children(pid, children, lambda p: _status_kb(p, "VmHWM") / 1024)
+
+
+def cpu_seconds(pid: int | str = "self", *, children: bool = False) -> float:
+    """User + system CPU time of a process (all its threads), in seconds.
+
+    `children`: with the processes it started, the live ones and those it reaped, so that
+    the bridge's figures include the work it hands to its WAL checkpointer.
+    """
+
+    def own(p: int | str) -> float:
+        stat = Path(f"/proc/{p}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()  # the command name may contain spaces
+        reaped = int(fields[13]) + int(fields[14]) if children and p == pid else 0  # cutime, cstime
+        return (int(fields[11]) + int(fields[12]) + reaped) / CLK_TCK  # utime, stime
+
+    return _with_children(pid, children, own)
 
 
 def machine_busy_seconds() -> float:
@@ -74,13 +109,16 @@ class CpuMeter:
 
     def __init__(self, pid: int | None) -> None:
         self.pid = pid
-        self._start = (time.monotonic(), cpu_seconds(pid) if pid else 0.0, cpu_seconds(), machine_busy_seconds())
+        # The process under test with its children (the bridge's WAL checkpointer): its whole cost.
+        self._start = (
+            time.monotonic(), cpu_seconds(pid, children=True) if pid else 0.0, cpu_seconds(), machine_busy_seconds()
+        )
 
     def read(self) -> dict[str, float]:
         """Fractions of one core since construction: {"sut", "harness", "other"}."""
         wall0, sut0, own0, busy0 = self._start
         wall = max(time.monotonic() - wall0, 1e-9)
-        sut = (cpu_seconds(self.pid) - sut0) / wall if self.pid else 0.0
+        sut = (cpu_seconds(self.pid, children=True) - sut0) / wall if self.pid else 0.0
         harness = (cpu_seconds() - own0) / wall
         busy = (machine_busy_seconds() - busy0) / wall
         return {"sut": sut, "harness": harness, "other": max(0.0, busy - sut - harness)}

@@ -110,7 +110,7 @@ def _quiet(before: Level, after: Level) -> bool:
 
 def _rest_of_machine(pids: list[int]) -> float:
     """CPU seconds used so far by everything but this process and `pids` (all cores)."""
-    return machine_busy_seconds() - cpu_seconds() - sum(cpu_seconds(pid) for pid in pids)
+    return machine_busy_seconds() - cpu_seconds() - sum(cpu_seconds(pid, children=True) for pid in pids)
 
 
 async def _wait_quiet(pids: list[int], patience: float) -> float:

@@ -420,7 +420,7 @@ async def closed_loop(
         cpu.update(reading.read())
         machine["load"] = os.getloadavg()[0]
         if pid:
-            machine["rss"] = rss_mb(pid)
+            machine["rss"] = rss_mb(pid, children=True)
 
     await asyncio.gather(meter(), *(conversation(i) for i in range(concurrency)))
     return Level(concurrency, latency, samples, window, cpu, **machine)

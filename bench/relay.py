@@ -265,11 +265,11 @@ async def memory(sizes: Sizes) -> dict[str, Any]:
         sender = SlackSender(h, bridge.url + "/slack/events")
         await _warm(sender, sizes)
         await asyncio.sleep(0.5)
-        idle = rss_mb(bridge.pid)
+        idle = rss_mb(bridge.pid, children=True)
         in_flight, in_flight_held = await _hold_in_flight(h, sender, sizes.mem_in_flight, bridge)
         after: dict[int, float] = {}
         await _many(sender, sizes.mem_messages, bridge, after)
-        peak = peak_rss_mb(bridge.pid)
+        peak = peak_rss_mb(bridge.pid, children=True)
         errors = bridge.log_count(" ERROR ")
     return {
         "idle": idle,
@@ -299,7 +299,7 @@ async def _hold_in_flight(h: Harness, sender: SlackSender, count: int, bridge: C
         if h.emulator.held != last:
             last, stable_since = h.emulator.held, time.monotonic()
         await asyncio.sleep(0.1)
-    rss, held = rss_mb(bridge.pid), h.emulator.held
+    rss, held = rss_mb(bridge.pid, children=True), h.emulator.held
     h.emulator.gate.set()
     h.emulator.gate = None
     samples = await asyncio.gather(*(answered(sender, number, sample, answer) for number, sample, answer in posted))
@@ -327,6 +327,6 @@ async def _many(sender: SlackSender, total: int, bridge: Child, after: dict[int,
                     raise RuntimeError("a message was not answered during the memory run")
                 done += 1
                 if done in checkpoints:
-                    after[done] = rss_mb(bridge.pid)
+                    after[done] = rss_mb(bridge.pid, children=True)
 
     await asyncio.gather(*(worker() for _ in range(100)))

@@ -27,9 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     profile = os.environ.get("BENCH_PROFILE")
     print(
         "| platform | conversations | answered (lost) | answers/s | overhead p50 / p99 ms | "
-        "bridge CPU ms per answer | CPU bridge / other |"
+        "event->upstream / answer->post p99 ms | bridge CPU ms per answer | CPU bridge / other |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for platform in args.platforms.split(","):
         if profile:
             os.environ["BENCH_PROFILE"] = f"{profile}.{platform}"  # the bridge child reads it
@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         per_answer = row["cpu_sut"] * 1000 / row["throughput"] if row["throughput"] else float("nan")
         print(
             f"| {platform} | {row['concurrent']} | {row['answered']} ({row['lost']}) | {row['throughput']:.1f} | "
-            f"{row['overhead_p50'] * 1000:.1f} / {row['overhead_p99'] * 1000:.1f} | {per_answer:.2f} | "
+            f"{row['overhead_p50'] * 1000:.1f} / {row['overhead_p99'] * 1000:.1f} | "
+            f"{row['inbound_p99'] * 1000:.1f} / {row['outbound_p99'] * 1000:.1f} | {per_answer:.2f} | "
             f"{row['cpu_sut']:.0%} / {row['cpu_other']:.0%} |",
             flush=True,
         )

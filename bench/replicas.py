@@ -181,7 +181,7 @@ async def slice_(s: Setup, concurrency: int, sizes: Sizes) -> dict[str, Any]:
     pids = [c.pid for c in s.replicas]
     redis_pid = s.redis.proc.pid if s.redis else None
     commands0 = await s.redis.commands() if s.redis else 0
-    each0 = [cpu_seconds(p) for p in pids]
+    each0 = [cpu_seconds(p, children=True) for p in pids]
     t0, busy0 = time.monotonic(), machine_busy_seconds()
     redis0 = cpu_seconds(redis_pid) if redis_pid else 0.0
     own0 = cpu_seconds()
@@ -189,7 +189,7 @@ async def slice_(s: Setup, concurrency: int, sizes: Sizes) -> dict[str, Any]:
         SocketSender(s.h, ""), concurrency=concurrency, duration=sizes.duration, latency=sizes.latency, pid=None
     )
     wall = time.monotonic() - t0
-    each = [cpu_seconds(p) - c for p, c in zip(pids, each0, strict=True)]
+    each = [cpu_seconds(p, children=True) - c for p, c in zip(pids, each0, strict=True)]
     cpu = sum(each)
     redis_cpu = (cpu_seconds(redis_pid) - redis0) if redis_pid else 0.0
     commands = (await s.redis.commands() - commands0 - 1) if s.redis else 0  # the first INFO counts itself

@@ -29,7 +29,7 @@ from bridge.limiter import SlidingWindowLimiter
 from bridge.outbox import ATTEMPT_LEASE, Outbox
 from bridge.ports import Adapter, Platform, ReportsReadiness, StopsIntake
 from bridge.relay import JOB_LEASE, Relay
-from bridge.store import LOCK_LEASE, Store, StoreError, open_store
+from bridge.store import LOCK_LEASE, SQLiteStore, Store, StoreError, open_store
 from bridge.store.redis import RedisStore
 from bridge.store.wire import Wire
 from bridge.supervisor import Supervisor
@@ -151,8 +151,11 @@ class BridgeApp:
         grace: float = GRACE,
         gateway_lease: RedisLease | None = None,
         leases: Leases | None = None,
+        wal_checkpointer: bool = False,
     ) -> None:
         self.settings = settings
+        # `run`: an SQLite state file's WAL checkpoints (fsyncs) go to a child process, off the loop.
+        self._wal_checkpointer = wal_checkpointer
         self.clock = clock or SystemClock()
         leases = leases or Leases.from_env()
         self.store = store or open_store(
@@ -260,6 +263,8 @@ class BridgeApp:
             warning = await persistence_warning()
             if warning:
                 log.warning("%s", warning)
+        if self._wal_checkpointer and isinstance(self.store, SQLiteStore):
+            self.store.checkpoint_elsewhere()
         for adapter in self.adapters:
             self.relay.register(adapter)
             self.outbox.register(adapter)

@@ -186,7 +186,7 @@ async def _cmd_run(args: argparse.Namespace) -> int:
         from bridge.store import StoreError
 
         try:
-            app = BridgeApp(settings, grace=args.grace)
+            app = BridgeApp(settings, grace=args.grace, wal_checkpointer=True)
         except StoreError as exc:  # it names the file or the Redis URL (without its password) and why
             raise CommandFailed(str(exc)) from None
         return await _run_until_signal(app)

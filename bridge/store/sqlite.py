@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bridge.clock import Clock, SystemClock
+from bridge.store.checkpointer import WalCheckpointer
 from bridge.store.locks import LocalLocks
 from bridge.store.protocols import StoreError
 from bridge.store.records import (
@@ -145,6 +146,7 @@ class SQLiteStore:
         self.owner = uuid.uuid4().hex
         # One process per file, so a conversation's lock is in this process.
         self._locks = LocalLocks()
+        self._checkpointer: WalCheckpointer | None = None
         try:
             if self._path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -228,7 +230,29 @@ class SQLiteStore:
             return False
         return True
 
+    def checkpoint_elsewhere(self) -> None:
+        """Leave the WAL's checkpoints, and their fsyncs, to a child process (bridge/store/checkpointer.py).
+
+        `run` does this once its loop runs. The store's own checkpoint stays as a backstop, and
+        takes over again if the child cannot start or exits.
+        """
+        if self._path == ":memory:" or self._checkpointer is not None:
+            return
+        checkpointer = WalCheckpointer(self._path, self._db)
+        try:
+            checkpointer.start()
+        except OSError as exc:
+            log.warning("the WAL checkpointer could not start (%s): the state store checkpoints in the loop", exc)
+            return
+        self._checkpointer = checkpointer
+
+    @property
+    def checkpointer(self) -> WalCheckpointer | None:
+        return self._checkpointer
+
     async def close(self) -> None:
+        if self._checkpointer is not None:
+            await self._checkpointer.stop()
         self._db.close()
 
     # --- conversation state ---------------------------------------------------------------------

@@ -146,12 +146,24 @@ async def test_run_with_config_stops_cleanly_on_sigterm(emulator: Emulator, tmp_
         os.write(write_fd, b"hello over a pipe\n")
         line = await asyncio.wait_for(proc.stdout.readline(), 30)  # type: ignore[union-attr]
         assert line.decode().startswith("bot> ") and "hello over a pipe" in line.decode()
+        # The state file's WAL is checkpointed by a child process (bridge/store/checkpointer.py) ...
+        checkpointers = [pid for pid in _children(proc.pid) if "checkpoint_process.py" in _cmdline(pid)]
+        assert len(checkpointers) == 1
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 30)
     finally:
         os.close(write_fd)
     assert proc.returncode == 0, err.decode()
     assert "Traceback" not in err.decode()
+    assert not Path(f"/proc/{checkpointers[0]}").exists()  # ... which a stop ends and reaps
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
 async def test_emulator_command_serves_the_api(tmp_path: Path) -> None:
