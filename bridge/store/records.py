@@ -12,6 +12,9 @@ from bridge.messages import Conversation, Inbound
 
 DAY = 86_400.0
 LOCK_LEASE = 30.0  # a conversation lock's lease across replicas; renewed every third of it while held
+# follow() may leave a thread's stored expiry this share of its TTL behind the latest call
+# (a day of 30), so that a follow-up costs no write: the Followed protocol's promise.
+FOLLOW_LAG = 1 / 30
 
 
 class JobState(str, enum.Enum):

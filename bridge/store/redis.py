@@ -43,6 +43,7 @@ from bridge.store.protocols import StoreError
 from bridge.store.records import (
     DAY,
     FACTS_KEPT,
+    FOLLOW_LAG,
     LOCK_LEASE,
     ChatJob,
     Fact,
@@ -78,9 +79,6 @@ TIMEOUT = 5.0  # connect and each command: a Redis that does not answer is a Sto
 PRUNE_BATCH = 500  # ids per prune script, so one prune never blocks Redis for long
 FACTS_PAGE = 2000  # facts read per script by the report
 _CAS_TRIES = 20  # append's merge of a list written by put: retried while other writers collide
-# follow() writes a thread again only when this replica last wrote it longer ago than this: the
-# stored expiry (30 days) is then at most this much short, and a follow-up costs no round trip.
-FOLLOW_REFRESH = 3600.0
 FOLLOWED_KNOWN = 10_000  # followed threads remembered per replica (the oldest forgotten first)
 
 _STATES = tuple(state.value for state in JobState)
@@ -747,8 +745,8 @@ class RedisStore:
     async def follow(self, conversation: str, ttl: float = 30 * DAY) -> None:
         now = self._now()
         until, written = self._followed.get(conversation, (0.0, None))
-        if written is not None and now - written < FOLLOW_REFRESH and until - written == ttl:
-            return  # this replica wrote it a moment ago: the stored expiry is at most FOLLOW_REFRESH short
+        if written is not None and until >= now + ttl - ttl * FOLLOW_LAG:
+            return  # this replica wrote it lately: the stored expiry is at most FOLLOW_LAG short
         await self._do(self.wire.call("SET", self._key("followed", conversation), _t(now + ttl), "PX", _ttl_ms(ttl)))
         self._remember_followed(conversation, now + ttl, now)
 

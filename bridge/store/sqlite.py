@@ -19,6 +19,7 @@ from bridge.store.protocols import StoreError
 from bridge.store.records import (
     DAY,
     FACTS_KEPT,
+    FOLLOW_LAG,
     ChatJob,
     Fact,
     JobState,
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 _LIVE_RECORD = "kind = ? AND key = ? AND (expires_at IS NULL OR expires_at >= ?)"
 
 T = TypeVar("T")
+V = TypeVar("V")
 
 DELIVERED_KEPT = 7 * DAY  # delivered outbox rows and finished jobs' identities (dedupe after the text is gone)
 # SQLite waits this long for another connection's lock inside the (blocking) call; longer
@@ -46,6 +48,9 @@ DELIVERED_KEPT = 7 * DAY  # delivered outbox rows and finished jobs' identities 
 # Discord heartbeats and health checks while another process holds the file.
 BUSY_SLICE_MS = 5
 LOCK_WAIT = 5.0
+# Conversations whose follow expiry and generation the store remembers (the file has one
+# process, so what it wrote is what is there); past this many the oldest is forgotten.
+REMEMBERED = 50_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS followed (
@@ -147,6 +152,9 @@ class SQLiteStore:
         # One process per file, so a conversation's lock is in this process.
         self._locks = LocalLocks()
         self._checkpointer: WalCheckpointer | None = None
+        # What this process wrote, so that it need not be read or written again (REMEMBERED).
+        self._follow_expiry: dict[str, float] = {}
+        self._generations: dict[str, int] = {}
         try:
             if self._path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -258,22 +266,36 @@ class SQLiteStore:
     # --- conversation state ---------------------------------------------------------------------
 
     async def follow(self, conversation: str, ttl: float = 30 * DAY) -> None:
+        expires = self._now() + ttl
+        if self._follow_expiry.get(conversation, 0.0) >= expires - ttl * FOLLOW_LAG:
+            return  # written lately: kept long enough (FOLLOW_LAG)
         await self._run(lambda: self._db.execute(
-            "INSERT OR REPLACE INTO followed (conversation, expires_at) VALUES (?, ?)",
-            (conversation, self._now() + ttl),
+            "INSERT OR REPLACE INTO followed (conversation, expires_at) VALUES (?, ?)", (conversation, expires)
         ))
+        _remember(self._follow_expiry, conversation, expires)
 
     async def is_followed(self, conversation: str) -> bool:
+        now = self._now()
+        if self._follow_expiry.get(conversation, 0.0) >= now:
+            return True
         row = await self._run(lambda: self._db.execute(
-            "SELECT 1 FROM followed WHERE conversation = ? AND expires_at >= ?", (conversation, self._now())
+            "SELECT expires_at FROM followed WHERE conversation = ? AND expires_at >= ?", (conversation, now)
         ).fetchone())
-        return row is not None
+        if row is None:
+            return False
+        _remember(self._follow_expiry, conversation, float(row[0]))
+        return True
 
     async def generation(self, conversation: str) -> int:
+        known = self._generations.get(conversation)
+        if known is not None:
+            return known
         row = await self._run(lambda: self._db.execute(
             "SELECT generation FROM generations WHERE conversation = ?", (conversation,)
         ).fetchone())
-        return int(row[0]) if row else 0
+        generation = int(row[0]) if row else 0
+        _remember(self._generations, conversation, generation)
+        return generation
 
     async def bump_generation(self, conversation: str) -> int:
         row = await self._run(lambda: self._db.execute(
@@ -281,6 +303,7 @@ class SQLiteStore:
             "ON CONFLICT(conversation) DO UPDATE SET generation = generation + 1 RETURNING generation",
             (conversation,),
         ).fetchone())
+        _remember(self._generations, conversation, int(row[0]))
         return int(row[0])
 
     def conversation_lock(self, conversation: str) -> AbstractAsyncContextManager[None]:
@@ -631,6 +654,13 @@ def _job(row: tuple[Any, ...]) -> ChatJob:
         offer_human=bool(offer_human),
         asks=int(asks),
     )
+
+
+def _remember(known: dict[str, V], key: str, value: V) -> None:
+    known.pop(key, None)  # to the end: the oldest entry goes first when full
+    known[key] = value
+    if len(known) > REMEMBERED:
+        del known[next(iter(known))]  # a cache only: what is forgotten is read again
 
 
 def _item(row: tuple[Any, ...]) -> OutboxItem:

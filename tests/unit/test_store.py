@@ -296,6 +296,40 @@ async def test_followed_threads_and_generations_persist(reopen: Open, clock: Man
     assert not await store.is_followed("slack:T:C:1")
 
 
+async def test_a_thread_stays_followed_for_its_ttl_after_the_latest_follow(reopen: Open, clock: ManualClock) -> None:
+    store = reopen()
+    await store.follow("slack:T:C:1", ttl=3000)
+    clock.advance(50)
+    await store.follow("slack:T:C:1", ttl=3000)  # the expiry may lag behind by a thirtieth of the TTL
+    clock.advance(2900)
+    assert await store.is_followed("slack:T:C:1")  # past the first follow's 3000 s
+    await store.follow("slack:T:C:1", ttl=3000)
+    clock.advance(2900)
+    assert await store.is_followed("slack:T:C:1")
+    clock.advance(200)
+    assert not await store.is_followed("slack:T:C:1")
+
+
+async def test_sqlite_rewrites_a_followed_threads_expiry_once_it_lags(tmp_path: Path, clock: ManualClock) -> None:
+    # A commit per answer saved: the follow of every message only refreshes an expiry that fell behind.
+    store = SQLiteStore(tmp_path / "s.db", clock=clock)
+    start = clock.time()
+
+    def stored() -> float:
+        row = sqlite3.connect(tmp_path / "s.db").execute("SELECT expires_at FROM followed").fetchone()
+        return float(row[0])
+
+    await store.follow("slack:T:C:1", ttl=3000)
+    assert stored() == start + 3000
+    clock.advance(50)
+    await store.follow("slack:T:C:1", ttl=3000)
+    assert stored() == start + 3000  # within 100 s (a thirtieth): not written again
+    clock.advance(60)
+    await store.follow("slack:T:C:1", ttl=3000)
+    assert stored() == start + 110 + 3000
+    await store.close()
+
+
 async def test_compare_and_set_refuses_a_stale_revision(reopen: Open, clock: ManualClock) -> None:
     store = reopen()
     assert await store.put_if("alert", "a1", {"state": "open"}, revision=None)
