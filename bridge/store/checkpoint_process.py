@@ -1,7 +1,6 @@
-"""The WAL checkpoint process's program (see checkpointer.py): passive checkpoints of one file until its input closes.
+"""The WAL checkpoint process's program (checkpointer.py): passive checkpoints of one file until its input closes."""
 
-Standard library only: it runs as `python -I checkpoint_process.py FILE`, apart from the bridge's imports.
-"""
+# Standard library only: it runs as `python -I checkpoint_process.py FILE`, none of the bridge's imports.
 
 from __future__ import annotations
 

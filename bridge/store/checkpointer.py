@@ -1,19 +1,4 @@
-"""Checkpoints the SQLite state file's WAL from a child process, so that the checkpoint's fsyncs never stall the loop.
-
-In WAL mode with `synchronous=NORMAL` a commit only appends to the WAL; the fsyncs happen
-in the checkpoint that copies the WAL back into the database file. SQLite runs that
-checkpoint inside whichever commit crosses 1,000 pages, and with it every answer in flight
-waits: 3-4 ms on a fast disk, 13-40 ms on a slow one, a few times a second at 50
-conversations (bench/README.md). SQLite's documentation suggests this way out: "turn off
-the automatic checkpoints and run checkpoints ... in a separate thread or process". The
-project runs no threads, so it is a process: bridge/store/checkpoint_process.py, which
-runs passive checkpoints (they never hold up a writer) until its standard input closes,
-that is until the bridge stops or dies.
-
-While the child runs, the store's own automatic checkpoint stays on at a high mark, as a
-backstop: if the child falls behind, the WAL still cannot grow without bound. When the
-child exits the store goes back to SQLite's default, and says so.
-"""
+"""Checkpoints the SQLite state file's WAL from a child process, so that its fsyncs never stall the event loop."""
 
 from __future__ import annotations
 
@@ -26,6 +11,20 @@ import sys
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+# In WAL mode with `synchronous=NORMAL` a commit only appends to the WAL; the fsyncs happen
+# in the checkpoint that copies the WAL back into the database file. SQLite runs that
+# checkpoint inside whichever commit crosses 1,000 pages, and with it every answer in flight
+# waits: 3-4 ms on a fast disk, 13-40 ms on a slow one, a few times a second at 50
+# conversations (bench/README.md). SQLite's documentation suggests this way out: "turn off
+# the automatic checkpoints and run checkpoints ... in a separate thread or process". The
+# project runs no threads, so it is a process: bridge/store/checkpoint_process.py, which
+# runs passive checkpoints (they never hold up a writer) until its standard input closes,
+# that is until the bridge stops or dies.
+#
+# While the child runs, the store's own automatic checkpoint stays on at a high mark, as a
+# backstop: if the child falls behind, the WAL still cannot grow without bound. When the
+# child exits the store goes back to SQLite's default, and says so.
 
 # SQLite's own default: the store checkpoints itself after this many WAL pages.
 INLINE_PAGES = 1000
