@@ -15,26 +15,17 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from bridge.store import SQLiteStore
 from bridge.store.checkpointer import BACKSTOP_PAGES, INLINE_PAGES
+from tests.waiting import eventually
 
 PAGE = 4096
 ROWS = 300  # about 300 pages in the WAL: under SQLite's own 1,000, so only the child checkpoints them
-
-
-async def eventually(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (value := predicate()):
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-    return value
 
 
 def _pid_alive(pid: int) -> bool:
