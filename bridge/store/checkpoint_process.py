@@ -48,4 +48,8 @@ def run(path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(sys.argv[1]))
+    try:
+        sys.exit(run(sys.argv[1]))
+    except Exception as exc:  # one line in the bridge's log, not a traceback
+        print(f"checkpointer: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(1)

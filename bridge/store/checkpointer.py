@@ -59,11 +59,13 @@ class WalCheckpointer:
             # -I: the program alone, standard library only, none of the bridge's imports.
             [sys.executable, "-I", str(PROGRAM), self._path],
             stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,  # never written: its end of file says the child is gone
+            stdout=subprocess.DEVNULL,
+            # What it says goes to the bridge's log; the pipe's end of file says it is gone.
+            stderr=subprocess.PIPE,
             close_fds=True,
         )
-        assert process.stdout is not None
-        fd = process.stdout.fileno()
+        assert process.stderr is not None
+        fd = process.stderr.fileno()
         os.set_blocking(fd, False)
         asyncio.get_running_loop().add_reader(fd, self._on_output, fd)
         self._process = process
@@ -72,17 +74,21 @@ class WalCheckpointer:
 
     def _on_output(self, fd: int) -> None:
         try:
-            if os.read(fd, 512):
-                return
+            said = os.read(fd, 4096)
         except BlockingIOError:
             return
         except OSError:
-            pass
+            said = b""
+        if said:
+            for line in said.decode(errors="replace").splitlines():
+                if line.strip():
+                    log.warning("the WAL checkpointer: %s", line.strip())
+            return
         asyncio.get_running_loop().remove_reader(fd)
         self._db.execute(f"PRAGMA wal_autocheckpoint={INLINE_PAGES}")
         self._exited.set()
-        assert self._process is not None and self._process.stdin is not None and self._process.stdout is not None
-        self._process.stdout.close()
+        assert self._process is not None and self._process.stdin is not None and self._process.stderr is not None
+        self._process.stderr.close()
         self._process.stdin.close()
         self._reap()
         if not self._stopping:
