@@ -384,7 +384,7 @@ async def test_run_exits_1_with_the_reason_when_discord_closes_the_gateway_with_
     assert err.strip().splitlines()[-1] == (
         "error: discord: Discord refused the bot token (discord.token): "
         "copy a fresh token from the Developer Portal, Bot tab"
-    )
+    ), err  # all of it: a CI run once ended with a bare FileNotFoundError line here
     assert "Traceback" not in err and fd.TOKEN not in err
     assert len(discord_fake.identifies) == 1
 
