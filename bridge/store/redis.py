@@ -40,6 +40,7 @@ from redis.exceptions import RedisError, ResponseError
 from bridge.clock import Clock, SystemClock
 from bridge.store.locks import LocalLocks
 from bridge.store.protocols import StoreError
+from bridge.store.recent import remember
 from bridge.store.records import (
     DAY,
     FACTS_KEPT,
@@ -762,10 +763,7 @@ class RedisStore:
         return True
 
     def _remember_followed(self, conversation: str, until: float, written: float | None) -> None:
-        self._followed.pop(conversation, None)  # to the end: the oldest entry goes first when full
-        self._followed[conversation] = (until, written)
-        if len(self._followed) > FOLLOWED_KNOWN:
-            del self._followed[next(iter(self._followed))]
+        remember(self._followed, conversation, (until, written), FOLLOWED_KNOWN)
 
     async def generation(self, conversation: str) -> int:
         lock = self._held.get(conversation)

@@ -16,6 +16,7 @@ from bridge.clock import Clock, SystemClock
 from bridge.store.checkpointer import WalCheckpointer
 from bridge.store.locks import LocalLocks
 from bridge.store.protocols import StoreError
+from bridge.store.recent import remember
 from bridge.store.records import (
     DAY,
     FACTS_KEPT,
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 _LIVE_RECORD = "kind = ? AND key = ? AND (expires_at IS NULL OR expires_at >= ?)"
 
 T = TypeVar("T")
-V = TypeVar("V")
 
 DELIVERED_KEPT = 7 * DAY  # delivered outbox rows and finished jobs' identities (dedupe after the text is gone)
 # SQLite waits this long for another connection's lock inside the (blocking) call; longer
@@ -272,7 +272,7 @@ class SQLiteStore:
         await self._run(lambda: self._db.execute(
             "INSERT OR REPLACE INTO followed (conversation, expires_at) VALUES (?, ?)", (conversation, expires)
         ))
-        _remember(self._follow_expiry, conversation, expires)
+        remember(self._follow_expiry, conversation, expires, REMEMBERED)
 
     async def is_followed(self, conversation: str) -> bool:
         now = self._now()
@@ -283,7 +283,7 @@ class SQLiteStore:
         ).fetchone())
         if row is None:
             return False
-        _remember(self._follow_expiry, conversation, float(row[0]))
+        remember(self._follow_expiry, conversation, float(row[0]), REMEMBERED)
         return True
 
     async def generation(self, conversation: str) -> int:
@@ -294,7 +294,7 @@ class SQLiteStore:
             "SELECT generation FROM generations WHERE conversation = ?", (conversation,)
         ).fetchone())
         generation = int(row[0]) if row else 0
-        _remember(self._generations, conversation, generation)
+        remember(self._generations, conversation, generation, REMEMBERED)
         return generation
 
     async def bump_generation(self, conversation: str) -> int:
@@ -303,7 +303,7 @@ class SQLiteStore:
             "ON CONFLICT(conversation) DO UPDATE SET generation = generation + 1 RETURNING generation",
             (conversation,),
         ).fetchone())
-        _remember(self._generations, conversation, int(row[0]))
+        remember(self._generations, conversation, int(row[0]), REMEMBERED)
         return int(row[0])
 
     def conversation_lock(self, conversation: str) -> AbstractAsyncContextManager[None]:
@@ -654,13 +654,6 @@ def _job(row: tuple[Any, ...]) -> ChatJob:
         offer_human=bool(offer_human),
         asks=int(asks),
     )
-
-
-def _remember(known: dict[str, V], key: str, value: V) -> None:
-    known.pop(key, None)  # to the end: the oldest entry goes first when full
-    known[key] = value
-    if len(known) > REMEMBERED:
-        del known[next(iter(known))]  # a cache only: what is forgotten is read again
 
 
 def _item(row: tuple[Any, ...]) -> OutboxItem:
