@@ -41,13 +41,12 @@ class WalCheckpointer:
         self._path = path
         self._db = db
         self._process: subprocess.Popen[bytes] | None = None
-        self._exited = asyncio.Event()  # its pipe closed
-        self._reaped = asyncio.Event()  # and its exit status collected
+        self._reaped = asyncio.Event()  # its pipe closed and its exit status collected
         self._stopping = False
 
     @property
     def running(self) -> bool:
-        return self._process is not None and not self._exited.is_set()
+        return self._process is not None and not self._reaped.is_set()
 
     @property
     def pid(self) -> int | None:
@@ -86,7 +85,6 @@ class WalCheckpointer:
             return
         asyncio.get_running_loop().remove_reader(fd)
         self._db.execute(f"PRAGMA wal_autocheckpoint={INLINE_PAGES}")
-        self._exited.set()
         assert self._process is not None and self._process.stdin is not None and self._process.stderr is not None
         self._process.stderr.close()
         self._process.stdin.close()
